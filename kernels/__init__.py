@@ -1,0 +1,1 @@
+"""Compute kernels, each a plain-PyTorch reference (Triton versions arrive with the GPU path)."""

@@ -1,0 +1,76 @@
+"""Attention over a paged KV cache.
+
+The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim];
+a sequence's keys live in the blocks its block table lists, in order. These are the plain
+PyTorch references: they gather a sequence's blocks and run dense attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at flat cache slots (block * block_size + offset) [T]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Causal (and optionally sliding-window) mask [.., Tq, Tk]: True where a query may attend."""
+    allowed = k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+    if sliding_window is not None:
+        allowed &= k_pos.unsqueeze(-2) > q_pos.unsqueeze(-1) - sliding_window
+    return allowed
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence. q [B, Hq, D]; block_tables [B, M]; context_lens [B] -> [B, Hq, D]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2)  # [B, M*bs, Hkv, D]
+    v = v_cache[block_tables].flatten(1, 2)
+    k_pos = torch.arange(k.shape[1], device=q.device)
+    valid = k_pos < context_lens.unsqueeze(1)
+    if sliding_window is not None:
+        valid &= k_pos > (context_lens - 1 - sliding_window).unsqueeze(1)
+    # Grouped-query attention without copying K/V: fold the query heads of a group together.
+    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg.float(), k.float()) * scale
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(dim=-1), v.float())
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                            context_len: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """A chunk of n query tokens of one sequence, the last n of its context_len tokens, causal.
+
+    q [n, Hq, D]; k/v [n, Hkv, D] are the chunk's own keys (already written to the cache). When
+    the chunk is the whole context they are used directly; otherwise the cached prefix is read
+    through the block table.
+    """
+    n, num_heads, _ = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if context_len > n:
+        block_size = k_cache.shape[1]
+        blocks = block_table[: (context_len + block_size - 1) // block_size]
+        k = k_cache[blocks].flatten(0, 1)[:context_len]
+        v = v_cache[blocks].flatten(0, 1)[:context_len]
+    q_pos = torch.arange(context_len - n, context_len, device=q.device)
+    k_pos = torch.arange(context_len, device=q.device)
+    mask = None
+    if context_len > n or sliding_window is not None:
+        mask = _window_mask(q_pos, k_pos, sliding_window)
+    group = num_heads // num_kv_heads
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0),
+        v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0),
+        attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,25 @@
+"""kubellm: serve large language models on Kubernetes.
+
+`import kubellm` stays light (no torch): the runtime entry points are loaded on first use,
+so the operator image can import `kubellm.operator` without the runtime extras.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "pipeline": "kubellm.runtime.api",
+    "Pipeline": "kubellm.runtime.api",
+    "Response": "kubellm.runtime.api",
+    "GenerationConfig": "kubellm.runtime.config",
+    "EngineConfig": "kubellm.runtime.config",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kubellm' has no attribute {name!r}")

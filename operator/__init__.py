@@ -1,0 +1,1 @@
+"""The Kubernetes operator (LLMDeployment CRD, builders, kopf handlers). Never imports torch."""

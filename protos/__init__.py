@@ -1,0 +1,1 @@
+"""Generated gRPC code for the kubellm.v1 wire API."""

@@ -1,0 +1,1 @@
+"""kubellm inference runtime: model loading, paged KV cache, continuous batching, serving."""

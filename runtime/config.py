@@ -1,0 +1,135 @@
+"""Engine and generation settings: validated once, at the edge, with errors a person can act on.
+
+`GenerationConfig` follows LMDeploy's names; DeepSpeed-MII's (`max_length`, `do_sample`,
+`stop`) are accepted as aliases so code written for either keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the field and how to fix it."""
+
+
+def _explain(err: ValidationError, what: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or what
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown option; check the spelling"
+        lines.append(f"{what}.{field}: {msg} (got {e.get('input')!r})")
+    return ConfigError("; ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def build(cls, **options):
+        """Construct from keyword options, turning validation errors into one `ConfigError`."""
+        try:
+            return cls(**options)
+        except ValidationError as err:
+            raise _explain(err, cls.__name__) from None
+
+    def updated(self, **options):
+        """A copy with `options` applied and validated."""
+        return type(self).build(**{**self.model_dump(), **options})
+
+
+class EngineConfig(_Strict):
+    """How the engine uses the device. `cache_max_entry_count` is LMDeploy's name for `kv_cache_fraction`."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weights/activations dtype; auto = bfloat16 on GPU, float32 on CPU")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    max_batch_size: int = Field(64, ge=1, description="most sequences running in one step")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="token budget of one step (prefill chunks + decodes)")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    kv_cache_fraction: float = Field(
+        0.8, gt=0, le=1, description="share of free GPU memory (or of cpu_memory_gb on CPU) for the KV cache")
+    cpu_memory_gb: float = Field(2.0, gt=0, description="memory budget on CPU that kv_cache_fraction applies to")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="exact number of KV blocks (overrides kv_cache_fraction; for tests and tuning)")
+    session_len: int | None = Field(
+        None, ge=2, description="most tokens of prompt + generation per request; default: the model's max_position_embeddings")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prompt prefixes")
+    tensor_parallel: int = Field(1, ge=1)
+    pipeline_parallel: int = Field(1, ge=1)
+    max_queue_size: int = Field(4096, ge=1, description="most waiting requests before new ones are refused")
+    seed: int = Field(0, description="seed for requests that do not set random_seed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data):
+        if isinstance(data, dict) and "cache_max_entry_count" in data:
+            data = dict(data)
+            data["kv_cache_fraction"] = data.pop("cache_max_entry_count")
+        return data
+
+    @property
+    def cache_max_entry_count(self) -> float:
+        return self.kv_cache_fraction
+
+
+class GenerationConfig(_Strict):
+    """Per-request sampling and stopping options (LMDeploy's GenerationConfig)."""
+
+    max_new_tokens: int = Field(256, ge=1, description="most tokens to generate")
+    max_length: int | None = Field(
+        None, ge=2, description="DeepSpeed-MII's limit on prompt + generated tokens; the tighter limit wins")
+    min_new_tokens: int = Field(0, ge=0, description="EOS and stop words are held off until this many tokens")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 means all")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0 means none; >1 discourages repeats")
+    ignore_eos: bool = False
+    random_seed: int | None = Field(None, description="same seed, same text")
+    stop_words: list[str] = Field(default_factory=list, description="generation stops at any of these; the text is cut before it")
+    bad_words: list[str] = Field(default_factory=list, description="these never appear in the output")
+    skip_special_tokens: bool = True
+    logprobs: int | None = Field(None, ge=0, le=20, description="return the chosen token's logprob (and this many top alternatives)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data):
+        """DeepSpeed-MII names: do_sample, stop (max_length is a field of its own)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "stop" in data:
+            stop = data.pop("stop")
+            data.setdefault("stop_words", [stop] if isinstance(stop, str) else list(stop or []))
+        if "do_sample" in data:
+            if not data.pop("do_sample"):
+                data["temperature"] = 0.0
+            elif not data.get("temperature"):
+                data["temperature"] = 1.0
+        return data
+
+    @field_validator("stop_words", "bad_words")
+    @classmethod
+    def _no_empty_words(cls, words):
+        if any(not w for w in words):
+            raise ValueError("must not contain empty strings; remove them")
+        return words
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def generation_config(*layers: GenerationConfig | dict | None, **options) -> GenerationConfig:
+    """Merge configs (objects or dicts, later ones winning) and keyword options into one validated config."""
+    merged: dict = {}
+    for layer in (*layers, options):
+        if isinstance(layer, GenerationConfig):
+            layer = layer.model_dump(exclude_unset=True)
+        merged.update(GenerationConfig._aliases(layer or {}))
+    return GenerationConfig.build(**merged)

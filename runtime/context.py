@@ -1,0 +1,40 @@
+"""Per-step attention metadata, set by the model runner before a forward pass.
+
+Tokens of a step are laid out decodes first (one per sequence), then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    start: int          # first row of this chunk among the step's tokens
+    length: int         # query tokens in the chunk
+    context_len: int    # tokens in the cache after the chunk (cached prefix + chunk)
+    block_table: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor                   # [T] flat cache slot of each token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [num_decode]
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+_current: AttentionMetadata | None = None
+
+
+def set_context(metadata: AttentionMetadata | None) -> None:
+    global _current
+    _current = metadata
+
+
+def get_context() -> AttentionMetadata:
+    assert _current is not None, "attention called outside a model-runner step"
+    return _current

@@ -1,0 +1,9 @@
+"""Errors a caller can act on. Each message names the offending field and the fix."""
+
+
+class RequestError(ValueError):
+    """A request is invalid (maps to gRPC INVALID_ARGUMENT / HTTP 400)."""
+
+
+class EngineFullError(RuntimeError):
+    """The engine's queue is full (maps to gRPC RESOURCE_EXHAUSTED / HTTP 429)."""

@@ -1,0 +1,1 @@
+"""Building blocks of the models; tensor-parallel sharding lives beside each layer as its `weight_loader`."""

@@ -1,0 +1,47 @@
+"""Vocabulary-parallel token embedding and LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.runtime.parallel import all_reduce, tp_rank, tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous slice of the vocabulary; lookups outside it give zeros."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp_size())
+        self.start = tp_rank() * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None):
+        rows = loaded[self.start:min(self.start + self.shard_size, self.vocab_size)]
+        param.data.zero_()
+        param.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.start
+        inside = (local >= 0) & (local < self.shard_size)
+        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * inside.unsqueeze(-1)
+        return all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for the selected positions only; ranks' vocabulary slices gathered on rank 0."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if tp_size() == 1:
+            return logits[:, : self.vocab_size]
+        parts = [torch.empty_like(logits) for _ in range(tp_size())]
+        dist.all_gather(parts, logits)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]

@@ -1,0 +1,118 @@
+"""Builds the model on its device, owns the KV cache, and runs one step: tensors in, tokens out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.context import AttentionMetadata, PrefillChunk, set_context
+from kubellm.runtime.layers.attention import PagedAttention
+from kubellm.runtime.loader import load_weights
+from kubellm.runtime.models import model_class
+from kubellm.runtime.sampler import SampleOutput, SamplingBatch, sample
+from kubellm.runtime.scheduler import ScheduledSeq
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no GPU is visible; use device='cpu' or 'auto'")
+    return device
+
+
+def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        if device.type == "cpu" and config.dtype == "float16":
+            raise ValueError("dtype: float16 is too slow and inexact on CPU; use float32 or bfloat16")
+        return _DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class ModelRunner:
+    def __init__(self, path: Path, hf_config, config: EngineConfig, session_len: int, show_progress: bool = True):
+        self.config = config
+        self.device = pick_device(config)
+        self.dtype = pick_dtype(config, self.device)
+        self.block_size = config.block_size
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with self.device:
+                self.model = model_class(hf_config)(hf_config, session_len)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        load_weights(self.model, path, show_progress)
+        self.model.eval()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = self._allocate_kv_cache(hf_config, session_len)
+
+    def _allocate_kv_cache(self, hf_config, session_len: int) -> int:
+        layer = self.attention_layers[0]
+        per_block = 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
+        per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        else:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = free * self.config.kv_cache_fraction
+            else:
+                budget = self.config.cpu_memory_gb * 2 ** 30 * self.config.kv_cache_fraction
+            # More blocks than a full batch of full sessions can use is wasted memory.
+            useful = self.config.max_batch_size * -(-session_len // self.block_size)
+            num_blocks = min(int(budget // per_block), useful)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_fraction: leaves no room for a single KV block ({per_block} bytes); "
+                             "raise kv_cache_fraction or cpu_memory_gb")
+        shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        for attn in self.attention_layers:
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return num_blocks
+
+    def _prepare(self, scheduled: list[ScheduledSeq]):
+        bs = self.block_size
+        tokens, positions, slots, sample_rows = [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        row = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1 and start > 0 and not prefills:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(PrefillChunk(row, n, start + n, torch.tensor(seq.block_table, device=self.device)))
+            row += n
+            if item.samples:
+                sample_rows.append(row - 1)
+        dev = self.device
+        metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        if decode_tables:
+            width = max(map(len, decode_tables))
+            metadata.num_decode = len(decode_tables)
+            metadata.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            metadata.decode_context_lens = torch.tensor(decode_lens, device=dev)
+        return (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), metadata,
+                torch.tensor(sample_rows, device=dev))
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq], sampling: SamplingBatch | None) -> SampleOutput | None:
+        input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
+        set_context(metadata)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        if sampling is None:
+            return None
+        return sample(self.model.compute_logits(hidden[sample_rows]), sampling)

@@ -1,0 +1,67 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+from kubellm.runtime.config import GenerationConfig
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], gen: GenerationConfig, max_tokens: int, seed: int,
+                 request_id: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.gen = gen
+        self.max_tokens = max_tokens  # generation limit after session_len / max_length are applied
+        self.seed = seed
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0   # tokens whose K/V are in the cache
+        self.num_hashed_blocks = 0     # leading full blocks registered for prefix caching
+        self.num_cached_prompt_tokens = 0  # prefix-cache hits at the last admission
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+        self.bad_word_ids: list[list[int]] = []  # multi-token bad words: ban the last id after the rest
+        self.banned_ids: list[int] = []      # always-banned ids (bad words)
+        self.text = ""
+        self.emitted_chars = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone; prompt and generated tokens will be prefilled again."""
+        self.status = Status.WAITING
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0
