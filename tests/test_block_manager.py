@@ -173,17 +173,44 @@ def test_difference_only_in_block1_gives_exactly_one_hit():
     assert not set(second.block_table[1:]) & set(first.block_table)
 
 
-def test_same_block_content_at_another_position_is_not_a_hit():
+def test_same_block_content_after_another_prefix_is_not_a_hit():
     bm = BlockManager(num_blocks=20, block_size=BS)
-    block = [11, 12, 13, 14]
-    first = make_seq(block + block + [1])
+    a, t = [11, 12, 13, 14], [21, 22, 23, 24]
+    first = make_seq(a + t + [1])
     bm.allocate(first)
     compute_all(bm, first)
-    # Starting with block 1's content but at position 0 hits block 0 (same chain), not block 1.
-    second = make_seq(block + [9, 9, 9, 9, 2])
+    # Block 1's tokens at position 0: its K/V were computed after `a`, so it must not be reused.
+    second = make_seq(t + [9])
     bm.allocate(second)
-    assert second.block_table[0] == first.block_table[0]
-    assert second.num_computed_tokens == BS
+    assert second.num_computed_tokens == 0
+    assert first.block_table[1] not in second.block_table
+    # Same tokens after a different first block: not a hit either.
+    third = make_seq([5, 5, 5, 5] + t + [9])
+    bm.allocate(third)
+    assert third.num_computed_tokens == 0
+
+
+def test_reused_block_refilled_with_same_tokens_under_another_prefix_is_not_hit():
+    """A block handed out again loses its old identity, even if it ends up holding the same tokens."""
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    a, b, t = [11, 12, 13, 14], [31, 32, 33, 34], [21, 22, 23, 24]
+    first = make_seq(a + t + [1])
+    bm.allocate(first)
+    compute_all(bm, first)
+    a_block, t_block = first.block_table[:2]
+    bm.free_blocks(first)
+
+    second = make_seq(b + t)  # two blocks: the freed tail ones go first, `a` stays cached
+    bm.allocate(second)
+    assert a_block not in second.block_table and second.block_table[1] == t_block  # the scenario
+    compute_all(bm, second)   # t_block now holds t's K/V computed after b
+    bm.free_blocks(second)
+
+    third = make_seq(a + t + [1])
+    bm.allocate(third)
+    assert third.block_table[0] == a_block
+    assert third.num_computed_tokens == BS  # `a` is reused; t after `a` must be recomputed
+    assert third.block_table[1] != t_block
 
 
 def test_partial_blocks_are_not_registered():

@@ -112,7 +112,7 @@ def test_max_length_is_its_own_field():
     assert (g.max_length, g.max_new_tokens) == (50, 10)
 
 
-@pytest.mark.parametrize("stop, words", [("x", ["x"]), (["a", "bc"], ["a", "bc"]), (None, [])])
+@pytest.mark.parametrize("stop, words", [("x", ["x"]), ("END", ["END"]), (["a", "bc"], ["a", "bc"]), (None, [])])
 def test_stop_alias(stop, words):
     assert GenerationConfig.build(stop=stop).stop_words == words
     assert generation_config(stop=stop).stop_words == words

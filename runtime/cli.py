@@ -1,0 +1,125 @@
+"""The `kubellm` command. Subcommands import what they need, so `kubellm --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _engine_options(args) -> dict:
+    options = {"dtype": args.dtype, "device": args.device, "max_batch_size": args.max_batch_size}
+    if args.session_len:
+        options["session_len"] = args.session_len
+    return options
+
+
+def cmd_generate(args) -> int:
+    from kubellm.runtime.api import pipeline
+    from kubellm.runtime.config import generation_config
+
+    gen = generation_config(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, random_seed=args.seed, stop_words=args.stop or [])
+    pipe = pipeline(args.model, show_progress=not args.quiet, **_engine_options(args))
+    prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompts]
+    if args.stream and len(prompts) == 1:
+        for delta in pipe.stream(prompts, gen_config=gen):
+            print(delta.text, end="", flush=True)
+        print()
+        return 0
+    for response in pipe(prompts, gen_config=gen):
+        if args.json:
+            print(json.dumps({"text": response.text, "prompt_length": response.input_token_len,
+                              "generated_length": response.generate_token_len,
+                              "finish_reason": response.finish_reason}))
+        else:
+            text = response.text if args.chat else args.prompts[response.index] + response.text
+            print(text.strip() if args.chat else text)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from kubellm.runtime import model_hub
+
+    if args.action == "pull":
+        print(model_hub.pull(args.name, force=args.force))
+    else:
+        for name in model_hub.known_names():
+            print(name)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from kubellm.runtime import bench
+
+    result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
+                           prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
+                           seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline)
+    print(json.dumps(result) if args.json else bench.format_result(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kubellm import __version__
+
+    parser = argparse.ArgumentParser(prog="kubellm", description="Serve large language models, locally or on Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"kubellm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def engine_flags(p):
+        p.add_argument("--model", "-m", default="smollm2-135m",
+                       help="local Hugging Face directory or a known name (default: smollm2-135m)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--max-batch-size", type=int, default=64)
+        p.add_argument("--session-len", type=int, default=None)
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("prompts", nargs="+")
+    engine_flags(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop word (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user chat message")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive (one prompt)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per response")
+    gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="the local model cache")
+    models.add_argument("action", choices=["pull", "list"])
+    models.add_argument("name", nargs="?", default="smollm2-135m")
+    models.add_argument("--force", action="store_true", help="convert again even if cached")
+    models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
+    bench.add_argument("kind", choices=["offline"])
+    bench.add_argument("--model", "-m", default="smollm2-135m")
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--batch-size", type=int, default=16, help="concurrency cap for both engines")
+    bench.add_argument("--min-prompt", type=int, default=16)
+    bench.add_argument("--max-prompt", type=int, default=256)
+    bench.add_argument("--min-new", type=int, default=16)
+    bench.add_argument("--max-new", type=int, default=256)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face generate")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # configuration and request errors: a message, not a traceback
+        print(f"kubellm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
