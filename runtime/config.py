@@ -90,7 +90,7 @@ class GenerationConfig(_Strict):
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 means all")
     repetition_penalty: float = Field(1.0, gt=0, description="1.0 means none; >1 discourages repeats")
     ignore_eos: bool = False
-    random_seed: int | None = Field(None, description="same seed, same text")
+    random_seed: int | None = Field(None, ge=0, lt=2 ** 63, description="same seed, same text")
     stop_words: list[str] = Field(default_factory=list, description="generation stops at any of these; the text is cut before it")
     bad_words: list[str] = Field(default_factory=list, description="these never appear in the output")
     skip_special_tokens: bool = True
@@ -126,10 +126,20 @@ class GenerationConfig(_Strict):
 
 
 def generation_config(*layers: GenerationConfig | dict | None, **options) -> GenerationConfig:
-    """Merge configs (objects or dicts, later ones winning) and keyword options into one validated config."""
+    """Merge configs (objects or dicts, later ones winning) and keyword options into one validated config.
+
+    MII's `do_sample` is applied after the merge, so `do_sample=True` keeps a temperature that an
+    earlier layer set and only turns greedy (temperature 0) into temperature 1.
+    """
     merged: dict = {}
+    do_sample = None
     for layer in (*layers, options):
         if isinstance(layer, GenerationConfig):
             layer = layer.model_dump(exclude_unset=True)
-        merged.update(GenerationConfig._aliases(layer or {}))
+        layer = dict(layer or {})
+        if "do_sample" in layer:
+            do_sample = layer.pop("do_sample")
+        merged.update(GenerationConfig._aliases(layer))
+    if do_sample is not None:
+        merged["temperature"] = (merged.get("temperature") or 1.0) if do_sample else 0.0
     return GenerationConfig.build(**merged)

@@ -103,6 +103,8 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.scheduler.has_work():  # admission checks make this unreachable; never spin silently
+                raise RuntimeError("the scheduler could not place any waiting request in the KV cache")
             return []
         sampling_seqs = [item.seq for item in scheduled if item.samples]
         sampling = (SamplingBatch.from_sequences(sampling_seqs, self.tokenizer.eos_token_ids, self.runner.device)

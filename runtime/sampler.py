@@ -29,7 +29,8 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, V] Gumbel(0, 1) samples determined by (seed, step, token id)."""
     token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    key = _fmix32((seeds & _MASK32) ^ _fmix32(steps * 0x9E3779B1 & _MASK32)).unsqueeze(1)
+    seed_bits = (seeds & _MASK32) ^ _fmix32((seeds >> 32) & _MASK32)  # all 63 bits of the seed count
+    key = _fmix32(seed_bits ^ _fmix32(steps * 0x9E3779B1 & _MASK32)).unsqueeze(1)
     bits = _fmix32(key ^ _fmix32(token.unsqueeze(0) + 0x632BE5AB))
     uniform = (bits.double() + 0.5) / 2.0 ** 32
     return -torch.log(-torch.log(uniform)).float()

@@ -194,3 +194,16 @@ def test_layering_validates_the_result():
         generation_config({"top_p": 0.5}, top_p=0)
     with pytest.raises(ConfigError, match="unknown option"):
         generation_config({"temprature": 0.5})
+
+
+def test_do_sample_true_keeps_an_earlier_temperature():
+    assert generation_config(GenerationConfig.build(temperature=0.7), do_sample=True).temperature == 0.7
+    assert generation_config({"temperature": 0.7}, do_sample=True).temperature == 0.7
+    assert generation_config(do_sample=True).temperature == 1.0
+    assert generation_config({"temperature": 0.7}, do_sample=False).temperature == 0.0
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63])
+def test_random_seed_out_of_range_names_the_field(seed):
+    with pytest.raises(ConfigError, match="random_seed"):
+        GenerationConfig.build(random_seed=seed)

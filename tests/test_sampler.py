@@ -177,7 +177,6 @@ def test_top_k_ties_keep_exactly_k():
     assert (out != -math.inf).sum() == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: p=1.0 drops tokens whose preceding mass rounds to 1.0 in float32")
 def test_top_p_one_never_filters_even_peaked_rows():
     # A peaked row (e.g. after a low temperature): every tail token has a positive probability.
     logits = torch.tensor([[20.0, 0.0, 0.0, -1.0], [5.0, 0.0, 0.0, 0.0]])
