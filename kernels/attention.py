@@ -32,18 +32,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query token per sequence. q [B, Hq, D]; block_tables [B, M]; context_lens [B] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    k = k_cache[block_tables].flatten(1, 2)  # [B, M*bs, Hkv, D]
-    v = v_cache[block_tables].flatten(1, 2)
-    k_pos = torch.arange(k.shape[1], device=q.device)
+    # [B, Hkv, M*bs, D] views of the gathered blocks (index_select copies whole blocks at once).
+    k = k_cache.index_select(0, block_tables.flatten()).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, block_tables.flatten()).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    k_pos = torch.arange(k.shape[2], device=q.device)
     valid = k_pos < context_lens.unsqueeze(1)
     if sliding_window is not None:
         valid &= k_pos > (context_lens - 1 - sliding_window).unsqueeze(1)
-    # Grouped-query attention without copying K/V: fold the query heads of a group together.
+    # Grouped-query attention without repeating K/V: a group's query heads act as its query rows.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bkgd,bskd->bkgs", qg.float(), k.float()) * scale
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(dim=-1), v.float())
-    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -4,10 +4,14 @@ Both sides get the same prompts, the same per-request `max_new_tokens` (EOS igno
 same cap on concurrent sequences. Hugging Face runs the requests in arrival-order batches of
 that size, left-padded, each batch until its longest request is done; its throughput counts
 only the tokens the requests asked for. Everything runs in one process, one after the other.
+
+Lengths are drawn either uniformly from a range, or long-tailed (log-normal, as prompt and
+reply lengths of real chat traffic such as ShareGPT are), clipped to the range.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,15 +30,27 @@ class Workload:
         return sum(self.max_new_tokens)
 
 
+LONGTAIL_MEDIAN = 64   # tokens, for both prompts and replies
+LONGTAIL_SIGMA = (0.8, 1.0)  # log-normal spread of prompt and reply lengths
+
+
+def _length(rng: random.Random, bounds: tuple[int, int], lengths: str, sigma: float) -> int:
+    if lengths == "uniform":
+        return rng.randint(*bounds)
+    return min(max(round(rng.lognormvariate(math.log(LONGTAIL_MEDIAN), sigma)), bounds[0]), bounds[1])
+
+
 def make_workload(tokenizer, num_prompts: int, prompt_len: tuple[int, int], new_tokens: tuple[int, int],
-                  seed: int) -> Workload:
+                  seed: int, lengths: str = "longtail") -> Workload:
+    if lengths not in ("uniform", "longtail"):
+        raise ValueError(f"lengths: {lengths!r} is not one of 'uniform', 'longtail'")
     rng = random.Random(seed)
     prompts, limits = [], []
     for _ in range(num_prompts):
-        n = rng.randint(*prompt_len)
+        n = _length(rng, prompt_len, lengths, LONGTAIL_SIGMA[0])
         ids = tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)[:n]
         prompts.append(ids)
-        limits.append(rng.randint(*new_tokens))
+        limits.append(_length(rng, new_tokens, lengths, LONGTAIL_SIGMA[1]))
     return Workload(prompts, limits)
 
 
@@ -65,8 +81,9 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(16, 256),
-            new_tokens=(16, 256), seed: int = 0, dtype: str = "auto", skip_hf: bool = False) -> dict:
+def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
+            new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
+            lengths: str = "longtail") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,12 +91,13 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     from kubellm.runtime.engine import LLMEngine
 
     engine = LLMEngine(model, EngineConfig.build(max_batch_size=batch_size, dtype=dtype), show_progress=False)
-    work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed)
+    work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
     warm = Workload(work.prompts[:2], [4, 4])
     run_engine(engine, warm)
     engine_s = run_engine(engine, work)
     result = {"model": str(engine.model_path), "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
               "threads": torch.get_num_threads(), "prompts": num_prompts, "batch_size": batch_size,
+              "lengths": lengths,
               "prompt_tokens": sum(map(len, work.prompts)), "generated_tokens": work.generated_tokens,
               "engine_s": engine_s, "engine_tok_s": work.generated_tokens / engine_s,
               "preemptions": engine.scheduler.num_preemptions}
@@ -97,7 +115,7 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
 
 def format_result(r: dict) -> str:
     lines = [f"model        {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads)",
-             f"workload     {r['prompts']} prompts, {r['prompt_tokens']} prompt tokens, "
+             f"workload     {r['prompts']} prompts ({r['lengths']} lengths), {r['prompt_tokens']} prompt tokens, "
              f"{r['generated_tokens']} generated tokens, batch cap {r['batch_size']}",
              f"kubellm      {r['engine_tok_s']:8.1f} tok/s  ({r['engine_s']:.1f} s, {r['preemptions']} preemptions)"]
     if "hf_tok_s" in r:

@@ -54,7 +54,7 @@ def cmd_bench(args) -> int:
 
     result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
                            prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
-                           seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline)
+                           seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths)
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0
 
@@ -100,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", "-m", default="smollm2-135m")
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--batch-size", type=int, default=16, help="concurrency cap for both engines")
-    bench.add_argument("--min-prompt", type=int, default=16)
-    bench.add_argument("--max-prompt", type=int, default=256)
-    bench.add_argument("--min-new", type=int, default=16)
-    bench.add_argument("--max-new", type=int, default=256)
+    bench.add_argument("--lengths", choices=["longtail", "uniform"], default="longtail",
+                       help="prompt/reply length distribution within the bounds below")
+    bench.add_argument("--min-prompt", type=int, default=8)
+    bench.add_argument("--max-prompt", type=int, default=512)
+    bench.add_argument("--min-new", type=int, default=8)
+    bench.add_argument("--max-new", type=int, default=512)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--dtype", default="auto")
     bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face generate")
