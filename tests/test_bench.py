@@ -1,0 +1,25 @@
+"""`kubellm bench offline` runs end to end (its speed is measured by running it, not here)."""
+
+from kubellm.runtime.bench import format_result, make_workload, offline
+
+
+def test_offline_bench_runs_both_sides_on_the_same_workload(tiny_llama):
+    result = offline(str(tiny_llama), num_prompts=6, batch_size=2, prompt_len=(4, 24), new_tokens=(2, 12), seed=1)
+    assert result["generated_tokens"] > 6 * 2 - 1
+    assert result["engine_tok_s"] > 0 and result["hf_tok_s"] > 0
+    assert result["ratio"] == result["hf_s"] / result["engine_s"]
+    text = format_result(result)
+    assert "kubellm" in text and "HF generate" in text and "ratio" in text
+
+
+def test_workloads_are_seeded_and_bounded(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    for lengths in ("uniform", "longtail"):
+        a = make_workload(tok, 20, (4, 40), (2, 30), seed=3, lengths=lengths)
+        b = make_workload(tok, 20, (4, 40), (2, 30), seed=3, lengths=lengths)
+        assert a == b
+        assert all(2 <= m <= 30 for m in a.max_new_tokens)
+        assert all(1 <= len(p) <= 40 for p in a.prompts)
+        assert len(set(a.max_new_tokens)) > 3  # mixed lengths
