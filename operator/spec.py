@@ -1,0 +1,194 @@
+"""The `LLMDeployment` resource (kubellm.io/v1alpha1), written once as pydantic types.
+
+The CRD's OpenAPI schema in `crds/` is generated from these types (`python -m
+kubellm.operator.crd`); the operator parses every object it reconciles through them. Field
+names are the Kubernetes (camelCase) names. Cross-field rules live in `CEL_RULES` so the API
+server enforces them too, and in `LLMDeploymentSpec._cross_field` for the operator itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GROUP = "kubellm.io"
+VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ["llmd"]
+DEFAULT_IMAGE = "ghcr.io/kubellm/kubellm:0.1.0"
+
+# hf://org/name[@revision], pvc://claim/path, an absolute path inside the image, or a known name.
+MODEL_SOURCE_PATTERN = (r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
+                        r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
+                        r"|/[^\s]*"
+                        r"|[a-z0-9][a-z0-9.-]*)$")
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(_Spec):
+    """Where the weights come from."""
+
+    source: str = Field(..., pattern=MODEL_SOURCE_PATTERN, max_length=512,
+                        description="hf://org/name[@revision], pvc://claim/path, an absolute path in the image, "
+                                    "or a known model name such as smollm2-135m")
+    tokenSecret: str | None = Field(None, pattern=DNS_LABEL, max_length=253,
+                                    description="Secret with key HF_TOKEN, for gated hf:// models")
+    endpoint: str | None = Field(None, pattern=r"^https?://", max_length=512,
+                                 description="Hugging Face mirror endpoint (HF_ENDPOINT)")
+    cachePVC: str | None = Field(None, pattern=DNS_LABEL, max_length=253,
+                                 description="shared PVC the hf:// download is cached in; emptyDir when unset")
+
+    @property
+    def kind(self) -> Literal["hf", "pvc", "path", "name"]:
+        if self.source.startswith("hf://"):
+            return "hf"
+        if self.source.startswith("pvc://"):
+            return "pvc"
+        return "path" if self.source.startswith("/") else "name"
+
+    @property
+    def display(self) -> str:
+        """Short form for `kubectl get`: org/name, claim/path or the path."""
+        return re.sub(r"^(hf|pvc)://", "", self.source)
+
+
+class EngineSpec(_Spec):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    maxBatchSize: int = Field(64, ge=1, le=4096)
+    maxNumBatchedTokens: int = Field(2048, ge=16, le=1_048_576)
+    kvCacheFraction: float = Field(0.9, gt=0, le=1)
+    blockSize: int = Field(16, ge=1, le=1024)
+    sessionLen: int | None = Field(None, ge=2, le=10_000_000)
+    enablePrefixCaching: bool = True
+
+
+class GenerationSpec(_Spec):
+    """Defaults for requests that do not set these themselves."""
+
+    maxNewTokens: int = Field(256, ge=1, le=1_000_000)
+    temperature: float = Field(0.0, ge=0, le=100)
+    topP: float = Field(1.0, gt=0, le=1)
+    topK: int = Field(0, ge=0)
+    repetitionPenalty: float = Field(1.0, gt=0, le=100)
+
+
+class RouterSpec(_Spec):
+    replicas: int = Field(1, ge=1, le=100)
+    port: int = Field(50051, ge=1, le=65535)
+
+
+class IngressSpec(_Spec):
+    className: str | None = Field(None, max_length=253)
+    host: str | None = Field(None, max_length=253, pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    tlsSecretName: str | None = Field(None, pattern=DNS_LABEL, max_length=253)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class RestApiSpec(_Spec):
+    enabled: bool = False
+    port: int = Field(28080, ge=1, le=65535)
+    ingress: IngressSpec | None = None
+
+
+class LLMDeploymentSpec(_Spec):
+    model: ModelSpec
+    tensorParallel: int = Field(1, ge=1, le=64, description="ranks that split each layer")
+    pipelineParallel: int = Field(1, ge=1, le=64, description="stages the layers are split into")
+    replicas: int = Field(1, ge=0, le=1000, description="independent model copies (parallel groups)")
+    gpusPerPod: int | None = Field(None, ge=1, le=64,
+                                   description="GPUs (ranks) per pod; default: the whole group in one pod")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: dict[str, Any] = Field(default_factory=dict,
+                                      description="extra container resources (cpu, memory); GPUs are added by the operator")
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    restApi: RestApiSpec = Field(default_factory=RestApiSpec)
+    startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priorityClassName: str | None = Field(None, max_length=253)
+
+    @field_validator("resources")
+    @classmethod
+    def _only_requests_and_limits(cls, value):
+        unknown = set(value) - {"requests", "limits"}
+        if unknown:
+            raise ValueError(f"only 'requests' and 'limits' are allowed, not {sorted(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        for rule in CEL_RULES:
+            if not rule.python(self):
+                raise ValueError(f"{rule.field}: {rule.message}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tensorParallel * self.pipelineParallel
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return self.gpusPerPod or self.world_size
+
+    @property
+    def pods_per_group(self) -> int:
+        return self.world_size // self.gpus_per_pod
+
+
+class CelRule:
+    """One cross-field rule, in CEL for the API server and in Python for the operator."""
+
+    def __init__(self, cel: str, message: str, field: str, python):
+        self.cel, self.message, self.field, self.python = cel, message, field, python
+
+
+CEL_RULES = [
+    CelRule("!has(self.gpusPerPod) || (self.tensorParallel * self.pipelineParallel) % self.gpusPerPod == 0",
+            "gpusPerPod must divide tensorParallel × pipelineParallel", "spec.gpusPerPod",
+            lambda s: s.gpusPerPod is None or s.world_size % s.gpusPerPod == 0),
+    CelRule("!has(self.restApi) || !has(self.restApi.ingress) || self.restApi.enabled",
+            "an Ingress needs the REST API: set restApi.enabled: true", "spec.restApi.ingress",
+            lambda s: s.restApi.ingress is None or s.restApi.enabled),
+    CelRule("!has(self.restApi) || !self.restApi.enabled || !has(self.router) || self.router.port != self.restApi.port",
+            "restApi.port must differ from router.port", "spec.restApi.port",
+            lambda s: not s.restApi.enabled or s.router.port != s.restApi.port),
+    CelRule("!has(self.model.tokenSecret) || self.model.source.startsWith('hf://')",
+            "model.tokenSecret only applies to hf:// sources", "spec.model.tokenSecret",
+            lambda s: s.model.tokenSecret is None or s.model.kind == "hf"),
+    CelRule("!has(self.model.cachePVC) || self.model.source.startsWith('hf://')",
+            "model.cachePVC only applies to hf:// sources", "spec.model.cachePVC",
+            lambda s: s.model.cachePVC is None or s.model.kind == "hf"),
+]
+
+
+class Condition(_Spec):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: str
+    observedGeneration: int | None = None
+
+
+class LLMDeploymentStatus(_Spec):
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] = "Pending"
+    replicas: int = 0
+    readyReplicas: int = 0
+    updatedReplicas: int = 0
+    selector: str = ""
+    endpoint: str = ""
+    restEndpoint: str = ""
+    observedGeneration: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
