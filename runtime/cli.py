@@ -59,6 +59,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_operator(args) -> int:
+    from kubellm.operator.handlers import run
+
+    run(namespace=args.namespace, verbose=args.verbose)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubellm import __version__
 
@@ -111,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face generate")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")
+    operator.add_argument("--namespace", default=None, help="watch one namespace (default: the whole cluster)")
+    operator.add_argument("--verbose", action="store_true")
+    operator.set_defaults(func=cmd_operator)
     return parser
 
 

@@ -1,0 +1,160 @@
+"""kopf handlers: thin glue between LLMDeployment events and the builders, apply path and status.
+
+- create / update / resume: apply every child (skipping unchanged ones), remove groups above
+  `replicas`, then refresh.
+- a timer refreshes every few seconds: restarts a group whose rank died (torch.distributed
+  cannot re-admit one rank), rolls groups to a new spec one at a time while the others keep
+  serving, and writes `.status` from what it observed, only when it changed.
+Deletion needs no handler: every child has an owner reference and is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import kopf
+from pydantic import ValidationError
+
+from kubellm.operator import resources as R
+from kubellm.operator.kube import Kube
+from kubellm.operator.spec import GROUP, PLURAL, VERSION, LLMDeploymentSpec
+from kubellm.operator.status import READY_PODS, GroupState, compute_status, group_states
+
+INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
+log = logging.getLogger("kubellm.operator")
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube()
+    return _kube
+
+
+def parse_spec(spec) -> LLMDeploymentSpec:
+    try:
+        return LLMDeploymentSpec.model_validate(dict(spec))
+    except ValidationError as err:
+        problems = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
+                             for e in err.errors())
+        raise kopf.PermanentError(problems) from None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    # Progress in annotations, not in .status: the CRD's status schema is ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubellm.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubellm.io")
+    settings.posting.level = logging.ERROR  # Events are posted deliberately, below
+    settings.watching.server_timeout = 120
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile(body, spec, status, patch, reason, **_):
+    owner, desired = R.Owner.from_body(body), parse_spec(spec)
+    k = kube()
+    written = sum(k.apply(child) for child in R.children(owner, desired))
+    removed = remove_extra_groups(owner, desired)
+    if reason == "create":
+        kopf.info(body, reason="Created", message=f"created {written} children for {desired.replicas} replica groups "
+                                                   f"of {desired.world_size} ranks")
+    previous = (status or {}).get("replicas")
+    if previous is not None and previous != desired.replicas:
+        kopf.info(body, reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
+                                                 + (f" (removed groups {removed})" if removed else ""))
+    refresh(body, patch, owner, desired)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
+def observe(body, spec, patch, **_):
+    try:
+        desired = parse_spec(spec)
+    except kopf.PermanentError:
+        return
+    refresh(body, patch, R.Owner.from_body(body), desired)
+
+
+def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
+    k, removed = kube(), []
+    for sts in k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker")):
+        index = int(sts["metadata"]["labels"][R.GROUP_LABEL])
+        if index >= spec.replicas:
+            k.delete("apps/v1", "StatefulSet", sts["metadata"]["name"], owner.namespace)
+            k.delete("v1", "Service", R.group_name(owner, index), owner.namespace)
+            removed.append(index)
+    return sorted(removed)
+
+
+def restart_group(body, owner: R.Owner, group: GroupState, why: str) -> None:
+    """Delete every pod of the group; its StatefulSet recreates them all together."""
+    k = kube()
+    for pod in group.pods:
+        if not pod["metadata"].get("deletionTimestamp"):
+            k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
+    _record_ready_pods(owner, group.index, None)
+    kopf.warn(body, reason="GroupRestarted", message=f"replica group {group.index}: {why}; restarting all its ranks")
+
+
+def _record_ready_pods(owner: R.Owner, index: int, uids: str | None) -> None:
+    k = kube()
+    k.resource("apps/v1", "StatefulSet").patch(
+        name=R.group_name(owner, index), namespace=owner.namespace, content_type="application/merge-patch+json",
+        body={"metadata": {"annotations": {READY_PODS: uids}}})
+    k.writes += 1
+
+
+def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
+    for group in groups:
+        if group.ready and group.recorded_ready != group.pod_uids:
+            _record_ready_pods(owner, group.index, group.pod_uids)
+            group.recorded_ready = group.pod_uids
+        elif group.broken:
+            restart_group(body, owner, group, "a rank failed or was replaced")
+            group.pods = []
+    # Roll a new spec through the groups one at a time, only while all the others serve.
+    outdated = [g for g in groups if any(
+        (p["metadata"].get("annotations") or {}).get(R.SPEC_HASH) != g.spec_hash
+        and not p["metadata"].get("deletionTimestamp") for p in g.pods)]
+    if outdated and all(g.ready for g in groups if g is not outdated[0]):
+        restart_group(body, owner, outdated[0], "the spec changed (rolling update)")
+
+
+def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
+    k = kube()
+    statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
+    pods = k.list("v1", "Pod", owner.namespace, R.selector(owner, "worker"))
+    groups = group_states(spec, statefulsets, pods, R.worker_spec_hash(spec))
+    supervise(body, owner, groups)
+    router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
+    router_ready = bool((router.get("status") or {}).get("availableReplicas"))
+    failure = ""
+    if spec.replicas:
+        largest = k.max_node_gpus()
+        if spec.gpus_per_pod > largest:
+            failure = (f"each pod needs {spec.gpus_per_pod} nvidia.com/gpu but the largest schedulable node offers "
+                       f"{largest}; set gpusPerPod lower (more pods per group) or add larger GPU nodes")
+    old = dict(body.get("status") or {})
+    selector = ",".join(f"{k_}={v}" for k_, v in R.selector(owner, "worker", **{R.POD_INDEX_LABEL: "0"}).items())
+    new = compute_status(spec, groups, router_ready, body["metadata"].get("generation", 0), old,
+                         R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure)
+    if all(old.get(key) == value for key, value in new.items()):
+        return
+    if new["phase"] != old.get("phase"):
+        if new["phase"] in ("Failed", "Pending") and new["phase"] != "Progressing":
+            message = next(c["message"] for c in new["conditions"] if c["type"] in ("Progressing", "Degraded")
+                           and c["status"] == "True")
+            kopf.warn(body, reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs", message=message)
+        elif new["phase"] == "Ready":
+            kopf.info(body, reason="Ready", message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
+    patch.status.update(new)
+
+
+def run(namespace: str | None = None, verbose: bool = False) -> None:
+    """Entry point of `kubellm operator` and of the operator container."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
+    kopf.configure(verbose=verbose)
+    kopf.run(standalone=True, clusterwide=namespace is None, namespaces=[namespace] if namespace else [])

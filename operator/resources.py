@@ -1,0 +1,336 @@
+"""Pure builders: an LLMDeployment (spec + metadata) -> the manifests of all its children.
+
+Nothing here talks to the API server; the handlers apply what these return with server-side
+apply. Per replica there is one StatefulSet (the ranks of one tensor/pipeline-parallel group)
+with its headless Service; a headless `-leaders` Service selects the ready rank-0 pods, which
+the router Deployment round-robins over; a ClusterIP Service fronts the router; optionally an
+Ingress for the REST gateway; a ConfigMap with the engine configuration; one PDB for workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from kubellm.operator.spec import GROUP, KIND, VERSION, LLMDeploymentSpec
+
+GRPC_PORT_NAME = "grpc"
+REST_PORT_NAME = "http"
+MASTER_PORT = 29500
+MODELS_MOUNT = "/models"
+CONFIG_MOUNT = "/etc/kubellm"
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by Kubernetes >= 1.28
+SPEC_HASH = "kubellm.io/spec-hash"
+GROUP_LABEL = "kubellm.io/group"
+MANAGED_BY = "kubellm-operator"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What the builders need of the LLMDeployment object itself."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body) -> "Owner":
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta["uid"])
+
+
+# -- names ------------------------------------------------------------------------------------
+def group_name(owner: Owner, index: int) -> str:
+    return f"{owner.name}-g{index}"
+
+
+def leaders_name(owner: Owner) -> str:
+    return f"{owner.name}-leaders"
+
+
+def router_name(owner: Owner) -> str:
+    return f"{owner.name}-router"
+
+
+def config_name(owner: Owner) -> str:
+    return f"{owner.name}-config"
+
+
+def service_host(owner: Owner, service: str) -> str:
+    return f"{service}.{owner.namespace}.svc.cluster.local"
+
+
+def grpc_endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    return f"{service_host(owner, owner.name)}:{spec.router.port}"
+
+
+def rest_endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
+    if not spec.restApi.enabled:
+        return ""
+    ingress = spec.restApi.ingress
+    if ingress and ingress.host:
+        return f"{'https' if ingress.tlsSecretName else 'http'}://{ingress.host}"
+    return f"http://{service_host(owner, owner.name)}:{spec.restApi.port}"
+
+
+# -- metadata ---------------------------------------------------------------------------------
+def labels(owner: Owner, component: str, **extra: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/instance": owner.name,
+            "app.kubernetes.io/component": component, "app.kubernetes.io/part-of": "kubellm",
+            "app.kubernetes.io/managed-by": MANAGED_BY, **extra}
+
+
+def selector(owner: Owner, component: str, **extra: str) -> dict[str, str]:
+    return {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/component": component, **extra}
+
+
+def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> dict:
+    return {"name": name, "namespace": owner.namespace, "labels": labels(owner, component, **extra_labels),
+            "ownerReferences": [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": owner.name,
+                                 "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}]}
+
+
+def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
+    """Changes exactly when the worker pods must be replaced (everything but replicas and router)."""
+    relevant = spec.model_dump(mode="json", exclude={"replicas", "router"})
+    relevant["restApi"] = None  # served by the router, not the workers
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- workers ----------------------------------------------------------------------------------
+def model_path(spec: LLMDeploymentSpec) -> str:
+    """Where the worker finds the model inside its container."""
+    model = spec.model
+    if model.kind == "hf":
+        repo = model.source.removeprefix("hf://").split("@")[0]
+        return f"{MODELS_MOUNT}/hf/{repo}"
+    if model.kind == "pvc":
+        _, _, path = model.source.removeprefix("pvc://").partition("/")
+        return f"{MODELS_MOUNT}/{path}".rstrip("/")
+    return model.source  # a path in the image, or a known model name
+
+
+def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, worker volumeMounts, init containers) for the model source."""
+    model = spec.model
+    if model.kind == "pvc":
+        claim = model.source.removeprefix("pvc://").split("/")[0]
+        return ([{"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
+                [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], [])
+    if model.kind != "hf":
+        return [], [], []
+    volume = ({"name": "models", "persistentVolumeClaim": {"claimName": model.cachePVC}} if model.cachePVC
+              else {"name": "models", "emptyDir": {}})
+    env = [{"name": "HF_HOME", "value": f"{MODELS_MOUNT}/.hf-home"}]
+    if model.tokenSecret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.tokenSecret, "key": "HF_TOKEN"}}})
+    if model.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": model.endpoint})
+    download = {"name": "download-model", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+                "command": ["kubellm", "models", "download", model.source, "--dest", model_path(spec)],
+                "env": env, "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+                "securityContext": container_security_context()}
+    return [volume], [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], [download]
+
+
+def container_security_context() -> dict:
+    """What the `restricted` Pod Security Standard asks of every container."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def pod_security_context() -> dict:
+    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _resources(spec: LLMDeploymentSpec) -> dict:
+    requests = dict(spec.resources.get("requests", {}))
+    limits = dict(spec.resources.get("limits", {}))
+    limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = spec.gpus_per_pod
+    return {"requests": requests, "limits": limits}
+
+
+def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dict:
+    name = group_name(owner, index)
+    group_labels = {GROUP_LABEL: str(index)}
+    volumes, mounts, init_containers = _model_volume(spec)
+    volumes += [{"name": "config", "configMap": {"name": config_name(owner)}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL needs a large /dev/shm
+                {"name": "tmp", "emptyDir": {}}]
+    mounts += [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+               {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    port = spec.router.port
+    env = [
+        {"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
+        {"name": "WORLD_SIZE", "value": str(spec.world_size)},
+        {"name": "KUBELLM_GPUS_PER_POD", "value": str(spec.gpus_per_pod)},
+        {"name": "MASTER_ADDR", "value": f"{name}-0.{service_host(owner, name)}"},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "KUBELLM_DEPLOYMENT", "value": owner.name},
+    ]
+    container = {
+        "name": "worker", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+        "command": ["kubellm", "worker", "--model", model_path(spec), "--config", f"{CONFIG_MOUNT}/engine.json",
+                    "--tensor-parallel", str(spec.tensorParallel), "--pipeline-parallel", str(spec.pipelineParallel),
+                    "--port", str(port)],
+        "env": env,
+        "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        # Loading a large model takes minutes: the startup probe allows startupTimeoutSeconds.
+        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 10,
+                         "failureThreshold": max(1, spec.startupTimeoutSeconds // 10)},
+        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 15, "failureThreshold": 4},
+    }
+    pod_spec = {
+        "securityContext": pod_security_context(),
+        "initContainers": init_containers,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+        "automountServiceAccountToken": False,
+    }
+    if spec.nodeSelector:
+        pod_spec["nodeSelector"] = spec.nodeSelector
+    if spec.tolerations:
+        pod_spec["tolerations"] = spec.tolerations
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if spec.priorityClassName:
+        pod_spec["priorityClassName"] = spec.priorityClassName
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": metadata(owner, name, "worker", **group_labels),
+        "spec": {
+            "replicas": spec.pods_per_group,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",  # all ranks start together; they wait for each other anyway
+            # A group is replaced as a whole by the operator: rolling one rank breaks torch.distributed.
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": selector(owner, "worker", **group_labels)},
+            "template": {
+                "metadata": {"labels": labels(owner, "worker", **group_labels),
+                             "annotations": {SPEC_HASH: worker_spec_hash(spec)}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def group_service(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dict:
+    """Headless: gives every rank a stable DNS name; rank 0's is MASTER_ADDR."""
+    group_labels = {GROUP_LABEL: str(index)}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": metadata(owner, group_name(owner, index), "worker", **group_labels),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": selector(owner, "worker", **group_labels),
+                     "ports": [{"name": "dist", "port": MASTER_PORT, "targetPort": MASTER_PORT},
+                               {"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port}]}}
+
+
+def leaders_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+    """Headless over the ready rank-0 pods: the router resolves it to find replica leaders."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, leaders_name(owner), "worker"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": False,
+                     "selector": selector(owner, "worker", **{POD_INDEX_LABEL: "0"}),
+                     "ports": [{"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port}]}}
+
+
+# -- router, service, ingress -----------------------------------------------------------------
+def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+    port = spec.router.port
+    command = ["kubellm", "router", "--deployment-name", owner.name,
+               "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port)]
+    ports = [{"name": GRPC_PORT_NAME, "containerPort": port}]
+    if spec.restApi.enabled:
+        command += ["--rest-port", str(spec.restApi.port)]
+        ports.append({"name": REST_PORT_NAME, "containerPort": spec.restApi.port})
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(owner, router_name(owner), "router"),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": selector(owner, "router")},
+            "template": {
+                "metadata": {"labels": labels(owner, "router")},
+                "spec": {
+                    "securityContext": pod_security_context(),
+                    "automountServiceAccountToken": False,
+                    "containers": [{
+                        "name": "router", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+                        "command": command, "ports": ports,
+                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                        "securityContext": {**container_security_context(), "readOnlyRootFilesystem": True},
+                        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
+                        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 15},
+                    }],
+                },
+            },
+        },
+    }
+
+
+def router_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+    ports = [{"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": GRPC_PORT_NAME, "appProtocol": "grpc"}]
+    if spec.restApi.enabled:
+        ports.append({"name": REST_PORT_NAME, "port": spec.restApi.port, "targetPort": REST_PORT_NAME,
+                      "appProtocol": "http"})
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, owner.name, "router"),
+            "spec": {"type": "ClusterIP", "selector": selector(owner, "router"), "ports": ports}}
+
+
+def ingress(owner: Owner, spec: LLMDeploymentSpec) -> dict | None:
+    cfg = spec.restApi.ingress
+    if not (spec.restApi.enabled and cfg):
+        return None
+    rule = {"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": owner.name, "port": {"name": REST_PORT_NAME}}}}]}}
+    if cfg.host:
+        rule["host"] = cfg.host
+    body = {"rules": [rule]}
+    if cfg.className:
+        body["ingressClassName"] = cfg.className
+    if cfg.tlsSecretName:
+        body["tls"] = [{"secretName": cfg.tlsSecretName, **({"hosts": [cfg.host]} if cfg.host else {})}]
+    meta = metadata(owner, owner.name, "gateway")
+    if cfg.annotations:
+        meta["annotations"] = dict(cfg.annotations)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": body}
+
+
+def engine_configmap(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+    engine = spec.engine
+    config = {"dtype": engine.dtype, "max_batch_size": engine.maxBatchSize,
+              "max_num_batched_tokens": engine.maxNumBatchedTokens, "kv_cache_fraction": engine.kvCacheFraction,
+              "block_size": engine.blockSize, "session_len": engine.sessionLen,
+              "enable_prefix_caching": engine.enablePrefixCaching,
+              "tensor_parallel": spec.tensorParallel, "pipeline_parallel": spec.pipelineParallel}
+    gen = spec.generation
+    generation = {"max_new_tokens": gen.maxNewTokens, "temperature": gen.temperature, "top_p": gen.topP,
+                  "top_k": gen.topK, "repetition_penalty": gen.repetitionPenalty}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "worker"),
+            "data": {"engine.json": json.dumps(config, indent=2, sort_keys=True),
+                     "generation.json": json.dumps(generation, indent=2, sort_keys=True)}}
+
+
+def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+    """At most one worker pod (so one group) voluntarily disrupted at a time."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": metadata(owner, f"{owner.name}-workers", "worker"),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner, "worker")}}}
+
+
+def children(owner: Owner, spec: LLMDeploymentSpec) -> list[dict]:
+    """Every child manifest, in apply order (config before the pods that mount it)."""
+    objs = [engine_configmap(owner, spec)]
+    for i in range(spec.replicas):
+        objs += [group_service(owner, spec, i), worker_statefulset(owner, spec, i)]
+    objs += [leaders_service(owner, spec), router_deployment(owner, spec), router_service(owner, spec),
+             worker_pdb(owner, spec)]
+    ing = ingress(owner, spec)
+    if ing:
+        objs.append(ing)
+    return objs

@@ -1,0 +1,117 @@
+"""Status from observed children: pure functions over what the API server returned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from kubellm.operator.resources import GROUP_LABEL, SPEC_HASH
+from kubellm.operator.spec import LLMDeploymentSpec
+
+READY_PODS = "kubellm.io/ready-pods"   # StatefulSet annotation: pod uids of the group when it was last Ready
+
+
+@dataclass
+class GroupState:
+    index: int
+    pods: list[dict] = field(default_factory=list)
+    expected_pods: int = 0
+    spec_hash: str = ""
+    recorded_ready: str = ""    # READY_PODS annotation of its StatefulSet
+
+    @property
+    def pod_uids(self) -> str:
+        return ",".join(sorted(p["metadata"]["uid"] for p in self.pods))
+
+    @property
+    def updated(self) -> bool:
+        return len(self.pods) == self.expected_pods and all(
+            (p["metadata"].get("annotations") or {}).get(SPEC_HASH) == self.spec_hash for p in self.pods)
+
+    @property
+    def ready(self) -> bool:
+        return self.updated and all(pod_ready(p) and not p["metadata"].get("deletionTimestamp") for p in self.pods)
+
+    @property
+    def broken(self) -> bool:
+        """A rank of a group that was whole is gone, replaced or restarted: the group must restart."""
+        if not self.recorded_ready:
+            return False
+        recorded = set(self.recorded_ready.split(","))
+        current = {p["metadata"]["uid"] for p in self.pods}
+        restarted = any(cs.get("restartCount", 0) > 0 for p in self.pods
+                        for cs in (p.get("status") or {}).get("containerStatuses") or [])
+        return restarted or not recorded <= current or any(p["status"].get("phase") == "Failed" for p in self.pods)
+
+    @property
+    def unschedulable(self) -> str:
+        for p in self.pods:
+            for c in (p.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                    return c.get("message", "")
+        return ""
+
+
+def pod_ready(pod: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def group_states(spec: LLMDeploymentSpec, statefulsets: list[dict], pods: list[dict], spec_hash: str) -> list[GroupState]:
+    groups = {i: GroupState(i, expected_pods=spec.pods_per_group, spec_hash=spec_hash) for i in range(spec.replicas)}
+    for sts in statefulsets:
+        index = int(sts["metadata"]["labels"][GROUP_LABEL])
+        if index in groups:
+            groups[index].recorded_ready = (sts["metadata"].get("annotations") or {}).get(READY_PODS, "")
+    for pod in pods:
+        index = int(pod["metadata"]["labels"].get(GROUP_LABEL, -1))
+        if index in groups:
+            groups[index].pods.append(pod)
+    return [groups[i] for i in sorted(groups)]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(old: list[dict], type_: str, ok: bool, reason: str, message: str, generation: int) -> dict:
+    status = "True" if ok else "False"
+    previous = next((c for c in old if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != status
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": now() if changed else previous["lastTransitionTime"],
+            "observedGeneration": generation}
+
+
+def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_ready: bool, generation: int,
+                   old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "") -> dict:
+    """The whole `.status`, derived from observed children only."""
+    ready = sum(g.ready for g in groups)
+    updated = sum(g.updated for g in groups)
+    degraded = [g.index for g in groups if g.recorded_ready and not g.ready]
+    unschedulable = next((g.unschedulable for g in groups if g.unschedulable), "")
+    if failure:
+        phase, reason, message = "Failed", "InsufficientGPUs", failure
+    elif ready == spec.replicas and router_ready:
+        phase, reason, message = "Ready", "AllReplicasReady", f"{ready}/{spec.replicas} replicas ready"
+    elif degraded:
+        phase, reason, message = "Degraded", "GroupNotReady", f"replica groups {degraded} lost a rank and are restarting"
+    elif unschedulable:
+        phase, reason, message = "Pending", "Unschedulable", unschedulable
+    else:
+        phase, reason, message = "Progressing", "ReplicasStarting", f"{ready}/{spec.replicas} replicas ready"
+    conditions = old.get("conditions") or []
+    return {
+        "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "updatedReplicas": updated,
+        "selector": selector, "endpoint": endpoint, "restEndpoint": rest_endpoint, "observedGeneration": generation,
+        "conditions": [
+            _condition(conditions, "Available", ready > 0 and router_ready,
+                       "ReplicasAvailable" if ready else "NoReplicaReady", f"{ready}/{spec.replicas} replicas ready",
+                       generation),
+            _condition(conditions, "Progressing", phase in ("Progressing", "Pending"),
+                       reason if phase in ("Progressing", "Pending") else "Complete", message, generation),
+            _condition(conditions, "Degraded", phase in ("Degraded", "Failed"),
+                       reason if phase in ("Degraded", "Failed") else "AsExpected",
+                       message if phase in ("Degraded", "Failed") else "", generation),
+        ],
+    }
