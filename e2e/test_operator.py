@@ -1,0 +1,239 @@
+"""The operator against a real API server: kubectl as a user would drive it, KWOK for GPU nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "crds" / "llmdeployments.kubellm.io.yaml"
+EXAMPLE = ROOT / "examples" / "llmdeployment.yaml"
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+class Operator:
+    """`kubellm operator` as a child process (what the operator container runs)."""
+
+    def __init__(self, cluster, log_path: Path):
+        self.cluster, self.log_path, self.proc = cluster, log_path, None
+
+    def start(self):
+        env = {**os.environ, **self.cluster.env, "KUBELLM_OPERATOR_INTERVAL": "1"}
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator"], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def tail(self, n=60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, tmp_path_factory):
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.kubellm.io", "--timeout=60s")
+    # Room for the tests' groups while earlier test namespaces are still being deleted: 32 GPUs.
+    for name in ("gpu-node-extra-a", "gpu-node-extra-b"):
+        cluster.add_gpu_node(name, gpus=8)
+    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+_ns_counter = iter(range(1000))
+
+
+@pytest.fixture
+def ns(cluster):
+    name = f"llm-{next(_ns_counter)}-{int(time.time()) % 100000}"
+    cluster.create_namespace(name, RESTRICTED)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def get(cluster, ns, *what) -> dict:
+    return json.loads(cluster.kubectl("get", "-n", ns, *what, "-o", "json").stdout)
+
+
+def llmd_status(cluster, ns, name) -> dict:
+    return get(cluster, ns, "llmd", name).get("status") or {}
+
+
+def wait_status(cluster, operator, ns, name, predicate, what, timeout=90):
+    try:
+        return cluster.wait_for(lambda: (lambda s: s if predicate(s) else None)(llmd_status(cluster, ns, name)),
+                                what, timeout=timeout, interval=0.5)
+    except Exception as err:
+        raise AssertionError(f"{err}\nstatus: {llmd_status(cluster, ns, name)}\noperator log:\n{operator.tail()}")
+
+
+def apply(cluster, ns, manifest: dict | str):
+    text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+    return cluster.kubectl("apply", "-n", ns, "-f", "-", input=text)
+
+
+def deployment(name, **spec) -> dict:
+    return {"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": name},
+            "spec": {"model": {"source": "/models/tiny"}, **spec}}
+
+
+def pods_of(cluster, ns, name, group=None) -> list[dict]:
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/component=worker"
+    if group is not None:
+        selector += f",kubellm.io/group={group}"
+    return get(cluster, ns, "pods", "-l", selector)["items"]
+
+
+def test_readme_example_creates_every_child_and_becomes_ready(cluster, operator, ns):
+    apply(cluster, ns, EXAMPLE.read_text())
+    status = wait_status(cluster, operator, ns, "mistral", lambda s: s.get("phase") == "Ready", "Ready")
+    assert status["readyReplicas"] == 2 and status["replicas"] == 2
+    assert status["endpoint"] == f"mistral.{ns}.svc.cluster.local:50051"
+    assert status["restEndpoint"] == "http://mistral.example.com"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Available": "True", "Progressing": "False", "Degraded": "False"}
+
+    sts = get(cluster, ns, "statefulsets")["items"]
+    assert sorted(s["metadata"]["name"] for s in sts) == ["mistral-g0", "mistral-g1"]
+    assert all(s["spec"]["replicas"] == 1 for s in sts)  # TP=2 in one pod with 2 GPUs
+    for pod in pods_of(cluster, ns, "mistral"):
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert pod["spec"]["nodeName"].startswith("gpu-")
+    names = {(o["kind"], o["metadata"]["name"]) for o in get(
+        cluster, ns, "services,deployments,ingresses,configmaps,poddisruptionbudgets")["items"]}
+    assert {("Service", "mistral"), ("Service", "mistral-leaders"), ("Service", "mistral-g0"),
+            ("Deployment", "mistral-router"), ("Ingress", "mistral"), ("ConfigMap", "mistral-config"),
+            ("PodDisruptionBudget", "mistral-workers")} <= names
+
+    table = cluster.kubectl("get", "llmd", "-n", ns).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "MODEL", "TP", "PP", "REPLICAS", "READY", "PHASE", "ENDPOINT", "AGE"]
+    assert row.split()[:7] == ["mistral", "hf://mistralai/Mistral-7B-v0.1", "2", "1", "2", "2", "Ready"]
+    reasons = {e["reason"] for e in get(cluster, ns, "events")["items"]}
+    assert {"Created", "Ready"} <= reasons
+
+
+def test_scale_adds_and_removes_whole_groups(cluster, operator, ns):
+    apply(cluster, ns, deployment("scaled", tensorParallel=2, gpusPerPod=1, replicas=1))
+    wait_status(cluster, operator, ns, "scaled", lambda s: s.get("phase") == "Ready", "Ready")
+    cluster.kubectl("scale", "llmd", "scaled", "-n", ns, "--replicas=3")
+    wait_status(cluster, operator, ns, "scaled", lambda s: s.get("readyReplicas") == 3 and s.get("phase") == "Ready",
+                "3 ready replicas")
+    assert len(pods_of(cluster, ns, "scaled")) == 6  # 3 groups x 2 ranks
+    cluster.kubectl("scale", "llmd", "scaled", "-n", ns, "--replicas=1")
+    wait_status(cluster, operator, ns, "scaled", lambda s: s.get("replicas") == 1 and s.get("phase") == "Ready", "1")
+    cluster.wait_for(lambda: len(get(cluster, ns, "statefulsets")["items"]) == 1, "groups 1 and 2 removed", 30)
+    assert "Scaled" in {e["reason"] for e in get(cluster, ns, "events")["items"]}
+
+
+def test_a_dead_rank_restarts_its_whole_group(cluster, operator, ns):
+    apply(cluster, ns, deployment("tp", tensorParallel=2, gpusPerPod=1, replicas=2))
+    wait_status(cluster, operator, ns, "tp", lambda s: s.get("phase") == "Ready", "Ready")
+    cluster.wait_for(lambda: all(s["metadata"].get("annotations", {}).get("kubellm.io/ready-pods")
+                                 for s in get(cluster, ns, "statefulsets")["items"]), "groups recorded", 30)
+    group0 = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 0)}
+    group1 = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 1)}
+    cluster.kubectl("delete", "pod", "-n", ns, "tp-g0-1", "--wait=false")
+    seen = set()
+
+    def recovered():
+        status = llmd_status(cluster, ns, "tp")
+        seen.add(status.get("phase"))
+        uids = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 0)}
+        return status.get("phase") == "Ready" and len(uids) == 2 and not uids & set(group0.values())
+
+    cluster.wait_for(recovered, "group 0 fully replaced and Ready", timeout=90, interval=0.3)
+    assert "Degraded" in seen
+    # The untouched rank 0 was restarted too; group 1 was left alone.
+    assert {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 1)} == group1
+    assert "GroupRestarted" in {e["reason"] for e in get(cluster, ns, "events")["items"]}
+
+
+def test_spec_change_rolls_groups_one_at_a_time(cluster, operator, ns):
+    apply(cluster, ns, deployment("roll", replicas=3))
+    wait_status(cluster, operator, ns, "roll", lambda s: s.get("phase") == "Ready", "Ready")
+    old = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "roll")}
+    apply(cluster, ns, deployment("roll", replicas=3, engine={"maxBatchSize": 8}))
+    lowest_ready = 3
+
+    def rolled():
+        nonlocal lowest_ready
+        status = llmd_status(cluster, ns, "roll")
+        if status.get("observedGeneration") == 2:
+            lowest_ready = min(lowest_ready, status.get("readyReplicas", 0))
+        uids = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "roll")}
+        return status.get("phase") == "Ready" and status.get("updatedReplicas") == 3 and not uids & old
+
+    cluster.wait_for(rolled, "all groups replaced", timeout=120, interval=0.2)
+    assert lowest_ready >= 2, "more than one group was down at once"
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"replicas": -1}, "spec.replicas"),
+    ({"restApi": {"enabled": False, "ingress": {"host": "x.example.com"}}}, "spec.restApi"),
+    ({"unknownField": 1}, "unknownField"),
+    ({"model": {"source": "ftp://somewhere/model"}}, "spec.model.source"),
+    ({"tensorParallel": 4, "gpusPerPod": 3}, "gpusPerPod"),
+])
+def test_invalid_resources_are_rejected_by_the_api_server(cluster, operator, ns, spec, field):
+    body = deployment("bad")
+    body["spec"].update(spec)
+    result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(body), check=False)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+def test_operator_restart_leaves_children_alone(cluster, operator, ns):
+    apply(cluster, ns, deployment("steady", replicas=2, restApi={"enabled": True}))
+    wait_status(cluster, operator, ns, "steady", lambda s: s.get("phase") == "Ready", "Ready")
+    time.sleep(3)  # let the ready-pods annotations settle
+
+    def versions():
+        items = get(cluster, ns, "statefulsets,services,deployments,configmaps,poddisruptionbudgets")["items"]
+        return {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"] for o in items}
+
+    before = versions()
+    operator.stop()
+    operator.start()
+    time.sleep(8)  # resume handler + several timer ticks
+    assert versions() == before, "a reconcile of an unchanged spec wrote to its children"
+    assert len(get(cluster, ns, "statefulsets")["items"]) == 2
+
+
+def test_delete_garbage_collects_every_child(cluster, operator, ns):
+    apply(cluster, ns, deployment("gone", replicas=2))
+    wait_status(cluster, operator, ns, "gone", lambda s: s.get("phase") == "Ready", "Ready")
+    cluster.kubectl("delete", "llmd", "gone", "-n", ns)
+    cluster.wait_for(lambda: not get(cluster, ns, "statefulsets,deployments,services,configmaps,pods")["items"],
+                     "children garbage-collected", timeout=60)
+
+
+def test_more_gpus_than_any_node_is_explained(cluster, operator, ns):
+    apply(cluster, ns, deployment("huge", tensorParallel=16))
+    status = wait_status(cluster, operator, ns, "huge", lambda s: s.get("phase") == "Failed", "Failed")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "InsufficientGPUs" and "16 nvidia.com/gpu" in degraded["message"]
+
+
+def test_cluster_full_is_reported_as_unschedulable(cluster, operator, ns):
+    apply(cluster, ns, deployment("full", tensorParallel=8, replicas=6))  # 48 GPUs; the nodes have 32
+    status = wait_status(cluster, operator, ns, "full", lambda s: s.get("phase") == "Pending", "Pending", timeout=60)
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "Unschedulable" and "nvidia.com/gpu" in progressing["message"]
