@@ -43,7 +43,7 @@ for arg in "$@"; do
     --print-bin-dir) echo "$bin"; exit 0 ;;
     --force) force=1 ;;
     --download) mode=download ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -110,6 +110,7 @@ if [[ -n "$todo" ]]; then
   cd "$wrap"
   echo "--- downloading k8s.io/kubernetes@$K8S_VERSION"
   info="$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION")"
+  if grep -q '"Error"' <<<"$info"; then echo "error: $info" >&2; exit 1; fi
   k8s_gomod="$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p' <<<"$info")"
   commit="$(sed -n 's/^[[:space:]]*"Hash": "\(.*\)"$/\1/p' <<<"$info" | head -1)"
   go_directive="$(sed -n 's/^go \([0-9.]*\).*/\1/p' "$k8s_gomod" | head -1)"
@@ -129,11 +130,12 @@ if [[ -n "$todo" ]]; then
     cp go.mod.new go.mod.in; cp go.mod.new go.mod; rm -f go.sum
   fi
   rm -f go.mod.new
-  echo "    $(grep -c '=> k8s.io/' go.mod) staging modules replaced by $staging_version; commit ${commit:-unknown}"
+  echo "    $(grep -c '=> k8s.io/' go.mod) staging modules replaced by $staging_version${commit:+; commit $commit}"
   ldflags="-s -w"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitCommit=${commit:-unknown} -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
+    if [[ -n "$commit" ]]; then ldflags+=" -X $pkg.gitCommit=$commit"; fi
   done
   pkgs=()
   for b in $todo; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
@@ -182,8 +184,18 @@ gobin_install() {  # gobin_install <name> <pkg@version> <ldflags>
   rmdir "$out"
   echo "    built in $((SECONDS - t)) s"
 }
-current kwok || gobin_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
-  "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+if ! current kwok || [[ ! -f "$bin/kwok-stages.yaml" ]]; then
+  gobin_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
+    "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
+  # The kwok binary has no built-in stages (kwokctl adds them); keep the module's default
+  # "fast" node/pod stages next to it: nodes become Ready (with lease heartbeats), pods Running
+  # and Ready, completed pods Succeeded, deleted pods go away.
+  kwok_dir="$(cd "$root" && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  stages=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
+          pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml)
+  { for f in "${stages[@]}"; do echo "---"; cat "$kwok_dir/kustomize/stage/$f"; done; } > "$bin/kwok-stages.yaml"
+fi
 current helm || gobin_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 

@@ -144,7 +144,7 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     if all(old.get(key) == value for key, value in new.items()):
         return
     if new["phase"] != old.get("phase"):
-        if new["phase"] in ("Failed", "Pending") and new["phase"] != "Progressing":
+        if new["phase"] in ("Failed", "Pending"):
             message = next(c["message"] for c in new["conditions"] if c["type"] in ("Progressing", "Degraded")
                            and c["status"] == "True")
             kopf.warn(body, reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs", message=message)
