@@ -60,11 +60,11 @@ def reconcile(body, spec, status, patch, reason, **_):
     written = sum(k.apply(child) for child in R.children(owner, desired))
     removed = remove_extra_groups(owner, desired)
     if reason == "create":
-        kopf.info(body, reason="Created", message=f"created {written} children for {desired.replicas} replica groups "
+        kopf.event(body, type="Normal", reason="Created", message=f"created {written} children for {desired.replicas} replica groups "
                                                    f"of {desired.world_size} ranks")
     previous = (status or {}).get("replicas")
     if previous is not None and previous != desired.replicas:
-        kopf.info(body, reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
+        kopf.event(body, type="Normal", reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
                                                  + (f" (removed groups {removed})" if removed else ""))
     refresh(body, patch, owner, desired)
 
@@ -96,7 +96,7 @@ def restart_group(body, owner: R.Owner, group: GroupState, why: str) -> None:
         if not pod["metadata"].get("deletionTimestamp"):
             k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
     _record_ready_pods(owner, group.index, None)
-    kopf.warn(body, reason="GroupRestarted", message=f"replica group {group.index}: {why}; restarting all its ranks")
+    kopf.event(body, type="Warning", reason="GroupRestarted", message=f"replica group {group.index}: {why}; restarting all its ranks")
 
 
 def _record_ready_pods(owner: R.Owner, index: int, uids: str | None) -> None:
@@ -147,9 +147,9 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
         if new["phase"] in ("Failed", "Pending"):
             message = next(c["message"] for c in new["conditions"] if c["type"] in ("Progressing", "Degraded")
                            and c["status"] == "True")
-            kopf.warn(body, reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs", message=message)
+            kopf.event(body, type="Warning", reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs", message=message)
         elif new["phase"] == "Ready":
-            kopf.info(body, reason="Ready", message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
+            kopf.event(body, type="Normal", reason="Ready", message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
     patch.status.update(new)
 
 

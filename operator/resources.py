@@ -146,8 +146,8 @@ def pod_security_context() -> dict:
 
 
 def _resources(spec: LLMDeploymentSpec) -> dict:
-    requests = dict(spec.resources.get("requests", {}))
-    limits = dict(spec.resources.get("limits", {}))
+    requests = dict(spec.resources.requests)
+    limits = dict(spec.resources.limits)
     limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = spec.gpus_per_pod
     return {"requests": requests, "limits": limits}
 

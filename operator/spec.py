@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GROUP = "kubellm.io"
 VERSION = "v1alpha1"
@@ -98,7 +98,14 @@ class RestApiSpec(_Spec):
     ingress: IngressSpec | None = None
 
 
+class ResourcesSpec(_Spec):
+    requests: dict[str, int | str] = Field(default_factory=dict)
+    limits: dict[str, int | str] = Field(default_factory=dict)
+
+
 class LLMDeploymentSpec(_Spec):
+    """An LLM served by tensor/pipeline-parallel replica groups behind a gRPC router."""
+
     model: ModelSpec
     tensorParallel: int = Field(1, ge=1, le=64, description="ranks that split each layer")
     pipelineParallel: int = Field(1, ge=1, le=64, description="stages the layers are split into")
@@ -107,25 +114,17 @@ class LLMDeploymentSpec(_Spec):
                                    description="GPUs (ranks) per pod; default: the whole group in one pod")
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    resources: dict[str, Any] = Field(default_factory=dict,
-                                      description="extra container resources (cpu, memory); GPUs are added by the operator")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="extra container resources (cpu, memory); GPUs are added by the operator")
     engine: EngineSpec = Field(default_factory=EngineSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     restApi: RestApiSpec = Field(default_factory=RestApiSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
     nodeSelector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
     affinity: dict[str, Any] = Field(default_factory=dict)
     priorityClassName: str | None = Field(None, max_length=253)
-
-    @field_validator("resources")
-    @classmethod
-    def _only_requests_and_limits(cls, value):
-        unknown = set(value) - {"requests", "limits"}
-        if unknown:
-            raise ValueError(f"only 'requests' and 'limits' are allowed, not {sorted(unknown)}")
-        return value
 
     @model_validator(mode="after")
     def _cross_field(self):
