@@ -7,7 +7,7 @@
 # into ${KUBELLM_E2E_CACHE:-~/.cache/kubellm/e2e}/<K8S_VERSION>/bin (never inside the repo).
 #
 # Idempotent: a binary whose stamp file matches the wanted version is reused, so a second run
-# takes about a second. Needs only Go and access to the Go module proxy (no Docker, no GitHub).
+# takes well under a second. Needs only Go and access to the Go module proxy (no Docker, no GitHub).
 # Versions live in e2e/versions.env; each may be overridden from the environment.
 #
 # Usage: e2e/build-control-plane.sh [--check] [--print-bin-dir] [--download] [--force]
@@ -43,7 +43,7 @@ for arg in "$@"; do
     --print-bin-dir) echo "$bin"; exit 0 ;;
     --force) force=1 ;;
     --download) mode=download ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done

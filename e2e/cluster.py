@@ -410,7 +410,8 @@ class LocalCluster:
     def _failure_report(self) -> str:
         if self.dir is None:
             return ""
-        parts = [f"work directory: {self.dir}"]
+        kept = "kept" if self.keep or self._workdir_arg else "removed; set KUBELLM_E2E_KEEP=1 to keep it"
+        parts = [f"work directory: {self.dir} ({kept})"]
         for name in self.procs or {}:
             state = "running" if self.procs[name].poll() is None else f"exited {self.procs[name].returncode}"
             parts.append(f"===== {name} ({state}), last lines of {self.dir / 'logs' / (name + '.log')}:\n{self.log_tail(name, 30)}")

@@ -143,6 +143,36 @@ def test_deleting_a_deployment_garbage_collects_its_replicaset_and_pods(cluster)
     cluster.wait_for(all_gone, "the ReplicaSet and pods of gc-demo to be garbage-collected", timeout=60)
 
 
+def test_statefulset_and_endpointslices(cluster):
+    ns = "e2e-sts"
+    cluster.create_namespace(ns, {"pod-security.kubernetes.io/enforce": "restricted"})
+    labels = {"app": "ranks"}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ranks", "namespace": ns},
+           "spec": {"clusterIP": "None", "selector": labels, "ports": [{"name": "nccl", "port": 29500}]}}
+    sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "ranks", "namespace": ns},
+           "spec": {"replicas": 2, "serviceName": "ranks", "podManagementPolicy": "Parallel",
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels}, "spec": restricted_pod_spec(gpus=2)}}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [svc, sts]}))
+    cluster.kubectl("rollout", "status", "statefulset/ranks", "-n", ns, "--timeout=60s")
+
+    pods = get(cluster, "pods", "-n", ns, "-l", "app=ranks")["items"]
+    assert sorted(p["metadata"]["name"] for p in pods) == ["ranks-0", "ranks-1"]
+    assert {p["spec"]["nodeName"] for p in pods} <= {"gpu-node-0", "gpu-node-1"}
+
+    def ready_endpoints():
+        slices = get(cluster, "endpointslices", "-n", ns, "-l", "kubernetes.io/service-name=ranks")["items"]
+        eps = [e for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")]
+        return eps if len(eps) == 2 else None
+
+    eps = cluster.wait_for(ready_endpoints, "2 ready endpoints in the EndpointSlice of service ranks", timeout=60)
+    assert {e["targetRef"]["name"] for e in eps} == {"ranks-0", "ranks-1"}
+    assert all(e["addresses"] for e in eps)  # kwok gives pods IPs
+
+    cluster.kubectl("delete", "statefulset", "ranks", "-n", ns, "--cascade=foreground", "--wait=true")
+    assert not get(cluster, "pods", "-n", ns, "-l", "app=ranks")["items"]
+
+
 def test_helm_version_and_install(cluster, tmp_path):
     out = cluster.helm("version", "--short").stdout
     assert out.startswith(cluster.versions["HELM_VERSION"]), out

@@ -221,8 +221,10 @@ def test_delete_garbage_collects_every_child(cluster, operator, ns):
     apply(cluster, ns, deployment("gone", replicas=2))
     wait_status(cluster, operator, ns, "gone", lambda s: s.get("phase") == "Ready", "Ready")
     cluster.kubectl("delete", "llmd", "gone", "-n", ns)
-    cluster.wait_for(lambda: not get(cluster, ns, "statefulsets,deployments,services,configmaps,pods")["items"],
-                     "children garbage-collected", timeout=60)
+    # The garbage collector learns of a new CRD's kind within its 30 s discovery resync.
+    cluster.wait_for(lambda: not get(cluster, ns, "statefulsets,deployments,services,configmaps,pods",
+                                     "-l", "app.kubernetes.io/instance=gone")["items"],
+                     "children garbage-collected", timeout=90)
 
 
 def test_more_gpus_than_any_node_is_explained(cluster, operator, ns):

@@ -109,17 +109,18 @@ def _record_ready_pods(owner: R.Owner, index: int, uids: str | None) -> None:
 
 def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
     for group in groups:
-        if group.ready and group.recorded_ready != group.pod_uids:
+        # Broken before ready: with a fast node a replaced rank may already be Ready again.
+        if group.broken:
+            restart_group(body, owner, group, "a rank failed or was replaced")
+            group.pods, group.recorded_ready = [], ""
+        elif group.serving and group.recorded_ready != group.pod_uids:
             _record_ready_pods(owner, group.index, group.pod_uids)
             group.recorded_ready = group.pod_uids
-        elif group.broken:
-            restart_group(body, owner, group, "a rank failed or was replaced")
-            group.pods = []
     # Roll a new spec through the groups one at a time, only while all the others serve.
     outdated = [g for g in groups if any(
         (p["metadata"].get("annotations") or {}).get(R.SPEC_HASH) != g.spec_hash
         and not p["metadata"].get("deletionTimestamp") for p in g.pods)]
-    if outdated and all(g.ready for g in groups if g is not outdated[0]):
+    if outdated and all(g.serving for g in groups if g is not outdated[0]):
         restart_group(body, owner, outdated[0], "the spec changed (rolling update)")
 
 

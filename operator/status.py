@@ -29,8 +29,14 @@ class GroupState:
             (p["metadata"].get("annotations") or {}).get(SPEC_HASH) == self.spec_hash for p in self.pods)
 
     @property
+    def serving(self) -> bool:
+        """Every rank is there and Ready, whichever spec it runs."""
+        return len(self.pods) == self.expected_pods and all(
+            pod_ready(p) and not p["metadata"].get("deletionTimestamp") for p in self.pods)
+
+    @property
     def ready(self) -> bool:
-        return self.updated and all(pod_ready(p) and not p["metadata"].get("deletionTimestamp") for p in self.pods)
+        return self.serving and self.updated
 
     @property
     def broken(self) -> bool:
@@ -86,13 +92,13 @@ def _condition(old: list[dict], type_: str, ok: bool, reason: str, message: str,
 def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_ready: bool, generation: int,
                    old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "") -> dict:
     """The whole `.status`, derived from observed children only."""
-    ready = sum(g.ready for g in groups)
+    ready = sum(g.serving for g in groups)   # like a Deployment's readyReplicas: any revision
     updated = sum(g.updated for g in groups)
-    degraded = [g.index for g in groups if g.recorded_ready and not g.ready]
+    degraded = [g.index for g in groups if g.recorded_ready and not g.serving]
     unschedulable = next((g.unschedulable for g in groups if g.unschedulable), "")
     if failure:
         phase, reason, message = "Failed", "InsufficientGPUs", failure
-    elif ready == spec.replicas and router_ready:
+    elif ready == updated == spec.replicas and router_ready:
         phase, reason, message = "Ready", "AllReplicasReady", f"{ready}/{spec.replicas} replicas ready"
     elif degraded:
         phase, reason, message = "Degraded", "GroupNotReady", f"replica groups {degraded} lost a rank and are restarting"
