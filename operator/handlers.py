@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
 from kubellm.operator.spec import GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import READY_PODS, GroupState, compute_status, group_states
+from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 log = logging.getLogger("kubellm.operator")
@@ -89,21 +89,23 @@ def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
     return sorted(removed)
 
 
-def restart_group(body, owner: R.Owner, group: GroupState, why: str) -> None:
+def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str) -> None:
     """Delete every pod of the group; its StatefulSet recreates them all together."""
     k = kube()
     for pod in group.pods:
         if not pod["metadata"].get("deletionTimestamp"):
             k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
-    _record_ready_pods(owner, group.index, None)
+    _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
+    group.restarting = cause
     kopf.event(body, type="Warning", reason="GroupRestarted", message=f"replica group {group.index}: {why}; restarting all its ranks")
 
 
-def _record_ready_pods(owner: R.Owner, index: int, uids: str | None) -> None:
+def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
+    """Record on the group's StatefulSet which pods made it whole, and whether it is restarting."""
     k = kube()
     k.resource("apps/v1", "StatefulSet").patch(
         name=R.group_name(owner, index), namespace=owner.namespace, content_type="application/merge-patch+json",
-        body={"metadata": {"annotations": {READY_PODS: uids}}})
+        body={"metadata": {"annotations": {READY_PODS: ready_pods or None, RESTARTING: restarting or None}}})
     k.writes += 1
 
 
@@ -111,17 +113,17 @@ def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
     for group in groups:
         # Broken before ready: with a fast node a replaced rank may already be Ready again.
         if group.broken:
-            restart_group(body, owner, group, "a rank failed or was replaced")
-            group.pods, group.recorded_ready = [], ""
-        elif group.serving and group.recorded_ready != group.pod_uids:
-            _record_ready_pods(owner, group.index, group.pod_uids)
-            group.recorded_ready = group.pod_uids
+            restart_group(body, owner, group, "a rank failed or was replaced", "failure")
+            group.pods = []
+        elif group.serving and (group.recorded_ready != group.pod_uids or group.restarting):
+            _mark_group(owner, group.index, ready_pods=group.pod_uids, restarting="")
+            group.recorded_ready, group.restarting = group.pod_uids, ""
     # Roll a new spec through the groups one at a time, only while all the others serve.
     outdated = [g for g in groups if any(
         (p["metadata"].get("annotations") or {}).get(R.SPEC_HASH) != g.spec_hash
         and not p["metadata"].get("deletionTimestamp") for p in g.pods)]
     if outdated and all(g.serving for g in groups if g is not outdated[0]):
-        restart_group(body, owner, outdated[0], "the spec changed (rolling update)")
+        restart_group(body, owner, outdated[0], "the spec changed (rolling update)", "rollout")
 
 
 def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:

@@ -9,6 +9,7 @@ from kubellm.operator.resources import GROUP_LABEL, SPEC_HASH
 from kubellm.operator.spec import LLMDeploymentSpec
 
 READY_PODS = "kubellm.io/ready-pods"   # StatefulSet annotation: pod uids of the group when it was last Ready
+RESTARTING = "kubellm.io/restarting"   # StatefulSet annotation: the operator is restarting the whole group
 
 
 @dataclass
@@ -18,6 +19,7 @@ class GroupState:
     expected_pods: int = 0
     spec_hash: str = ""
     recorded_ready: str = ""    # READY_PODS annotation of its StatefulSet
+    restarting: str = ""        # RESTARTING annotation of its StatefulSet: "", "failure" or "rollout"
 
     @property
     def pod_uids(self) -> str:
@@ -41,7 +43,7 @@ class GroupState:
     @property
     def broken(self) -> bool:
         """A rank of a group that was whole is gone, replaced or restarted: the group must restart."""
-        if not self.recorded_ready:
+        if not self.recorded_ready or self.restarting:
             return False
         recorded = set(self.recorded_ready.split(","))
         current = {p["metadata"]["uid"] for p in self.pods}
@@ -68,7 +70,9 @@ def group_states(spec: LLMDeploymentSpec, statefulsets: list[dict], pods: list[d
     for sts in statefulsets:
         index = int(sts["metadata"]["labels"][GROUP_LABEL])
         if index in groups:
-            groups[index].recorded_ready = (sts["metadata"].get("annotations") or {}).get(READY_PODS, "")
+            annotations = sts["metadata"].get("annotations") or {}
+            groups[index].recorded_ready = annotations.get(READY_PODS, "")
+            groups[index].restarting = annotations.get(RESTARTING, "")
     for pod in pods:
         index = int(pod["metadata"]["labels"].get(GROUP_LABEL, -1))
         if index in groups:
@@ -94,7 +98,9 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
     """The whole `.status`, derived from observed children only."""
     ready = sum(g.serving for g in groups)   # like a Deployment's readyReplicas: any revision
     updated = sum(g.updated for g in groups)
-    degraded = [g.index for g in groups if g.recorded_ready and not g.serving]
+    # A planned rollout restart is progress; a lost rank (restarting or not yet noticed) is degradation.
+    degraded = [g.index for g in groups if not g.serving and (
+        g.restarting == "failure" or (g.recorded_ready and not g.restarting))]
     unschedulable = next((g.unschedulable for g in groups if g.unschedulable), "")
     if failure:
         phase, reason, message = "Failed", "InsufficientGPUs", failure
