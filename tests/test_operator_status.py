@@ -1,0 +1,86 @@
+"""Status derivation from observed children (pure functions, no API server)."""
+
+from kubellm.operator import resources as R
+from kubellm.operator.spec import LLMDeploymentSpec
+from kubellm.operator.status import READY_PODS, RESTARTING, compute_status, group_states
+
+SPEC = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "tensorParallel": 2, "gpusPerPod": 1,
+                                         "replicas": 2})
+HASH = R.worker_spec_hash(SPEC)
+
+
+def pod(group, ordinal, ready=True, spec_hash=HASH, restarts=0, unschedulable=""):
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                           "message": unschedulable})
+    return {"metadata": {"name": f"x-g{group}-{ordinal}", "uid": f"u{group}{ordinal}{spec_hash[:2]}",
+                         "labels": {R.GROUP_LABEL: str(group)}, "annotations": {R.SPEC_HASH: spec_hash}},
+            "status": {"phase": "Running", "conditions": conditions,
+                       "containerStatuses": [{"restartCount": restarts}]}}
+
+
+def sts(group, **annotations):
+    return {"metadata": {"labels": {R.GROUP_LABEL: str(group)}, "annotations": annotations}}
+
+
+def status_of(pods, statefulsets=(), router_ready=True, failure="", old=None):
+    groups = group_states(SPEC, list(statefulsets), pods, HASH)
+    return compute_status(SPEC, groups, router_ready, 3, old or {}, "ep", "", "sel", failure), groups
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_all_groups_ready():
+    status, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    assert status["phase"] == "Ready" and status["readyReplicas"] == 2 and status["observedGeneration"] == 3
+    assert conditions(status)["Available"] == ("True", "ReplicasAvailable")
+    assert conditions(status)["Degraded"][0] == "False"
+
+
+def test_router_not_ready_keeps_it_progressing():
+    status, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)], router_ready=False)
+    assert status["phase"] == "Progressing"
+
+
+def test_missing_rank_of_a_recorded_group_is_degraded_and_broken():
+    pods = [pod(0, 0), pod(1, 0), pod(1, 1)]
+    status, groups = status_of(pods, [sts(0, **{READY_PODS: "u00" + HASH[:2] + ",u01" + HASH[:2]})])
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1
+    assert groups[0].broken and not groups[1].broken
+
+
+def test_restarted_container_breaks_the_group():
+    pods = [pod(0, 0, restarts=1), pod(0, 1)]
+    _, groups = status_of(pods, [sts(0, **{READY_PODS: ",".join(sorted(p["metadata"]["uid"] for p in pods))})])
+    assert groups[0].broken
+
+
+def test_rollout_restart_is_progress_not_degradation():
+    pods = [pod(1, 0), pod(1, 1)]
+    status, groups = status_of(pods, [sts(0, **{READY_PODS: "old", RESTARTING: "rollout"})])
+    assert status["phase"] == "Progressing" and not groups[0].broken
+    failed, _ = status_of(pods, [sts(0, **{READY_PODS: "old", RESTARTING: "failure"})])
+    assert failed["phase"] == "Degraded"
+
+
+def test_outdated_pods_serve_but_are_not_updated():
+    pods = [pod(g, o, spec_hash="0" * 16) for g in (0, 1) for o in (0, 1)]
+    status, _ = status_of(pods)
+    assert status["readyReplicas"] == 2 and status["updatedReplicas"] == 0 and status["phase"] == "Progressing"
+
+
+def test_unschedulable_and_insufficient_gpus():
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    status, _ = status_of([pod(0, 0, ready=False, unschedulable=message)])
+    assert status["phase"] == "Pending" and conditions(status)["Progressing"] == ("True", "Unschedulable")
+    failed, _ = status_of([], failure="needs 16")
+    assert failed["phase"] == "Failed" and conditions(failed)["Degraded"] == ("True", "InsufficientGPUs")
+
+
+def test_transition_time_kept_while_a_condition_holds():
+    first, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    again, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)], old=first)
+    assert again == first
