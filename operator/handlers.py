@@ -55,17 +55,23 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(body, spec, status, patch, reason, **_):
-    owner, desired = R.Owner.from_body(body), parse_spec(spec)
-    k = kube()
-    written = sum(k.apply(child) for child in R.children(owner, desired))
+    owner = R.Owner.from_body(body)
+    try:
+        desired = parse_spec(spec)
+    except kopf.PermanentError as err:  # what the CRD schema cannot express; say so in status
+        patch.status.update(phase="Failed", observedGeneration=body["metadata"].get("generation", 0))
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
+        raise
+    written = sum(kube().apply(child) for child in R.children(owner, desired))
     removed = remove_extra_groups(owner, desired)
     if reason == "create":
-        kopf.event(body, type="Normal", reason="Created", message=f"created {written} children for {desired.replicas} replica groups "
-                                                   f"of {desired.world_size} ranks")
+        kopf.event(body, type="Normal", reason="Created",
+                   message=f"created {written} children for {desired.replicas} replica groups "
+                           f"of {desired.world_size} ranks")
     previous = (status or {}).get("replicas")
     if previous is not None and previous != desired.replicas:
         kopf.event(body, type="Normal", reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
-                                                 + (f" (removed groups {removed})" if removed else ""))
+                   + (f" (removed groups {removed})" if removed else ""))
     refresh(body, patch, owner, desired)
 
 
@@ -97,7 +103,8 @@ def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str)
             k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
     _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
     group.restarting = cause
-    kopf.event(body, type="Warning", reason="GroupRestarted", message=f"replica group {group.index}: {why}; restarting all its ranks")
+    kopf.event(body, type="Warning", reason="GroupRestarted",
+               message=f"replica group {group.index}: {why}; restarting all its ranks")
 
 
 def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
@@ -150,9 +157,11 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
         if new["phase"] in ("Failed", "Pending"):
             message = next(c["message"] for c in new["conditions"] if c["type"] in ("Progressing", "Degraded")
                            and c["status"] == "True")
-            kopf.event(body, type="Warning", reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs", message=message)
+            kopf.event(body, type="Warning", message=message,
+                       reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs")
         elif new["phase"] == "Ready":
-            kopf.event(body, type="Normal", reason="Ready", message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
+            kopf.event(body, type="Normal", reason="Ready",
+                       message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
     patch.status.update(new)
 
 
