@@ -43,6 +43,8 @@ def cmd_models(args) -> int:
 
     if args.action == "pull":
         print(model_hub.pull(args.name, force=args.force))
+    elif args.action == "download":
+        print(model_hub.download_hf(args.name, args.dest))
     else:
         for name in model_hub.known_names():
             print(name)
@@ -97,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="the local model cache")
-    models.add_argument("action", choices=["pull", "list"])
+    models.add_argument("action", choices=["pull", "list", "download"],
+                        help="pull: convert a known model into the cache; download: fetch hf://org/name[@rev] "
+                             "into --dest (the worker pods' init container)")
     models.add_argument("name", nargs="?", default="smollm2-135m")
+    models.add_argument("--dest", help="download: target directory")
     models.add_argument("--force", action="store_true", help="convert again even if cached")
     models.set_defaults(func=cmd_models)
 

@@ -162,6 +162,30 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return pull(spec.name)
 
 
+def download_hf(source: str, dest: str | os.PathLike) -> Path:
+    """Fetch `hf://org/name[@revision]` (safetensors, config, tokenizer) into `dest`.
+
+    Honours HF_TOKEN and HF_ENDPOINT (a mirror). A complete `dest` is kept as is, so a restarted
+    pod whose cache volume survived does not download again.
+    """
+    if not source.startswith("hf://") or "/" not in source[5:]:
+        raise ValueError(f"model: {source!r} is not an hf://org/name[@revision] source")
+    if dest is None:
+        raise ValueError("--dest: give the directory to download into")
+    repo, _, revision = source[5:].partition("@")
+    dest = Path(dest)
+    if is_complete(dest):
+        return dest
+    from huggingface_hub import snapshot_download
+
+    _log(f"downloading {repo}{'@' + revision if revision else ''} into {dest}")
+    snapshot_download(repo, revision=revision or None, local_dir=dest,
+                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"])
+    if not is_complete(dest):
+        raise ValueError(f"model: {source!r} has no safetensors weights or tokenizer; kubellm reads safetensors only")
+    return dest
+
+
 def pull(name: str, force: bool = False) -> Path:
     """Make sure the named model is converted in the cache, and return its directory.
 

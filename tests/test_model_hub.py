@@ -129,3 +129,17 @@ def test_pull_default_model():
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     # Digits are split one by one, as in the original tokenizer (the GGUF converter drops this).
     assert tokenizer("a  12").input_ids == [81, 256, 33, 34]
+
+
+def test_download_rejects_sources_that_are_not_hf(tmp_path):
+    from kubellm.runtime.model_hub import download_hf
+
+    with pytest.raises(ValueError, match="hf://org/name"):
+        download_hf("pvc://claim/x", tmp_path)
+
+
+def test_download_keeps_a_complete_directory(tmp_path, tiny_llama):
+    from kubellm.runtime.model_hub import download_hf
+
+    # No network here: a complete destination must be returned without any download attempt.
+    assert download_hf("hf://org/tiny@main", tiny_llama) == tiny_llama
