@@ -150,17 +150,25 @@ def test_a_dead_rank_restarts_its_whole_group(cluster, operator, ns):
                                  for s in get(cluster, ns, "statefulsets")["items"]), "groups recorded", 30)
     group0 = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 0)}
     group1 = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 1)}
-    cluster.kubectl("delete", "pod", "-n", ns, "tp-g0-1", "--wait=false")
-    seen = set()
+    # Watch every status update: the Degraded phase may last only one operator tick.
+    watch = subprocess.Popen([cluster.bin("kubectl"), "get", "llmd", "tp", "-n", ns, "--watch",
+                              "-o", "jsonpath={.status.phase}{'\\n'}"], env={**os.environ, **cluster.env},
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        cluster.kubectl("delete", "pod", "-n", ns, "tp-g0-1", "--wait=false")
 
-    def recovered():
-        status = llmd_status(cluster, ns, "tp")
-        seen.add(status.get("phase"))
-        uids = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 0)}
-        return status.get("phase") == "Ready" and len(uids) == 2 and not uids & set(group0.values())
+        def recovered():
+            status = llmd_status(cluster, ns, "tp")
+            uids = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 0)}
+            return status.get("phase") == "Ready" and len(uids) == 2 and not uids & set(group0.values())
 
-    cluster.wait_for(recovered, "group 0 fully replaced and Ready", timeout=90, interval=0.3)
-    assert "Degraded" in seen
+        cluster.wait_for(recovered, "group 0 fully replaced and Ready", timeout=90, interval=0.3)
+        time.sleep(1)
+    finally:
+        watch.terminate()
+    phases = watch.communicate()[0].split()
+    assert "Degraded" in phases, phases
     # The untouched rank 0 was restarted too; group 1 was left alone.
     assert {p["metadata"]["uid"] for p in pods_of(cluster, ns, "tp", 1)} == group1
     assert "GroupRestarted" in {e["reason"] for e in get(cluster, ns, "events")["items"]}
@@ -263,7 +271,7 @@ def test_helm_chart_installs_an_operator_whose_rbac_suffices(cluster, operator, 
     try:
         apply(cluster, ns, deployment("rbac", replicas=1, restApi={"enabled": True, "ingress": {"host": "x.example"}}))
         wait_status(cluster, as_sa, ns, "rbac", lambda s: s.get("phase") == "Ready", "Ready")
-        assert "Forbidden" not in as_sa.tail(400) and "403" not in as_sa.tail(400)
+        assert "Forbidden" not in as_sa.tail(400) and '"code":403' not in as_sa.tail(400)
     finally:
         as_sa.stop()
         operator.start()

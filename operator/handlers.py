@@ -14,6 +14,7 @@ import logging
 import os
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubellm.operator import resources as R
@@ -110,9 +111,13 @@ def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str)
 def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
     """Record on the group's StatefulSet which pods made it whole, and whether it is restarting."""
     k = kube()
-    k.resource("apps/v1", "StatefulSet").patch(
-        name=R.group_name(owner, index), namespace=owner.namespace, content_type="application/merge-patch+json",
-        body={"metadata": {"annotations": {READY_PODS: ready_pods or None, RESTARTING: restarting or None}}})
+    try:
+        k.resource("apps/v1", "StatefulSet").patch(
+            name=R.group_name(owner, index), namespace=owner.namespace, content_type="application/merge-patch+json",
+            body={"metadata": {"annotations": {READY_PODS: ready_pods or None, RESTARTING: restarting or None}}})
+    except ApiException as err:
+        if err.status != 404:  # the group (or its namespace) is being deleted: nothing to record
+            raise
     k.writes += 1
 
 

@@ -68,6 +68,42 @@ def cmd_operator(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    """One engine behind the gRPC API (rank 0 of a replica); runs until terminated or signalled."""
+    import asyncio
+    import logging
+
+    from kubellm.runtime.config import EngineConfig, generation_config
+    from kubellm.runtime.server import serve_worker
+
+    options = {}
+    if args.config:
+        with open(args.config) as f:
+            options = json.load(f)
+        if not isinstance(options, dict):
+            raise ValueError(f"--config: {args.config} must hold a JSON object of EngineConfig fields")
+    for name in ("tensor_parallel", "pipeline_parallel", "dtype", "device", "max_batch_size", "session_len"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    engine_config = EngineConfig.build(**options)
+    if engine_config.tensor_parallel > 1 or engine_config.pipeline_parallel > 1:
+        raise NotImplementedError("tensor/pipeline parallel arrives with issue 5; "
+                                  "run with --tensor-parallel 1 --pipeline-parallel 1")
+    defaults = None
+    if args.generation_defaults:
+        with open(args.generation_defaults) as f:
+            defaults = generation_config(json.load(f)).model_dump(exclude_unset=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
+                                 allow_terminate=args.allow_terminate, generation_defaults=defaults,
+                                 metrics_port=args.metrics_port, show_progress=False))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubellm import __version__
 
@@ -127,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--namespace", default=None, help="watch one namespace (default: the whole cluster)")
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(func=cmd_operator)
+    worker = sub.add_parser("worker", help="serve one engine over gRPC (a replica's leader; what the pods run)")
+    worker.add_argument("--model", "-m", default="smollm2-135m",
+                        help="local Hugging Face directory or a known name (default: smollm2-135m)")
+    worker.add_argument("--config", help="JSON file of EngineConfig fields (the operator's ConfigMap)")
+    worker.add_argument("--tensor-parallel", type=int, default=None)
+    worker.add_argument("--pipeline-parallel", type=int, default=None)
+    worker.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    worker.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    worker.add_argument("--max-batch-size", type=int, default=None)
+    worker.add_argument("--session-len", type=int, default=None)
+    worker.add_argument("--host", default="0.0.0.0")
+    worker.add_argument("--port", type=int, default=50051)
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    worker.add_argument("--replica", default=None, help="name reported in every response (default: hostname:port)")
+    worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
+    worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

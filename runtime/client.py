@@ -1,0 +1,206 @@
+"""A light gRPC client of a kubellm worker or router: grpc and the generated protos only (no torch).
+
+    client = Client("localhost:50051")
+    for r in client.generate(["Hello", "DeepSpeed is"], max_new_tokens=32):
+        print(r.text, r.generated_length, r.finish_reason)
+    for delta in client.stream("Once upon a time", max_new_tokens=32):
+        print(delta.text, end="")
+    client.close()
+
+Errors of the server come back as `ClientError` with the gRPC status name and the server's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+
+from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+
+# Options that map one-to-one onto the proto's GenerationConfig.
+_SCALAR_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                   "ignore_eos", "random_seed", "skip_special_tokens", "logprobs", "max_length")
+_LIST_OPTIONS = ("stop_words", "bad_words")
+GEN_OPTIONS = frozenset(_SCALAR_OPTIONS + _LIST_OPTIONS + ("stop", "do_sample"))  # + MII aliases
+
+
+class ClientError(RuntimeError):
+    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the server's text."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Response:
+    """One prompt's result (or, from `stream`, one delta). MII's and LMDeploy's names both work."""
+
+    text: str
+    prompt_length: int
+    generated_length: int
+    finish_reason: str | None   # "stop", "length", "abort"; None on a stream's intermediate deltas
+    index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    replica: str = ""
+
+    @property
+    def input_token_len(self) -> int:
+        return self.prompt_length
+
+    @property
+    def generate_token_len(self) -> int:
+        return self.generated_length
+
+    @property
+    def generated_text(self) -> str:
+        return self.text
+
+    @property
+    def session_id(self) -> int:
+        return self.index
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class ModelInfo:
+    model: str
+    architecture: str
+    tensor_parallel: int
+    pipeline_parallel: int
+    max_batch_size: int
+    session_len: int
+    replica: str
+    version: str
+
+
+def _is_conversation(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _is_token_ids(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                    for t in value)
+
+
+def _prompt(value, i: int) -> llm_pb2.Prompt:
+    if isinstance(value, str):
+        return llm_pb2.Prompt(text=value)
+    if _is_conversation(value):
+        try:
+            return llm_pb2.Prompt(chat=llm_pb2.Conversation(messages=[
+                llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in value]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"prompts[{i}]: a chat message needs string 'role' and 'content' keys ({err})") from None
+    if _is_token_ids(value):
+        return llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=list(value)))
+    raise ValueError(f"prompts[{i}]: expected a string, chat messages [{{'role', 'content'}}, ...] or token ids, "
+                     f"got {type(value).__name__}")
+
+
+def build_prompts(prompts) -> list[llm_pb2.Prompt]:
+    """A string, a list of strings, one conversation, a list of conversations, or token ids -> protos."""
+    if isinstance(prompts, str) or _is_conversation(prompts) or _is_token_ids(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts: expected a string or a list, got {type(prompts).__name__}")
+    return [_prompt(p, i) for i, p in enumerate(prompts)]
+
+
+def build_config(options: dict) -> llm_pb2.GenerationConfig:
+    """Generation options by name -> the proto (unset options stay unset, taking the server's defaults)."""
+    unknown = sorted(set(options) - GEN_OPTIONS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown generation option; valid ones: {', '.join(sorted(GEN_OPTIONS))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if "stop" in options:
+        stop = options.pop("stop")
+        options.setdefault("stop_words", [stop] if isinstance(stop, str) else list(stop))
+    if "do_sample" in options:  # MII: do_sample=False is greedy; True samples at temperature 1 unless set
+        if not options.pop("do_sample"):
+            options["temperature"] = 0.0
+        elif not options.get("temperature"):
+            options["temperature"] = 1.0
+    config = llm_pb2.GenerationConfig()
+    for name, value in options.items():
+        try:
+            if name in _LIST_OPTIONS:
+                getattr(config, name).extend([value] if isinstance(value, str) else list(value))
+            else:
+                setattr(config, name, value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {value!r} has the wrong type ({err})") from None
+    return config
+
+
+class Client:
+    """A connection to a worker or router at `address` ("host:port")."""
+
+    def __init__(self, address: str, timeout: float | None = None, options: list | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=options or [])
+        self._stub = llm_pb2_grpc.LLMStub(self._channel)
+
+    def _request(self, prompts, options) -> llm_pb2.GenerateRequest:
+        return llm_pb2.GenerateRequest(prompts=build_prompts(prompts), config=build_config(options))
+
+    def generate(self, prompts, timeout: float | None = None, **gen_options) -> list[Response]:
+        request = self._request(prompts, gen_options)
+        try:
+            reply = self._stub.Generate(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
+                         list(r.token_ids), list(r.logprobs) if r.logprobs else None, reply.replica)
+                for r in reply.responses]
+
+    __call__ = generate
+
+    def stream(self, prompts, timeout: float | None = None, **gen_options) -> Iterator[Response]:
+        """Deltas for all prompts as they are generated (`index` says whose); stopping early cancels the call."""
+        request = self._request(prompts, gen_options)
+        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
+        try:
+            for d in call:
+                yield Response(d.text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
+                               list(d.token_ids), None, d.replica)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        finally:
+            call.cancel()   # a no-op if the stream ended; frees the server's requests if the caller stopped
+
+    def model_info(self, timeout: float | None = None) -> ModelInfo:
+        try:
+            r = self._stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return ModelInfo(r.model, r.architecture, r.tensor_parallel, r.pipeline_parallel, r.max_batch_size,
+                         r.session_len, r.replica, r.version)
+
+    def terminate_server(self, timeout: float | None = None) -> bool:
+        try:
+            return self._stub.Terminate(llm_pb2.TerminateRequest(), timeout=timeout or self.timeout).accepted
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _error(err: grpc.RpcError) -> ClientError:
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    return ClientError(code.name if code is not None else "UNKNOWN", details or "")

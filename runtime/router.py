@@ -1,0 +1,537 @@
+"""The router: one gRPC endpoint in front of a deployment's replica leaders (no torch).
+
+    router = Router("dns:///llm-leaders.ns.svc.cluster.local:50051", deployment_name="llm")
+    port = await router.start(port=50051, rest_port=28080)   # gRPC (+ REST gateway and /metrics)
+    await router.wait_for_termination()
+
+Leaders come from a static list (`"h1:50051,h2:50051"`) or a DNS name (`dns:///name:port`,
+re-resolved every `resolve_interval` seconds; every A record is a leader, ordered by address
+so the order is stable). Each leader is health-checked (grpc.health.v1) every
+`health_interval` seconds; only SERVING ones take requests. Requests go round-robin over the
+healthy leaders, one step per request. A unary call that fails with UNAVAILABLE (the replica
+went away) is retried on the next leader; so is a stream that fails before its first message.
+A stream cut after its first message ends with UNAVAILABLE naming the replica. Other errors
+(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
+are passed on; a cancelled client cancels the upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+
+log = logging.getLogger("kubellm.router")
+
+SERVICE_NAME = "kubellm.v1.LLM"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# Codes that mean "this replica did not handle the call": safe to send it to another one.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# Codes that mean "the replica went away" when they end a stream that already sent messages.
+_CUT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL}
+# Metadata keys that belong to the transport, not to the caller.
+_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding"}
+
+_CHANNEL_OPTIONS = [
+    # Come back quickly once a replica returns (the default backoff grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class UpstreamError(Exception):
+    """A request could not be answered: a gRPC status code and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+# --------------------------------------------------------------------------- leaders
+
+
+def parse_leaders(spec: str | list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`"dns:///name:port"` -> (that target, []); `"a:1,b:2"` or a list -> (None, [addresses])."""
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec.startswith("dns:"):
+            target = spec[len("dns:"):].lstrip("/")
+            if "/" in target:  # dns://authority/name:port: the authority (a DNS server) is not supported
+                target = target.rsplit("/", 1)[1]
+            host, port = _split_host_port(target)
+            if not host or not port:
+                raise ValueError(f"--leaders {spec!r}: expected dns:///NAME:PORT")
+            return f"{host}:{port}", []
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [s.strip() for s in spec if s and s.strip()]
+    if not items:
+        raise ValueError("--leaders: give at least one host:port, or dns:///NAME:PORT")
+    for item in items:
+        host, port = _split_host_port(item)
+        if not host or not port:
+            raise ValueError(f"--leaders: {item!r} is not host:port")
+    return None, items
+
+
+def _split_host_port(target: str) -> tuple[str, int | None]:
+    if target.startswith("["):  # [v6]:port
+        host, _, rest = target[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = target.rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError:
+        return host, None
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def resolve(target: str) -> list[str]:
+    """Every leader behind `host:port`: the A records (AAAA only if there is no A), sorted, deduplicated."""
+    host, port = _split_host_port(target)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET}, key=ipaddress.ip_address)
+    v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6}, key=ipaddress.ip_address)
+    return [_join_host_port(ip, port) for ip in (v4 or v6)]
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: llm_pb2_grpc.LLMStub
+    health_stub: health_pb2_grpc.HealthStub
+    healthy: bool = False
+    reason: str = "not checked yet"
+
+    @classmethod
+    def connect(cls, address: str) -> "Replica":
+        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return cls(address, channel, llm_pb2_grpc.LLMStub(channel), health_pb2_grpc.HealthStub(channel))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class RouterMetrics:
+    """Requests per replica and code, retries, healthy replicas and latency, as Prometheus text."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, str], int] = {}   # (replica, method, code) -> count
+        self.retries: dict[str, int] = {}                    # method -> count
+        self.latency: dict[str, list] = {}                   # method -> [bucket counts, sum, count]
+        self.replicas: dict[str, bool] = {}                  # address -> healthy
+
+    def request(self, replica: str, method: str, code: grpc.StatusCode) -> None:
+        with self._lock:
+            key = (replica, method, code.name)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def retry(self, method: str) -> None:
+        with self._lock:
+            self.retries[method] = self.retries.get(method, 0) + 1
+
+    def observe(self, method: str, seconds: float) -> None:
+        with self._lock:
+            entry = self.latency.setdefault(method, [[0] * len(LATENCY_BUCKETS), 0.0, 0])
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    entry[0][i] += 1
+            entry[1] += seconds
+            entry[2] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            out = ["# HELP kubellm_router_requests_total Requests forwarded, by replica, method and status code.",
+                   "# TYPE kubellm_router_requests_total counter"]
+            for (replica, method, code), n in sorted(self.requests.items()):
+                out.append(f'kubellm_router_requests_total{{replica="{_esc(replica)}",method="{method}",'
+                           f'code="{code}"}} {n}')
+            out += ["# HELP kubellm_router_retries_total Requests sent again to another replica.",
+                    "# TYPE kubellm_router_retries_total counter"]
+            for method, n in sorted(self.retries.items()):
+                out.append(f'kubellm_router_retries_total{{method="{method}"}} {n}')
+            out += ["# HELP kubellm_router_replicas Known replica leaders.",
+                    "# TYPE kubellm_router_replicas gauge",
+                    f"kubellm_router_replicas {len(self.replicas)}",
+                    "# HELP kubellm_router_healthy_replicas Replica leaders answering SERVING.",
+                    "# TYPE kubellm_router_healthy_replicas gauge",
+                    f"kubellm_router_healthy_replicas {sum(self.replicas.values())}",
+                    "# HELP kubellm_router_replica_healthy 1 if the replica is SERVING.",
+                    "# TYPE kubellm_router_replica_healthy gauge"]
+            for address, ok in sorted(self.replicas.items()):
+                out.append(f'kubellm_router_replica_healthy{{replica="{_esc(address)}"}} {int(ok)}')
+            out += ["# HELP kubellm_router_request_duration_seconds Time from request to last response byte.",
+                    "# TYPE kubellm_router_request_duration_seconds histogram"]
+            for method, (counts, total, count) in sorted(self.latency.items()):
+                for bound, n in zip(LATENCY_BUCKETS, counts):
+                    out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",'
+                               f'le="{_num(bound)}"}} {n}')
+                out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",le="+Inf"}} {count}')
+                out.append(f'kubellm_router_request_duration_seconds_sum{{method="{method}"}} {_num(total)}')
+                out.append(f'kubellm_router_request_duration_seconds_count{{method="{method}"}} {count}')
+            return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((m.key, m.value) for m in (metadata or ())
+                 if not m.key.startswith((":", "grpc-")) and m.key not in _HOP_BY_HOP)
+
+
+class Router:
+    """Round-robin over healthy replica leaders. `forward_*` are usable without gRPC (the gateway)."""
+
+    def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
+                 health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0):
+        self.deployment_name = deployment_name
+        self.allow_terminate = allow_terminate
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.resolve_interval = resolve_interval
+        self.dns_target, self._static = parse_leaders(leaders)
+        self.replicas: list[Replica] = []
+        self.metrics = RouterMetrics()
+        self._counter = 0
+        self._tasks: list[asyncio.Task] = []
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._http_runners: list = []
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._last_resolve = 0.0
+        self.model_info: llm_pb2.ModelInfoResponse | None = None
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self.metrics_port: int | None = None
+
+    # ---- leaders and health
+
+    async def _resolve(self) -> None:
+        if self.dns_target is None:
+            addresses = self._static
+        else:
+            try:
+                addresses = await asyncio.get_running_loop().run_in_executor(None, resolve, self.dns_target)
+            except OSError as err:
+                log.warning("resolving %s failed: %s (keeping %d leaders)", self.dns_target, err, len(self.replicas))
+                return
+        current = {r.address: r for r in self.replicas}
+        if list(current) == addresses:
+            return
+        replicas = [current.pop(a) if a in current else Replica.connect(a) for a in addresses]
+        self.replicas = replicas
+        for gone in current.values():
+            log.info("leader %s left", gone.address)
+            self.metrics.replicas.pop(gone.address, None)
+            await gone.channel.close(grace=None)
+        log.info("leaders of %s: %s", self.deployment_name, ", ".join(addresses) or "none")
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            reply = await replica.health_stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                                    timeout=self.health_timeout)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            reason = "" if ok else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as err:
+            ok, reason = False, f"{err.code().name}: {err.details()}"
+        except Exception as err:  # noqa: BLE001 - a broken replica must not stop the loop
+            ok, reason = False, repr(err)
+        if ok != replica.healthy:
+            log.info("replica %s is %s", replica.address, "healthy" if ok else f"unhealthy ({reason})")
+        replica.healthy, replica.reason = ok, reason
+        self.metrics.replicas[replica.address] = ok
+
+    async def refresh(self) -> None:
+        """Resolve the leaders (if due) and health-check every one of them now."""
+        now = time.monotonic()
+        if not self.replicas or now - self._last_resolve >= self.resolve_interval:
+            self._last_resolve = now
+            await self._resolve()
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.healthy_replicas()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001
+                log.exception("refreshing the leaders failed")
+
+    def healthy_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def _candidates(self) -> list[Replica]:
+        """The healthy replicas in round-robin order for one request (the first is this request's turn)."""
+        healthy = self.healthy_replicas()
+        if not healthy:
+            return []
+        start = self._counter % len(healthy)
+        self._counter += 1
+        return healthy[start:] + healthy[:start]
+
+    def _no_replica(self, last: tuple[Replica, grpc.aio.AioRpcError] | None) -> UpstreamError:
+        msg = f"no healthy replica of deployment {self.deployment_name}"
+        if last is not None:
+            msg += f" (last error from replica {last[0].address}: {last[1].details()})"
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE, msg)
+
+    async def _mark_down(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
+        if replica.healthy:
+            log.warning("replica %s failed (%s: %s); skipping it until it is healthy again",
+                        replica.address, err.code().name, err.details())
+        replica.healthy, replica.reason = False, f"{err.code().name}: {err.details()}"
+        self.metrics.replicas[replica.address] = False
+        await self._publish_health()
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return left
+
+    # ---- forwarding (used by the gRPC servicer and by the REST gateway)
+
+    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None):
+        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        last = None
+        for attempt, replica in enumerate(self._candidates()):
+            if attempt:
+                self.metrics.retry(method)
+            call = getattr(replica.stub, method)(request, metadata=metadata, timeout=self._remaining(deadline))
+            try:
+                response = await call
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except grpc.aio.AioRpcError as err:
+                self.metrics.request(replica.address, method, err.code())
+                if err.code() in _RETRYABLE:
+                    await self._mark_down(replica, err)
+                    last = (replica, err)
+                    continue
+                raise UpstreamError(err.code(), err.details() or err.code().name) from None
+            self.metrics.request(replica.address, method, grpc.StatusCode.OK)
+            self.metrics.observe(method, time.monotonic() - start)
+            if method == "ModelInfo":
+                self.model_info = response
+            return response
+        raise self._no_replica(last)
+
+    async def forward_stream(self, request, metadata=(), timeout: float | None = None):
+        """Async iterator over GenerateStream messages of the next healthy replica."""
+        method = "GenerateStream"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        last = None
+        for attempt, replica in enumerate(self._candidates()):
+            if attempt:
+                self.metrics.retry(method)
+            call = replica.stub.GenerateStream(request, metadata=metadata, timeout=self._remaining(deadline))
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                self.metrics.request(replica.address, method, err.code())
+                if not received and err.code() in _RETRYABLE:
+                    await self._mark_down(replica, err)
+                    last = (replica, err)
+                    continue
+                if received and err.code() in _CUT:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        await self._mark_down(replica, err)
+                    raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                        f"replica {replica.address} of deployment {self.deployment_name} "
+                                        f"failed mid-stream ({err.code().name}: {err.details()}); "
+                                        f"the response is incomplete") from None
+                raise UpstreamError(err.code(), err.details() or err.code().name) from None
+            finally:
+                if not call.done():
+                    call.cancel()  # the client went away (or stopped reading): stop the replica's work
+            self.metrics.request(replica.address, method, grpc.StatusCode.OK)
+            self.metrics.observe(method, time.monotonic() - start)
+            return
+        raise self._no_replica(last)
+
+    async def terminate(self) -> bool:
+        """Terminate every replica, then stop the router (only if allowed)."""
+        if not self.allow_terminate:
+            raise UpstreamError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"deployment {self.deployment_name} was not started with allow_terminate")
+
+        async def one(replica: Replica):
+            try:
+                await replica.stub.Terminate(llm_pb2.TerminateRequest(), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                log.warning("terminating replica %s: %s", replica.address, err.details())
+
+        await asyncio.gather(*(one(r) for r in list(self.replicas)))
+        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.stop(grace=1.0)))
+        return True
+
+    # ---- lifecycle
+
+    async def start(self, port: int = 50051, host: str = "0.0.0.0", *, rest_port: int | None = None,
+                    metrics_port: int | None = None) -> int:
+        """Resolve and check the leaders once, then serve gRPC on `port` (0 picks one); returns it."""
+        await self.refresh()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                          ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                                          ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        llm_pb2_grpc.add_LLMServicer_to_server(RouterServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.grpc_port = server.add_insecure_port(_join_host_port(host, port))
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {host}:{port}")
+        await server.start()
+        self._server = server
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        if rest_port is not None:
+            from kubellm.runtime.gateway import build_app
+
+            self.rest_port = await self._serve_http(build_app(self), host, rest_port)
+            self.metrics_port = self.rest_port
+        if metrics_port is not None:
+            from aiohttp import web
+
+            app = web.Application()
+            app.router.add_get("/metrics", self.metrics_handler)
+            self.metrics_port = await self._serve_http(app, host, metrics_port)
+        log.info("router of %s on :%d (%d/%d leaders healthy)", self.deployment_name, self.grpc_port,
+                 len(self.healthy_replicas()), len(self.replicas))
+        return self.grpc_port
+
+    async def metrics_handler(self, request):
+        from aiohttp import web
+
+        return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _serve_http(self, app, host: str, port: int) -> int:
+        from aiohttp import web
+
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._http_runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for runner in self._http_runners:
+            await runner.cleanup()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for replica in self.replicas:
+            await replica.channel.close(grace=None)
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+class RouterServicer(llm_pb2_grpc.LLMServicer):
+    """The LLM service, answered by forwarding to the replicas."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def _unary(self, method, request, context):
+        try:
+            return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
+                                                   context.time_remaining())
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+
+    async def Generate(self, request, context):
+        return await self._unary("Generate", request, context)
+
+    async def ModelInfo(self, request, context):
+        return await self._unary("ModelInfo", request, context)
+
+    async def GenerateStream(self, request, context):
+        stream = self.router.forward_stream(request, _forwardable(context.invocation_metadata()),
+                                            context.time_remaining())
+        try:
+            async for message in stream:
+                yield message
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+        finally:
+            await stream.aclose()
+
+    async def Terminate(self, request, context):
+        try:
+            return llm_pb2.TerminateResponse(accepted=await self.router.terminate())
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+
+
+async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment_name: str = "kubellm",
+                rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
+                health_interval: float = 2.0, resolve_interval: float = 5.0) -> None:
+    """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
+    import signal
+
+    router = Router(leaders, deployment_name, allow_terminate=allow_terminate,
+                    health_interval=health_interval, resolve_interval=resolve_interval)
+    await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.stop(grace=5.0)))
+        except (NotImplementedError, RuntimeError):
+            pass
+    await router.wait_for_termination()
