@@ -265,7 +265,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                         "securityContext": {**container_security_context(), "readOnlyRootFilesystem": True},
                         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
-                        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 15},
+                        # "" turns NOT_SERVING while no worker is healthy (readiness); liveness is the process.
+                        "livenessProbe": {"grpc": {"port": port, "service": "liveness"}, "periodSeconds": 15},
                     }],
                 },
             },

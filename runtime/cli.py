@@ -61,6 +61,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_router(args) -> int:
+    import asyncio
+    import logging
+
+    from kubellm.runtime.router import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args.leaders, port=args.port, host=args.host, deployment_name=args.deployment_name,
+                      rest_port=args.rest_port, metrics_port=args.metrics_port,
+                      allow_terminate=args.allow_terminate, health_interval=args.health_interval,
+                      resolve_interval=args.resolve_interval))
+    return 0
+
+
 def cmd_operator(args) -> int:
     from kubellm.operator.handlers import run
 
@@ -180,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
     worker.set_defaults(func=cmd_worker)
+    router = sub.add_parser("router", help="round-robin gRPC router over replica leaders, with optional REST "
+                                           "gateway (the router pod's entrypoint; no torch)")
+    router.add_argument("--leaders", required=True,
+                        help="host:port,host:port or dns:///NAME:PORT (re-resolved; every A record is a leader)")
+    router.add_argument("--port", type=int, default=50051, help="gRPC port")
+    router.add_argument("--host", default="0.0.0.0")
+    router.add_argument("--deployment-name", default="kubellm")
+    router.add_argument("--rest-port", type=int, default=None,
+                        help="serve /mii/NAME, OpenAI /v1/... and /metrics on this port")
+    router.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    router.add_argument("--allow-terminate", action="store_true", help="let Terminate stop the replicas and router")
+    router.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    router.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between DNS resolutions")
+    router.set_defaults(func=cmd_router)
     return parser
 
 
@@ -187,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration and request errors: a message, not a traceback
+    except (ValueError, NotImplementedError) as err:  # bad configuration or request: a message, not a traceback
         print(f"kubellm: error: {err}", file=sys.stderr)
         return 2
 

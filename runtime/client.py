@@ -135,7 +135,7 @@ def build_config(options: dict) -> llm_pb2.GenerationConfig:
             else:
                 setattr(config, name, value)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{name}: {value!r} has the wrong type ({err})") from None
+            raise ValueError(f"{name}: {value!r} is not a valid value ({err})") from None
     return config
 
 

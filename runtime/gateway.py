@@ -61,6 +61,10 @@ async def _json_body(request: web.Request) -> dict:
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, ValueError):
+        raise BadRequest("the request body has invalid text (a lone surrogate?)") from None
     return body
 
 
@@ -76,6 +80,8 @@ def _get(body: dict, key: str, types, *, lo=None, hi=None):
         raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
     if not isinstance(value, types):
         raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise BadRequest(f"'{key}' is out of range, got {value!r}", key)
     if lo is not None and value < lo:
         raise BadRequest(f"'{key}' must be >= {lo}, got {value!r}", key)
     if hi is not None and value > hi:
@@ -107,6 +113,8 @@ def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.Generation
     if max_new is None and openai:
         max_new = _get(body, "max_completion_tokens", int, lo=1)
     if max_new is not None:
+        if max_new >= 2**31:
+            raise BadRequest(f"'{max_new_key}' is out of range, got {max_new!r}", max_new_key)
         cfg.max_new_tokens = max_new
     elif openai and max_new_key == "max_tokens" and "messages" not in body:
         cfg.max_new_tokens = 16  # OpenAI's default for /v1/completions
@@ -125,7 +133,10 @@ def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.Generation
             continue
         value = _get(body, key, typ, lo=lo, hi=hi)
         if value is not None:
-            setattr(cfg, name, value)
+            try:
+                setattr(cfg, name, value)
+            except (ValueError, TypeError, OverflowError):
+                raise BadRequest(f"'{key}' is out of range, got {value!r}", key) from None
     if not openai and body.get("do_sample") is False and not cfg.HasField("temperature"):
         cfg.temperature = 0.0  # MII: greedy
     cfg.stop_words.extend(_stop_words(body, "stop"))
@@ -145,6 +156,15 @@ def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.Generation
 
 
 def _text_prompts(value, param: str) -> list[llm_pb2.Prompt]:
+    try:
+        return _text_prompts_unchecked(value, param)
+    except (ValueError, TypeError, OverflowError) as err:
+        if isinstance(err, BadRequest):
+            raise
+        raise BadRequest(f"'{param}': token ids must be 32-bit integers", param) from None
+
+
+def _text_prompts_unchecked(value, param: str) -> list[llm_pb2.Prompt]:
     if isinstance(value, str):
         return [llm_pb2.Prompt(text=value)]
     if isinstance(value, list) and value:
@@ -308,7 +328,7 @@ class Gateway:
                     await send({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                                 "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
             except UpstreamError as err:  # after the headers: an error event, then the end
-                status, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
+                _, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
                 await send({"error": {"message": err.details, "type": kind, "param": None,
                                       "code": err.code.name.lower()}})
             await response.write(b"data: [DONE]\n\n")

@@ -13,6 +13,11 @@ went away) is retried on the next leader; so is a stream that fails before its f
 A stream cut after its first message ends with UNAVAILABLE naming the replica. Other errors
 (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
 are passed on; a cancelled client cancels the upstream call.
+
+The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
+replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
+`/metrics` (Prometheus text) is on the REST port when the gateway is enabled, else on
+`metrics_port`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import math
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +39,9 @@ from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
 log = logging.getLogger("kubellm.router")
 
 SERVICE_NAME = "kubellm.v1.LLM"
+# Always SERVING while the process runs: for a liveness probe, which must not restart the router
+# just because no replica is ready yet ("" and SERVICE_NAME follow the replicas: readiness).
+LIVENESS_SERVICE = "liveness"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -422,6 +430,7 @@ class Router:
     async def start(self, port: int = 50051, host: str = "0.0.0.0", *, rest_port: int | None = None,
                     metrics_port: int | None = None) -> int:
         """Resolve and check the leaders once, then serve gRPC on `port` (0 picks one); returns it."""
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.refresh()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                           ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -470,6 +479,7 @@ class Router:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
+        await self._health.enter_graceful_shutdown()
         for runner in self._http_runners:
             await runner.cleanup()
         if self._server is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import signal
 import socket
 import threading
 import time
@@ -89,6 +90,21 @@ class _Sink:
             pass
 
 
+def _deliver(batch: list[tuple[_Sink, object]]) -> None:
+    """Hand a step's events to their event loops: one call_soon_threadsafe per loop."""
+    by_loop: dict = {}
+    for sink, event in batch:
+        by_loop.setdefault(sink.loop, []).append((sink.queue, event))
+    for loop, items in by_loop.items():
+        def put_all(items=items):
+            for queue, event in items:
+                queue.put_nowait(event)
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
 @dataclass
 class _Live:
     """Engine-thread bookkeeping of one request."""
@@ -127,7 +143,8 @@ class EngineLoop(threading.Thread):
 
     def _unavailable_message(self) -> str:
         if self.error is not None:
-            return f"the engine of this worker stopped ({type(self.error).__name__}: {self.error}); retry on another replica"
+            return (f"the engine of this worker stopped ({type(self.error).__name__}: {self.error}); "
+                    "retry on another replica")
         return "this worker is shutting down; retry on another replica"
 
     def add(self, prompts: list, gens: list, sink: _Sink) -> concurrent.futures.Future:
@@ -244,6 +261,7 @@ class EngineLoop(threading.Thread):
             self._live.clear()
             return
         now = time.monotonic()
+        batch: list[tuple[_Sink, object]] = []   # one wake-up of the event loop per step, not per token
         for out in outputs:
             seq = out.seq
             live = self._live.get(seq.request_id)
@@ -257,13 +275,14 @@ class EngineLoop(threading.Thread):
                 del self._live[seq.request_id]
                 if seq.num_generated > 1 and live.first_token is not None:
                     self.metrics.observe_tpot((now - live.first_token) / (seq.num_generated - 1))
-                live.sink.put(_Token(live.index, out.delta_text, list(out.new_token_ids), seq.num_prompt_tokens,
-                                     seq.num_generated, seq.finish_reason or "stop", seq.text,
-                                     list(seq.generated_ids),
-                                     [float(x) for x in seq.logprobs] if seq.gen.logprobs is not None else []))
+                batch.append((live.sink, _Token(
+                    live.index, out.delta_text, list(out.new_token_ids), seq.num_prompt_tokens, seq.num_generated,
+                    seq.finish_reason or "stop", seq.text, list(seq.generated_ids),
+                    [float(x) for x in seq.logprobs] if seq.gen.logprobs is not None else [])))
             elif live.sink.stream:
-                live.sink.put(_Token(live.index, out.delta_text, list(out.new_token_ids), seq.num_prompt_tokens,
-                                     seq.num_generated))
+                batch.append((live.sink, _Token(live.index, out.delta_text, list(out.new_token_ids),
+                                                seq.num_prompt_tokens, seq.num_generated)))
+        _deliver(batch)
 
 
 # -- the gRPC service ------------------------------------------------------------------------------
@@ -445,6 +464,7 @@ class _Worker:
         self.load_gate = load_gate   # tests: the model starts loading only once this is set
         self.metrics = WorkerMetrics()
         self.engine_loop: EngineLoop | None = None
+        self.stopping = False
         self.load_error: BaseException | None = None
         self.server: grpc.aio.Server | None = None
         self.health: health_aio.HealthServicer | None = None
@@ -485,7 +505,9 @@ class _Worker:
         loop = asyncio.get_running_loop()
         try:
             if self.load_gate is not None:
-                await loop.run_in_executor(None, self.load_gate.wait)
+                while not await loop.run_in_executor(None, self.load_gate.wait, 0.1):
+                    if self.stopping:
+                        return
             engine = await loop.run_in_executor(
                 None, lambda: LLMEngine(self.model, self.engine_config, self.show_progress))
         except Exception as exc:  # noqa: BLE001 - reported through health and every request
@@ -506,6 +528,7 @@ class _Worker:
         self.ready.set()
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.stopping = True
         if self.health is not None:
             await self._set_health(False)
         if self.server is not None:
@@ -525,6 +548,12 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
     worker = _Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                      metrics_port, show_progress)
     await worker.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
+        try:
+            loop.add_signal_handler(sig, worker.terminated.set)
+        except (NotImplementedError, RuntimeError, ValueError):   # not the main thread, or Windows
+            pass
     try:
         await worker.ready.wait()
         if worker.load_error is not None:

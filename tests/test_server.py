@@ -76,6 +76,9 @@ def reference(tiny_llama):
 def test_health_not_serving_while_loading_then_serving(tiny_llama):
     gate = threading.Event()
     server = WorkerServer(tiny_llama, ENGINE, load_gate=gate).start()
+    never = WorkerServer(tiny_llama, ENGINE, load_gate=threading.Event()).start()
+    never.stop()   # stopping before the model loads does not hang
+    assert never.stopped
     try:
         assert _health(server.address) == "NOT_SERVING"
         assert _health(server.address, "kubellm.v1.LLM") == "NOT_SERVING"
@@ -103,6 +106,14 @@ def test_generate_matches_pipeline(client, reference):
         assert got.finish_reason == want.finish_reason
         assert got.replica == "test-replica"
         assert got.input_token_len == got.prompt_length and got.generate_token_len == got.generated_length
+
+
+def test_logprobs_and_token_id_prompts(client, tiny_llama):
+    [r] = client.generate([[5, 17, 42, 99]], max_new_tokens=4, ignore_eos=True, logprobs=0)
+    assert r.prompt_length == 4 and len(r.token_ids) == 4
+    assert len(r.logprobs) == 4 and all(lp <= 0 for lp in r.logprobs)
+    [plain] = client.generate([[5, 17, 42, 99]], max_new_tokens=4, ignore_eos=True)
+    assert plain.logprobs is None and plain.token_ids == r.token_ids
 
 
 def test_chat_prompt_matches_pipeline(client, reference):
@@ -304,7 +315,8 @@ def test_cli_worker_process(tiny_llama, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "worker", "--model", str(tiny_llama),
                              "--config", str(config), "--port", str(port), "--host", "127.0.0.1",
                              "--allow-terminate", "--generation-defaults", str(defaults)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -330,8 +342,8 @@ def test_cli_worker_process(tiny_llama, tmp_path):
             proc.wait()
 
 
-def test_cli_worker_refuses_parallel(tiny_llama):
+def test_cli_worker_refuses_parallel(tiny_llama, capsys):
     from kubellm.runtime.cli import main
 
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        main(["worker", "--model", str(tiny_llama), "--tensor-parallel", "2"])
+    assert main(["worker", "--model", str(tiny_llama), "--tensor-parallel", "2"]) == 2
+    assert "issue 5" in capsys.readouterr().err
