@@ -12,6 +12,9 @@ _LAZY = {
     "Response": "kubellm.runtime.api",
     "GenerationConfig": "kubellm.runtime.config",
     "EngineConfig": "kubellm.runtime.config",
+    "serve": "kubellm.runtime.deployments",
+    "client": "kubellm.runtime.deployments",
+    "terminate_server": "kubellm.runtime.deployments",
 }
 
 __all__ = ["__version__", *_LAZY]

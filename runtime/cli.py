@@ -52,6 +52,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.kind == "serve":
+        from kubellm.runtime.bench_serve import sweep
+
+        print(sweep(args.target, args.direct, [int(c) for c in args.concurrency.split(",")],
+                    args.requests_per_stream, args.max_new))
+        return 0
     from kubellm.runtime import bench
 
     result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
@@ -118,6 +124,111 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def _deployment_from_yaml(path: str) -> tuple[str, str, dict]:
+    """An LLMDeployment manifest (the Kubernetes one) -> (name, model, serve() keyword options)."""
+    import yaml
+
+    from kubellm.operator.spec import LLMDeploymentSpec
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise ValueError(f"{path}: expected an LLMDeployment manifest with a 'spec' mapping")
+    if doc.get("kind", "LLMDeployment") != "LLMDeployment":
+        raise ValueError(f"{path}: kind is {doc.get('kind')!r}, expected LLMDeployment")
+    try:
+        spec = LLMDeploymentSpec.model_validate(doc["spec"])
+    except Exception as err:  # pydantic's ValidationError: name the fields
+        raise ValueError(f"{path}: invalid spec: {err}") from None
+    name = (doc.get("metadata") or {}).get("name")
+    if spec.model.kind in ("hf", "pvc"):
+        raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
+                         "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
+    if spec.pipelineParallel > 1:
+        raise NotImplementedError("pipeline parallel local deployments arrive with issue 5")
+    e, g = spec.engine, spec.generation
+    options = {"dtype": e.dtype, "max_batch_size": e.maxBatchSize, "max_num_batched_tokens": e.maxNumBatchedTokens,
+               "kv_cache_fraction": e.kvCacheFraction, "block_size": e.blockSize,
+               "enable_prefix_caching": e.enablePrefixCaching,
+               "max_new_tokens": g.maxNewTokens, "temperature": g.temperature, "top_p": g.topP, "top_k": g.topK,
+               "repetition_penalty": g.repetitionPenalty,
+               "replica_num": max(spec.replicas, 1), "tensor_parallel": spec.tensorParallel,
+               "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port}
+    if e.sessionLen:
+        options["session_len"] = e.sessionLen
+    return name, spec.model.source, options
+
+
+def cmd_serve(args) -> int:
+    """Start a persistent local deployment (workers + router in the background) and return."""
+    from kubellm.runtime import deployments
+
+    name, model, options = None, args.model, {}
+    if args.file:
+        name, model, options = _deployment_from_yaml(args.file)
+        if args.model:
+            raise ValueError("give either MODEL or -f FILE, not both")
+    elif not model:
+        raise ValueError("serve: give a MODEL (a local directory or known name) or -f deployment.yaml")
+    for key in ("dtype", "device", "max_batch_size", "session_len", "max_num_batched_tokens", "num_kv_blocks",
+                "block_size", "kv_cache_fraction", "max_new_tokens"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.replicas is not None:
+        options["replica_num"] = args.replicas
+    if args.tensor_parallel is not None:
+        options["tensor_parallel"] = args.tensor_parallel
+    if args.rest or args.rest_port is not None:
+        options["enable_restful_api"] = True
+    if args.rest_port is not None:
+        options["restful_api_port"] = args.rest_port
+    try:
+        c = deployments.serve(model, deployment_name=args.name or name, host=args.host,
+                              startup_timeout=args.startup_timeout, **options)
+    except deployments.DeploymentError as err:
+        raise ValueError(str(err)) from None
+    print(f"deployment: {c.deployment_name}")
+    print(f"address:    {c.address}")
+    if c.rest_url:
+        print(f"rest:       {c.rest_url}")
+    print(f"stop with:  kubellm stop {c.deployment_name}")
+    c.close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from kubellm.runtime import deployments
+
+    entries = deployments.list_deployments()
+    if args.json:
+        print(json.dumps(entries))
+        return 0
+    if not entries:
+        print("no local deployments")
+        return 0
+    rows = [("NAME", "MODEL", "REPLICAS", "ADDRESS", "REST", "STATE")]
+    for e in entries:
+        rows.append((e["name"], str(e.get("model", "")), str(e.get("replicas", "")), str(e.get("address", "")),
+                     str(e.get("rest_url") or "-"), "alive" if e["alive"] else e["state"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from kubellm.runtime import deployments
+
+    try:
+        for name in args.names:
+            deployments.stop(name)
+            print(f"stopped {name}")
+    except deployments.DeploymentError as err:
+        raise ValueError(str(err)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubellm import __version__
 
@@ -158,7 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
-    bench.add_argument("kind", choices=["offline"])
+    bench.add_argument("kind", choices=["offline", "serve"],
+                       help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct)")
+    bench.add_argument("--target", default="127.0.0.1:50051", help="serve: gRPC address of a router or worker")
+    bench.add_argument("--direct", default=None, help="serve: a worker address to compare with (router overhead)")
+    bench.add_argument("--concurrency", default="1,16,64", help="serve: comma-separated stream counts")
+    bench.add_argument("--requests-per-stream", type=int, default=4)
     bench.add_argument("--model", "-m", default="smollm2-135m")
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--batch-size", type=int, default=16, help="concurrency cap for both engines")
@@ -208,6 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     router.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between DNS resolutions")
     router.set_defaults(func=cmd_router)
+    serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
+    serve.add_argument("model", nargs="?", help="local Hugging Face directory or a known name")
+    serve.add_argument("-f", "--file", help="an LLMDeployment YAML (the Kubernetes manifest) to run locally")
+    serve.add_argument("--name", help="deployment name (default: metadata.name or the model's basename)")
+    serve.add_argument("--replicas", type=int, default=None, help="worker processes (default 1)")
+    serve.add_argument("--tensor-parallel", type=int, default=None)
+    serve.add_argument("--rest", action="store_true", help="serve the REST API (/mii/NAME, /v1/...)")
+    serve.add_argument("--rest-port", type=int, default=None, help="REST port (default 28080; implies --rest)")
+    serve.add_argument("--host", default="127.0.0.1", help="router listen address (workers stay on loopback)")
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--max-batch-size", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--session-len", type=int, default=None)
+    serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--block-size", type=int, default=None)
+    serve.add_argument("--kv-cache-fraction", type=float, default=None)
+    serve.add_argument("--max-new-tokens", type=int, default=None, help="default for requests that do not set it")
+    serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
+    serve.set_defaults(func=cmd_serve)
+    status = sub.add_parser("status", help="list local deployments and whether their processes run")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    stop = sub.add_parser("stop", help="stop local deployments and forget them")
+    stop.add_argument("names", nargs="+")
+    stop.set_defaults(func=cmd_stop)
     return parser
 
 

@@ -23,3 +23,19 @@ def test_workloads_are_seeded_and_bounded(tiny_llama):
         assert all(2 <= m <= 30 for m in a.max_new_tokens)
         assert all(1 <= len(p) <= 40 for p in a.prompts)
         assert len(set(a.max_new_tokens)) > 3  # mixed lengths
+
+
+def test_serve_bench_runs_against_a_real_worker(tiny_llama):
+    from kubellm.runtime.bench_serve import run_load, sweep
+    from kubellm.runtime.server import WorkerServer
+
+    worker = WorkerServer(tiny_llama, {"num_kv_blocks": 256, "block_size": 4}).start()
+    try:
+        worker.wait_ready()
+        result = run_load(worker.address, concurrency=3, requests_per_stream=2, max_new_tokens=5)
+        assert result["requests"] == 6 and result["errors"] == 0 and result["tok_s"] > 0
+        assert result["ttft_p50_ms"] > 0 and result["tpot_p50_ms"] > 0
+        text = sweep(worker.address, worker.address, [2], 1, 4)
+        assert "deploy / direct" in text and "added" in text
+    finally:
+        worker.stop()
