@@ -327,6 +327,27 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
 
+    registry_dir().mkdir(parents=True, exist_ok=True)
+    lock = open(registry_dir() / f".{name}.lock", "w")   # one serve() of a name at a time (freed on exit)
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DeploymentError(f"deployment {name} is being started by another process; wait for it, "
+                              f"or stop it with kubellm stop {name}") from None
+    except ImportError:   # no fcntl (Windows): no lock
+        pass
+    try:
+        return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
+                             host, startup_timeout, engine, gen)
+    finally:
+        lock.close()
+
+
+def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
+                  startup_timeout, engine, gen) -> DeploymentClient:
     existing = _read_entry(name)
     if existing is not None:
         live = _with_liveness(existing)
