@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "pipeline": "kubellm.runtime.api",
     "Pipeline": "kubellm.runtime.api",
-    "Response": "kubellm.runtime.api",
+    "Response": "kubellm.runtime.response",
     "GenerationConfig": "kubellm.runtime.config",
     "EngineConfig": "kubellm.runtime.config",
     "serve": "kubellm.runtime.deployments",

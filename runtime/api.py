@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Iterator
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig, generation_config
 from kubellm.runtime.errors import RequestError
-
-
-@dataclass
-class Response:
-    """One prompt's result. LMDeploy's and DeepSpeed-MII's field names both work."""
-
-    text: str
-    input_token_len: int
-    generate_token_len: int
-    finish_reason: str | None   # "stop", "length", "abort"; None while streaming
-    index: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-
-    @property
-    def session_id(self) -> int:
-        return self.index
-
-    @property
-    def prompt_length(self) -> int:
-        return self.input_token_len
-
-    @property
-    def generated_length(self) -> int:
-        return self.generate_token_len
-
-    @property
-    def generated_text(self) -> str:
-        return self.text
-
-    def __str__(self) -> str:
-        return self.text
+from kubellm.runtime.response import Response
 
 
 def _normalise_prompts(prompts) -> list:

@@ -12,12 +12,13 @@ Errors of the server come back as `ClientError` with the gRPC status name and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+from kubellm.runtime.response import Response
 
 # Options that map one-to-one onto the proto's GenerationConfig.
 _SCALAR_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
@@ -35,37 +36,6 @@ class ClientError(RuntimeError):
         self.message = message
 
 
-@dataclass
-class Response:
-    """One prompt's result (or, from `stream`, one delta). MII's and LMDeploy's names both work."""
-
-    text: str
-    prompt_length: int
-    generated_length: int
-    finish_reason: str | None   # "stop", "length", "abort"; None on a stream's intermediate deltas
-    index: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None
-    replica: str = ""
-
-    @property
-    def input_token_len(self) -> int:
-        return self.prompt_length
-
-    @property
-    def generate_token_len(self) -> int:
-        return self.generated_length
-
-    @property
-    def generated_text(self) -> str:
-        return self.text
-
-    @property
-    def session_id(self) -> int:
-        return self.index
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass
@@ -158,7 +128,7 @@ class Client:
         except grpc.RpcError as err:
             raise _error(err) from None
         return [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
-                         list(r.token_ids), list(r.logprobs) if r.logprobs else None, reply.replica)
+                         list(r.token_ids), list(r.logprobs) if r.logprobs else None, replica=reply.replica)
                 for r in reply.responses]
 
     __call__ = generate
@@ -170,7 +140,7 @@ class Client:
         try:
             for d in call:
                 yield Response(d.text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
-                               list(d.token_ids), None, d.replica)
+                               list(d.token_ids), replica=d.replica)
         except grpc.RpcError as err:
             raise _error(err) from None
         finally:
