@@ -38,13 +38,30 @@ class LLMEngine:
             raise ValueError(f"session_len: {self.session_len} exceeds the model's max_position_embeddings "
                              f"({max_positions}); lower it")
         self.tokenizer = Tokenizer(self.model_path)
-        self.runner = ModelRunner(self.model_path, self.hf_config, self.config, self.session_len, show_progress)
+        self.tp_group = None
+        if self.config.tensor_parallel > 1:
+            self.tp_group = self._launch_tensor_parallel()
+        try:
+            self.runner = ModelRunner(self.model_path, self.hf_config, self.config, self.session_len, show_progress)
+            if self.tp_group is not None:
+                self.tp_group.attach(self.runner)
+        except BaseException:
+            if self.tp_group is not None:
+                self.tp_group.shutdown()
+            raise
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens)
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+
+    def _launch_tensor_parallel(self):
+        """Ranks 1..N-1 as local processes; this process becomes rank 0 (see runtime/distributed.py)."""
+        from kubellm.runtime.distributed import TensorParallelGroup, check_tensor_parallel
+
+        check_tensor_parallel(self.hf_config, self.config.tensor_parallel)
+        return TensorParallelGroup.launch(self.model_path, self.config, self.session_len)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt, gen: GenerationConfig, request_id: str | None = None,
@@ -109,7 +126,12 @@ class LLMEngine:
         sampling_seqs = [item.seq for item in scheduled if item.samples]
         sampling = (SamplingBatch.from_sequences(sampling_seqs, self.tokenizer.eos_token_ids, self.runner.device)
                     if sampling_seqs else None)
-        result = self.runner.run(scheduled, sampling)
+        try:
+            result = self.runner.run(scheduled, sampling)
+        except RuntimeError as exc:
+            if getattr(self, "tp_group", None) is not None:
+                self.tp_group.explain(exc)  # names the rank that died
+            raise
         self.scheduler.advance(scheduled)
         outputs = []
         for row, seq in enumerate(sampling_seqs):
@@ -177,6 +199,8 @@ class LLMEngine:
 
         for seq in list(self._requests.values()):
             self.abort(seq.request_id)
+        if getattr(self, "tp_group", None) is not None:
+            self.tp_group.shutdown()
         del self.runner
         gc.collect()
         if torch.cuda.is_available():

@@ -50,6 +50,7 @@ class ModelRunner:
         load_weights(self.model, path, show_progress)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.step_hook = None  # tensor parallel: rank 0 sends each step to the other ranks first
         self.num_blocks = self._allocate_kv_cache(hf_config, session_len)
 
     def _allocate_kv_cache(self, hf_config, session_len: int) -> int:
@@ -70,6 +71,10 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_fraction: leaves no room for a single KV block ({per_block} bytes); "
                              "raise kv_cache_fraction or cpu_memory_gb")
+        return self._make_kv_cache(num_blocks)
+
+    def _make_kv_cache(self, num_blocks: int) -> int:
+        layer = self.attention_layers[0]
         shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         for attn in self.attention_layers:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -107,6 +112,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], sampling: SamplingBatch | None) -> SampleOutput | None:
+        if self.step_hook is not None:
+            self.step_hook(scheduled, sampling is not None)
         input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
         set_context(metadata)
         try:

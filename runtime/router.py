@@ -124,6 +124,9 @@ def resolve(target: str) -> list[str]:
     return [_join_host_port(ip, port) for ip in (v4 or v6)]
 
 
+SLOW_CHECKS_TO_FAIL = 3
+
+
 @dataclass(eq=False)
 class Replica:
     address: str
@@ -132,6 +135,7 @@ class Replica:
     health_stub: health_pb2_grpc.HealthStub
     healthy: bool = False
     reason: str = "not checked yet"
+    slow_checks: int = 0   # consecutive health checks that timed out
 
     @classmethod
     def connect(cls, address: str) -> "Replica":
@@ -277,8 +281,15 @@ class Router:
             reason = "" if ok else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.aio.AioRpcError as err:
             ok, reason = False, f"{err.code().name}: {err.details()}"
+            # A busy replica may answer a check late; only a run of timeouts makes it unhealthy
+            # (a refused connection or NOT_SERVING does at once).
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and replica.healthy:
+                replica.slow_checks += 1
+                if replica.slow_checks < SLOW_CHECKS_TO_FAIL:
+                    return
         except Exception as err:  # noqa: BLE001 - a broken replica must not stop the loop
             ok, reason = False, repr(err)
+        replica.slow_checks = 0
         if ok != replica.healthy:
             log.info("replica %s is %s", replica.address, "healthy" if ok else f"unhealthy ({reason})")
         replica.healthy, replica.reason = ok, reason
