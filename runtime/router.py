@@ -355,29 +355,40 @@ class Router:
 
     # ---- forwarding (used by the gRPC servicer and by the REST gateway)
 
-    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None):
-        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica."""
+    def _attempts(self, method: str, timeout: float | None):
+        """(replica, per-call timeout) in round-robin order; every attempt after the first is a retry."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        start = time.monotonic()
-        last = None
         for attempt, replica in enumerate(self._candidates()):
             if attempt:
                 self.metrics.retry(method)
-            call = getattr(replica.stub, method)(request, metadata=metadata, timeout=self._remaining(deadline))
+            yield replica, self._remaining(deadline)
+
+    async def _retry_or_raise(self, replica: Replica, method: str, err: grpc.aio.AioRpcError, retryable: bool):
+        """Record a failed call; return (replica, err) when the next replica should be tried, else raise."""
+        self.metrics.request(replica.address, method, err.code())
+        if retryable and err.code() in _RETRYABLE:
+            await self._mark_down(replica, err)
+            return replica, err
+        raise UpstreamError(err.code(), err.details() or err.code().name) from None
+
+    def _succeeded(self, replica: Replica, method: str, start: float) -> None:
+        self.metrics.request(replica.address, method, grpc.StatusCode.OK)
+        self.metrics.observe(method, time.monotonic() - start)
+
+    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None):
+        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica."""
+        start, last = time.monotonic(), None
+        for replica, remaining in self._attempts(method, timeout):
+            call = getattr(replica.stub, method)(request, metadata=metadata, timeout=remaining)
             try:
                 response = await call
             except asyncio.CancelledError:
                 call.cancel()
                 raise
             except grpc.aio.AioRpcError as err:
-                self.metrics.request(replica.address, method, err.code())
-                if err.code() in _RETRYABLE:
-                    await self._mark_down(replica, err)
-                    last = (replica, err)
-                    continue
-                raise UpstreamError(err.code(), err.details() or err.code().name) from None
-            self.metrics.request(replica.address, method, grpc.StatusCode.OK)
-            self.metrics.observe(method, time.monotonic() - start)
+                last = await self._retry_or_raise(replica, method, err, retryable=True)
+                continue
+            self._succeeded(replica, method, start)
             if method == "ModelInfo":
                 self.model_info = response
             return response
@@ -386,37 +397,30 @@ class Router:
     async def forward_stream(self, request, metadata=(), timeout: float | None = None):
         """Async iterator over GenerateStream messages of the next healthy replica."""
         method = "GenerateStream"
-        deadline = None if timeout is None else time.monotonic() + timeout
-        start = time.monotonic()
-        last = None
-        for attempt, replica in enumerate(self._candidates()):
-            if attempt:
-                self.metrics.retry(method)
-            call = replica.stub.GenerateStream(request, metadata=metadata, timeout=self._remaining(deadline))
+        start, last = time.monotonic(), None
+        for replica, remaining in self._attempts(method, timeout):
+            call = replica.stub.GenerateStream(request, metadata=metadata, timeout=remaining)
             received = False
             try:
                 async for message in call:
                     received = True
                     yield message
             except grpc.aio.AioRpcError as err:
-                self.metrics.request(replica.address, method, err.code())
-                if not received and err.code() in _RETRYABLE:
-                    await self._mark_down(replica, err)
-                    last = (replica, err)
-                    continue
                 if received and err.code() in _CUT:
+                    self.metrics.request(replica.address, method, err.code())
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
                         await self._mark_down(replica, err)
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         f"replica {replica.address} of deployment {self.deployment_name} "
                                         f"failed mid-stream ({err.code().name}: {err.details()}); "
                                         f"the response is incomplete") from None
-                raise UpstreamError(err.code(), err.details() or err.code().name) from None
+                # Before the first message nothing reached the client, so another replica may answer.
+                last = await self._retry_or_raise(replica, method, err, retryable=not received)
+                continue
             finally:
                 if not call.done():
                     call.cancel()  # the client went away (or stopped reading): stop the replica's work
-            self.metrics.request(replica.address, method, grpc.StatusCode.OK)
-            self.metrics.observe(method, time.monotonic() - start)
+            self._succeeded(replica, method, start)
             return
         raise self._no_replica(last)
 
