@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm

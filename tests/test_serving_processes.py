@@ -1,7 +1,6 @@
 """Real `kubellm worker` and `kubellm router` processes over loopback: failure of a replica under load."""
 
 import concurrent.futures
-import os
 import signal
 import socket
 import subprocess
