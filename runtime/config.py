@@ -60,8 +60,15 @@ class EngineConfig(_Strict):
     session_len: int | None = Field(
         None, ge=2, description="most tokens of prompt + generation per request; default: the model's max_position_embeddings")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prompt prefixes")
-    tensor_parallel: int = Field(1, ge=1)
-    pipeline_parallel: int = Field(1, ge=1)
+    tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer's weights")
+    pipeline_parallel: int = Field(1, ge=1, description="stages that split the layers; world size = tp x pp")
+    pipeline_split: Literal["equal_size", "threshold"] = Field(
+        "equal_size", description="equal_size: the same number of layers per stage; threshold: fill each "
+        "stage up to pipeline_stage_bytes of parameters")
+    pipeline_stage_bytes: int | None = Field(
+        None, ge=1, description="parameter bytes a stage may hold (per tensor rank) with pipeline_split=threshold")
+    pipeline_micro_batches: int | None = Field(
+        None, ge=1, description="micro-batches a step is cut into so all stages work at once; default: pipeline_parallel")
     max_queue_size: int = Field(4096, ge=1, description="most waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that do not set random_seed")
 
@@ -72,6 +79,17 @@ class EngineConfig(_Strict):
             data = dict(data)
             data["kv_cache_fraction"] = data.pop("cache_max_entry_count")
         return data
+
+    @model_validator(mode="after")
+    def _pipeline_split(self):
+        if self.pipeline_split == "threshold" and self.pipeline_stage_bytes is None:
+            raise ValueError("pipeline_stage_bytes: pipeline_split='threshold' needs a byte limit per stage; "
+                             "set pipeline_stage_bytes or use pipeline_split='equal_size'")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
 
     @property
     def cache_max_entry_count(self) -> float:

@@ -1,14 +1,16 @@
-"""Tensor-parallel process groups: torchrun environment, or N local ranks started by the engine.
+"""Rank groups for tensor × pipeline parallelism: N local ranks started by the engine, or ranks
+spread over hosts (Kubernetes pods, torchrun) that find rank 0 through MASTER_ADDR.
 
 Rank 0 is the engine's own process: it owns the scheduler, the block manager and the sampler.
-Ranks 1..N-1 run `_worker_main`: they build the same `ModelRunner` (holding only their shard of
-the weights), then for every step receive a small picklable description of the batch from rank 0
-and run the same forward, taking part in every all-reduce / all-gather; their logits are dropped.
+Every other rank builds the same `ModelRunner` (holding only its shard of its stage's layers),
+then for every step receives a small picklable description of the batch from rank 0 and runs
+`ModelRunner.forward`, taking part in the tensor collectives and the stage-to-stage sends.
 
-The step descriptions travel over a `multiprocessing` pipe (not a collective), so an idle engine
-never trips the collective timeout and a worker sees EOF at once when rank 0's process dies.
-The collectives themselves (gloo on CPU, NCCL on GPU) run with `timeout`, so a rank that dies
-mid-step makes the others fail within a bounded time instead of hanging.
+Step descriptions travel over a `multiprocessing.connection` (a pipe for local ranks, an
+authenticated TCP connection to MASTER_ADDR:MASTER_PORT+1 for remote ones), not a collective: an
+idle engine never trips the collective timeout, and a rank sees EOF at once when rank 0 dies.
+The collectives run with `timeout`, so a rank that dies mid-step makes the others fail within a
+bounded time instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import multiprocessing as mp
 import os
 import socket
 import time
+import traceback
 from datetime import timedelta
+from multiprocessing.connection import Client, Listener
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+
+from kubellm.runtime import parallel
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("KUBELLM_DIST_TIMEOUT", "60"))
 _JOIN_S = 10.0
@@ -32,6 +38,11 @@ def _backend(device: str | None = None) -> str:
     if device is None or device == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+def _group_key() -> bytes:
+    # Ranks of one group share it through their (identical) pod spec; it keeps strays out.
+    return os.environ.get("KUBELLM_GROUP_KEY", "kubellm-rank-group").encode()
 
 
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> tuple[int, int]:
@@ -59,13 +70,17 @@ def valid_tensor_parallel_sizes(hf_config) -> list[int]:
     return [d for d in range(1, g + 1) if g % d == 0 and (inter is None or inter % d == 0)]
 
 
-def check_tensor_parallel(hf_config, tensor_parallel: int) -> None:
+def check_parallel(hf_config, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
     valid = valid_tensor_parallel_sizes(hf_config)
     if tensor_parallel not in valid:
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
         raise ValueError(f"tensor_parallel: {tensor_parallel} does not evenly split this model's "
                          f"{heads} attention heads and {kv_heads} KV heads; valid sizes are {valid}")
+    layers = hf_config.num_hidden_layers
+    if pipeline_parallel > layers:
+        raise ValueError(f"pipeline_parallel: {pipeline_parallel} stages for a model of {layers} layers; "
+                         f"use at most {layers}")
 
 
 def _free_port() -> int:
@@ -96,180 +111,267 @@ def _rebuild(items) -> list:
     return out
 
 
-class TensorParallelGroup:
-    """Rank 0's handle on the local ranks it started. `launch` must run before the ModelRunner is built."""
+class Peer:
+    """Rank 0's line to one other rank; `proc` is set when rank 0 started it itself."""
 
-    def __init__(self, procs, conns, timeout_s: float):
-        self.procs, self.conns, self.timeout_s = procs, conns, timeout_s
+    def __init__(self, rank: int, conn, proc=None, pid: int | None = None):
+        self.rank, self.conn, self.proc = rank, conn, proc
+        self.pid = proc.pid if proc is not None else pid
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.is_alive()
+        try:  # a remote rank only ever speaks when asked: readable now means EOF
+            return not self.conn.poll(0)
+        except (EOFError, OSError):
+            return False
+
+    def how_dead(self) -> str:
+        if self.proc is None:
+            return "closed its connection (exited or lost)"
+        self.proc.join(0.5)
+        code = self.proc.exitcode
+        return ("is not answering" if code is None else
+                f"died (signal {-code})" if code < 0 else f"exited with code {code}")
+
+
+class RankGroup:
+    """Rank 0's handle on the other ranks of its group. Build it before the ModelRunner."""
+
+    def __init__(self, peers: list[Peer], timeout_s: float, local_procs=()):
+        self.peers, self.timeout_s = peers, timeout_s
+        self.local_procs = list(local_procs)  # started here but reached over TCP (multi-host mode)
         self.worker_param_bytes: list[int] = []
         self.closed = False
         self.broken = False
 
+    @property
+    def procs(self):
+        return [p.proc for p in self.peers]
+
     @classmethod
     def launch(cls, model_path, config, session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S):
-        world = config.tensor_parallel
+        """Single host: start ranks 1..world-1 as child processes joined by pipes."""
+        world = config.world_size
         url = f"tcp://127.0.0.1:{_free_port()}"
         backend = _backend(config.device)
         ctx = mp.get_context("spawn")
-        procs, conns = [], []
+        peers = []
         for rank in range(1, world):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, name=f"kubellm-tp-rank{rank}", daemon=True,
+            p = ctx.Process(target=_local_rank_main, name=f"kubellm-rank{rank}", daemon=True,
                             args=(rank, world, url, backend, timeout_s, str(model_path),
                                   config.model_dump(), session_len, child, os.getpid()))
             p.start()
             child.close()
-            procs.append(p)
-            conns.append(parent)
-        group = cls(procs, conns, timeout_s)
+            peers.append(Peer(rank, parent, p))
+        group = cls(peers, timeout_s)
         try:
-            if backend == "nccl":
-                torch.cuda.set_device(0)
-            dist.init_process_group(backend, init_method=url, rank=0, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s))
+            _join(0, world, url, backend, timeout_s, config)
         except BaseException:
             group.shutdown()
             raise
         return group
 
-    def _recv(self, rank: int):
-        conn, proc = self.conns[rank - 1], self.procs[rank - 1]
+    @classmethod
+    def accept(cls, config, master_addr: str, master_port: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+               local_procs=()):
+        """Several hosts: this is rank 0 at MASTER_ADDR; the other ranks run `serve_remote_rank`."""
+        world = config.world_size
+        listener = Listener(("0.0.0.0", master_port + 1), authkey=_group_key())
+        try:
+            _join(0, world, f"tcp://{master_addr}:{master_port}", _backend(config.device), timeout_s, config)
+            peers = {}
+            while len(peers) < world - 1:
+                conn = listener.accept()
+                _, rank, pid = conn.recv()
+                peers[rank] = Peer(rank, conn, pid=pid)
+        finally:
+            listener.close()
+        return cls([peers[r] for r in sorted(peers)], timeout_s, local_procs)
+
+    def _recv(self, peer: Peer):
         deadline = self.timeout_s * 5  # model loading may be slow; still bounded
         waited = 0.0
-        while not conn.poll(1.0):
+        while True:
+            try:
+                if peer.conn.poll(1.0):
+                    msg = peer.conn.recv()
+                    break
+            except (EOFError, OSError):
+                self._raise_dead(peer)
             waited += 1.0
-            if not proc.is_alive() or waited > deadline:
-                self._raise_dead(rank)
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            self._raise_dead(rank)
+            if (peer.proc is not None and not peer.proc.is_alive()) or waited > deadline:
+                self._raise_dead(peer)
         if msg[0] == "error":
-            raise RuntimeError(f"tensor-parallel rank {rank} failed: {msg[1]}")
+            raise RuntimeError(f"parallel rank {peer.rank} failed: {msg[1]}")
         return msg
 
-    def _raise_dead(self, rank: int):
-        proc = self.procs[rank - 1]
-        proc.join(0.5)
-        code = proc.exitcode
-        how = ("is not answering" if code is None else
-               f"died (signal {-code})" if code < 0 else f"exited with code {code}")
-        raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) {how}; the group is broken, "
+    def _raise_dead(self, peer: Peer):
+        raise RuntimeError(f"parallel rank {peer.rank} (pid {peer.pid}) {peer.how_dead()}; the group is broken, "
                            "restart the engine")
 
     def explain(self, exc: BaseException) -> None:
         """A collective failed on rank 0: raise an error naming the rank that died, if one did."""
-        if isinstance(exc, RuntimeError) and str(exc).startswith("tensor-parallel"):
+        if isinstance(exc, RuntimeError) and str(exc).startswith("parallel rank"):
             return  # already ours
         self.broken = True  # the group cannot run another step
         for _ in range(20):
-            for rank, proc in enumerate(self.procs, start=1):
-                if not proc.is_alive():
+            for peer in self.peers:
+                if not peer.alive():
                     try:
-                        self._raise_dead(rank)
+                        self._raise_dead(peer)
                     except RuntimeError as clear:
                         raise clear from exc
             time.sleep(0.1)
-        raise RuntimeError(f"tensor-parallel step failed in a collective ({exc}); the group is broken, "
+        raise RuntimeError(f"parallel step failed in a collective ({exc}); the group is broken, "
                            "restart the engine") from exc
 
     def attach(self, runner) -> None:
         """Agree on one KV block count (the smallest any rank can hold) and hook rank 0's steps."""
-        reports = [self._recv(r) for r in range(1, len(self.procs) + 1)]
+        reports = [self._recv(peer) for peer in self.peers]
         self.worker_param_bytes = [msg[2] for msg in reports]
         num_blocks = min([runner.num_blocks] + [msg[1] for msg in reports])
         if num_blocks != runner.num_blocks:
             runner.num_blocks = runner._make_kv_cache(num_blocks)
-        for conn in self.conns:
-            conn.send(("blocks", num_blocks))
+        for peer in self.peers:
+            peer.conn.send(("blocks", num_blocks))
         runner.step_hook = self.send_step
 
     def send_step(self, scheduled, wants_logits: bool) -> None:
         if self.closed or self.broken:
-            raise RuntimeError("tensor-parallel group is shut down or broken; restart the engine")
+            raise RuntimeError("the parallel group is shut down or broken; restart the engine")
         msg = describe_step(scheduled, wants_logits)
-        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
-            if not proc.is_alive():
-                self._raise_dead(rank)
+        for peer in self.peers:
+            if peer.proc is not None and not peer.proc.is_alive():
+                self._raise_dead(peer)
             try:
-                conn.send(msg)
-            except (BrokenPipeError, OSError):
-                self._raise_dead(rank)
+                peer.conn.send(msg)
+            except (BrokenPipeError, ConnectionError, OSError):
+                self._raise_dead(peer)
 
     def shutdown(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for conn in self.conns:
+        for peer in self.peers:
             try:
-                conn.send(("stop",))
-            except (BrokenPipeError, OSError):
+                peer.conn.send(("stop",))
+            except (BrokenPipeError, ConnectionError, OSError):
                 pass
-        for p in self.procs:
+        for p in [peer.proc for peer in self.peers if peer.proc is not None] + self.local_procs:
             p.join(_JOIN_S)
             if p.is_alive():
                 p.terminate()
                 p.join(_JOIN_S)
-        for conn in self.conns:
-            conn.close()
+        for peer in self.peers:
+            peer.conn.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        parallel.reset_parallel()
 
 
-def _worker_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, conn, parent_pid):
+def _join(rank, world, url, backend, timeout_s, config) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    parallel.init_parallel(config.tensor_parallel, config.pipeline_parallel)
+
+
+def _build_runner(rank, backend, model_path, config_dict, session_len):
     from pathlib import Path
 
     from kubellm.runtime.config import EngineConfig
-    from kubellm.runtime.context import set_context
     from kubellm.runtime.loader import load_hf_config
     from kubellm.runtime.model_runner import ModelRunner
 
-    try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=url, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        config = EngineConfig(**config_dict)
-        if backend == "nccl":
-            config = config.updated(device=f"cuda:{rank}")
-        path = Path(model_path)
-        runner = ModelRunner(path, load_hf_config(path), config, session_len, show_progress=False)
-        conn.send(("ready", runner.num_blocks, param_bytes(runner.model)))
-    except Exception as exc:  # tell rank 0 why, then leave
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        finally:
-            os._exit(1)
+    config = EngineConfig(**config_dict)
+    if backend == "nccl":
+        config = config.updated(device=f"cuda:{rank % torch.cuda.device_count()}")
+    path = Path(model_path)
+    return ModelRunner(path, load_hf_config(path), config, session_len, show_progress=False)
+
+
+def _serve_steps(runner, conn, still_wanted) -> None:
+    """Run rank 0's steps until it says stop or goes away. Never returns on failure: exits."""
     while True:
-        # Poll so that a vanished parent is noticed even if the pipe stays open somehow.
         try:
             while not conn.poll(1.0):
-                if os.getppid() != parent_pid:
+                if not still_wanted():
                     os._exit(1)
             msg = conn.recv()
         except (EOFError, OSError):
             os._exit(1)  # rank 0 is gone
         if msg[0] == "stop":
-            break
+            return
         if msg[0] == "blocks":
             if msg[1] != runner.num_blocks:
                 runner.num_blocks = runner._make_kv_cache(msg[1])
             continue
         _, items, wants_logits = msg
         try:
-            with torch.inference_mode():
-                input_ids, positions, metadata, sample_rows = runner._prepare(_rebuild(items))
-                set_context(metadata)
-                try:
-                    hidden = runner.model(input_ids, positions)
-                finally:
-                    set_context(None)
-                if wants_logits:
-                    runner.model.compute_logits(hidden[sample_rows])
+            runner.forward(_rebuild(items), wants_logits)
         except Exception:
-            os._exit(1)  # a collective failed: the group is broken; the supervisor restarts it
+            traceback.print_exc()  # into the pod's log
+            os._exit(1)  # the group is broken (a collective failed); the supervisor restarts it
+
+
+def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, connect,
+               still_wanted):
+    from kubellm.runtime.config import EngineConfig
+
+    conn = None
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        _join(rank, world, url, backend, timeout_s, EngineConfig(**config_dict))
+        conn = connect()
+        runner = _build_runner(rank, backend, model_path, config_dict, session_len)
+        conn.send(("ready", runner.num_blocks, param_bytes(runner.model)))
+    except Exception as exc:  # tell rank 0 why, then leave
+        try:
+            if conn is not None:
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        finally:
+            os._exit(1)
+    _serve_steps(runner, conn, still_wanted)
     try:
         dist.destroy_process_group()
     finally:
         os._exit(0)
+
+
+def _local_rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, conn,
+                     parent_pid):
+    _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len,
+               connect=lambda: conn, still_wanted=lambda: os.getppid() == parent_pid)
+
+
+def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config,
+                      session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """A rank other than 0 on any host: join the group at MASTER_ADDR and follow rank 0 until it stops.
+    Exits the process (code 1) when rank 0 goes away or a collective fails."""
+
+    def connect():
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                conn = Client((master_addr, master_port + 1), authkey=_group_key())
+                conn.send(("hello", rank, os.getpid()))
+                return conn
+            except (ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    _rank_main(rank, config.world_size, f"tcp://{master_addr}:{master_port}", _backend(config.device),
+               timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True)
+
+
+def start_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config, session_len: int):
+    """`serve_remote_rank` in a child process (a pod running several ranks)."""
+    p = mp.get_context("spawn").Process(target=serve_remote_rank, name=f"kubellm-rank{rank}", daemon=True,
+                                        args=(rank, master_addr, master_port, str(model_path), config,
+                                              session_len))
+    p.start()
+    return p

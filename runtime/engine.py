@@ -26,7 +26,11 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None, show_progress: bool = True):
+    def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None, show_progress: bool = True,
+                 rank_group=None):
+        """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
+        default a world size above 1 starts its ranks on this host."""
+        from kubellm.runtime.distributed import RankGroup, check_parallel
         from kubellm.runtime.model_hub import resolve_model
 
         self.config = config or EngineConfig()
@@ -38,16 +42,17 @@ class LLMEngine:
             raise ValueError(f"session_len: {self.session_len} exceeds the model's max_position_embeddings "
                              f"({max_positions}); lower it")
         self.tokenizer = Tokenizer(self.model_path)
-        self.tp_group = None
-        if self.config.tensor_parallel > 1:
-            self.tp_group = self._launch_tensor_parallel()
+        self.rank_group = rank_group
         try:
+            check_parallel(self.hf_config, self.config.tensor_parallel, self.config.pipeline_parallel)
+            if self.rank_group is None and self.config.world_size > 1:
+                self.rank_group = RankGroup.launch(self.model_path, self.config, self.session_len)
             self.runner = ModelRunner(self.model_path, self.hf_config, self.config, self.session_len, show_progress)
-            if self.tp_group is not None:
-                self.tp_group.attach(self.runner)
+            if self.rank_group is not None:
+                self.rank_group.attach(self.runner)
         except BaseException:
-            if self.tp_group is not None:
-                self.tp_group.shutdown()
+            if self.rank_group is not None:
+                self.rank_group.shutdown()
             raise
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
@@ -55,13 +60,6 @@ class LLMEngine:
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
-
-    def _launch_tensor_parallel(self):
-        """Ranks 1..N-1 as local processes; this process becomes rank 0 (see runtime/distributed.py)."""
-        from kubellm.runtime.distributed import TensorParallelGroup, check_tensor_parallel
-
-        check_tensor_parallel(self.hf_config, self.config.tensor_parallel)
-        return TensorParallelGroup.launch(self.model_path, self.config, self.session_len)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt, gen: GenerationConfig, request_id: str | None = None,
@@ -129,8 +127,8 @@ class LLMEngine:
         try:
             result = self.runner.run(scheduled, sampling)
         except RuntimeError as exc:
-            if getattr(self, "tp_group", None) is not None:
-                self.tp_group.explain(exc)  # names the rank that died
+            if self.rank_group is not None:
+                self.rank_group.explain(exc)  # names the rank that died
             raise
         self.scheduler.advance(scheduled)
         outputs = []
@@ -199,8 +197,8 @@ class LLMEngine:
 
         for seq in list(self._requests.values()):
             self.abort(seq.request_id)
-        if getattr(self, "tp_group", None) is not None:
-            self.tp_group.shutdown()
+        if getattr(self, "rank_group", None) is not None:
+            self.rank_group.shutdown()
         del self.runner
         gc.collect()
         if torch.cuda.is_available():

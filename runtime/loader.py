@@ -14,6 +14,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from kubellm.runtime.stages import is_elsewhere
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -60,6 +62,7 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
     """Copy every checkpoint tensor into its (possibly packed, possibly sharded) parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
+    aliases = getattr(model, "checkpoint_aliases", {})
     loaded_names: set[str] = set()
     files = weight_files(path)
     total = 0
@@ -73,10 +76,16 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
                 bar.update(1)
                 if "rotary_emb.inv_freq" in name:
                     continue
-                target, shard_id = name, None
+                if name in aliases:
+                    name_for_us = aliases[name]
+                elif is_elsewhere(model, name):
+                    continue  # another pipeline stage holds it
+                else:
+                    name_for_us = name
+                target, shard_id = name_for_us, None
                 for ckpt_part, (our_part, shard) in packed.items():
-                    if f".{ckpt_part}." in name:
-                        target, shard_id = name.replace(ckpt_part, our_part), shard
+                    if f".{ckpt_part}." in name_for_us:
+                        target, shard_id = name_for_us.replace(ckpt_part, our_part), shard
                         break
                 param = params.get(target)
                 if param is None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from kubellm.runtime import parallel
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.layers.attention import PagedAttention
@@ -13,6 +15,7 @@ from kubellm.runtime.loader import load_weights
 from kubellm.runtime.models import model_class
 from kubellm.runtime.sampler import SampleOutput, SamplingBatch, sample
 from kubellm.runtime.scheduler import ScheduledSeq
+from kubellm.runtime.stages import plan_stages, whole_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,17 +43,24 @@ class ModelRunner:
         self.device = pick_device(config)
         self.dtype = pick_dtype(config, self.device)
         self.block_size = config.block_size
+        self.parallel = parallel.state()
+        self.hidden_size, self.vocab_size = hf_config.hidden_size, hf_config.vocab_size
+        if self.parallel.pp > 1:
+            self.stage = plan_stages(path, hf_config, config, self.dtype)[self.parallel.pp_rank]
+        else:
+            self.stage = whole_model(hf_config.num_hidden_layers)
+        self.micro_batches = config.pipeline_micro_batches or self.parallel.pp
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with self.device:
-                self.model = model_class(hf_config)(hf_config, session_len)
+                self.model = model_class(hf_config)(hf_config, session_len, self.stage)
         finally:
             torch.set_default_dtype(previous_dtype)
         load_weights(self.model, path, show_progress)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.step_hook = None  # tensor parallel: rank 0 sends each step to the other ranks first
+        self.step_hook = None  # several ranks: rank 0 sends each step to the others first
         self.num_blocks = self._allocate_kv_cache(hf_config, session_len)
 
     def _allocate_kv_cache(self, hf_config, session_len: int) -> int:
@@ -108,18 +118,76 @@ class ModelRunner:
             metadata.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             metadata.decode_context_lens = torch.tensor(decode_lens, device=dev)
         return (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), metadata,
-                torch.tensor(sample_rows, device=dev))
+                torch.tensor(sample_rows, dtype=torch.long, device=dev))
+
+    def _run_model(self, scheduled, intermediate=None):
+        input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
+        set_context(metadata)
+        try:
+            return self.model(input_ids, positions, intermediate), sample_rows
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def forward(self, scheduled: list[ScheduledSeq], wants_logits: bool) -> torch.Tensor | None:
+        """This rank's part of one step; every rank of the group runs it. Returns the sampled rows'
+        logits on rank 0 (and on other last-stage ranks), None where this rank has none."""
+        if self.parallel.pp == 1:
+            hidden, sample_rows = self._run_model(scheduled)
+            return self.model.compute_logits(hidden[sample_rows]) if wants_logits else None
+        return self._forward_pipelined(scheduled, wants_logits)
+
+    def _forward_pipelined(self, scheduled, wants_logits: bool) -> torch.Tensor | None:
+        """GPipe-style: cut the step into micro-batches and hand each to the next stage as soon as it
+        is done, so stage s works on micro-batch i while stage s+1 works on i-1. The last stage's
+        tensor rank 0 sends each micro-batch's logits back to rank 0, which samples."""
+        stage, par = self.stage, self.parallel
+        last_stage_leader = (par.pp - 1) * par.tp
+        pending = []  # (work, tensor): a sent tensor must stay alive until its send completes
+        chunks = split_micro_batches(scheduled, self.micro_batches)
+        for chunk in chunks:
+            intermediate = None
+            if not stage.is_first:
+                rows = sum(item.num_tokens for item in chunk)
+                intermediate = torch.empty((2, rows, self.hidden_size), dtype=self.dtype, device=self.device)
+                dist.recv(intermediate, src=par.peer(stage.index - 1))
+            out, sample_rows = self._run_model(chunk, intermediate)
+            if not stage.is_last:
+                pending.append((dist.isend(out, dst=par.peer(stage.index + 1)), out))
+            elif wants_logits and len(sample_rows):
+                logits = self.model.compute_logits(out[sample_rows])
+                if par.tp_rank == 0:
+                    pending.append((dist.isend(logits, dst=0), logits))
+        for work, _ in pending:
+            work.wait()
+        if par.rank != 0 or not wants_logits:
+            return None
+        parts = []
+        for rows in (sum(1 for item in chunk if item.samples) for chunk in chunks):
+            if rows:
+                parts.append(torch.empty((rows, self.vocab_size), dtype=self.dtype, device=self.device))
+                dist.recv(parts[-1], src=last_stage_leader)
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], sampling: SamplingBatch | None) -> SampleOutput | None:
         if self.step_hook is not None:
             self.step_hook(scheduled, sampling is not None)
-        input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
-        set_context(metadata)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
-        if sampling is None:
-            return None
-        return sample(self.model.compute_logits(hidden[sample_rows]), sampling)
+        logits = self.forward(scheduled, sampling is not None)
+        return None if sampling is None else sample(logits, sampling)
+
+
+def split_micro_batches(scheduled: list, count: int) -> list[list]:
+    """Consecutive runs of sequences with about equal token counts (order kept: decodes stay first)."""
+    count = max(1, min(count, len(scheduled)))
+    total = sum(item.num_tokens for item in scheduled)
+    chunks, current, done = [], [], 0
+    for i, item in enumerate(scheduled):
+        current.append(item)
+        done += item.num_tokens
+        left_items, left_chunks = len(scheduled) - i - 1, count - len(chunks) - 1
+        if left_chunks and (done >= total * (len(chunks) + 1) / count or left_items == left_chunks):
+            chunks.append(current)
+            current = []
+    chunks.append(current)
+    return chunks

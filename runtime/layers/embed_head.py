@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kubellm.runtime.parallel import all_reduce, tp_rank, tp_size
+from kubellm.runtime.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,12 +35,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the selected positions only; ranks' vocabulary slices gathered on rank 0."""
+    """Logits for the selected positions only; the tensor ranks' vocabulary slices gathered."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
-        if tp_size() == 1:
-            return logits[:, : self.vocab_size]
-        parts = [torch.empty_like(logits) for _ in range(tp_size())]
-        dist.all_gather(parts, logits)
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
+        return all_gather_last_dim(F.linear(hidden, self.weight))[:, : self.vocab_size]

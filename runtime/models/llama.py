@@ -15,6 +15,7 @@ from kubellm.runtime.layers.linear import MergedColumnParallelLinear, QKVParalle
 from kubellm.runtime.layers.norm import RMSNorm
 from kubellm.runtime.layers.rotary import RotaryEmbedding
 from kubellm.runtime.parallel import tp_size
+from kubellm.runtime.stages import MissingLayer, PipelineStage, make_layers, whole_model
 
 
 def head_dim_of(config) -> int:
@@ -88,17 +89,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_positions: int):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    """The decoder stack, or one pipeline stage of it: the first stage embeds, the last norms."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def __init__(self, config, max_positions: int, stage: PipelineStage):
+        super().__init__()
+        self.stage = stage
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                             if stage.is_first else MissingLayer())
+        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: LlamaDecoderLayer(config, rotary))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if stage.is_last else MissingLayer()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """Last stage: final hidden states. Other stages: [hidden; residual] stacked for the next."""
+        if self.stage.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate.unbind(0)
+        for layer in self.layers[self.stage.start:self.stage.end]:
             hidden, residual = layer(positions, hidden, residual)
+        if not self.stage.is_last:
+            return torch.stack([hidden, residual])
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -113,15 +125,21 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config, max_positions: int):
+    def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
         super().__init__()
-        self.model = LlamaModel(config, max_positions)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        stage = stage or whole_model(config.num_hidden_layers)
+        self.model = LlamaModel(config, max_positions, stage)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
+        self.checkpoint_aliases = {}  # checkpoint name -> our parameter, for tensors stored once
+        if config.tie_word_embeddings and stage.is_last:
+            if stage.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
+            else:  # the last stage reads its own copy of the tied embedding
+                self.checkpoint_aliases["model.embed_tokens.weight"] = "lm_head.weight"
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
