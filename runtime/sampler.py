@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kubellm.kernels.sampling import top_k_top_p_filter
+from kubellm.kernels.dispatch import top_k_top_p_filter
 from kubellm.runtime.sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from kubellm.kernels.activation import silu_and_mul
+from kubellm.kernels.dispatch import silu_and_mul
 
 
 class SiluAndMul(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kubellm.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from kubellm.kernels.dispatch import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from kubellm.runtime.context import get_context
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kubellm.kernels.norm import rms_norm
+from kubellm.kernels.dispatch import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kubellm.kernels.rotary import apply_rotary
+from kubellm.kernels.dispatch import apply_rotary
 
 
 def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,85 @@
+"""The one place that picks a kernel implementation for each call.
+
+Triton when the tensors are on a CUDA device (and Triton is installed), the plain-PyTorch
+reference otherwise. KUBELLM_KERNELS overrides the choice for tests and benchmarks:
+
+    KUBELLM_KERNELS=auto       (default) Triton on CUDA, reference elsewhere
+    KUBELLM_KERNELS=reference  always the reference
+    KUBELLM_KERNELS=triton     always Triton; on CPU tensors that means Triton's interpreter
+                               (turned on automatically where no CUDA device exists)
+
+The variable is read on every call, so a test can change it between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from kubellm.kernels import activation, attention, norm, rotary, sampling
+
+MODES = ("auto", "reference", "triton")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("KUBELLM_KERNELS", "auto") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"KUBELLM_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    if mode == "auto":
+        return tensor.is_cuda and triton_installed()
+    return mode == "triton"
+
+
+@functools.cache
+def _triton_module(name: str):
+    # Imported on first use only: CPU-only installs never load Triton.
+    return importlib.import_module(f"kubellm.kernels.{name}_triton")
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    impl = _triton_module("attention") if use_triton(key) else attention
+    impl.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+    impl = _triton_module("attention") if use_triton(q) else attention
+    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+
+
+def paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window=None):
+    impl = _triton_module("attention") if use_triton(q) else attention
+    return impl.paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    impl = _triton_module("norm") if use_triton(x) else norm
+    return impl.rms_norm(x, weight, eps, residual)
+
+
+def apply_rotary(q, k, cos, sin):
+    impl = _triton_module("rotary") if use_triton(q) else rotary
+    return impl.apply_rotary(q, k, cos, sin)
+
+
+def silu_and_mul(x):
+    impl = _triton_module("activation") if use_triton(x) else activation
+    return impl.silu_and_mul(x)
+
+
+def top_k_top_p_filter(logits, top_k, top_p):
+    impl = _triton_module("sampling") if use_triton(logits) else sampling
+    return impl.top_k_top_p_filter(logits, top_k, top_p)
