@@ -303,3 +303,44 @@ def test_dispatch_calls_the_chosen_implementation(monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     dispatch.silu_and_mul(x)
     assert calls == ["triton", "reference"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole engine on the Triton path (interpreted on CPU): same greedy tokens as the references
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU, test_engine_hf.py itself runs the Triton path")
+@pytest.mark.skipif(not triton_support.interpreting(), reason="CPU tensors need Triton's interpreter")
+def test_engine_greedy_tokens_equal_on_the_triton_path(tiny_llama3, monkeypatch):
+    """A chunked prefill after a cached prefix, a lone prefill and decodes sharing steps with them."""
+    from kubellm.runtime.config import EngineConfig, GenerationConfig
+    from kubellm.runtime.engine import LLMEngine
+
+    prompts = [list(range(3, 30)), [5, 17, 42]]
+    gen = GenerationConfig(max_new_tokens=4, logprobs=0)
+
+    def run(mode):
+        monkeypatch.setenv("KUBELLM_KERNELS", mode)
+        engine = LLMEngine(tiny_llama3, EngineConfig.build(block_size=4, max_num_batched_tokens=16, num_kv_blocks=64,
+                                                           max_batch_size=4), show_progress=False)
+        seqs = engine.generate(prompts, [gen] * len(prompts))
+        return [s.generated_ids for s in seqs], [s.logprobs for s in seqs]
+
+    ref_ids, ref_logprobs = run("reference")
+    calls = {"decode": 0, "prefill": 0}
+
+    def counted(kind):
+        kernel = getattr(attention_triton, f"paged_{kind}_attention")
+
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return kernel(*args, **kwargs)
+        return wrapper
+
+    for kind in calls:
+        monkeypatch.setattr(attention_triton, f"paged_{kind}_attention", counted(kind))
+    ids, logprobs = run("triton")
+    assert calls["decode"] and calls["prefill"]
+    assert ids == ref_ids
+    for got, expected in zip(logprobs, ref_logprobs):
+        assert got == pytest.approx(expected, abs=1e-4)
