@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -88,13 +89,28 @@ def cmd_operator(args) -> int:
     return 0
 
 
+def _join_other_hosts(model, engine_config, ranks: list[int]):
+    """Rank 0 of a group spanning hosts: start this host's other ranks, then wait for every rank."""
+    from kubellm.runtime.distributed import RankGroup, master_address, start_remote_rank
+    from kubellm.runtime.engine import session_len_for
+    from kubellm.runtime.loader import load_hf_config
+    from kubellm.runtime.model_hub import resolve_model
+
+    path = resolve_model(model)
+    session_len = session_len_for(load_hf_config(path), engine_config)
+    addr, port = master_address()
+    local = [start_remote_rank(r, addr, port, path, engine_config, session_len) for r in ranks[1:]]
+    return RankGroup.accept(engine_config, addr, port, local_procs=local)
+
+
 def cmd_worker(args) -> int:
     """One engine behind the gRPC API (rank 0 of a replica); runs until terminated or signalled."""
     import asyncio
     import logging
 
     from kubellm.runtime.config import EngineConfig, generation_config
-    from kubellm.runtime.server import serve_worker
+    from kubellm.runtime.distributed import ranks_on_this_host
+    from kubellm.runtime.server import serve_follower, serve_worker
 
     options = {}
     if args.config:
@@ -107,18 +123,21 @@ def cmd_worker(args) -> int:
         if value is not None:
             options[name] = value
     engine_config = EngineConfig.build(**options)
-    if engine_config.tensor_parallel > 1 or engine_config.pipeline_parallel > 1:
-        raise NotImplementedError("tensor/pipeline parallel arrives with issue 5; "
-                                  "run with --tensor-parallel 1 --pipeline-parallel 1")
     defaults = None
     if args.generation_defaults:
         with open(args.generation_defaults) as f:
             defaults = generation_config(json.load(f)).model_dump(exclude_unset=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A group spread over pods (or torchrun processes): rank 0 serves gRPC, the others follow it.
+    ranks = ranks_on_this_host(engine_config.world_size)
+    if ranks is not None and ranks[0] != 0:
+        serve_follower(args.model, engine_config, ranks, port=args.port, host=args.host)
+        return 0
+    rank_group = None if ranks is None else functools.partial(_join_other_hosts, args.model, engine_config, ranks)
     try:
         asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
-                                 metrics_port=args.metrics_port, show_progress=False))
+                                 metrics_port=args.metrics_port, show_progress=False, rank_group=rank_group))
     except KeyboardInterrupt:
         pass
     return 0
@@ -144,8 +163,6 @@ def _deployment_from_yaml(path: str) -> tuple[str, str, dict]:
     if spec.model.kind in ("hf", "pvc"):
         raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
                          "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
-    if spec.pipelineParallel > 1:
-        raise NotImplementedError("pipeline parallel local deployments arrive with issue 5")
     e, g = spec.engine, spec.generation
     options = {"dtype": e.dtype, "max_batch_size": e.maxBatchSize, "max_num_batched_tokens": e.maxNumBatchedTokens,
                "kv_cache_fraction": e.kvCacheFraction, "block_size": e.blockSize,
@@ -153,6 +170,7 @@ def _deployment_from_yaml(path: str) -> tuple[str, str, dict]:
                "max_new_tokens": g.maxNewTokens, "temperature": g.temperature, "top_p": g.topP, "top_k": g.topK,
                "repetition_penalty": g.repetitionPenalty,
                "replica_num": max(spec.replicas, 1), "tensor_parallel": spec.tensorParallel,
+               "pipeline_parallel": spec.pipelineParallel,
                "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port}
     if e.sessionLen:
         options["session_len"] = e.sessionLen
@@ -179,6 +197,8 @@ def cmd_serve(args) -> int:
         options["replica_num"] = args.replicas
     if args.tensor_parallel is not None:
         options["tensor_parallel"] = args.tensor_parallel
+    if args.pipeline_parallel is not None:
+        options["pipeline_parallel"] = args.pipeline_parallel
     if args.rest or args.rest_port is not None:
         options["enable_restful_api"] = True
     if args.rest_port is not None:
@@ -330,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="deployment name (default: metadata.name or the model's basename)")
     serve.add_argument("--replicas", type=int, default=None, help="worker processes (default 1)")
     serve.add_argument("--tensor-parallel", type=int, default=None)
+    serve.add_argument("--pipeline-parallel", type=int, default=None)
     serve.add_argument("--rest", action="store_true", help="serve the REST API (/mii/NAME, /v1/...)")
     serve.add_argument("--rest-port", type=int, default=None, help="REST port (default 28080; implies --rest)")
     serve.add_argument("--host", default="127.0.0.1", help="router listen address (workers stay on loopback)")

@@ -18,8 +18,11 @@ class ConfigError(ValueError):
 def _explain(err: ValidationError, what: str) -> ConfigError:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or what
         msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a rule across fields: its message starts with the field to change
+            lines.append(f"{what}.{msg}")
+            continue
+        field = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown option; check the spelling"
         lines.append(f"{what}.{field}: {msg} (got {e.get('input')!r})")

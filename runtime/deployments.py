@@ -321,9 +321,6 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
     engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
-    if tensor_parallel > 1 or engine.get("tensor_parallel", 1) > 1 or engine.get("pipeline_parallel", 1) > 1:
-        raise NotImplementedError("tensor/pipeline parallel local deployments arrive with issue 5; "
-                                  "use tensor_parallel=1 (and replica_num for more copies)")
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
 

@@ -15,7 +15,6 @@ bounded time instead of hanging.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import socket
@@ -62,19 +61,21 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = No
 
 
 def valid_tensor_parallel_sizes(hf_config) -> list[int]:
-    """Sizes that split the query heads, the KV heads and the MLP evenly (the vocabulary is padded)."""
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    inter = getattr(hf_config, "intermediate_size", None)
-    g = math.gcd(heads, kv_heads)
-    return [d for d in range(1, g + 1) if g % d == 0 and (inter is None or inter % d == 0)]
+    """Sizes that split the query heads, the KV heads and the MLP evenly (the vocabulary is padded);
+    for families that replicate KV heads (Falcon), also multiples of the KV head count."""
+    from kubellm.runtime.models import parallel_dims
+
+    heads, kv_heads, inter, replicate_kv = parallel_dims(hf_config)
+    return [d for d in range(1, heads + 1) if heads % d == 0 and (inter is None or inter % d == 0)
+            and (kv_heads % d == 0 or (replicate_kv and d % kv_heads == 0))]
 
 
 def check_parallel(hf_config, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
     valid = valid_tensor_parallel_sizes(hf_config)
     if tensor_parallel not in valid:
-        heads = hf_config.num_attention_heads
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        from kubellm.runtime.models import parallel_dims
+
+        heads, kv_heads, _, _ = parallel_dims(hf_config)
         raise ValueError(f"tensor_parallel: {tensor_parallel} does not evenly split this model's "
                          f"{heads} attention heads and {kv_heads} KV heads; valid sizes are {valid}")
     layers = hf_config.num_hidden_layers
@@ -208,6 +209,7 @@ class RankGroup:
         return msg
 
     def _raise_dead(self, peer: Peer):
+        self.broken = True  # the group cannot run another step
         raise RuntimeError(f"parallel rank {peer.rank} (pid {peer.pid}) {peer.how_dead()}; the group is broken, "
                            "restart the engine")
 
@@ -318,7 +320,7 @@ def _serve_steps(runner, conn, still_wanted) -> None:
 
 
 def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, connect,
-               still_wanted):
+               still_wanted, on_ready=None):
     from kubellm.runtime.config import EngineConfig
 
     conn = None
@@ -329,11 +331,14 @@ def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, se
         runner = _build_runner(rank, backend, model_path, config_dict, session_len)
         conn.send(("ready", runner.num_blocks, param_bytes(runner.model)))
     except Exception as exc:  # tell rank 0 why, then leave
+        traceback.print_exc()
         try:
             if conn is not None:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
         finally:
             os._exit(1)
+    if on_ready is not None:
+        on_ready()
     _serve_steps(runner, conn, still_wanted)
     try:
         dist.destroy_process_group()
@@ -348,7 +353,7 @@ def _local_rank_main(rank, world, url, backend, timeout_s, model_path, config_di
 
 
 def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config,
-                      session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                      session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S, on_ready=None) -> None:
     """A rank other than 0 on any host: join the group at MASTER_ADDR and follow rank 0 until it stops.
     Exits the process (code 1) when rank 0 goes away or a collective fails."""
 
@@ -365,7 +370,32 @@ def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path,
                 time.sleep(0.5)
 
     _rank_main(rank, config.world_size, f"tcp://{master_addr}:{master_port}", _backend(config.device),
-               timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True)
+               timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True, on_ready)
+
+
+def ranks_on_this_host(world: int) -> list[int] | None:
+    """The global ranks this process and its children serve when a group spans hosts; None when the
+    whole group runs here (the engine then starts its ranks itself).
+
+    torchrun: one process per rank, `RANK`. Kubernetes: pod `POD_INDEX` of a StatefulSet runs
+    `KUBELLM_GPUS_PER_POD` consecutive ranks."""
+    if world == 1:
+        return None
+    if "RANK" in os.environ:
+        return [int(os.environ["RANK"])]
+    per_pod = int(os.environ.get("KUBELLM_GPUS_PER_POD", world))
+    if "POD_INDEX" not in os.environ or per_pod >= world:
+        return None
+    pod = int(os.environ["POD_INDEX"])
+    return list(range(pod * per_pod, (pod + 1) * per_pod))
+
+
+def master_address() -> tuple[str, int]:
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"parallel group across hosts: environment lacks {', '.join(missing)}; set "
+                           "MASTER_ADDR to rank 0's address and MASTER_PORT to a free port there")
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def start_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config, session_len: int):

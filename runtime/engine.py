@@ -25,6 +25,15 @@ class StepOutput:
     finished: bool
 
 
+def session_len_for(hf_config, config: EngineConfig) -> int:
+    max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
+    session_len = config.session_len or max_positions
+    if session_len > max_positions:
+        raise ValueError(f"session_len: {session_len} exceeds the model's max_position_embeddings "
+                         f"({max_positions}); lower it")
+    return session_len
+
+
 class LLMEngine:
     def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None, show_progress: bool = True,
                  rank_group=None):
@@ -36,11 +45,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_path = check_model_dir(resolve_model(model))
         self.hf_config = load_hf_config(self.model_path)
-        max_positions = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        self.session_len = self.config.session_len or max_positions
-        if self.session_len > max_positions:
-            raise ValueError(f"session_len: {self.session_len} exceeds the model's max_position_embeddings "
-                             f"({max_positions}); lower it")
+        self.session_len = session_len_for(self.hf_config, self.config)
         self.tokenizer = Tokenizer(self.model_path)
         self.rank_group = rank_group
         try:

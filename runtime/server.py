@@ -253,6 +253,9 @@ class EngineLoop(threading.Thread):
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
+            group = getattr(self.engine, "rank_group", None)
+            if group is not None and group.broken:
+                raise  # a rank is gone: this engine cannot step again; dying turns health NOT_SERVING
             log.error("engine step failed:\n%s", traceback.format_exc())
             message = f"the engine failed while generating ({type(exc).__name__}: {exc})"
             for rid, live in list(self._live.items()):
@@ -447,7 +450,7 @@ class _Worker:
 
     def __init__(self, model, engine_config: EngineConfig | dict | None, port: int, host: str, replica: str | None,
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
-                 load_gate: threading.Event | None = None):
+                 load_gate: threading.Event | None = None, rank_group=None):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
@@ -462,6 +465,7 @@ class _Worker:
         self.metrics_port = metrics_port
         self.show_progress = show_progress
         self.load_gate = load_gate   # tests: the model starts loading only once this is set
+        self.rank_group = rank_group  # callable joining the ranks on other hosts (see cmd_worker)
         self.metrics = WorkerMetrics()
         self.engine_loop: EngineLoop | None = None
         self.stopping = False
@@ -508,8 +512,9 @@ class _Worker:
                 while not await loop.run_in_executor(None, self.load_gate.wait, 0.1):
                     if self.stopping:
                         return
-            engine = await loop.run_in_executor(
-                None, lambda: LLMEngine(self.model, self.engine_config, self.show_progress))
+            engine = await loop.run_in_executor(None, lambda: LLMEngine(
+                self.model, self.engine_config, self.show_progress,
+                rank_group=self.rank_group() if self.rank_group else None))
         except Exception as exc:  # noqa: BLE001 - reported through health and every request
             log.error("the model failed to load:\n%s", traceback.format_exc())
             self.load_error = exc
@@ -543,10 +548,11 @@ class _Worker:
 async def serve_worker(model, engine_config: EngineConfig | dict | None = None, port: int = 50051,
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
-                       show_progress: bool = False) -> None:
-    """Serve `model` on host:port until Terminate (if allowed) or cancellation; raises if the model fails to load."""
+                       show_progress: bool = False, rank_group=None) -> None:
+    """Serve `model` on host:port until Terminate (if allowed) or cancellation; raises if the model fails to load.
+    `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group)."""
     worker = _Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
-                     metrics_port, show_progress)
+                     metrics_port, show_progress, rank_group=rank_group)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -561,6 +567,34 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
         await worker.terminated.wait()
     finally:
         await worker.stop()
+
+
+def serve_follower(model, engine_config: EngineConfig, ranks: list[int], port: int, host: str = "0.0.0.0") -> None:
+    """A pod of a multi-host group that does not hold rank 0: run `ranks` (the first in this process,
+    the rest as children) under rank 0's direction. Answers gRPC health (SERVING once this rank's
+    shard is loaded) so the pod's probes work; exits when rank 0 goes away or the group breaks."""
+    from grpc_health.v1 import health
+
+    from kubellm.runtime.distributed import master_address, serve_remote_rank, start_remote_rank
+    from kubellm.runtime.engine import session_len_for
+    from kubellm.runtime.loader import check_model_dir, load_hf_config
+    from kubellm.runtime.model_hub import resolve_model
+
+    path = check_model_dir(resolve_model(model))
+    session_len = session_len_for(load_hf_config(path), engine_config)
+    addr, master_port = master_address()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    if not server.add_insecure_port(f"{host}:{port}"):
+        raise OSError(f"port: cannot listen on {host}:{port}; pick a free port")
+    server.start()
+    for rank in ranks[1:]:
+        start_remote_rank(rank, addr, master_port, path, engine_config, session_len)
+    log.info("ranks %s following rank 0 at %s:%d", ranks, addr, master_port)
+    serve_remote_rank(ranks[0], addr, master_port, path, engine_config, session_len,
+                      on_ready=lambda: checker.set("", health_pb2.HealthCheckResponse.SERVING))
 
 
 class WorkerServer:

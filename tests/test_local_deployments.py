@@ -147,8 +147,48 @@ def test_serve_validates_up_front(cache):
         kubellm.serve("/nonexistent", max_batch_size=0)
     with pytest.raises(ValueError, match="GenerationConfig.top_p"):
         kubellm.serve("/nonexistent", top_p=2.0)
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        kubellm.serve("/nonexistent", tensor_parallel=2)
+    with pytest.raises(ValueError, match="tensor_parallel: must be an integer >= 1"):
+        kubellm.serve("/nonexistent", tensor_parallel=0)
+    with pytest.raises(ValueError, match="EngineConfig.pipeline_stage_bytes"):
+        kubellm.serve("/nonexistent", pipeline_parallel=2, pipeline_split="threshold")
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.add(int(entry))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def test_serve_with_tensor_and_pipeline_parallel_ranks(tiny_llama, cache):
+    """MII's serve(tensor_parallel=2): each replica's worker starts its rank processes; the answers are
+    the single-process ones; terminate_server leaves no rank behind."""
+    import kubellm
+    from kubellm.runtime.api import pipeline
+
+    pipe = pipeline(str(tiny_llama), device="cpu", num_kv_blocks=64, block_size=4, session_len=64)
+    try:
+        expected = [r.token_ids for r in pipe(["Hello", "Once upon a time"], max_new_tokens=6, ignore_eos=True)]
+    finally:
+        pipe.destroy()
+    c = kubellm.serve(str(tiny_llama), deployment_name="tp", tensor_parallel=2, pipeline_parallel=2, **ENGINE)
+    cache.update(kubellm.runtime.deployments._entry_pids(c.entry))
+    worker = c.entry["worker_pids"][0]
+    ranks = _children(worker)
+    assert len(ranks) >= 3  # tp 2 x pp 2: ranks 1, 2, 3 beside the worker (rank 0)
+    cache.update(ranks)
+    assert [r.token_ids for r in c.generate(["Hello", "Once upon a time"], max_new_tokens=6,
+                                           ignore_eos=True)] == expected
+    assert c.terminate_server()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in ranks | {worker}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks | {worker})
 
 
 def test_concurrent_serve_of_a_name_is_refused(cache):
