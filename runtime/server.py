@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
 import socket
 import threading
@@ -587,6 +588,7 @@ def serve_follower(model, engine_config: EngineConfig, ranks: list[int], port: i
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    port += int(os.environ.get("LOCAL_RANK", 0))  # torchrun: several followers on one host
     if not server.add_insecure_port(f"{host}:{port}"):
         raise OSError(f"port: cannot listen on {host}:{port}; pick a free port")
     server.start()
