@@ -261,6 +261,22 @@ class LocalCluster:
     def helm(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return self._run([self.bin("helm"), f"--kubeconfig={self.kubeconfig}", *map(str, args)], input, check, timeout)
 
+    @property
+    def audit_log(self) -> Path:
+        assert self.dir is not None, "cluster not started"
+        return self.dir / "logs" / "audit.log"
+
+    def audit_events(self, user: str) -> list[dict]:
+        """Audit events (level Metadata, stage ResponseComplete or, for watches, ResponseStarted) of
+        ``user``, a service account outside kube-system such as ``system:serviceaccount:ns:name``."""
+        events = []
+        with open(self.audit_log, encoding="utf-8") as f:
+            for line in f:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user:
+                    events.append(event)
+        return events
+
     def get_json(self, path: str) -> dict:
         """GET an API path (e.g. ``/api/v1/nodes``) as the admin user; raises HTTPError on 4xx/5xx."""
         with urllib.request.urlopen(self.server + path, context=self._ssl, timeout=10) as resp:
@@ -430,6 +446,15 @@ class LocalCluster:
         path.chmod(0o600)
         return path
 
+    @staticmethod
+    def _write_audit_policy(path: Path) -> Path:
+        policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+                  "rules": [{"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+                            {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                            {"level": "None"}]}
+        path.write_text(json.dumps(policy))
+        return path
+
     def _exists(self, path: str) -> bool:
         try:
             self.get_json(path)
@@ -524,6 +549,10 @@ class LocalCluster:
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--profiling=false",
+            # Requests of service accounts outside kube-system (the operator's, with the chart's
+            # RBAC) are audited, so a test can compare what the operator did with what it is granted.
+            f"--audit-policy-file={self._write_audit_policy(d / 'audit-policy.yaml')}",
+            f"--audit-log-path={self.audit_log}", "--audit-log-format=json", "--audit-log-mode=blocking",
         ])
         self.wait_for(lambda: self._http_ok(f"{self.server}/readyz", self._ssl), "kube-apiserver /readyz",
                       timeout=self.startup_timeout, interval=0.2)

@@ -401,7 +401,9 @@ def repo_root() -> Path:
 
 
 def output_paths(root: Path) -> list[Path]:
-    return [root / "crds" / CRD_FILE, root / "charts" / "kubellm" / "crds" / CRD_FILE]
+    # The chart keeps its copy out of crds/ (which `helm upgrade` never updates): templates/crd.yaml
+    # renders it, so upgrades apply it too.
+    return [root / "crds" / CRD_FILE, root / "charts" / "kubellm" / "files" / CRD_FILE]
 
 
 def main(argv: list[str] | None = None) -> int:

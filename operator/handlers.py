@@ -10,6 +10,7 @@ Deletion needs no handler: every child has an owner reference and is garbage-col
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -19,10 +20,11 @@ from pydantic import ValidationError
 
 from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
-from kubellm.operator.spec import GROUP, PLURAL, VERSION, LLMDeploymentSpec
+from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
 from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
+RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
 log = logging.getLogger("kubellm.operator")
 _kube: Kube | None = None
 
@@ -36,7 +38,8 @@ def kube() -> Kube:
 
 def parse_spec(spec) -> LLMDeploymentSpec:
     try:
-        return LLMDeploymentSpec.model_validate(dict(spec))
+        parsed = LLMDeploymentSpec.model_validate(dict(spec))
+        return parsed if parsed.image else parsed.model_copy(update={"image": RUNTIME_IMAGE})
     except ValidationError as err:
         problems = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
                              for e in err.errors())
@@ -50,6 +53,10 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubellm.io")
     settings.posting.level = logging.ERROR  # Events are posted deliberately, below
     settings.watching.server_timeout = 120
+    # No runtime observation of CRDs and namespaces: the watched namespaces are named exactly and the
+    # CRD exists before the operator starts (the chart installs it), so the operator needs no
+    # cluster-wide read of either (see the chart's RBAC).
+    settings.scanning.disabled = True
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -83,6 +90,19 @@ def observe(body, spec, patch, **_):
     except kopf.PermanentError:
         return
     refresh(body, patch, R.Owner.from_body(body), desired)
+
+
+def _timers_without_finalizer(registry) -> None:
+    """kopf puts its finalizer on every object a timer runs for, so deleting an LLMDeployment would
+    wait for the operator, and hang while it is down — e.g. `helm uninstall` with crds.keep=false
+    deletes the operator and the CRD together, and the CRD would stay Terminating. Nothing needs
+    cleaning up on deletion (children are garbage-collected through owner references; the timer
+    stops with the object), so no finalizer is added."""
+    spawning = registry._spawning
+    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]
+
+
+_timers_without_finalizer(kopf.get_default_registry())
 
 
 def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
@@ -147,7 +167,7 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
     router_ready = bool((router.get("status") or {}).get("availableReplicas"))
     failure = ""
-    if spec.replicas:
+    if spec.replicas and spec.device == "gpu":
         largest = k.max_node_gpus()
         if spec.gpus_per_pod > largest:
             failure = (f"each pod needs {spec.gpus_per_pod} nvidia.com/gpu but the largest schedulable node offers "
@@ -170,8 +190,21 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     patch.status.update(new)
 
 
+def watched_namespaces(namespace: str | None) -> list[str]:
+    """`--namespace a,b` (or KUBELLM_WATCH_NAMESPACES): watch these namespaces only; none: the cluster."""
+    value = namespace if namespace is not None else os.environ.get("KUBELLM_WATCH_NAMESPACES", "")
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 def run(namespace: str | None = None, verbose: bool = False) -> None:
-    """Entry point of `kubellm operator` and of the operator container."""
+    """Entry point of `kubellm operator` and of the operator container.
+
+    KUBELLM_OPERATOR_HEALTH (e.g. ``http://0.0.0.0:8080/healthz``) serves kopf's liveness endpoint,
+    which the chart's probes and `helm test` use. KUBELLM_RUNTIME_IMAGE is the workers' and router's
+    image when a spec names none.
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
     kopf.configure(verbose=verbose)
-    kopf.run(standalone=True, clusterwide=namespace is None, namespaces=[namespace] if namespace else [])
+    namespaces = watched_namespaces(namespace)
+    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
+             liveness_endpoint=os.environ.get("KUBELLM_OPERATOR_HEALTH") or None)

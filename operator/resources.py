@@ -13,11 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from kubellm.operator.spec import GROUP, KIND, VERSION, LLMDeploymentSpec
+from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, KIND, VERSION, LLMDeploymentSpec
 
 GRPC_PORT_NAME = "grpc"
 REST_PORT_NAME = "http"
 MASTER_PORT = 29500
+METRICS_PORT, METRICS_PORT_NAME = 9090, "metrics"  # Prometheus /metrics of workers and routers (PodMonitor)
 MODELS_MOUNT = "/models"
 CONFIG_MOUNT = "/etc/kubellm"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by Kubernetes >= 1.28
@@ -127,7 +128,8 @@ def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.tokenSecret, "key": "HF_TOKEN"}}})
     if model.endpoint:
         env.append({"name": "HF_ENDPOINT", "value": model.endpoint})
-    download = {"name": "download-model", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+    download = {"name": "download-model", "image": spec.image or DEFAULT_IMAGE,
+                "imagePullPolicy": spec.imagePullPolicy,
                 "command": ["kubellm", "models", "download", model.source, "--dest", model_path(spec)],
                 "env": env, "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
                 "securityContext": container_security_context()}
@@ -148,7 +150,8 @@ def pod_security_context() -> dict:
 def _resources(spec: LLMDeploymentSpec) -> dict:
     requests = dict(spec.resources.requests)
     limits = dict(spec.resources.limits)
-    limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = spec.gpus_per_pod
+    if spec.device == "gpu":
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = spec.gpus_per_pod
     return {"requests": requests, "limits": limits}
 
 
@@ -171,12 +174,14 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
         {"name": "KUBELLM_DEPLOYMENT", "value": owner.name},
     ]
     container = {
-        "name": "worker", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+        "name": "worker", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
         "command": ["kubellm", "worker", "--model", model_path(spec), "--config", f"{CONFIG_MOUNT}/engine.json",
                     "--tensor-parallel", str(spec.tensorParallel), "--pipeline-parallel", str(spec.pipelineParallel),
-                    "--port", str(port)],
+                    "--port", str(port), "--metrics-port", str(METRICS_PORT),
+                    *(["--device", "cpu"] if spec.device == "cpu" else [])],
         "env": env,
-        "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT}],
+        "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT},
+                  {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -244,8 +249,9 @@ def leaders_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
 def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
     port = spec.router.port
     command = ["kubellm", "router", "--deployment-name", owner.name,
-               "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port)]
-    ports = [{"name": GRPC_PORT_NAME, "containerPort": port}]
+               "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
+               "--metrics-port", str(METRICS_PORT)]
+    ports = [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}]
     if spec.restApi.enabled:
         command += ["--rest-port", str(spec.restApi.port)]
         ports.append({"name": REST_PORT_NAME, "containerPort": spec.restApi.port})
@@ -260,7 +266,7 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
                     "securityContext": pod_security_context(),
                     "automountServiceAccountToken": False,
                     "containers": [{
-                        "name": "router", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+                        "name": "router", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
                         "command": command, "ports": ports,
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                         "securityContext": {**container_security_context(), "readOnlyRootFilesystem": True},

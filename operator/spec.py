@@ -19,7 +19,9 @@ KIND = "LLMDeployment"
 PLURAL = "llmdeployments"
 SINGULAR = "llmdeployment"
 SHORT_NAMES = ["llmd"]
-DEFAULT_IMAGE = "ghcr.io/kubellm/kubellm:0.1.0"
+# The runtime image (CUDA) used when a spec names none; the operator's KUBELLM_RUNTIME_IMAGE (the Helm
+# value runtimeImage) overrides it, so the CRD itself carries no image default.
+DEFAULT_IMAGE = "ghcr.io/kubellm/runtime:0.1.0"
 
 # hf://org/name[@revision], pvc://claim/path, an absolute path inside the image, or a known name.
 MODEL_SOURCE_PATTERN = (r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
@@ -112,7 +114,12 @@ class LLMDeploymentSpec(_Spec):
     replicas: int = Field(1, ge=0, le=1000, description="independent model copies (parallel groups)")
     gpusPerPod: int | None = Field(None, ge=1, le=64,
                                    description="GPUs (ranks) per pod; default: the whole group in one pod")
-    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512)
+    device: Literal["gpu", "cpu"] = Field("gpu", description="gpu: each rank gets one nvidia.com/gpu; cpu: no GPU "
+                                                            "is requested and ranks run on CPU (clusters without GPUs, "
+                                                            "with the -cpu runtime image)")
+    image: str | None = Field(None, min_length=1, max_length=512,
+                              description="workers' and router's image; default: the operator's runtime image "
+                                          "(Helm value runtimeImage)")
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="extra container resources (cpu, memory); GPUs are added by the operator")

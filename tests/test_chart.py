@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,12 +40,69 @@ needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (on PATH or
                                                      "the e2e suite runs helm for real")
 
 
+# -- what the operator calls --------------------------------------------------------------------
+PLURALS = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
+           "ConfigMap": "configmaps", "PodDisruptionBudget": "poddisruptionbudgets", "Ingress": "ingresses",
+           "Pod": "pods"}
+APPLY = ("get", "create", "patch")  # Kube.apply: read the live object; server-side apply (create when new)
+
+# Every permission the operator needs, with the call behind it; the chart's RBAC must grant exactly
+# these. Tied to the code below (statically) and by e2e/test_helm.py to the API server's audit log.
+FRAMEWORK = {  # kopf and Kubernetes, not our code
+    ("kubellm.io", "llmdeployments", "list"): "kopf: initial listing of the watched resource",
+    ("kubellm.io", "llmdeployments", "watch"): "kopf: the watch stream",
+    ("kubellm.io", "llmdeployments", "patch"): "kopf: progress and diff-base annotations",
+    ("kubellm.io", "llmdeployments/status", "patch"): "handlers: patch.status",
+    ("kubellm.io", "llmdeployments/finalizers", "update"):
+        "children's ownerReferences set blockOwnerDeletion (OwnerReferencesPermissionEnforcement)",
+    ("", "events", "create"): "kopf.event",
+}
+
+
+def operator_calls() -> dict[tuple[str, str, str], str]:
+    """(group, resource, verb) of every API call in the operator's own code, and where it is."""
+    calls: dict[tuple[str, str, str], str] = {}
+    for child in R.children(R.Owner("demo", "default", "uid"), LLMDeploymentSpec.model_validate(
+            {"model": {"source": "hf://org/name"}, "tensorParallel": 2, "replicas": 2,
+             "restApi": {"enabled": True, "ingress": {"host": "llm.example.com"}}})):
+        for verb in APPLY:
+            calls[(child["apiVersion"].rpartition("/")[0], PLURALS[child["kind"]], verb)] = "Kube.apply (children)"
+    source = (ROOT / "operator" / "handlers.py").read_text()
+    for method, api_version, kind in re.findall(r'\bk\.(list|get|delete)\("([^"]+)", "(\w+)"', source):
+        calls[(api_version.rpartition("/")[0], PLURALS[kind], method)] = f"handlers.py: k.{method}({kind})"
+    for api_version, kind in re.findall(r'k\.resource\("([^"]+)", "(\w+)"\)\.patch\(', source):
+        calls[(api_version.rpartition("/")[0], PLURALS[kind], "patch")] = f"handlers.py: patch {kind}"
+    if "k.max_node_gpus()" in source and "list_node()" in (ROOT / "operator" / "kube.py").read_text():
+        calls[("", "nodes", "list")] = "Kube.max_node_gpus"
+    return calls
+
+
+def needed_permissions() -> set[tuple[str, str, str]]:
+    return set(operator_calls()) | set(FRAMEWORK)
+
+
+def test_operator_calls_are_found():
+    calls = operator_calls()
+    # A few calls the regexes must keep finding, or this test proves nothing.
+    for call in [("apps", "statefulsets", "delete"), ("", "pods", "delete"), ("", "pods", "list"),
+                 ("apps", "statefulsets", "patch"), ("", "nodes", "list"), ("apps", "deployments", "get"),
+                 ("networking.k8s.io", "ingresses", "create")]:
+        assert call in calls, call
+    # Every way handlers.py talks to the API server is one the regexes understand.
+    source = (ROOT / "operator" / "handlers.py").read_text()
+    assert len(re.findall(r"\bk\.(?:list|get|delete)\(", source)) == len(
+        re.findall(r'\bk\.(?:list|get|delete)\("[^"]+", "\w+"', source))
+    assert not re.search(r"\bkube\(\)\.(?!apply)", source), "call the API through `k = kube()` so it is counted here"
+
+
+# -- without helm ------------------------------------------------------------------------------
 # -- without helm ------------------------------------------------------------------------------
 def test_chart_crd_is_the_generated_crd():
-    chart_copy = CHART / "crds" / crd.CRD_FILE
+    chart_copy = CHART / "files" / crd.CRD_FILE
     assert chart_copy.read_text(encoding="utf-8") == (ROOT / "crds" / crd.CRD_FILE).read_text(encoding="utf-8"), (
         f"the chart's CRD differs from crds/; run: {crd.REGENERATE}")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [crd.CRD_FILE]
+    assert sorted(p.name for p in (CHART / "files").iterdir()) == [crd.CRD_FILE]
+    assert not (CHART / "crds").exists(), "crds/ is never upgraded by helm; the CRD is templates/crd.yaml"
 
 
 def test_chart_metadata():
@@ -58,8 +116,9 @@ def test_values_follow_their_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     jsonschema.Draft7Validator(schema).validate(values)
-    for bad in ({"watchNamespace": "Not_A_Namespace"}, {"replicaCount": 2}, {"runAsUser": 0},
-                {"image": {"repository": "x", "pullPolicy": "Sometimes"}}):
+    for bad in ({"watchNamespaces": ["Not_A_Namespace"]}, {"watchNamespace": "a"}, {"replicaCount": 2},
+                {"runAsUser": 0}, {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
+                {"crds": {"kep": False}}, {"podMonitor": {"enabled": True, "intervall": "1m"}}):
         assert list(jsonschema.Draft7Validator(schema).iter_errors({**values, **bad})), bad
 
 
@@ -90,26 +149,6 @@ def granted(role: dict) -> set[tuple[str, str, str]]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-PLURALS = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
-           "ConfigMap": "configmaps", "PodDisruptionBudget": "poddisruptionbudgets", "Ingress": "ingresses"}
-APPLY = {"get", "list", "watch", "create", "patch", "delete"}  # server-side apply, observe, scale down
-
-
-def needed_permissions() -> set[tuple[str, str, str]]:
-    """What the operator does: apply every kind of child the builders produce, and the rest."""
-    spec = LLMDeploymentSpec.model_validate({"model": {"source": "hf://org/name"}, "tensorParallel": 2, "replicas": 2,
-                                             "restApi": {"enabled": True, "ingress": {"host": "llm.example.com"}}})
-    kinds = {(child["apiVersion"].rpartition("/")[0], child["kind"])
-             for child in R.children(R.Owner("demo", "default", "uid"), spec)}
-    assert {kind for _, kind in kinds} == set(PLURALS), "a new kind of child: grant it in charts/kubellm/templates/rbac.yaml"
-    needed = {(group, PLURALS[kind], verb) for group, kind in kinds for verb in APPLY}
-    needed |= {("kubellm.io", "llmdeployments", verb) for verb in ("get", "list", "watch", "patch")}
-    needed |= {("kubellm.io", "llmdeployments/status", "patch"), ("kubellm.io", "llmdeployments/finalizers", "update")}
-    needed |= {("", "pods", verb) for verb in ("get", "list", "watch", "delete")}
-    needed |= {("", "events", "create")}
-    return needed
-
-
 @needs_helm
 def test_helm_lint():
     result = helm("lint", "--strict", str(CHART))
@@ -121,48 +160,53 @@ def test_rendered_objects():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole",
-                            "ClusterRoleBinding", "ClusterRoleBinding", "Deployment"])
-    assert one(objects, "CustomResourceDefinition") == crd.crd_manifest()
+                            "ClusterRoleBinding", "ClusterRoleBinding", "Deployment", "Service", "Job"])
+    rendered_crd, generated = one(objects, "CustomResourceDefinition"), crd.crd_manifest()
+    assert rendered_crd["spec"] == generated["spec"] and rendered_crd["metadata"]["name"] == generated["metadata"]["name"]
+    assert rendered_crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     for o in objects:
-        if o["kind"] in ("ServiceAccount", "Deployment"):
+        if o["kind"] in ("ServiceAccount", "Deployment", "Service", "Job"):
             assert o["metadata"]["namespace"] == "kubellm-system"
+    assert "annotations" not in one(render("crds.keep=false"), "CustomResourceDefinition")["metadata"]
+    assert not [o for o in render("crds.install=false", "tests.enabled=false")
+                if o["kind"] in ("CustomResourceDefinition", "Job")]
 
 
 @needs_helm
-def test_rbac_covers_what_the_operator_does():
+def test_rbac_is_exactly_what_the_operator_does():
     objects = render()
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     rules: set[tuple[str, str, str]] = set()
     for binding in (o for o in objects if o["kind"] == "ClusterRoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "kubellm-system"}]
         rules |= granted(one(objects, "ClusterRole", binding["roleRef"]["name"]))
-    missing = needed_permissions() - rules
+    missing, unused = needed_permissions() - rules, rules - needed_permissions()
     assert not missing, f"the operator's ServiceAccount lacks {sorted(missing)}"
-    assert {("", "nodes", verb) for verb in ("get", "list", "watch")} <= rules
-    assert not {r for r in rules if r[1] == "secrets"}, "the operator never reads Secrets"
-    assert not {r for r in rules if r[1] == "nodes" and r[2] not in ("get", "list", "watch")}
+    assert not unused, f"the chart grants what the operator never does: {sorted(unused)}"
     assert not {r for r in rules if "*" in r}
 
 
 @needs_helm
-def test_watch_namespace_binds_in_that_namespace_only():
-    objects = render("watchNamespace=team-a")
-    binding = one(objects, "RoleBinding")
-    assert binding["metadata"]["namespace"] == "team-a"
-    role = one(objects, "ClusterRole", binding["roleRef"]["name"])
-    assert needed_permissions() <= granted(role)
-    # cluster-wide, only the reads the cluster-scoped role grants
+def test_watch_namespaces_binds_in_those_namespaces_only():
+    objects = render("watchNamespaces={team-a,team-b}")
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert needed_permissions() - {("", "nodes", "list")} == granted(one(objects, "ClusterRole",
+                                                                              binding["roleRef"]["name"]))
+    # cluster-wide, only listing nodes
     cluster_wide = set()
     for b in (o for o in objects if o["kind"] == "ClusterRoleBinding"):
         cluster_wide |= granted(one(objects, "ClusterRole", b["roleRef"]["name"]))
-    assert {verb for _, _, verb in cluster_wide} <= {"get", "list", "watch"}
+    assert cluster_wide == {("", "nodes", "list")}
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert "--namespace=team-a" in container["args"]
+    assert container["args"] == ["--namespace=team-a,team-b"]
 
 
 @needs_helm
-def test_operator_deployment_is_restricted():
-    deployment = one(render(), "Deployment")
+def test_operator_deployment_is_restricted_and_probed():
+    objects = render()
+    deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
@@ -171,20 +215,62 @@ def test_operator_deployment_is_restricted():
     assert all("hostPath" not in volume for volume in pod.get("volumes", []))
     [container] = pod["containers"]
     assert container["command"] == ["kubellm", "operator"]
-    assert container["image"] == "ghcr.io/kubellm/kubellm:0.1.0"
+    assert container["image"] == "ghcr.io/kubellm/operator:0.1.0"
     assert "args" not in container  # the whole cluster by default
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0"
+    assert env["KUBELLM_OPERATOR_HEALTH"] == "http://0.0.0.0:8080/healthz"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     context = container["securityContext"]
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["readOnlyRootFilesystem"] is True
     assert context["runAsNonRoot"] is True and not context.get("privileged")
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    assert pod["serviceAccountName"] == one(render(), "ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    service = one(objects, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    env = {e["name"]: e.get("value") for e in one(render(
+        "runtimeImage.tag=0.1.0-cpu", "image.tag=dev"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
+
+
+@needs_helm
+def test_helm_test_hook_checks_the_api_and_the_operator():
+    objects = render()
+    job = one(objects, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"][:3] == ["python", "-m", "kubellm.operator.check"]
+    service = one(objects, "Service")
+    assert f"--health-url=http://{service['metadata']['name']}.kubellm-system.svc:8080/healthz" in container["command"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@needs_helm
+def test_pod_monitor_scrapes_workers_and_routers():
+    assert not [o for o in render() if o["kind"] == "PodMonitor"]
+    monitor = one(render("podMonitor.enabled=true", "podMonitor.labels.release=prom", "watchNamespaces={a}"),
+                  "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["a"]}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == R.METRICS_PORT_NAME
+    components = next(e for e in monitor["spec"]["selector"]["matchExpressions"]
+                      if e["key"] == "app.kubernetes.io/component")["values"]
+    spec = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}})
+    owner = R.Owner("x", "a", "uid")
+    for built in (R.worker_statefulset(owner, spec, 0), R.router_deployment(owner, spec)):
+        labels = built["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "kubellm" and labels["app.kubernetes.io/component"] in components
 
 
 @needs_helm
 def test_values_schema_is_enforced():
-    result = helm("template", "kubellm", str(CHART), "--set", "watchNamespace=Not_A_Namespace", check=False)
-    assert result.returncode != 0 and "watchNamespace" in result.stderr
-    result = helm("template", "kubellm", str(CHART), "--set", "replicaCount=2", check=False)
-    assert result.returncode != 0
+    for value, named in (("watchNamespaces={Not_A_Namespace}", "watchNamespaces"), ("replicaCount=2", "replicaCount"),
+                         ("crds.kep=false", "kep"), ("image.pullPolicy=Sometimes", "pullPolicy")):
+        result = helm("template", "kubellm", str(CHART), "--set", value, check=False)
+        assert result.returncode != 0 and named in result.stderr, (value, result.stderr)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from kubellm.operator import crd, spec
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = [ROOT / "crds" / crd.CRD_FILE, ROOT / "charts" / "kubellm" / "crds" / crd.CRD_FILE]
+COMMITTED = [ROOT / "crds" / crd.CRD_FILE, ROOT / "charts" / "kubellm" / "files" / crd.CRD_FILE]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_committed_crd_is_up_to_date(path):
 def test_check_mode_reports_stale_files(tmp_path, capsys):
     assert crd.main(["--write", "--root", str(tmp_path)]) == 0
     assert crd.main(["--check", "--root", str(tmp_path)]) == 0
-    stale = tmp_path / "charts" / "kubellm" / "crds" / crd.CRD_FILE
+    stale = tmp_path / "charts" / "kubellm" / "files" / crd.CRD_FILE
     stale.write_text(stale.read_text().replace("maxLength: 512", "maxLength: 511"))
     assert crd.main(["--check", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err

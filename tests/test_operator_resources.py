@@ -147,3 +147,16 @@ def test_operator_never_imports_torch():
     code = ("import sys, kubellm.operator.spec, kubellm.operator.resources, kubellm.operator.status; "
             "import kubellm.operator.handlers; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cpu_device_requests_no_gpu_and_exposes_metrics():
+    gpu = R.worker_statefulset(OWNER, spec(tensorParallel=2), 0)["spec"]["template"]["spec"]["containers"][0]
+    cpu = R.worker_statefulset(OWNER, spec(device="cpu", image="ghcr.io/kubellm/runtime:0.1.0-cpu"), 0)
+    worker = cpu["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in str(worker["resources"]) and gpu["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert worker["command"][-2:] == ["--device", "cpu"] and "--device" not in gpu["command"]
+    assert worker["image"] == "ghcr.io/kubellm/runtime:0.1.0-cpu" and gpu["image"] == R.DEFAULT_IMAGE
+    router = R.router_deployment(OWNER, spec())["spec"]["template"]["spec"]["containers"][0]
+    for container in (worker, gpu, router):
+        assert {"name": R.METRICS_PORT_NAME, "containerPort": R.METRICS_PORT} in container["ports"]
+        assert container["command"][container["command"].index("--metrics-port") + 1] == str(R.METRICS_PORT)
