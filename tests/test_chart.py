@@ -274,3 +274,53 @@ def test_values_schema_is_enforced():
                          ("crds.kep=false", "kep"), ("image.pullPolicy=Sometimes", "pullPolicy")):
         result = helm("template", "kubellm", str(CHART), "--set", value, check=False)
         assert result.returncode != 0 and named in result.stderr, (value, result.stderr)
+
+
+# -- images (docker/; built by e2e/kind/run.sh and CI where Docker exists) -----------------------
+DOCKERFILES = {"operator": ROOT / "docker" / "operator.Dockerfile", "runtime": ROOT / "docker" / "runtime.Dockerfile",
+               "runtime-cpu": ROOT / "docker" / "runtime-cpu.Dockerfile"}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_images_are_pinned_and_run_as_non_root(name):
+    steps = instructions(DOCKERFILES[name])
+    [base] = [arg for op, arg in steps if op == "FROM"]
+    image, _, tag = base.partition(":")
+    assert re.fullmatch(r"\d+\.\d+\.\d+-[a-z0-9.-]+", tag), f"{name}: pin the base image to an exact version: {base}"
+    users = [arg for op, arg in steps if op == "USER"]
+    assert users == ["1000:1000"], "numeric, so that runAsNonRoot can verify it; uid 1000 as the pods run"
+    assert ("ENTRYPOINT", '["kubellm"]') in steps
+    commands = [c.strip() for op, arg in steps if op == "RUN" for c in arg.split("&&")]
+    installs = " ".join(c for c in commands if c.startswith("pip install") or c.startswith("kubellm "))
+    if name == "operator":
+        assert "[operator]" in installs and "torch" not in installs and "[runtime]" not in installs
+    else:
+        assert "[runtime]" in installs and "torch==${TORCH_VERSION}" in installs
+        assert "kubellm models pull smollm2-135m" in installs, "the embedded model the kind test serves"
+        torch = dict(arg.split("=", 1) for op, arg in steps if op == "ARG")["TORCH_VERSION"]
+        assert re.fullmatch(r"\d+\.\d+\.\d+", torch)
+    if name == "runtime":
+        assert image == "nvidia/cuda"
+    if name == "runtime-cpu":
+        assert "download.pytorch.org/whl/cpu" in installs
+
+
+def test_image_names_agree():
+    """The chart, the operator's default and the Dockerfiles' build lines name the same images."""
+    from kubellm.operator.spec import DEFAULT_IMAGE
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    operator_image = f"{values['image']['repository']}:{chart['appVersion']}"
+    runtime_image = f"{values['runtimeImage']['repository']}:{chart['appVersion']}"
+    assert DEFAULT_IMAGE == runtime_image
+    for name, image in (("operator", operator_image), ("runtime", runtime_image), ("runtime-cpu", runtime_image + "-cpu")):
+        assert f"-t {image} ." in DOCKERFILES[name].read_text(), (name, image)
+    cpu = yaml.safe_load((ROOT / "e2e" / "kind" / "smollm2-cpu.yaml").read_text())
+    assert cpu["spec"]["image"] == runtime_image + "-cpu" and cpu["spec"]["device"] == "cpu"
