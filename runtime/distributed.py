@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -209,15 +210,26 @@ class RankGroup:
         return msg
 
     def _raise_dead(self, peer: Peer):
-        self.broken = True  # the group cannot run another step
-        raise RuntimeError(f"parallel rank {peer.rank} (pid {peer.pid}) {peer.how_dead()}; the group is broken, "
-                           "restart the engine")
+        reason = f"parallel rank {peer.rank} (pid {peer.pid}) {peer.how_dead()}; the group is broken"
+        self._abandon(reason)
+        raise RuntimeError(f"{reason}, restart the engine")
+
+    def _abandon(self, reason: str) -> None:
+        """The group cannot run another step: tell the ranks still alive to exit now, so that none
+        waits for a step that will never come."""
+        if self.broken:
+            return
+        self.broken = True
+        for peer in self.peers:
+            try:
+                peer.conn.send(("abort", reason))
+            except (BrokenPipeError, ConnectionError, OSError):
+                pass
 
     def explain(self, exc: BaseException) -> None:
         """A collective failed on rank 0: raise an error naming the rank that died, if one did."""
         if isinstance(exc, RuntimeError) and str(exc).startswith("parallel rank"):
             return  # already ours
-        self.broken = True  # the group cannot run another step
         for _ in range(20):
             for peer in self.peers:
                 if not peer.alive():
@@ -226,6 +238,7 @@ class RankGroup:
                     except RuntimeError as clear:
                         raise clear from exc
             time.sleep(0.1)
+        self._abandon(f"a collective failed on rank 0 ({exc})")
         raise RuntimeError(f"parallel step failed in a collective ({exc}); the group is broken, "
                            "restart the engine") from exc
 
@@ -307,6 +320,9 @@ def _serve_steps(runner, conn, still_wanted) -> None:
             os._exit(1)  # rank 0 is gone
         if msg[0] == "stop":
             return
+        if msg[0] == "abort":
+            print(f"kubellm rank: rank 0 gave up the group ({msg[1]}); exiting", file=sys.stderr, flush=True)
+            os._exit(1)
         if msg[0] == "blocks":
             if msg[1] != runner.num_blocks:
                 runner.num_blocks = runner._make_kv_cache(msg[1])

@@ -36,6 +36,10 @@ def _generate(engine, n=8):
     return [s.token_ids for s in engine.generate(PROMPTS, gens)]
 
 
+def num_layers(path) -> int:
+    return json.loads((path / "config.json").read_text())["num_hidden_layers"]
+
+
 def _single(path):
     engine = _engine(path)
     try:
@@ -46,11 +50,21 @@ def _single(path):
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=["pp2", "tp2xpp2"])
 def test_greedy_tokens_match_one_process(tiny_model, tp, pp):
-    expected, _ = _single(tiny_model)
+    expected, total = _single(tiny_model)
     engine = _engine(tiny_model, tp, pp)
     try:
         assert engine.runner.stage.is_first and not engine.runner.stage.is_last
         assert _generate(engine) == expected
+        # Sharded for real: rank r holds 1/tp of stage r // tp's checkpoint tensors (plus the norms
+        # each tensor rank keeps whole, a fraction of a percent); together, the model once.
+        per_rank = [param_bytes(engine.runner.model), *engine.rank_group.worker_param_bytes]
+        layers, first, last = checkpoint_sizes(tiny_model, num_layers(tiny_model))
+        bounds = split_equal_size(len(layers), pp)
+        for rank, held in enumerate(per_rank):
+            start, end = bounds[rank // tp]
+            stage = sum(layers[start:end]) + (first if start == 0 else 0) + (last if end == len(layers) else 0)
+            assert abs(held - 4 * stage / tp) <= 0.02 * total, (rank, held, 4 * stage / tp)
+        assert total <= sum(per_rank) <= 1.02 * total
     finally:
         engine.destroy()
     import torch.distributed as dist
@@ -128,16 +142,22 @@ def test_micro_batches_keep_order_and_are_never_empty(tokens, count):
     assert all(chunks) and [x for c in chunks for x in c] == items
 
 
-def test_killed_stage_fails_rank0_step_with_a_clear_error(tiny_llama):
-    engine = _engine(tiny_llama, pp=2)
+def test_killed_rank_fails_the_step_clearly_and_the_other_ranks_exit(tiny_llama):
+    engine = _engine(tiny_llama, tp=2, pp=2)
     try:
         engine.add_request("Hello there", GenerationConfig(max_new_tokens=20, ignore_eos=True))
         engine.step()
-        os.kill(engine.rank_group.procs[0].pid, signal.SIGKILL)
+        procs = engine.rank_group.procs
+        os.kill(procs[2].pid, signal.SIGKILL)  # rank 3: the last stage's second tensor rank
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"parallel rank 1 .*died \(signal 9\)"):
+        with pytest.raises(RuntimeError, match=r"parallel rank \d \(pid \d+\) (died|exited).*group is broken"):
             engine.step()
         assert time.monotonic() - start < 10
+        # Ranks 1 and 2 exit by themselves (rank 0 abandons the group), not at the engine's destroy.
+        for p in procs[:2]:
+            p.join(15)
+            assert p.exitcode is not None and p.exitcode != 0, p
+        assert time.monotonic() - start < 20
     finally:
         engine.destroy()
 
