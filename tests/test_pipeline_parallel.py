@@ -163,15 +163,17 @@ def test_killed_rank_fails_the_step_clearly_and_the_other_ranks_exit(tiny_llama)
 
 
 # -- a group across "hosts": one `kubellm worker` per pod, as the operator's StatefulSet runs them --
-def _worker(model, config_file, pod, port, master_port, log, pp=2):
-    env = dict(os.environ, POD_INDEX=str(pod), KUBELLM_GPUS_PER_POD="1", WORLD_SIZE="2",
+def _worker(model, config_file, pod, port, master_port, log, tp=1, pp=2, per_pod=1):
+    env = dict(os.environ, POD_INDEX=str(pod), KUBELLM_GPUS_PER_POD=str(per_pod), WORLD_SIZE=str(tp * pp),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
     return subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "worker", "--model", str(model),
-                             "--config", str(config_file), "--pipeline-parallel", str(pp), "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--config", str(config_file), "--tensor-parallel", str(tp), "--pipeline-parallel",
+                             str(pp), "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tmp_path):
+@pytest.mark.parametrize("tp,pp,per_pod", [(1, 2, 1), (2, 2, 2)], ids=["pod-per-rank", "two-ranks-per-pod"])
+def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tmp_path, tp, pp, per_pod):
     from test_serving_processes import free_port, wait_serving
 
     from kubellm.runtime.client import Client, ClientError
@@ -182,8 +184,9 @@ def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tm
                                   "session_len": 128, "device": "cpu"}))
     log = open(tmp_path / "workers.log", "wb")
     ports, master_port = [free_port(), free_port()], free_port()
-    follower = _worker(tiny_llama, config, 1, ports[1], master_port, log)  # order does not matter
-    leader = _worker(tiny_llama, config, 0, ports[0], master_port, log)
+    group = {"tp": tp, "pp": pp, "per_pod": per_pod}
+    follower = _worker(tiny_llama, config, 1, ports[1], master_port, log, **group)  # order does not matter
+    leader = _worker(tiny_llama, config, 0, ports[0], master_port, log, **group)
     try:
         wait_serving(f"127.0.0.1:{ports[0]}")
         wait_serving(f"127.0.0.1:{ports[1]}")  # the follower answers health once its stage is loaded
@@ -197,7 +200,7 @@ def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tm
             follower.wait(10)
             with pytest.raises(ClientError) as err:
                 client.generate(["Hello"], max_new_tokens=4, timeout=60)
-            assert err.value.code == "UNAVAILABLE" and "parallel rank 1" in str(err.value)
+            assert err.value.code == "UNAVAILABLE" and "parallel rank" in str(err.value)
     except BaseException:
         log.flush()
         print((tmp_path / "workers.log").read_text()[-5000:])
