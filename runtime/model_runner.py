@@ -10,6 +10,7 @@ import torch.distributed as dist
 from kubellm.runtime import parallel
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.context import AttentionMetadata, PrefillChunk, set_context
+from kubellm.runtime.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.layers.attention import PagedAttention
 from kubellm.runtime.loader import load_weights
 from kubellm.runtime.models import model_class
@@ -62,6 +63,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.step_hook = None  # several ranks: rank 0 sends each step to the others first
         self.num_blocks = self._allocate_kv_cache(hf_config, session_len)
+        self.decode_graphs = capture_decode_graphs(self, session_len)  # None: every step eager
 
     def _allocate_kv_cache(self, hf_config, session_len: int) -> int:
         layer = self.attention_layers[0]
@@ -122,6 +124,8 @@ class ModelRunner:
 
     def _run_model(self, scheduled, intermediate=None):
         input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(metadata, len(input_ids)):
+            return self.decode_graphs.run(input_ids, positions, metadata), sample_rows
         set_context(metadata)
         try:
             return self.model(input_ids, positions, intermediate), sample_rows
