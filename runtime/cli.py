@@ -59,6 +59,14 @@ def cmd_bench(args) -> int:
         print(sweep(args.target, args.direct, [int(c) for c in args.concurrency.split(",")],
                     args.requests_per_stream, args.max_new))
         return 0
+    if args.kind == "parallel":
+        from kubellm.runtime.bench_parallel import format_parallel, parallel
+
+        result = parallel(args.model, args.tensor_parallel, args.pipeline_parallel, args.num_prompts,
+                          args.batch_size, (args.min_prompt, args.max_prompt), (args.min_new, args.max_new),
+                          args.seed, args.dtype, args.lengths)
+        print(json.dumps(result) if args.json else format_parallel(result))
+        return 0
     from kubellm.runtime import bench
 
     result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
@@ -289,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
-    bench.add_argument("kind", choices=["offline", "serve"],
-                       help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct)")
+    bench.add_argument("kind", choices=["offline", "serve", "parallel"],
+                       help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct); "
+                            "parallel: one process vs a tensor x pipeline group")
     bench.add_argument("--target", default="127.0.0.1:50051", help="serve: gRPC address of a router or worker")
     bench.add_argument("--direct", default=None, help="serve: a worker address to compare with (router overhead)")
     bench.add_argument("--concurrency", default="1,16,64", help="serve: comma-separated stream counts")
@@ -307,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--dtype", default="auto")
     bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face generate")
+    bench.add_argument("--tensor-parallel", type=int, default=1, help="parallel: tensor ranks of the group")
+    bench.add_argument("--pipeline-parallel", type=int, default=2, help="parallel: pipeline stages of the group")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")

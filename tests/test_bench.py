@@ -39,3 +39,16 @@ def test_serve_bench_runs_against_a_real_worker(tiny_llama):
         assert "deploy / direct" in text and "added" in text
     finally:
         worker.stop()
+
+
+def test_parallel_bench_runs_one_process_and_the_group_with_and_without_micro_batches(tiny_llama):
+    from kubellm.runtime.bench_parallel import format_parallel, parallel
+
+    result = parallel(str(tiny_llama), pipeline_parallel=2, num_prompts=4, batch_size=4, prompt_len=(4, 16),
+                      new_tokens=(2, 6), dtype="float32", device="cpu")
+    single, one_micro, micro = result["runs"]
+    assert "pipeline_parallel" not in single and single["ratio"] == 1.0
+    assert one_micro["pipeline_parallel"] == 2 and one_micro["pipeline_micro_batches"] == 1
+    assert micro["pipeline_parallel"] == 2 and "pipeline_micro_batches" not in micro
+    assert all(run["tok_s"] > 0 for run in result["runs"])
+    assert "2 micro-batches" in format_parallel(result)
