@@ -191,9 +191,8 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
 
 
 def watched_namespaces(namespace: str | None) -> list[str]:
-    """`--namespace a,b` (or KUBELLM_WATCH_NAMESPACES): watch these namespaces only; none: the cluster."""
-    value = namespace if namespace is not None else os.environ.get("KUBELLM_WATCH_NAMESPACES", "")
-    return [name.strip() for name in value.split(",") if name.strip()]
+    """`--namespace a,b` (the chart's watchNamespaces): watch these namespaces only; none: the cluster."""
+    return [name.strip() for name in (namespace or "").split(",") if name.strip()]
 
 
 def run(namespace: str | None = None, verbose: bool = False) -> None:

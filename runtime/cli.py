@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")
-    operator.add_argument("--namespace", default=None, help="watch one namespace (default: the whole cluster)")
+    operator.add_argument("--namespace", default=None, help="watch these namespaces only, comma-separated (default: the whole cluster)")
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(func=cmd_operator)
     worker = sub.add_parser("worker", help="serve one engine over gRPC (a replica's leader; what the pods run)")

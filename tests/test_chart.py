@@ -96,6 +96,13 @@ def test_operator_calls_are_found():
 
 
 # -- without helm ------------------------------------------------------------------------------
+def test_operator_namespace_flag_takes_the_charts_list():
+    from kubellm.operator.handlers import watched_namespaces
+
+    assert watched_namespaces("team-a,team-b") == ["team-a", "team-b"]
+    assert watched_namespaces("team-a") == ["team-a"] and watched_namespaces(None) == watched_namespaces("") == []
+
+
 # -- without helm ------------------------------------------------------------------------------
 def test_chart_crd_is_the_generated_crd():
     chart_copy = CHART / "files" / crd.CRD_FILE
