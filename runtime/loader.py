@@ -63,6 +63,9 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     aliases = getattr(model, "checkpoint_aliases", {})
+    # Optional per-model renaming of checkpoint names (e.g. GPT-2 / OPT checkpoints saved without the
+    # "transformer." / "model." prefix); None skips the tensor (saved buffers such as GPT-2's attn.bias).
+    rename = getattr(model, "checkpoint_name", None)
     loaded_names: set[str] = set()
     files = weight_files(path)
     total = 0
@@ -75,6 +78,9 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
             for name in f.keys():
                 bar.update(1)
                 if "rotary_emb.inv_freq" in name:
+                    continue
+                stored = name
+                if rename is not None and (name := rename(name)) is None:
                     continue
                 if name in aliases:
                     name_for_us = aliases[name]
@@ -92,7 +98,7 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
                     raise ModelDirError(f"checkpoint tensor {name!r} in {file.name} has no place in "
                                         f"{type(model).__name__}; is config.json's architecture right?")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, f.get_slice(name), shard_id) if shard_id is not None else loader(param, f.get_slice(name))
+                loader(param, f.get_slice(stored), shard_id) if shard_id is not None else loader(param, f.get_slice(stored))
                 loaded_names.add(target)
     bar.close()
     tied = {n for n, p in params.items() if n not in loaded_names and any(

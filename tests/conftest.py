@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import ARCHS, make_checkpoint  # noqa: E402
+from tiny_models import ARCHS, FAMILIES, TIED_FAMILIES, make_checkpoint  # noqa: E402
 
 
 def _build(tmp_path_factory, name, arch, **kwargs):
@@ -54,3 +54,11 @@ def tiny_llama_sharded(tmp_path_factory):
 def tiny_model(request):
     """Each architecture in turn: the path of tiny_llama, tiny_llama3, tiny_mistral, tiny_qwen2."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session", params=FAMILIES, ids=list(FAMILIES))
+def tiny_family(request, tmp_path_factory):
+    """Each non-Llama family in turn (OPT, GPT-2, Phi, Falcon layouts, Mixtral); tied embeddings
+    where the released checkpoints tie them. Separate from tiny_model: their configs differ."""
+    arch = request.param
+    return _build(tmp_path_factory, f"tiny_{arch}", arch, tie_word_embeddings=arch in TIED_FAMILIES)

@@ -49,7 +49,16 @@ def encode(engine, prompts):
 
 
 def test_greedy_matches_hf_with_chunked_prefill_mixed_into_decodes(tiny_model):
-    engine = engine_for(tiny_model, max_num_batched_tokens=16)
+    check_chunked_prefill_mixed_into_decodes(tiny_model)
+
+
+def test_other_families_match_hf_with_chunked_prefill_mixed_into_decodes(tiny_family):
+    """OPT, GPT-2, Phi, Falcon (three layouts), Mixtral: the same continuous-batching check."""
+    check_chunked_prefill_mixed_into_decodes(tiny_family)
+
+
+def check_chunked_prefill_mixed_into_decodes(path):
+    engine = engine_for(path, max_num_batched_tokens=16)
     ids = encode(engine, PROMPTS)
     steps_with_both = 0
     original_schedule = engine.scheduler.schedule
@@ -72,7 +81,7 @@ def test_greedy_matches_hf_with_chunked_prefill_mixed_into_decodes(tiny_model):
         engine.step()
     assert steps_with_both > 0, "no step mixed a prefill chunk with decodes"
     assert max(map(len, ids)) > 16, "a prompt must be longer than the step budget to be chunked"
-    assert_matches_hf(tiny_model, ids, seqs)
+    assert_matches_hf(path, ids, seqs)
 
 
 def test_prefix_cache_hits_give_the_same_tokens(tiny_llama):

@@ -22,6 +22,9 @@ from pathlib import Path
 # module (conftest.py does) costs nothing in an environment without them (kubellm[operator]).
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2")
+# Other families (not in ARCHS: their configs name heads and sizes their own way).
+FAMILIES = ("opt", "opt_postnorm", "gpt2", "phi", "falcon", "falcon_mq", "falcon_serial", "mixtral")
+TIED_FAMILIES = ("opt", "opt_postnorm", "gpt2", "falcon", "falcon_mq", "falcon_serial")  # as released
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -160,10 +163,49 @@ def _config(arch: str, vocab_size: int, bos_id: int, eos_id: int, tie: bool, ove
         cls, kwargs = MistralConfig, common
     elif arch == "qwen2":
         cls, kwargs = Qwen2Config, dict(common, rope_theta=1000000.0)
+    elif arch in FAMILIES:
+        cls, kwargs = _family_config(arch, vocab_size, bos_id, eos_id, tie)
     else:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + FAMILIES}")
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def _family_config(arch: str, vocab_size: int, bos_id: int, eos_id: int, tie: bool):
+    """hidden 64, 4 heads of 16, MLP 128, 2 layers (3 for falcon_serial), each family's names."""
+    from transformers import FalconConfig, GPT2Config, MixtralConfig, OPTConfig, PhiConfig
+
+    ids = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=tie)
+    if arch.startswith("opt"):
+        kwargs = dict(ids, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=512, init_std=0.2, pad_token_id=eos_id)
+        if arch == "opt_postnorm":  # as opt-350m: post-norm, embeddings projected 32 <-> 64
+            kwargs.update(do_layer_norm_before=False, word_embed_proj_dim=32)
+        return OPTConfig, kwargs
+    if arch == "gpt2":
+        return GPT2Config, dict(ids, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=512,
+                                initializer_range=0.2)
+    if arch == "phi":  # grouped KV heads and a non-default rotary fraction (12 of 16 dims)
+        return PhiConfig, dict(ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                               max_position_embeddings=512, initializer_range=0.2)
+    if arch.startswith("falcon"):
+        kwargs = dict(ids, hidden_size=64, ffn_hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=512, initializer_range=0.2, alibi=False)
+        if arch == "falcon":  # new decoder architecture (40B/180B): 2 KV groups, two norms
+            kwargs.update(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True)
+        elif arch == "falcon_mq":  # 7B layout: multi-query (one KV head), parallel attention
+            kwargs.update(new_decoder_architecture=False, multi_query=True, parallel_attn=True)
+        else:  # old layout without multi-query, attention then MLP, with biases
+            kwargs.update(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True,
+                          num_hidden_layers=3)
+        return FalconConfig, kwargs
+    if arch == "mixtral":
+        return MixtralConfig, dict(ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                                   rms_norm_eps=1e-5, initializer_range=0.2)
+    raise AssertionError(arch)
 
 
 def _perturb(model, seed: int) -> None:
@@ -175,9 +217,11 @@ def _perturb(model, seed: int) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(seed + 1)
+    layer_norms = {f"{name}.weight" for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.LayerNorm)}  # GPT-2's ln_1, Falcon's ln_attn, ...
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name in layer_norms:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
@@ -265,6 +309,8 @@ def _hub_style_config(path: Path) -> None:
         config["rope_theta"] = rope.pop("rope_theta")
     if rope.get("rope_type", "default") != "default":
         config["rope_scaling"] = rope
+    if "partial_rotary_factor" in rope:  # Phi keeps it at the top level
+        config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     if "dtype" in config:
         config["torch_dtype"] = config.pop("dtype")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

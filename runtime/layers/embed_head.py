@@ -35,7 +35,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the selected positions only; the tensor ranks' vocabulary slices gathered."""
+    """Logits for the selected positions only; the tensor ranks' vocabulary slices gathered.
+    `bias` (Phi): split by vocabulary like the weight."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
+        super().__init__(vocab_size, hidden_size)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.shard_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.linear(hidden, self.weight))[:, : self.vocab_size]
+        return all_gather_last_dim(F.linear(hidden, self.weight, self.bias))[:, : self.vocab_size]

@@ -91,13 +91,14 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The decoder stack, or one pipeline stage of it: the first stage embeds, the last norms."""
 
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
+    def __init__(self, config, max_positions: int, stage: PipelineStage, decoder_layer=None):
         super().__init__()
+        decoder_layer = decoder_layer or LlamaDecoderLayer  # Mixtral swaps the MLP for experts
         self.stage = stage
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
                              if stage.is_first else MissingLayer())
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: LlamaDecoderLayer(config, rotary))
+        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: decoder_layer(config, rotary))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if stage.is_last else MissingLayer()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -125,10 +126,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    decoder_layer = None  # None: LlamaDecoderLayer
+
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
         super().__init__()
         stage = stage or whole_model(config.num_hidden_layers)
-        self.model = LlamaModel(config, max_positions, stage)
+        self.model = LlamaModel(config, max_positions, stage, self.decoder_layer)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
         self.checkpoint_aliases = {}  # checkpoint name -> our parameter, for tensors stored once
         if config.tie_word_embeddings and stage.is_last:
