@@ -164,3 +164,26 @@ def test_falcon_qkv_shards_match_transformers_split(monkeypatch, layout, tp):
             torch.testing.assert_close(q[:, h], q_ref[0, :, g])
             torch.testing.assert_close(k[:, h // (hq // hkv)], k_ref[0, :, g])
             torch.testing.assert_close(v[:, h // (hq // hkv)], v_ref[0, :, g])
+
+
+def test_moe_dense_path_for_graph_capture_equals_the_sparse_path():
+    """Decode CUDA graphs cannot sync to learn which experts a step needs; the dense path they
+    capture (every expert, weight 0 where not chosen) must give the sparse path's numbers."""
+    import torch
+
+    from kubellm.runtime.layers.moe import SparseMoE
+
+    torch.manual_seed(0)
+    moe = SparseMoE(num_experts=4, top_k=2, hidden_size=32, intermediate_size=48)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(7, 32)
+    weights, chosen = moe.route(x)
+    assert chosen.unique().numel() > 2  # tokens go to different experts
+    sparse = moe.sparse(x, weights, chosen)
+    torch.testing.assert_close(moe.dense(x, weights, chosen), sparse, rtol=1e-5, atol=1e-5)
+    # And both are the top-2 mixture computed directly.
+    expected = torch.stack([sum(w * moe.expert(e, x[t:t + 1])[0] for w, e in zip(weights[t], chosen[t].tolist()))
+                            for t in range(7)])
+    torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(moe(x), sparse)

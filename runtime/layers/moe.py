@@ -6,7 +6,10 @@ each rank computes its partial output for every routed token and one all-reduce 
 tensor-parallel size that divides the intermediate size works, whatever the expert count.
 
 The experts run one at a time over the tokens routed to them (plain PyTorch, as transformers
-does); there is no fused MoE kernel yet.
+does); there is no fused MoE kernel yet. Which experts a step needs is known only on the host
+after a sync, which a CUDA graph capture (decode graphs) cannot do: while capturing, every
+expert runs over every token and unchosen experts get weight 0 (the same sums up to float
+rounding; decode batches are small, and with top-2 of 8 most experts are hit anyway).
 """
 
 from __future__ import annotations
@@ -87,15 +90,35 @@ class SparseMoE(nn.Module):
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] float32, renormalised over the chosen; chosen experts [T, k])."""
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        w13, w2 = self.experts.w13.weight, self.experts.w2.weight
-        for expert in chosen.unique().tolist():
-            tokens, slot = torch.where(chosen == expert)
-            h = self.act(F.linear(x[tokens], w13[expert]))
-            h = F.linear(h, w2[expert]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, h.to(out.dtype))
+        return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(F.linear(x, self.experts.w13.weight[e]))
+        return F.linear(h, self.experts.w2.weight[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.route(x)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        out = self.dense(x, weights, chosen) if capturing else self.sparse(x, weights, chosen)
         return all_reduce(out)
+
+    def sparse(self, x, weights, chosen) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # a host sync
+            tokens, slot = torch.where(chosen == e)
+            h = self.expert(e, x[tokens]) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, h.to(out.dtype))
+        return out
+
+    def dense(self, x, weights, chosen) -> torch.Tensor:
+        """No host sync, fixed shapes: every expert over every token, weight 0 where not chosen."""
+        full = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+        full.scatter_(1, chosen, weights)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            out += (self.expert(e, x) * full[:, e, None]).to(out.dtype)
+        return out
