@@ -62,16 +62,21 @@ def run_load(address: str, concurrency: int, requests_per_stream: int, max_new_t
             "tpot_p99_ms": 1e3 * _percentile(tpot, 0.99)}
 
 
-def unary_latency(address: str, n: int = 200) -> float:
-    """p50 of a 1-token Generate: what a hop adds shows up here."""
-    client = Client(address)
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        client.generate("Hi", max_new_tokens=1)
-        samples.append(time.perf_counter() - start)
-    client.close()
-    return 1e3 * statistics.median(samples)
+def unary_latency(*addresses: str, n: int = 300, warmup: int = 20) -> list[float]:
+    """p50 (ms) of a 1-token Generate against each address: what a hop adds shows up here. The
+    samples are taken in turn (a, b, a, b, ...), so that load from elsewhere on the machine falls
+    on every address alike instead of on whichever happened to be measured during it."""
+    clients = [Client(a) for a in addresses]
+    samples: list[list[float]] = [[] for _ in addresses]
+    for i in range(warmup + n):
+        for client, out in zip(clients, samples):
+            start = time.perf_counter()
+            client.generate("Hi", max_new_tokens=1)
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    for client in clients:
+        client.close()
+    return [1e3 * statistics.median(s) for s in samples]
 
 
 def sweep(address: str, direct: str | None, concurrency: list[int], requests_per_stream: int,
@@ -88,7 +93,7 @@ def sweep(address: str, direct: str | None, concurrency: list[int], requests_per
             lines.append(f"{name:8} {c:5d} {r['requests']:5d} {r['errors']:4d} {r['tok_s']:8.1f} "
                          f"{r['ttft_p50_ms']:9.1f} {r['ttft_p99_ms']:8.1f} {r['tpot_p50_ms']:9.2f} {r['tpot_p99_ms']:8.2f}")
     if direct:
-        via, straight = unary_latency(address), unary_latency(direct)
+        via, straight = unary_latency(address, direct)
         lines.append(f"1-token Generate p50: deploy {via:.2f} ms, direct {straight:.2f} ms, "
                      f"added {via - straight:.2f} ms")
         for c in concurrency:

@@ -14,6 +14,10 @@ A stream cut after its first message ends with UNAVAILABLE naming the replica. O
 (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
 are passed on; a cancelled client cancels the upstream call.
 
+gRPC requests and replies are forwarded as raw bytes: the router registers the LLM methods with
+identity (de)serializers on both sides, so the hot path never parses or re-serializes a
+protobuf. The REST gateway uses the same forwarding with typed messages (`raw=False`).
+
 The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
 replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
 `/metrics` (Prometheus text) is on the REST port when the gateway is enabled, else on
@@ -23,6 +27,8 @@ replica is (readiness); "liveness" is SERVING while the process runs (liveness p
 from __future__ import annotations
 
 import asyncio
+import bisect
+import gc
 import ipaddress
 import logging
 import math
@@ -53,14 +59,21 @@ _CUT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.
 # Metadata keys that belong to the transport, not to the caller.
 _HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding"}
 
+_MAX_MESSAGE = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = [
     # Come back quickly once a replica returns (the default backoff grows to two minutes).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
 ]
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+_UNARY_METHODS = ("Generate", "ModelInfo")
 
 
 class UpstreamError(Exception):
@@ -131,8 +144,10 @@ SLOW_CHECKS_TO_FAIL = 3
 class Replica:
     address: str
     channel: grpc.aio.Channel
-    stub: llm_pb2_grpc.LLMStub
+    stub: llm_pb2_grpc.LLMStub            # typed messages (the REST gateway, Terminate)
     health_stub: health_pb2_grpc.HealthStub
+    raw_unary: dict                        # method -> bytes-in, bytes-out multicallable (gRPC forwarding)
+    raw_stream: grpc.aio.UnaryStreamMultiCallable
     healthy: bool = False
     reason: str = "not checked yet"
     slow_checks: int = 0   # consecutive health checks that timed out
@@ -140,7 +155,13 @@ class Replica:
     @classmethod
     def connect(cls, address: str) -> "Replica":
         channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        return cls(address, channel, llm_pb2_grpc.LLMStub(channel), health_pb2_grpc.HealthStub(channel))
+        # No serializers: requests and replies stay bytes. Registered methods spare gRPC core
+        # from interning the method path on every call.
+        raw_unary = {m: channel.unary_unary(f"/{SERVICE_NAME}/{m}", _registered_method=True)
+                     for m in _UNARY_METHODS}
+        raw_stream = channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream", _registered_method=True)
+        return cls(address, channel, llm_pb2_grpc.LLMStub(channel), health_pb2_grpc.HealthStub(channel),
+                   raw_unary, raw_stream)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -163,7 +184,7 @@ class RouterMetrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str, str], int] = {}   # (replica, method, code) -> count
         self.retries: dict[str, int] = {}                    # method -> count
-        self.latency: dict[str, list] = {}                   # method -> [bucket counts, sum, count]
+        self.latency: dict[str, list] = {}                   # method -> [per-bucket counts, sum, count]
         self.replicas: dict[str, bool] = {}                  # address -> healthy
 
     def request(self, replica: str, method: str, code: grpc.StatusCode) -> None:
@@ -176,11 +197,12 @@ class RouterMetrics:
             self.retries[method] = self.retries.get(method, 0) + 1
 
     def observe(self, method: str, seconds: float) -> None:
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds (len: only +Inf)
         with self._lock:
-            entry = self.latency.setdefault(method, [[0] * len(LATENCY_BUCKETS), 0.0, 0])
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    entry[0][i] += 1
+            entry = self.latency.get(method)
+            if entry is None:
+                entry = self.latency[method] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, 0]
+            entry[0][i] += 1
             entry[1] += seconds
             entry[2] += 1
 
@@ -208,9 +230,11 @@ class RouterMetrics:
             out += ["# HELP kubellm_router_request_duration_seconds Time from request to last response byte.",
                     "# TYPE kubellm_router_request_duration_seconds histogram"]
             for method, (counts, total, count) in sorted(self.latency.items()):
+                cumulative = 0
                 for bound, n in zip(LATENCY_BUCKETS, counts):
+                    cumulative += n
                     out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",'
-                               f'le="{_num(bound)}"}} {n}')
+                               f'le="{_num(bound)}"}} {cumulative}')
                 out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",le="+Inf"}} {count}')
                 out.append(f'kubellm_router_request_duration_seconds_sum{{method="{method}"}} {_num(total)}')
                 out.append(f'kubellm_router_request_duration_seconds_count{{method="{method}"}} {count}')
@@ -375,11 +399,15 @@ class Router:
         self.metrics.request(replica.address, method, grpc.StatusCode.OK)
         self.metrics.observe(method, time.monotonic() - start)
 
-    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None):
-        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica."""
+    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None, *,
+                            raw: bool = False):
+        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica.
+
+        `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
         start, last = time.monotonic(), None
         for replica, remaining in self._attempts(method, timeout):
-            call = getattr(replica.stub, method)(request, metadata=metadata, timeout=remaining)
+            stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
+            call = stub(request, metadata=metadata, timeout=remaining)
             try:
                 response = await call
             except asyncio.CancelledError:
@@ -390,21 +418,25 @@ class Router:
                 continue
             self._succeeded(replica, method, start)
             if method == "ModelInfo":
-                self.model_info = response
+                self.model_info = llm_pb2.ModelInfoResponse.FromString(response) if raw else response
             return response
         raise self._no_replica(last)
 
-    async def forward_stream(self, request, metadata=(), timeout: float | None = None):
-        """Async iterator over GenerateStream messages of the next healthy replica."""
+    async def forward_stream(self, request, metadata=(), timeout: float | None = None, *, raw: bool = False):
+        """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
         method = "GenerateStream"
         start, last = time.monotonic(), None
         for replica, remaining in self._attempts(method, timeout):
-            call = replica.stub.GenerateStream(request, metadata=metadata, timeout=remaining)
+            stub = replica.raw_stream if raw else replica.stub.GenerateStream
+            call = stub(request, metadata=metadata, timeout=remaining)
             received = False
             try:
-                async for message in call:
+                # call.read() rather than `async for`: one async generator less per message.
+                message = await call.read()
+                while message is not grpc.aio.EOF:
                     received = True
                     yield message
+                    message = await call.read()
             except grpc.aio.AioRpcError as err:
                 if received and err.code() in _CUT:
                     self.metrics.request(replica.address, method, err.code())
@@ -447,10 +479,8 @@ class Router:
         """Resolve and check the leaders once, then serve gRPC on `port` (0 picks one); returns it."""
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.refresh()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                          ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                                          ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        llm_pb2_grpc.add_LLMServicer_to_server(RouterServicer(self), server)
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        RouterServicer(self).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.grpc_port = server.add_insecure_port(_join_host_port(host, port))
         if not self.grpc_port:
@@ -507,28 +537,44 @@ class Router:
         await self._stopped.wait()
 
 
-class RouterServicer(llm_pb2_grpc.LLMServicer):
-    """The LLM service, answered by forwarding to the replicas."""
+class RouterServicer:
+    """The LLM service, answered by forwarding to the replicas: requests and replies of Generate,
+    GenerateStream and ModelInfo stay serialized bytes end to end (identity (de)serializers)."""
 
     def __init__(self, router: Router):
         self.router = router
 
-    async def _unary(self, method, request, context):
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(self.ModelInfo),
+            "Terminate": grpc.unary_unary_rpc_method_handler(
+                self.Terminate, request_deserializer=llm_pb2.TerminateRequest.FromString,
+                response_serializer=llm_pb2.TerminateResponse.SerializeToString),
+        }
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = self.method_handlers()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    async def _unary(self, method: str, request: bytes, context) -> bytes:
         try:
             return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
-                                                   context.time_remaining())
+                                                   context.time_remaining(), raw=True)
         except UpstreamError as err:
             await context.abort(err.code, err.details)
 
-    async def Generate(self, request, context):
+    async def Generate(self, request: bytes, context) -> bytes:
         return await self._unary("Generate", request, context)
 
-    async def ModelInfo(self, request, context):
+    async def ModelInfo(self, request: bytes, context) -> bytes:
         return await self._unary("ModelInfo", request, context)
 
-    async def GenerateStream(self, request, context):
+    async def GenerateStream(self, request: bytes, context):
         stream = self.router.forward_stream(request, _forwardable(context.invocation_metadata()),
-                                            context.time_remaining())
+                                            context.time_remaining(), raw=True)
         try:
             async for message in stream:
                 yield message
@@ -553,6 +599,10 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate,
                     health_interval=health_interval, resolve_interval=resolve_interval)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
+    # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
+    # keep it out of the collector's full passes, which otherwise walk it again and again under load.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

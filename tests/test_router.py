@@ -42,9 +42,11 @@ class Echo(llm_pb2_grpc.LLMServicer):
         self.name = name
         self.calls = 0
         self.cancelled = 0
+        self.last_request = None
 
     async def _check(self, request, context):
         self.calls += 1
+        self.last_request = request
         texts = [_prompt_text(p) for p in request.prompts]
         if "bad" in texts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompts[0]: 'bad' is not allowed")
@@ -280,6 +282,35 @@ def test_metadata_deadline_and_terminate(cluster):
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     info = cluster.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=5)
     assert info.model == "echo-model"
+
+
+def test_grpc_requests_and_replies_pass_as_bytes(cluster):
+    """The router forwards what it gets without re-encoding it: a field it does not know (a newer
+    client's) reaches the replica byte for byte; ModelInfo is still understood for /v1/models."""
+    sent = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text="raw")]).SerializeToString()
+    sent += b"\xc0\x3e\x07"  # field 1000 (varint) = 7: unknown to every side
+    generate = cluster.channel.unary_unary("/kubellm.v1.LLM/Generate")  # bytes in, bytes out
+    reply = llm_pb2.GenerateResponse.FromString(generate(sent, timeout=5))
+    servicer = cluster.replicas[int(reply.replica.rsplit("-", 1)[1])].servicer
+    assert servicer.last_request.SerializeToString() == sent
+    assert reply.responses[0].text == f"{reply.replica}:raw"
+    stream = cluster.channel.unary_stream("/kubellm.v1.LLM/GenerateStream")
+    chunks = [llm_pb2.GenerateStreamResponse.FromString(b) for b in stream(sent, timeout=5)]
+    assert "".join(c.text for c in chunks).endswith(":raw")
+    assert cluster.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=5).model == "echo-model"
+    assert cluster.router.model_info.model == "echo-model"  # parsed once for the gateway
+
+
+def test_latency_histogram_is_cumulative():
+    from kubellm.runtime.router import RouterMetrics
+
+    m = RouterMetrics()
+    for seconds in (0.003, 0.007, 0.01, 200.0):
+        m.observe("Generate", seconds)
+    text = m.render()
+    for le, n in (("0.005", 1), ("0.01", 3), ("0.025", 3), ("120", 3), ("+Inf", 4)):
+        assert f'kubellm_router_request_duration_seconds_bucket{{method="Generate",le="{le}"}} {n}' in text
+    assert 'kubellm_router_request_duration_seconds_count{method="Generate"} 4' in text
 
 
 def test_terminate_when_allowed():
