@@ -187,3 +187,33 @@ def test_moe_dense_path_for_graph_capture_equals_the_sparse_path():
                             for t in range(7)])
     torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(moe(x), sparse)
+
+
+def test_triton_path_gives_the_reference_tokens(tiny_family, monkeypatch):
+    """The families use the same kernels as Llama (paged attention, KV write, rotary incl. Phi's
+    partial one, SiLU-mul in the experts): on the Triton path (interpreted on CPU; on a GPU
+    test_engine_hf.py runs it directly) the same greedy tokens as the references."""
+    import torch
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, test_engine_hf.py itself runs the Triton path")
+    from kubellm.kernels import attention_triton, triton_support
+
+    if not triton_support.interpreting():
+        pytest.skip("CPU tensors need Triton's interpreter")
+    prompts, gen = [list(range(3, 30)), [5, 17, 42]], GenerationConfig(max_new_tokens=4, logprobs=0)
+
+    def generate(mode):
+        monkeypatch.setenv("KUBELLM_KERNELS", mode)
+        engine = engine_for(tiny_family, num_kv_blocks=64, max_batch_size=4, max_num_batched_tokens=16)
+        seqs = engine.generate(prompts, [gen] * len(prompts))
+        return [s.generated_ids for s in seqs], [s.logprobs for s in seqs]
+
+    ref_ids, ref_logprobs = generate("reference")
+    calls = []
+    kernel = attention_triton.paged_decode_attention
+    monkeypatch.setattr(attention_triton, "paged_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ids, logprobs = generate("triton")
+    assert calls and ids == ref_ids
+    for got, expected in zip(logprobs, ref_logprobs):
+        assert got == pytest.approx(expected, abs=1e-4)
