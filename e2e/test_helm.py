@@ -97,6 +97,15 @@ def wait_phase(cluster, operator, namespace, name, phase="Ready", timeout=90) ->
         raise AssertionError(f"{err}\noperator log:\n{operator.tail()}") from None
 
 
+def operator_metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def audited(cluster, user: str) -> tuple[set[tuple[str, str, str]], list[dict]]:
     """(group, resource[/subresource], verb) of every resource request `user` made, and its denials."""
     seen, denied = set(), []
@@ -174,9 +183,9 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
     its worker and router pods are admitted under `restricted`; the API server denied it nothing.
     The test Job's check passes against this operator and fails against a dead address."""
     kubeconfig = service_account_kubeconfig(cluster, system, "kubellm", tmp_path / "sa.kubeconfig")
-    health = f"http://127.0.0.1:{free_port()}/healthz"
+    health, metrics_port = f"http://127.0.0.1:{free_port()}/healthz", free_port()
     env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "KUBELLM_OPERATOR_INTERVAL": "1",
-           "KUBELLM_OPERATOR_HEALTH": health}
+           "KUBELLM_OPERATOR_HEALTH": health, "KUBELLM_OPERATOR_METRICS_PORT": str(metrics_port)}
     cluster.create_namespace("team-x", RESTRICTED)
     with OperatorProcess(env, tmp_path / "operator.log") as op:
         cluster.kubectl("apply", "-n", "team-x", "-f", str(EXAMPLE))
@@ -205,6 +214,15 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
         cluster.wait_for(lambda: len(get(cluster, "statefulsets", namespace="team-x")["items"]) == 1,
                          "group 1 removed", 60)
         wait_phase(cluster, op, "team-x", "mistral")
+
+        metrics = operator_metrics(metrics_port)
+        assert metrics['kubellm_operator_llmdeployments{phase="Ready"}'] == 1
+        assert metrics['kubellm_operator_reconciles_total{reason="create"}'] == 1
+        assert metrics['kubellm_operator_group_restarts_total{cause="failure"}'] >= 1
+        assert metrics["kubellm_operator_writes_total"] >= 10
+        cluster.kubectl("delete", "llmd", "mistral", "-n", "team-x")
+        cluster.wait_for(lambda: operator_metrics(metrics_port)['kubellm_operator_llmdeployments{phase="Ready"}'] == 0,
+                         "a deleted LLMDeployment leaves the metrics", 30)
         _, denied = audited(cluster, SA_USER)
         assert not denied, [(e["verb"], e["objectRef"]) for e in denied]
         assert SA_USER not in op.tail(2000)

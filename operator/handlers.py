@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
+from kubellm.operator.metrics import OperatorMetrics
 from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
 from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states
 
@@ -27,6 +28,7 @@ INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
 log = logging.getLogger("kubellm.operator")
 _kube: Kube | None = None
+METRICS = OperatorMetrics(writes=lambda: _kube.writes if _kube else 0)
 
 
 def kube() -> Kube:
@@ -63,6 +65,7 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(body, spec, status, patch, reason, **_):
+    METRICS.reconciled(reason)
     owner = R.Owner.from_body(body)
     try:
         desired = parse_spec(spec)
@@ -105,6 +108,12 @@ def _timers_without_finalizer(registry) -> None:
 _timers_without_finalizer(kopf.get_default_registry())
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)  # raw watch events: no finalizer needed
+def forget(event, name, namespace, **_):
+    if event.get("type") == "DELETED":
+        METRICS.phase(namespace, name, None)
+
+
 def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
     k, removed = kube(), []
     for sts in k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker")):
@@ -124,6 +133,7 @@ def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str)
             k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
     _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
     group.restarting = cause
+    METRICS.restarted(cause)
     kopf.event(body, type="Warning", reason="GroupRestarted",
                message=f"replica group {group.index}: {why}; restarting all its ranks")
 
@@ -176,6 +186,7 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     selector = ",".join(f"{k_}={v}" for k_, v in R.selector(owner, "worker", **{R.POD_INDEX_LABEL: "0"}).items())
     new = compute_status(spec, groups, router_ready, body["metadata"].get("generation", 0), old,
                          R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure)
+    METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
         return
     if new["phase"] != old.get("phase"):
@@ -199,10 +210,12 @@ def run(namespace: str | None = None, verbose: bool = False) -> None:
     """Entry point of `kubellm operator` and of the operator container.
 
     KUBELLM_OPERATOR_HEALTH (e.g. ``http://0.0.0.0:8080/healthz``) serves kopf's liveness endpoint,
-    which the chart's probes and `helm test` use. KUBELLM_RUNTIME_IMAGE is the workers' and router's
-    image when a spec names none.
+    which the chart's probes and `helm test` use; KUBELLM_OPERATOR_METRICS_PORT serves Prometheus
+    /metrics. KUBELLM_RUNTIME_IMAGE is the workers' and router's image when a spec names none.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
+    if os.environ.get("KUBELLM_OPERATOR_METRICS_PORT"):
+        METRICS.serve(int(os.environ["KUBELLM_OPERATOR_METRICS_PORT"]))
     kopf.configure(verbose=verbose)
     namespaces = watched_namespaces(namespace)
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,

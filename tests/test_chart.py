@@ -125,7 +125,8 @@ def test_values_follow_their_schema():
     jsonschema.Draft7Validator(schema).validate(values)
     for bad in ({"watchNamespaces": ["Not_A_Namespace"]}, {"watchNamespace": "a"}, {"replicaCount": 2},
                 {"runAsUser": 0}, {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
-                {"crds": {"kep": False}}, {"podMonitor": {"enabled": True, "intervall": "1m"}}):
+                {"crds": {"kep": False}}, {"metrics": {"podMonitor": {"enabled": True, "intervall": "1m"}}},
+                {"refreshIntervalSeconds": 0}):
         assert list(jsonschema.Draft7Validator(schema).iter_errors({**values, **bad})), bad
 
 
@@ -229,7 +230,9 @@ def test_operator_deployment_is_restricted_and_probed():
     assert env["KUBELLM_OPERATOR_HEALTH"] == "http://0.0.0.0:8080/healthz"
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert env["KUBELLM_OPERATOR_METRICS_PORT"] == "9090" and env["KUBELLM_OPERATOR_INTERVAL"] == "5"
+    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     context = container["securityContext"]
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
@@ -239,6 +242,7 @@ def test_operator_deployment_is_restricted_and_probed():
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     service = one(objects, "Service")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"health": "health", "metrics": "metrics"}
     env = {e["name"]: e.get("value") for e in one(render(
         "runtimeImage.tag=0.1.0-cpu", "image.tag=dev"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
@@ -259,10 +263,16 @@ def test_helm_test_hook_checks_the_api_and_the_operator():
 
 
 @needs_helm
-def test_pod_monitor_scrapes_workers_and_routers():
-    assert not [o for o in render() if o["kind"] == "PodMonitor"]
-    monitor = one(render("podMonitor.enabled=true", "podMonitor.labels.release=prom", "watchNamespaces={a}"),
-                  "PodMonitor")
+def test_monitors_scrape_the_operator_workers_and_routers():
+    assert not [o for o in render() if o["kind"] in ("PodMonitor", "ServiceMonitor")]
+    objects = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom")
+    service_monitor, service = one(objects, "ServiceMonitor"), one(objects, "Service")
+    assert service_monitor["metadata"]["labels"]["release"] == "prom"
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": ["kubellm-system"]}
+    monitor = one(render("metrics.podMonitor.enabled=true", "metrics.podMonitor.labels.release=prom",
+                         "watchNamespaces={a}"), "PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["a"]}
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == R.METRICS_PORT_NAME
