@@ -72,8 +72,8 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
     for i in range(0, len(work.prompts), batch_size):
         batch = work.prompts[i:i + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         new = max(work.max_new_tokens[i:i + batch_size])
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -83,17 +83,27 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
 
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
-            lengths: str = "longtail") -> dict:
+            lengths: str = "longtail", random_model: str | None = None) -> dict:
+    """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
+    bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline."""
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kubellm.runtime import bench_roofline
     from kubellm.runtime.config import EngineConfig
     from kubellm.runtime.engine import LLMEngine
 
-    engine = LLMEngine(model, EngineConfig.build(max_batch_size=batch_size, dtype=dtype), show_progress=False)
+    options = dict(max_batch_size=batch_size, dtype=dtype)
+    if random_model:
+        model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
+        options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)
+    engine = LLMEngine(model, EngineConfig.build(**options), show_progress=False)
     work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
     warm = Workload(work.prompts[:2], [4, 4])
     run_engine(engine, warm)
+    decode = bench_roofline.batch1_decode(engine) if random_model else None
     engine_s = run_engine(engine, work)
     result = {"model": str(engine.model_path), "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
               "threads": torch.get_num_threads(), "prompts": num_prompts, "batch_size": batch_size,
@@ -101,10 +111,19 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
               "prompt_tokens": sum(map(len, work.prompts)), "generated_tokens": work.generated_tokens,
               "engine_s": engine_s, "engine_tok_s": work.generated_tokens / engine_s,
               "preemptions": engine.scheduler.num_preemptions}
+    if decode is not None:
+        result.update(random_model=random_model, decode=decode)
     device, dtype_ = engine.runner.device, engine.runner.dtype
     engine.destroy()
     if not skip_hf:
-        hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_).to(device).eval()
+        if random_model:  # the same shapes with HF's own random init: speed does not depend on values
+            from transformers import AutoConfig
+
+            with torch.device(device):
+                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(result["model"]), dtype=dtype_)
+            hf = hf.eval()
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_).to(device).eval()
         pad = hf.generation_config.pad_token_id
         pad = pad if pad is not None else 0
         run_hf(hf, pad, warm, batch_size)
@@ -121,4 +140,9 @@ def format_result(r: dict) -> str:
     if "hf_tok_s" in r:
         lines += [f"HF generate  {r['hf_tok_s']:8.1f} tok/s  ({r['hf_s']:.1f} s)",
                   f"ratio        {r['ratio']:8.2f}x  (kubellm / Hugging Face)"]
+    if "decode" in r:
+        from kubellm.runtime.bench_roofline import format_decode
+
+        lines += [f"random model {r['random_model']} (random bf16 weights from a config; nothing downloaded)",
+                  format_decode(r["decode"])]
     return "\n".join(lines)

@@ -67,11 +67,16 @@ def cmd_bench(args) -> int:
                           args.seed, args.dtype, args.lengths)
         print(json.dumps(result) if args.json else format_parallel(result))
         return 0
+    if args.kind == "kernels":
+        from kubellm.runtime import bench_kernels
+
+        return bench_kernels.main(as_json=args.json)
     from kubellm.runtime import bench
 
     result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
                            prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
-                           seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths)
+                           seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths,
+                           random_model=args.random_model)
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0
 
@@ -297,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
-    bench.add_argument("kind", choices=["offline", "serve", "parallel"],
+    bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels"],
                        help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct); "
-                            "parallel: one process vs a tensor x pipeline group")
+                            "parallel: one process vs a tensor x pipeline group; "
+                            "kernels: Triton kernels vs PyTorch SDPA / references (GPU)")
     bench.add_argument("--target", default="127.0.0.1:50051", help="serve: gRPC address of a router or worker")
     bench.add_argument("--direct", default=None, help="serve: a worker address to compare with (router overhead)")
     bench.add_argument("--concurrency", default="1,16,64", help="serve: comma-separated stream counts")
@@ -318,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face generate")
     bench.add_argument("--tensor-parallel", type=int, default=1, help="parallel: tensor ranks of the group")
     bench.add_argument("--pipeline-parallel", type=int, default=2, help="parallel: pipeline stages of the group")
+    bench.add_argument("--random-model", choices=["llama3-8b", "llama3-tiny"], default=None,
+                       help="offline: that shape with random bf16 weights instead of --model (nothing downloaded), "
+                            "plus batch-1 decode tokens/s against the memory-bandwidth roofline")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")

@@ -74,6 +74,9 @@ class EngineConfig(_Strict):
         None, ge=1, description="micro-batches a step is cut into so all stages work at once; default: pipeline_parallel")
     max_queue_size: int = Field(4096, ge=1, description="most waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that do not set random_seed")
+    load_format: Literal["safetensors", "random"] = Field(
+        "safetensors", description="random: seeded random weights of config.json's shapes, nothing read "
+        "(benchmarks of models that are not downloaded)")
     enforce_eager: bool = Field(
         False, description="run decode steps eagerly instead of replaying CUDA graphs captured per batch-size "
         "bucket (GPU only; CPU is always eager)")

@@ -14,6 +14,7 @@ from kubellm.runtime.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.layers.attention import PagedAttention
 from kubellm.runtime.loader import load_weights
 from kubellm.runtime.models import model_class
+from kubellm.runtime.random_weights import fill_random_weights
 from kubellm.runtime.sampler import SampleOutput, SamplingBatch, sample
 from kubellm.runtime.scheduler import ScheduledSeq
 from kubellm.runtime.stages import plan_stages, whole_model
@@ -58,7 +59,10 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config, session_len, self.stage)
         finally:
             torch.set_default_dtype(previous_dtype)
-        load_weights(self.model, path, show_progress)
+        if config.load_format == "random":
+            fill_random_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, path, show_progress)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.step_hook = None  # several ranks: rank 0 sends each step to the others first
