@@ -168,7 +168,7 @@ def test_lint_and_server_side_dry_run(cluster, system):
 
 def test_install(cluster, system):
     out = cluster.helm("install", "kubellm", str(CHART), "-n", system, "--wait", "--timeout", "90s").stdout
-    assert "watching all namespaces" in out and "kubectl get llmd" in out
+    assert "watching all namespaces" in out and "kubectl get llmd" in out and "keeps the CRD" in out, out
     deploy = get(cluster, "deployment", "kubellm", namespace=system)
     assert deploy["status"].get("readyReplicas") == 1  # KWOK ran the pod: it passed `restricted` admission
     crd = get(cluster, "crd", CRD_NAME)
@@ -251,8 +251,9 @@ def test_namespaced_release_watches_only_its_namespaces(cluster, system, tmp_pat
     LLMDeployment (no GPU asked) there, leaves team-x alone, and has no cluster-wide grant but nodes."""
     cluster.create_namespace("team-y", RESTRICTED)
     cluster.create_namespace("kubellm-team", RESTRICTED)
-    cluster.helm("install", "kubellm-team", str(CHART), "-n", "kubellm-team", "--wait", "--timeout", "90s",
-                 "--set", "crds.install=false", "--set", "watchNamespaces={team-y}")
+    notes = cluster.helm("install", "kubellm-team", str(CHART), "-n", "kubellm-team", "--wait", "--timeout", "90s",
+                         "--set", "crds.install=false", "--set", "watchNamespaces={team-y}").stdout
+    assert "watching team-y only" in notes and "kubectl apply -n team-y -f -" in notes, notes
     granted = granted_to(cluster, "kubellm-team", "kubellm-team")
     assert set(granted) == {"*", "team-y"} and granted["*"] == {("", "nodes", "list")}
     deploy = get(cluster, "deployment", "kubellm-team", namespace="kubellm-team")
@@ -332,8 +333,9 @@ def test_uninstall_leaves_only_the_kept_crd(cluster, system, tmp_path):
     # crds.keep=false: nothing at all is left, even with LLMDeployments that an operator (no longer
     # running, as after any uninstall) reconciled: it put no finalizer on them.
     cluster.kubectl("delete", "crd", CRD_NAME, "--wait=true", "--timeout=60s")
-    cluster.helm("install", "kubellm", str(CHART), "-n", system, "--set", "crds.keep=false", "--wait",
-                 "--timeout", "90s")
+    notes = cluster.helm("install", "kubellm", str(CHART), "-n", system, "--set", "crds.keep=false", "--wait",
+                         "--timeout", "90s").stdout
+    assert "DELETES the CRD and every LLMDeployment" in notes, notes
     assert f"CustomResourceDefinition/{CRD_NAME}" in ours(cluster, "kubellm")
     kubeconfig = service_account_kubeconfig(cluster, system, "kubellm", tmp_path / "sa.kubeconfig")
     env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "KUBELLM_OPERATOR_INTERVAL": "1"}
