@@ -20,9 +20,12 @@ import triton  # noqa: E402  (triton_support settles TRITON_INTERPRET first)
 import triton.language as tl  # noqa: E402
 
 LOG2E = 1.4426950408889634
+# Tiles for 16-bit inputs; float32 tiles are halved so K/V tiles (double-buffered by the
+# software pipeline, NUM_STAGES) still fit in shared memory at head size 128.
 DECODE_BLOCK_N = 64        # key positions per tile in decode
 PREFILL_BLOCK_M = 64       # query rows per program in prefill
 PREFILL_BLOCK_N = 64       # key positions per tile in prefill
+NUM_STAGES = 2
 MIN_KV_PER_SPLIT = 256     # split-KV only pays off when each split still reads this many keys
 MAX_SPLITS = 32
 
@@ -166,6 +169,10 @@ def _decode_reduce_kernel(split_out_ptr, split_lse_ptr, out_ptr, out_stride_b, o
              mask=dims < HEAD_DIM)
 
 
+def _tile(size_for_16_bit: int, dtype: torch.dtype) -> int:
+    return size_for_16_bit if dtype.itemsize <= 2 else size_for_16_bit // 2
+
+
 def _num_decode_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Enough programs to fill the GPU when the batch alone does not, each split >= MIN_KV_PER_SPLIT keys.
 
@@ -210,9 +217,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         CACHE_BLOCK_SIZE=cache_block_size, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_G=block(group), BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_G=block(group), BLOCK_D=block_d, BLOCK_N=_tile(DECODE_BLOCK_N, q.dtype),
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
-        DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+        DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             split_out, split_lse, out, out.stride(0), out.stride(1),
@@ -299,15 +306,16 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert block_table.dim() == 1 and block_table.stride(0) == 1
-    grid = (triton.cdiv(num_queries, PREFILL_BLOCK_M), num_heads)
+    block_m = _tile(PREFILL_BLOCK_M, q.dtype)
+    grid = (triton.cdiv(num_queries, block_m), num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_table, out,
         num_queries, int(context_len), scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         CACHE_BLOCK_SIZE=cache_block_size, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=block(head_dim),
+        BLOCK_M=block_m, BLOCK_N=_tile(PREFILL_BLOCK_N, q.dtype), BLOCK_D=block(head_dim),
         HAS_WINDOW=sliding_window is not None,
-        DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+        DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)
     return out
 

@@ -140,6 +140,35 @@ def test_paged_decode_attention_int32_block_table_and_strided_query(device):
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (2 x 4.6 GB of cache)")
+def test_paged_attention_reads_and_writes_beyond_int32_offsets():
+    """A cache of more than 2^31 elements: offsets of its last blocks overflow int32 arithmetic."""
+    num_kv_heads, head_dim, block_size, num_heads = 8, 128, 16, 32
+    num_blocks = 2 ** 31 // (block_size * num_kv_heads * head_dim) + 4096
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    context = 300
+    table = torch.arange(num_blocks - 19, num_blocks, device="cuda")  # the cache's last 19 blocks
+    slots = table[torch.arange(context, device="cuda") // block_size] * block_size + torch.arange(
+        context, device="cuda") % block_size
+    k = torch.randn(context, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(context, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    attention_triton.write_kv_cache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, num_kv_heads, head_dim)[slots], k)
+    q = torch.randn(context, num_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    expected = attention.paged_prefill_attention(q.float(), k.float(), v.float(), k_cache[table].float(),
+                                                 v_cache[table].float(), torch.arange(19, device="cuda"), context,
+                                                 head_dim ** -0.5)
+    got = attention_triton.paged_prefill_attention(q, k, v, k_cache, v_cache, table, context, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), expected, **TOL[torch.bfloat16])
+    lens = torch.tensor([context], device="cuda")
+    expected = attention.paged_decode_attention(q[-1:].float(), k_cache[table].float(), v_cache[table].float(),
+                                                torch.arange(19, device="cuda")[None], lens, head_dim ** -0.5)
+    got = attention_triton.paged_decode_attention(q[-1:], k_cache, v_cache, table[None], lens, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), expected, **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads,block_size,sliding_window,whole",
