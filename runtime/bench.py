@@ -83,7 +83,7 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
 
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
-            lengths: str = "longtail", random_model: str | None = None) -> dict:
+            lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False) -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
     bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline."""
     import tempfile
@@ -95,7 +95,7 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     from kubellm.runtime.config import EngineConfig
     from kubellm.runtime.engine import LLMEngine
 
-    options = dict(max_batch_size=batch_size, dtype=dtype)
+    options = dict(max_batch_size=batch_size, dtype=dtype, enforce_eager=enforce_eager)
     if random_model:
         model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
         options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)

@@ -76,7 +76,7 @@ def cmd_bench(args) -> int:
     result = bench.offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
                            prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
                            seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths,
-                           random_model=args.random_model)
+                           random_model=args.random_model, enforce_eager=args.enforce_eager)
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0
 
@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-model", choices=["llama3-8b", "llama3-tiny"], default=None,
                        help="offline: that shape with random bf16 weights instead of --model (nothing downloaded), "
                             "plus batch-1 decode tokens/s against the memory-bandwidth roofline")
+    bench.add_argument("--enforce-eager", action="store_true", help="offline: no CUDA graphs for decode steps")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")
