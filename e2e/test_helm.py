@@ -327,6 +327,7 @@ def test_uninstall_leaves_only_the_kept_crd(cluster, system, tmp_path):
     assert "kept due to the resource policy" in out and CRD_NAME in out, out
     cluster.wait_for(lambda: ours(cluster, "kubellm") == [f"CustomResourceDefinition/{CRD_NAME}"],
                      "only the CRD left", 60)
+    assert not get(cluster, "secrets", "-l", "owner=helm,name=kubellm", namespace=system)["items"], "release records"
     # the user's LLMDeployments survive with it
     assert get(cluster, "llmd", "newer", namespace="team-x")["metadata"]["name"] == "newer"
 
