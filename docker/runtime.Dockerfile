@@ -1,12 +1,13 @@
 # The kubellm runtime on NVIDIA GPUs: `kubellm worker` (a replica's engine, gRPC) and `kubellm router`
 # (round-robin gRPC router + REST gateway); the operator sets the command of each pod.
 #   docker build -f docker/runtime.Dockerfile -t ghcr.io/kubellm/runtime:0.1.0 .
-# torch's wheels bring their own CUDA libraries: the base image only needs the driver's user-space
-# hooks (NVIDIA container toolkit). Triton compiles a small launcher at first use: gcc and the
-# Python headers stay in the image.
-FROM nvidia/cuda:12.6.3-base-ubuntu24.04
+# torch's wheels bring their own CUDA libraries: the base image only declares the CUDA version the
+# NVIDIA container toolkit checks the driver against. Triton compiles a small launcher at first
+# use: gcc and the Python headers stay in the image.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
-# The torch version the test suite runs with (its PyPI wheels bundle CUDA 12).
+# The torch version the test suite runs with; its PyPI wheels bundle their CUDA 13 runtime (cu132),
+# which CUDA's minor-version compatibility lets run on this 13.0 base and any driver for CUDA 13.
 ARG TORCH_VERSION=2.15.0
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
