@@ -341,3 +341,21 @@ def test_image_names_agree():
         assert f"-t {image} ." in DOCKERFILES[name].read_text(), (name, image)
     cpu = yaml.safe_load((ROOT / "e2e" / "kind" / "smollm2-cpu.yaml").read_text())
     assert cpu["spec"]["image"] == runtime_image + "-cpu" and cpu["spec"]["device"] == "cpu"
+
+
+def test_kind_script_uses_what_is_tested_elsewhere():
+    """e2e/kind/run.sh cannot run here: its pieces must be the ones the other tests exercise."""
+    script = (ROOT / "e2e" / "kind" / "run.sh").read_text()
+    for path in re.findall(r"(?:docker|e2e/kind|charts)/[\w./-]+", script):
+        assert (ROOT / path.rstrip(".")).exists(), path
+    manifest = yaml.safe_load((ROOT / "e2e" / "kind" / "smollm2-cpu.yaml").read_text())
+    spec = LLMDeploymentSpec.model_validate(manifest["spec"])
+    assert spec.device == "cpu" and spec.replicas == 2 and spec.restApi.enabled and spec.model.source == "smollm2-135m"
+    name = manifest["metadata"]["name"]
+    assert f"svc/{name} {spec.router.port}:{spec.router.port} {spec.restApi.port}:{spec.restApi.port}" in script
+    assert f"query.sh 127.0.0.1:{spec.router.port} http://127.0.0.1:{spec.restApi.port} {name} {spec.replicas}" in script
+    assert "pod-security.kubernetes.io/enforce=restricted" in script
+    if HELM:  # the values the script sets pass the schema
+        helm("template", "kubellm", str(CHART), "--set", "runtimeImage.tag=0.1.0-cpu")
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "kind.yaml").read_text())
+    assert workflow["jobs"]["kind"]["steps"][-1]["run"] == "bash e2e/kind/run.sh"
