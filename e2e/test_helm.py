@@ -11,7 +11,6 @@ chart's ServiceAccount would give its pod.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
