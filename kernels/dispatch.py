@@ -38,10 +38,11 @@ def triton_installed() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    mode = kernel_mode()
-    if mode == "auto":
+    # Called several times per layer and step: the common case is checked first, without kernel_mode().
+    mode = os.environ.get("KUBELLM_KERNELS")
+    if not mode or mode == "auto":
         return tensor.is_cuda and triton_installed()
-    return mode == "triton"
+    return kernel_mode() == "triton"
 
 
 @functools.cache

@@ -82,18 +82,19 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self, device: torch.device) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        # Largest first: the smaller graphs then fit in the memory the first one reserved.
-        for bucket in reversed(self.buckets):
-            # Eager warm-up with the same shapes: compiles the Triton kernels and sets up cuBLAS
-            # outside the capture (neither may happen while capturing).
-            self._forward(bucket)
+        with torch.cuda.device(device):  # the pool and the capture stream belong to the model's GPU
+            pool = torch.cuda.graph_pool_handle()
+            # Largest first: the smaller graphs then fit in the memory the first one reserved.
+            for bucket in reversed(self.buckets):
+                # Eager warm-up with the same shapes: compiles the Triton kernels and sets up cuBLAS
+                # outside the capture (neither may happen while capturing).
+                self._forward(bucket)
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[bucket] = self._forward(bucket)
+                self.graphs[bucket] = graph
             torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bucket] = self._forward(bucket)
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize(device)
 
     def can_run(self, metadata: AttentionMetadata, num_tokens: int) -> bool:
         return (not metadata.prefills and metadata.num_decode == num_tokens and 0 < num_tokens <= self.buckets[-1]
