@@ -96,6 +96,18 @@ def test_operator_calls_are_found():
 
 
 # -- without helm ------------------------------------------------------------------------------
+def test_operator_puts_no_finalizer_on_llmdeployments():
+    """Else deleting one (or uninstalling with crds.keep=false) hangs while the operator is down."""
+    import kopf
+
+    from kubellm.operator import handlers  # noqa: F401 (registers the handlers)
+
+    registry = kopf.get_default_registry()
+    spawning = registry._spawning.get_all_handlers()
+    assert spawning and not any(h.requires_finalizer for h in spawning)
+    assert not any(getattr(h, "requires_finalizer", None) for h in registry._changing.get_all_handlers())
+
+
 def test_operator_namespace_flag_takes_the_charts_list():
     from kubellm.operator.handlers import watched_namespaces
 
