@@ -517,7 +517,8 @@ class _Worker:
                 self.model, self.engine_config, self.show_progress,
                 rank_group=self.rank_group() if self.rank_group else None))
         except Exception as exc:  # noqa: BLE001 - reported through health and every request
-            log.error("the model failed to load:\n%s", traceback.format_exc())
+            detail = str(exc) if isinstance(exc, ValueError) else traceback.format_exc()  # bad config: no trace
+            log.error("the model failed to load: %s", detail)
             self.load_error = exc
             self.ready.set()
             return
@@ -564,7 +565,9 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
     try:
         await worker.ready.wait()
         if worker.load_error is not None:
-            raise RuntimeError(f"model: {worker.model_name} failed to load: {worker.load_error}") from worker.load_error
+            # A ValueError is the user's configuration (the CLI prints it and exits 2); others are faults.
+            error = ValueError if isinstance(worker.load_error, ValueError) else RuntimeError
+            raise error(f"model: {worker.model_name} failed to load: {worker.load_error}") from worker.load_error
         await worker.terminated.wait()
     finally:
         await worker.stop()

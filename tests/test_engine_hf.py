@@ -23,7 +23,9 @@ LOGPROB_ATOL = 1e-4
 
 
 def engine_for(path, **options) -> LLMEngine:
-    defaults = dict(block_size=4, max_num_batched_tokens=32, num_kv_blocks=256, max_batch_size=8)
+    # fp32 everywhere (auto is bf16 on a GPU): the 1e-4 logprob bound is an fp32 bound; bf16 on the
+    # GPU is tests/test_engine_gpu.py's job.
+    defaults = dict(block_size=4, max_num_batched_tokens=32, num_kv_blocks=256, max_batch_size=8, dtype="float32")
     return LLMEngine(path, EngineConfig.build(**{**defaults, **options}), show_progress=False)
 
 

@@ -342,8 +342,11 @@ def test_cli_worker_process(tiny_llama, tmp_path):
             proc.wait()
 
 
-def test_cli_worker_refuses_parallel(tiny_llama, capsys):
+def test_cli_worker_rejects_a_tensor_parallel_size_the_heads_do_not_split(tiny_llama, capsys):
     from kubellm.runtime.cli import main
 
-    assert main(["worker", "--model", str(tiny_llama), "--tensor-parallel", "2"]) == 2
-    assert "issue 5" in capsys.readouterr().err
+    # 4 attention heads and 2 KV heads: 3 ranks cannot share them; the worker exits 2 with the
+    # field, the reason and the valid sizes, before starting any rank.
+    assert main(["worker", "--model", str(tiny_llama), "--tensor-parallel", "3", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor_parallel: 3" in err and "valid sizes are [1, 2]" in err
