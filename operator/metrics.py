@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Callable
+
+from kubellm.runtime.metrics import serve_metrics  # standard library only, like this module
 
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 
@@ -67,23 +69,4 @@ class OperatorMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         """GET /metrics on `port` (0: a free one, see `server.server_port`) in a daemon thread."""
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] not in ("/metrics", "/metrics/"):
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # scrapes would flood the log
-                pass
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, name="operator-metrics", daemon=True).start()
-        return server
+        return serve_metrics(self.render, port, host, thread_name="operator-metrics")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PREFIX = "kubellm_"
@@ -113,27 +114,32 @@ class WorkerMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         """Serve GET /metrics on `port` (0 picks a free one: see `server.server_port`) in a daemon thread."""
-        metrics = self
+        return serve_metrics(self.render, port, host)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] not in ("/metrics", "/metrics/"):
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
-            def log_message(self, *args):  # quiet: probes would flood the log
-                pass
+def serve_metrics(render: Callable[[], str], port: int, host: str = "0.0.0.0",
+                  thread_name: str = "kubellm-metrics") -> ThreadingHTTPServer:
+    """GET /metrics answered with `render()` in a daemon thread (worker and operator alike; no torch)."""
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="kubellm-metrics", daemon=True).start()
-        return server
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path.split("?")[0] not in ("/metrics", "/metrics/"):
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet: probes and scrapes would flood the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
+    return server
 
 
 def parse(text: str) -> dict[str, float]:

@@ -238,6 +238,8 @@ def test_dead_engine_thread_means_not_serving_and_unavailable(tiny_llama):
 
 def test_metrics(client, worker):
     client.generate(PROMPTS, max_new_tokens=5, ignore_eos=True)
+    with pytest.raises(ClientError):
+        client.generate("Hello", top_p=0.0)   # counted as INVALID_ARGUMENT
     _wait_idle(worker)
     text = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).read().decode()
     m = parse(text)

@@ -48,3 +48,15 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(F.linear(hidden, self.weight, self.bias))[:, : self.vocab_size]
+
+
+def tie_lm_head(model: nn.Module, config, stage, embedding: str) -> dict[str, str]:
+    """Share the input embedding with the LM head when the checkpoint ties them. A last pipeline
+    stage that is not also the first has no embedding: it reads its own copy of the checkpoint's
+    `embedding` tensor, so the returned {checkpoint name: our parameter} goes to the loader."""
+    if not (config.tie_word_embeddings and stage.is_last):
+        return {}
+    if stage.is_first:
+        model.lm_head.weight = model.get_parameter(embedding)
+        return {}
+    return {embedding: "lm_head.weight"}

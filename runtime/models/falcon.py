@@ -18,7 +18,7 @@ from torch import nn
 
 from kubellm.runtime.layers.act_fn import Activation
 from kubellm.runtime.layers.attention import PagedAttention
-from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.layers.layernorm import LayerNorm
 from kubellm.runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.rotary import RotaryEmbedding
@@ -184,12 +184,8 @@ class FalconForCausalLM(nn.Module):
         stage = stage or whole_model(config.num_hidden_layers)
         self.transformer = FalconModel(config, max_positions, stage)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
-        self.checkpoint_aliases = {}
-        if config.tie_word_embeddings and stage.is_last:
-            if stage.is_first:
-                self.lm_head.weight = self.transformer.word_embeddings.weight
-            else:
-                self.checkpoint_aliases["transformer.word_embeddings.weight"] = "lm_head.weight"
+        # checkpoint name -> our parameter, for tensors stored once
+        self.checkpoint_aliases = tie_lm_head(self, config, stage, "transformer.word_embeddings.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from kubellm.runtime.layers.activation import SiluAndMul
 from kubellm.runtime.layers.attention import PagedAttention
-from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.norm import RMSNorm
 from kubellm.runtime.layers.rotary import RotaryEmbedding
@@ -133,12 +133,8 @@ class LlamaForCausalLM(nn.Module):
         stage = stage or whole_model(config.num_hidden_layers)
         self.model = LlamaModel(config, max_positions, stage, self.decoder_layer)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
-        self.checkpoint_aliases = {}  # checkpoint name -> our parameter, for tensors stored once
-        if config.tie_word_embeddings and stage.is_last:
-            if stage.is_first:
-                self.lm_head.weight = self.model.embed_tokens.weight
-            else:  # the last stage reads its own copy of the tied embedding
-                self.checkpoint_aliases["model.embed_tokens.weight"] = "lm_head.weight"
+        # checkpoint name -> our parameter, for tensors stored once
+        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.embed_tokens.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from kubellm.runtime.layers.act_fn import Activation
 from kubellm.runtime.layers.attention import PagedAttention
-from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.layers.layernorm import LayerNorm
 from kubellm.runtime.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.positions import LearnedPositionEmbedding
@@ -119,12 +119,8 @@ class OPTForCausalLM(nn.Module):
         self.model = OPTModel(config, max_positions, stage)
         self.lm_head = (ParallelLMHead(config.vocab_size, config.word_embed_proj_dim) if stage.is_last
                         else MissingLayer())
-        self.checkpoint_aliases = {}
-        if config.tie_word_embeddings and stage.is_last:
-            if stage.is_first:
-                self.lm_head.weight = self.model.decoder.embed_tokens.weight
-            else:
-                self.checkpoint_aliases["model.decoder.embed_tokens.weight"] = "lm_head.weight"
+        # checkpoint name -> our parameter, for tensors stored once
+        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.decoder.embed_tokens.weight")
 
     @staticmethod
     def checkpoint_name(name: str) -> str:

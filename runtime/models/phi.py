@@ -8,7 +8,7 @@ from torch import nn
 
 from kubellm.runtime.layers.act_fn import Activation
 from kubellm.runtime.layers.attention import PagedAttention
-from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.layers.layernorm import LayerNorm
 from kubellm.runtime.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.positions import PartialRotaryEmbedding, partial_rotary_factor
@@ -110,12 +110,8 @@ class PhiForCausalLM(nn.Module):
         self.model = PhiModel(config, max_positions, stage)
         self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, bias=True) if stage.is_last
                         else MissingLayer())
-        self.checkpoint_aliases = {}
-        if config.tie_word_embeddings and stage.is_last:
-            if stage.is_first:
-                self.lm_head.weight = self.model.embed_tokens.weight
-            else:
-                self.checkpoint_aliases["model.embed_tokens.weight"] = "lm_head.weight"
+        # checkpoint name -> our parameter, for tensors stored once
+        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.embed_tokens.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate: torch.Tensor | None = None) -> torch.Tensor:
