@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,11 +49,7 @@ def main() -> None:
         c.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "llmdeployments.kubellm.io.yaml"))
         c.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.kubellm.io")
         c.create_namespace("bench")
-        env = {**os.environ, **c.env, "KUBELLM_OPERATOR_INTERVAL": "1"}
-        log = open(c.dir / "operator.log", "wb")
-        op = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-        try:
+        with c.operator(c.dir / "operator.log") as op:
             time.sleep(3)  # operator start-up is not part of the figures
             get = lambda *what: json.loads(c.kubectl("get", "-n", "bench", *what, "-o", "json").stdout)["items"]
             start = time.perf_counter()
@@ -82,10 +76,7 @@ def main() -> None:
             print(f"apply -> all 10 children created (TP=2, 2 replicas, REST+Ingress): {created:.2f} s")
             print(f"worker pods Ready -> status Ready:                               {status_lag:.2f} s")
             print(f"{args.count} LLMDeployments applied at once -> all Ready:           {many:.1f} s")
-            print(f"operator peak memory (VmHWM):                                    {peak_rss_mib(op.pid):.0f} MiB")
-        finally:
-            op.terminate()
-            op.wait()
+            print(f"operator peak memory (VmHWM):                                    {peak_rss_mib(op.proc.pid):.0f} MiB")
 
 
 if __name__ == "__main__":

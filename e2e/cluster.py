@@ -201,6 +201,38 @@ class _PKI:
 # The cluster
 
 
+class OperatorProcess:
+    """`kubellm operator` as a child process (what the operator container runs); a context
+    manager, or start() / stop() as often as a test restarts it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
+        self.env, self.log_path, self.args, self.proc = env, log_path, args, None
+
+    def start(self) -> "OperatorProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator", *self.args],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    __enter__ = start
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
 class LocalCluster:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on loopback.
 
@@ -251,6 +283,11 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         """Environment for running kubectl/helm/the operator against this cluster."""
         return dict(self._env, KUBECONFIG=str(self.kubeconfig))
+
+    def operator(self, log_path: Path, *args: str, **env: str) -> "OperatorProcess":
+        """`kubellm operator` against this cluster (not started yet; timer every second); `env`
+        adds or overrides variables (a service account's KUBECONFIG, for instance)."""
+        return OperatorProcess({**self.env, "KUBELLM_OPERATOR_INTERVAL": "1", **env}, log_path, *args)
 
     def bin(self, name: str) -> str:
         return str(self.bin_dir / name)

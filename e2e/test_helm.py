@@ -38,32 +38,6 @@ IMPLIED = {(group, resource, "create") for group, resource in CHILDREN} | {
     ("kubellm.io", "llmdeployments/finalizers", "update")}
 
 
-class OperatorProcess:
-    """`kubellm operator` as a child process with a given kubeconfig and environment."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
-        self.env, self.log_path, self.args, self.proc = env, log_path, args, None
-
-    def __enter__(self):
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator", *self.args],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def tail(self, n=60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
 def free_port() -> int:
     import socket
 
@@ -190,10 +164,9 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
     The test Job's check passes against this operator and fails against a dead address."""
     kubeconfig = service_account_kubeconfig(cluster, system, "kubellm", tmp_path / "sa.kubeconfig")
     health, metrics_port = f"http://127.0.0.1:{free_port()}/healthz", free_port()
-    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "KUBELLM_OPERATOR_INTERVAL": "1",
-           "KUBELLM_OPERATOR_HEALTH": health, "KUBELLM_OPERATOR_METRICS_PORT": str(metrics_port)}
     cluster.create_namespace("team-x", RESTRICTED)
-    with OperatorProcess(env, tmp_path / "operator.log") as op:
+    with cluster.operator(tmp_path / "operator.log", KUBECONFIG=str(kubeconfig), KUBELLM_OPERATOR_HEALTH=health,
+                          KUBELLM_OPERATOR_METRICS_PORT=str(metrics_port)) as op:
         cluster.kubectl("apply", "-n", "team-x", "-f", str(EXAMPLE))
         status = wait_phase(cluster, op, "team-x", "mistral")
         assert status["readyReplicas"] == 2
@@ -259,11 +232,10 @@ def test_namespaced_release_watches_only_its_namespaces(cluster, system, tmp_pat
     assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["--namespace=team-y"]
 
     kubeconfig = service_account_kubeconfig(cluster, "kubellm-team", "kubellm-team", tmp_path / "team.kubeconfig")
-    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "KUBELLM_OPERATOR_INTERVAL": "1",
-           "KUBELLM_RUNTIME_IMAGE": "ghcr.io/kubellm/runtime:0.1.0-cpu"}
     cpu = yaml.safe_load(CPU_EXAMPLE.read_text())
     cpu["spec"].pop("image", None)  # the operator's runtime image applies
-    with OperatorProcess(env, tmp_path / "team.log", "--namespace=team-y") as op:
+    with cluster.operator(tmp_path / "team.log", "--namespace=team-y", KUBECONFIG=str(kubeconfig),
+                          KUBELLM_RUNTIME_IMAGE="ghcr.io/kubellm/runtime:0.1.0-cpu") as op:
         cluster.kubectl("apply", "-n", "team-y", "-f", "-", input=yaml.safe_dump(cpu))
         cluster.kubectl("apply", "-n", "team-x", "-f", "-", input=yaml.safe_dump({**cpu, "metadata": {"name": "other"}}))
         status = wait_phase(cluster, op, "team-y", cpu["metadata"]["name"])
@@ -338,8 +310,7 @@ def test_uninstall_leaves_only_the_kept_crd(cluster, system, tmp_path):
     assert "DELETES the CRD and every LLMDeployment" in notes, notes
     assert f"CustomResourceDefinition/{CRD_NAME}" in ours(cluster, "kubellm")
     kubeconfig = service_account_kubeconfig(cluster, system, "kubellm", tmp_path / "sa.kubeconfig")
-    env = {**cluster.env, "KUBECONFIG": str(kubeconfig), "KUBELLM_OPERATOR_INTERVAL": "1"}
-    with OperatorProcess(env, tmp_path / "operator.log") as op:
+    with cluster.operator(tmp_path / "operator.log", KUBECONFIG=str(kubeconfig)) as op:
         cluster.kubectl("apply", "-n", "team-x", "-f", "-", input=yaml.safe_dump(
             {"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": "last"},
              "spec": {"model": {"source": "/models/tiny"}}}))

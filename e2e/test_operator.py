@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,32 +17,6 @@ EXAMPLE = ROOT / "examples" / "llmdeployment.yaml"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
-class Operator:
-    """`kubellm operator` as a child process (what the operator container runs)."""
-
-    def __init__(self, cluster, log_path: Path):
-        self.cluster, self.log_path, self.proc = cluster, log_path, None
-
-    def start(self):
-        env = {**os.environ, **self.cluster.env, "KUBELLM_OPERATOR_INTERVAL": "1"}
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def tail(self, n=60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
 @pytest.fixture(scope="module")
 def operator(cluster, tmp_path_factory):
     cluster.kubectl("apply", "--server-side", "-f", str(CRD))
@@ -51,10 +24,10 @@ def operator(cluster, tmp_path_factory):
     # Room for the tests' groups while earlier test namespaces are still being deleted: 32 GPUs.
     for name in ("gpu-node-extra-a", "gpu-node-extra-b"):
         cluster.add_gpu_node(name, gpus=8)
-    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-    yield op
-    op.stop()
+    with cluster.operator(tmp_path_factory.mktemp("operator") / "operator.log") as op:
+        yield op
+    # The cluster is shared by the session: e2e/test_helm.py installs the CRD through its chart.
+    cluster.kubectl("delete", "-f", str(CRD), "--ignore-not-found", "--timeout=120s")
 
 
 _ns_counter = iter(range(1000))
