@@ -58,6 +58,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data[offset:offset + size].copy_(_rows(loaded, tp_rank() * size, size))
 
 
+# Checkpoint names of separate q/k/v projections -> (our fused parameter, shard), for models'
+# `packed_modules_mapping`.
+PACKED_QKV = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """q_proj, k_proj and v_proj packed; each rank holds its query heads and their KV heads."""
 

@@ -11,7 +11,7 @@ from torch import nn
 from kubellm.runtime.layers.activation import SiluAndMul
 from kubellm.runtime.layers.attention import PagedAttention
 from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
-from kubellm.runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.layers.linear import PACKED_QKV, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.norm import RMSNorm
 from kubellm.runtime.layers.rotary import RotaryEmbedding
 from kubellm.runtime.parallel import tp_size
@@ -119,9 +119,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (our packed parameter, shard id)
     packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
+        **PACKED_QKV,
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }

@@ -10,7 +10,7 @@ from kubellm.runtime.layers.act_fn import Activation
 from kubellm.runtime.layers.attention import PagedAttention
 from kubellm.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.layers.layernorm import LayerNorm
-from kubellm.runtime.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.layers.linear import PACKED_QKV, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kubellm.runtime.layers.positions import LearnedPositionEmbedding
 from kubellm.runtime.parallel import tp_size
 from kubellm.runtime.stages import MissingLayer, PipelineStage, make_layers, whole_model
@@ -107,11 +107,7 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-    }
+    packed_modules_mapping = PACKED_QKV
 
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
         super().__init__()
