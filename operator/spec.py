@@ -192,6 +192,7 @@ class LLMDeploymentStatus(_Spec):
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] = "Pending"
     replicas: int = 0
     readyReplicas: int = 0
+    ready: str = Field("", description="readyReplicas/replicas, as `kubectl get` shows it (e.g. 2/2)")
     updatedReplicas: int = 0
     selector: str = ""
     endpoint: str = ""

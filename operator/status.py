@@ -114,7 +114,8 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
         phase, reason, message = "Progressing", "ReplicasStarting", f"{ready}/{spec.replicas} replicas ready"
     conditions = old.get("conditions") or []
     return {
-        "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "updatedReplicas": updated,
+        "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "ready": f"{ready}/{spec.replicas}",
+        "updatedReplicas": updated,
         "selector": selector, "endpoint": endpoint, "restEndpoint": rest_endpoint, "observedGeneration": generation,
         "conditions": [
             _condition(conditions, "Available", ready > 0 and router_ready,

@@ -115,8 +115,7 @@ def test_printer_columns(version, schema):
         ("MODEL", "string", ".spec.model.source"),
         ("TP", "integer", ".spec.tensorParallel"),
         ("PP", "integer", ".spec.pipelineParallel"),
-        ("REPLICAS", "integer", ".spec.replicas"),
-        ("READY", "integer", ".status.readyReplicas"),
+        ("READY", "string", ".status.ready"),  # "2/2", as for a Deployment
         ("PHASE", "string", ".status.phase"),
         ("ENDPOINT", "string", ".status.endpoint"),
         ("AGE", "date", ".metadata.creationTimestamp"),
@@ -208,7 +207,7 @@ def test_server_defaults_equal_the_operator_defaults(spec_schema):
 
 def test_status_schema(schema):
     status = schema["properties"]["status"]
-    for field in ("phase", "replicas", "readyReplicas", "selector", "endpoint", "restEndpoint",
+    for field in ("phase", "replicas", "readyReplicas", "ready", "selector", "endpoint", "restEndpoint",
                   "observedGeneration", "conditions"):
         assert field in status["properties"]
     conditions = status["properties"]["conditions"]

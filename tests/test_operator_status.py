@@ -36,6 +36,7 @@ def conditions(status):
 def test_all_groups_ready():
     status, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
     assert status["phase"] == "Ready" and status["readyReplicas"] == 2 and status["observedGeneration"] == 3
+    assert status["ready"] == "2/2"
     assert conditions(status)["Available"] == ("True", "ReplicasAvailable")
     assert conditions(status)["Degraded"][0] == "False"
 
@@ -48,7 +49,7 @@ def test_router_not_ready_keeps_it_progressing():
 def test_missing_rank_of_a_recorded_group_is_degraded_and_broken():
     pods = [pod(0, 0), pod(1, 0), pod(1, 1)]
     status, groups = status_of(pods, [sts(0, **{READY_PODS: "u00" + HASH[:2] + ",u01" + HASH[:2]})])
-    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1 and status["ready"] == "1/2"
     assert groups[0].broken and not groups[1].broken
 
 
