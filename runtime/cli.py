@@ -116,21 +116,26 @@ def _join_other_hosts(model, engine_config, ranks: list[int]):
     return RankGroup.accept(engine_config, addr, port, local_procs=local)
 
 
-def cmd_worker(args) -> int:
-    """One engine behind the gRPC API (rank 0 of a replica); runs until terminated or signalled."""
-    import asyncio
-    import logging
+def _json_object(path: str, flag: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: {path} is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: {path} must hold a JSON object of {what} fields")
+    return value
 
+
+def worker_configs(args):
+    """`kubellm worker`'s (EngineConfig, generation defaults or None) from its parsed arguments: the
+    --config file (the operator's ConfigMap key engine.json) under the flags, and the
+    --generation-defaults file (generation.json), validated as a GenerationConfig."""
     from kubellm.runtime.config import EngineConfig, generation_config
-    from kubellm.runtime.distributed import ranks_on_this_host
-    from kubellm.runtime.server import serve_follower, serve_worker
 
-    options = {}
-    if args.config:
-        with open(args.config) as f:
-            options = json.load(f)
-        if not isinstance(options, dict):
-            raise ValueError(f"--config: {args.config} must hold a JSON object of EngineConfig fields")
+    options = _json_object(args.config, "--config", "EngineConfig") if args.config else {}
     for name in ("tensor_parallel", "pipeline_parallel", "dtype", "device", "max_batch_size", "session_len"):
         value = getattr(args, name)
         if value is not None:
@@ -138,8 +143,20 @@ def cmd_worker(args) -> int:
     engine_config = EngineConfig.build(**options)
     defaults = None
     if args.generation_defaults:
-        with open(args.generation_defaults) as f:
-            defaults = generation_config(json.load(f)).model_dump(exclude_unset=True)
+        defaults = generation_config(_json_object(args.generation_defaults, "--generation-defaults",
+                                                  "GenerationConfig")).model_dump(exclude_unset=True)
+    return engine_config, defaults
+
+
+def cmd_worker(args) -> int:
+    """One engine behind the gRPC API (rank 0 of a replica); runs until terminated or signalled."""
+    import asyncio
+    import logging
+
+    from kubellm.runtime.distributed import ranks_on_this_host
+    from kubellm.runtime.server import serve_follower, serve_worker
+
+    engine_config, defaults = worker_configs(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A group spread over pods (or torchrun processes): rank 0 serves gRPC, the others follow it.
     ranks = ranks_on_this_host(engine_config.world_size)
@@ -150,7 +167,7 @@ def cmd_worker(args) -> int:
     try:
         asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
-                                 metrics_port=args.metrics_port, show_progress=False, rank_group=rank_group))
+                                 metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group))
     except KeyboardInterrupt:
         pass
     return 0

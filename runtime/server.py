@@ -513,9 +513,13 @@ class _Worker:
                 while not await loop.run_in_executor(None, self.load_gate.wait, 0.1):
                     if self.stopping:
                         return
+            started = time.monotonic()
             engine = await loop.run_in_executor(None, lambda: LLMEngine(
                 self.model, self.engine_config, self.show_progress,
                 rank_group=self.rank_group() if self.rank_group else None))
+            log.info("model %s loaded in %.1f s (%s, %s on %s, %d KV blocks of %d tokens)", self.model_name,
+                     time.monotonic() - started, engine.model_path, engine.runner.dtype, engine.runner.device,
+                     engine.block_manager.num_blocks, engine.config.block_size)
         except Exception as exc:  # noqa: BLE001 - reported through health and every request
             detail = str(exc) if isinstance(exc, ValueError) else traceback.format_exc()  # bad config: no trace
             log.error("the model failed to load: %s", detail)
@@ -531,7 +535,7 @@ class _Worker:
         engine_loop.start()
         self.engine_loop = engine_loop
         await self._set_health(True)
-        log.info("worker %s is serving", self.replica)
+        log.info("worker %s serving on port %d", self.replica, self.port)
         self.ready.set()
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -597,9 +601,15 @@ def serve_follower(model, engine_config: EngineConfig, ranks: list[int], port: i
     server.start()
     for rank in ranks[1:]:
         start_remote_rank(rank, addr, master_port, path, engine_config, session_len)
-    log.info("ranks %s following rank 0 at %s:%d", ranks, addr, master_port)
-    serve_remote_rank(ranks[0], addr, master_port, path, engine_config, session_len,
-                      on_ready=lambda: checker.set("", health_pb2.HealthCheckResponse.SERVING))
+    log.info("ranks %s following rank 0 at %s:%d; loading %s", ranks, addr, master_port, path)
+    started = time.monotonic()
+
+    def on_ready():
+        log.info("ranks %s: shard of %s loaded in %.1f s; health SERVING on port %d", ranks, path,
+                 time.monotonic() - started, port)
+        checker.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    serve_remote_rank(ranks[0], addr, master_port, path, engine_config, session_len, on_ready=on_ready)
 
 
 class WorkerServer:
