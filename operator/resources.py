@@ -20,7 +20,11 @@ REST_PORT_NAME = "http"
 MASTER_PORT = 29500
 METRICS_PORT, METRICS_PORT_NAME = 9090, "metrics"  # Prometheus /metrics of workers and routers (PodMonitor)
 MODELS_MOUNT = "/models"
+# Every container runs with a read-only root filesystem; /tmp (an emptyDir) is its one scratch space and
+# HOME points there, so what writes under ~ (Triton's and CUDA's kernel caches, ~/.cache) writes there.
+SCRATCH = "/tmp"
 CONFIG_MOUNT = "/etc/kubellm"
+ENGINE_FILE, GENERATION_FILE = "engine.json", "generation.json"   # keys of the ConfigMap, files under CONFIG_MOUNT
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by Kubernetes >= 1.28
 SPEC_HASH = "kubellm.io/spec-hash"
 GROUP_LABEL = "kubellm.io/group"
@@ -123,7 +127,9 @@ def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list
         return [], [], []
     volume = ({"name": "models", "persistentVolumeClaim": {"claimName": model.cachePVC}} if model.cachePVC
               else {"name": "models", "emptyDir": {}})
-    env = [{"name": "HF_HOME", "value": f"{MODELS_MOUNT}/.hf-home"}]
+    # huggingface_hub's cache and token lookups (HF_HOME) go next to the download, not under HOME.
+    env = [*scratch_env(), {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/.hf-home"},
+           {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
     if model.tokenSecret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.tokenSecret, "key": "HF_TOKEN"}}})
     if model.endpoint:
@@ -131,15 +137,29 @@ def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list
     download = {"name": "download-model", "image": spec.image or DEFAULT_IMAGE,
                 "imagePullPolicy": spec.imagePullPolicy,
                 "command": ["kubellm", "models", "download", model.source, "--dest", model_path(spec)],
-                "env": env, "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+                "env": env, "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, scratch_mount()],
                 "securityContext": container_security_context()}
     return [volume], [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], [download]
 
 
 def container_security_context() -> dict:
-    """What the `restricted` Pod Security Standard asks of every container."""
+    """What the `restricted` Pod Security Standard asks of every container, and a read-only root
+    filesystem: what a container writes goes to its emptyDir volumes (scratch_mount(), /dev/shm, /models)."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+            "readOnlyRootFilesystem": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def scratch_volume() -> dict:
+    return {"name": "tmp", "emptyDir": {}}
+
+
+def scratch_mount() -> dict:
+    return {"name": "tmp", "mountPath": SCRATCH}
+
+
+def scratch_env() -> list[dict]:
+    """HOME on the scratch volume: the images' home directories are on the read-only root."""
+    return [{"name": "HOME", "value": SCRATCH}]
 
 
 def pod_security_context() -> dict:
@@ -161,9 +181,9 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
     volumes, mounts, init_containers = _model_volume(spec)
     volumes += [{"name": "config", "configMap": {"name": config_name(owner)}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL needs a large /dev/shm
-                {"name": "tmp", "emptyDir": {}}]
+                scratch_volume()]
     mounts += [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-               {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+               {"name": "dshm", "mountPath": "/dev/shm"}, scratch_mount()]
     port = spec.router.port
     env = [
         {"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
@@ -172,10 +192,14 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
         {"name": "MASTER_ADDR", "value": f"{name}-0.{service_host(owner, name)}"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "KUBELLM_DEPLOYMENT", "value": owner.name},
+        *scratch_env(),
+        # The worker reads local files only (the model is in the image or on /models): never the Hub.
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf-home"}, {"name": "HF_HUB_OFFLINE", "value": "1"},
     ]
     container = {
         "name": "worker", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["kubellm", "worker", "--model", model_path(spec), "--config", f"{CONFIG_MOUNT}/engine.json",
+        "command": ["kubellm", "worker", "--model", model_path(spec), "--config", f"{CONFIG_MOUNT}/{ENGINE_FILE}",
+                    "--generation-defaults", f"{CONFIG_MOUNT}/{GENERATION_FILE}",
                     "--tensor-parallel", str(spec.tensorParallel), "--pipeline-parallel", str(spec.pipelineParallel),
                     "--port", str(port), "--metrics-port", str(METRICS_PORT),
                     *(["--device", "cpu"] if spec.device == "cpu" else [])],
@@ -267,13 +291,15 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
                     "automountServiceAccountToken": False,
                     "containers": [{
                         "name": "router", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
-                        "command": command, "ports": ports,
+                        "command": command, "ports": ports, "env": scratch_env(),
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-                        "securityContext": {**container_security_context(), "readOnlyRootFilesystem": True},
+                        "volumeMounts": [scratch_mount()],
+                        "securityContext": container_security_context(),
                         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
                         # "" turns NOT_SERVING while no worker is healthy (readiness); liveness is the process.
                         "livenessProbe": {"grpc": {"port": port, "service": "liveness"}, "periodSeconds": 15},
                     }],
+                    "volumes": [scratch_volume()],
                 },
             },
         },
@@ -319,8 +345,8 @@ def engine_configmap(owner: Owner, spec: LLMDeploymentSpec) -> dict:
     generation = {"max_new_tokens": gen.maxNewTokens, "temperature": gen.temperature, "top_p": gen.topP,
                   "top_k": gen.topK, "repetition_penalty": gen.repetitionPenalty}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "worker"),
-            "data": {"engine.json": json.dumps(config, indent=2, sort_keys=True),
-                     "generation.json": json.dumps(generation, indent=2, sort_keys=True)}}
+            "data": {ENGINE_FILE: json.dumps(config, indent=2, sort_keys=True),
+                     GENERATION_FILE: json.dumps(generation, indent=2, sort_keys=True)}}
 
 
 def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:

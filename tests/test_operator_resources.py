@@ -56,17 +56,49 @@ def test_group_statefulset_shape():
     assert R.worker_statefulset(OWNER, s, 1)["spec"]["selector"]["matchLabels"][R.GROUP_LABEL] == "1"
 
 
-def test_restricted_pod_security_everywhere():
-    s = spec(restApi={"enabled": True})
-    pods = [R.worker_statefulset(OWNER, s, 0)["spec"]["template"]["spec"],
-            R.router_deployment(OWNER, s)["spec"]["template"]["spec"]]
-    for pod in pods:
-        assert pod["securityContext"]["runAsNonRoot"] is True
+SECURITY_SPECS = [
+    {"restApi": {"enabled": True}},
+    {"model": {"source": "hf://org/gated", "tokenSecret": "hf-token", "endpoint": "http://mirror:8080"},
+     "tensorParallel": 2, "gpusPerPod": 1},
+    {"model": {"source": "hf://org/cached", "cachePVC": "model-cache"}, "device": "cpu"},
+    {"model": {"source": "pvc://weights/llama"}},
+    {"model": {"source": "smollm2-135m"}, "device": "cpu"},
+]
+
+
+def pods_of(s) -> list[tuple[str, dict]]:
+    return [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in R.children(OWNER, s)
+            if o["kind"] in ("StatefulSet", "Deployment")]
+
+
+@pytest.mark.parametrize("fields", SECURITY_SPECS)
+def test_restricted_pod_security_and_read_only_root_in_every_container(fields):
+    pods = pods_of(spec(**fields))
+    assert {name for name, _ in pods} >= {"llama-g0", "llama-router"}
+    for name, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        for c in pod["containers"] + pod.get("initContainers", []):
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
         assert not any("hostPath" in v for v in pod.get("volumes", []))
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        containers = pod["containers"] + pod.get("initContainers", [])
+        if fields.get("model", {}).get("source", "").startswith("hf://"):
+            assert [c["name"] for c in pod.get("initContainers", [])] == (["download-model"] if "g0" in name else [])
+        for c in containers:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert sc["runAsNonRoot"] is True and not sc.get("privileged"), c["name"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            # What must be writable is an emptyDir (or the model cache PVC) mounted read-write ...
+            writable = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")
+                        and ("emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]])}
+            assert R.SCRATCH in writable, c["name"]
+            # ... and every directory the container is told to write to (HOME, HF_HOME) lies on one.
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env["HOME"] == R.SCRATCH, c["name"]
+            for var in ("HOME", "HF_HOME"):
+                if var in env:
+                    assert any(env[var] == w or env[var].startswith(w.rstrip("/") + "/") for w in writable), (c, var)
 
 
 @pytest.mark.parametrize("source, mount_kind, path", [

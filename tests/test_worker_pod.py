@@ -1,0 +1,252 @@
+"""The worker and router pods exactly as the operator renders them.
+
+Without a cluster: the rendered worker command is parsed by `kubellm worker`'s own argparse parser,
+every file it is told to read must be a key of the ConfigMap mounted there (and every key must be
+read: a setting written but never passed is silently ignored on Kubernetes, as `spec.generation`
+once was), and the files' JSON must turn, through the worker's own code, into the runtime's
+EngineConfig / GenerationConfig with the spec's values.
+
+Then the rendered commands run as real processes on a tiny checkpoint, with the ConfigMap's two
+files written to a temporary directory, stdout/stderr piped (as in a pod, not a terminal), HOME
+unwritable and only a temporary directory writable: the generation defaults take effect, and the
+log shows the load with progress, as `kubectl logs` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kubellm.operator import resources as R
+from kubellm.operator.spec import EngineSpec, GenerationSpec, LLMDeploymentSpec
+from kubellm.runtime.cli import build_parser, cmd_router, cmd_worker, worker_configs
+from kubellm.runtime.config import GenerationConfig
+
+OWNER = R.Owner("demo", "team-a", "uid-1")
+SPECS = {
+    "defaults": {"model": {"source": "hf://org/name"}},
+    "cpu-generation": {"model": {"source": "/opt/models/tiny"}, "device": "cpu",
+                       "generation": {"maxNewTokens": 17, "temperature": 0.7, "topP": 0.9, "topK": 40,
+                                      "repetitionPenalty": 1.1},
+                       "engine": {"dtype": "float32", "maxBatchSize": 8, "blockSize": 32, "kvCacheFraction": 0.5,
+                                  "maxNumBatchedTokens": 1024, "enablePrefixCaching": False}},
+    "pvc-two-pod-group": {"model": {"source": "pvc://weights/llama/8b"}, "tensorParallel": 2, "gpusPerPod": 1,
+                          "generation": {"maxNewTokens": 5}},
+    "hf-gated-pipeline": {"model": {"source": "hf://org/gated@v2", "tokenSecret": "hf-token",
+                                    "endpoint": "http://mirror.example:8080", "cachePVC": "cache"},
+                          "pipelineParallel": 2, "replicas": 2,
+                          "engine": {"sessionLen": 4096, "dtype": "bfloat16"}, "generation": {"temperature": 1.3}},
+    "known-name": {"model": {"source": "smollm2-135m"}, "device": "cpu", "restApi": {"enabled": True}},
+}
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def rendered(spec: LLMDeploymentSpec) -> tuple[dict, dict]:
+    """(the ConfigMap, the pod spec of group 0), both taken from R.children as the operator applies them."""
+    children = R.children(OWNER, spec)
+    [cm] = [c for c in children if c["kind"] == "ConfigMap"]
+    sts = next(c for c in children if c["kind"] == "StatefulSet")
+    return cm, sts["spec"]["template"]["spec"]
+
+
+def parse(command: list[str], func):
+    assert command[0] == "kubellm"
+    args = build_parser().parse_args(command[1:])
+    assert args.func is func, command
+    return args
+
+
+def mount_of(container: dict, pod: dict, path: str) -> tuple[dict, dict] | None:
+    """(volumeMount, volume) under which `path` lies in this container, the deepest mount first."""
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
+    for mount in mounts:
+        if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return mount, next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return None
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_file_the_worker_reads_is_mounted_and_every_configmap_key_is_read(name):
+    spec = LLMDeploymentSpec.model_validate(SPECS[name])
+    cm, pod = rendered(spec)
+    [worker] = pod["containers"]
+    args = parse(worker["command"], cmd_worker)
+    read_from_configmap = set()
+    for option, value in vars(args).items():
+        if not (isinstance(value, str) and value.startswith("/")):
+            continue
+        found = mount_of(worker, pod, value)
+        if option == "model":  # a directory: on the models volume (hf://, pvc://) or in the image
+            if spec.model.kind in ("hf", "pvc"):
+                assert found and found[1]["name"] == "models", (value, found)
+            else:
+                assert found is None, f"--model {value} is hidden under the mount {found}"
+            continue
+        # Any other path is a file the worker opens: only the ConfigMap puts files there.
+        assert found is not None, f"--{option.replace('_', '-')} {value} is on no volume of the worker"
+        mount, volume = found
+        assert volume.get("configMap", {}).get("name") == cm["metadata"]["name"], (option, volume)
+        key = value[len(mount["mountPath"]):].lstrip("/")
+        assert key in cm["data"], f"--{option.replace('_', '-')} {value}: the ConfigMap has no key {key!r}"
+        read_from_configmap.add(key)
+    unread = set(cm["data"]) - read_from_configmap
+    assert not unread, f"the ConfigMap's {sorted(unread)} is mounted but the worker is never told to read it"
+    assert args.generation_defaults, "the worker is not passed the generation defaults"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_the_configmaps_json_is_the_specs_engine_and_generation_through_the_workers_code(name, tmp_path):
+    spec = LLMDeploymentSpec.model_validate(SPECS[name])
+    cm, pod = rendered(spec)
+    for key, text in cm["data"].items():
+        (tmp_path / key).write_text(text)
+    args = parse([a.replace(R.CONFIG_MOUNT, str(tmp_path)) for a in pod["containers"][0]["command"]], cmd_worker)
+    engine, defaults = worker_configs(args)   # what cmd_worker does with the files
+    generation = GenerationConfig.build(**defaults)
+    for field in GenerationSpec.model_fields:   # every spec field reaches the runtime, by its snake_case name
+        assert getattr(generation, snake(field)) == getattr(spec.generation, field), field
+    for field in EngineSpec.model_fields:
+        assert getattr(engine, snake(field)) == getattr(spec.engine, field), field
+    assert (engine.tensor_parallel, engine.pipeline_parallel) == (spec.tensorParallel, spec.pipelineParallel)
+    assert engine.device == ("cpu" if spec.device == "cpu" else "auto")
+
+
+# -- the rendered commands as processes ------------------------------------------------------------
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("torch")
+
+from kubellm.runtime.client import Client  # noqa: E402
+from test_serving_processes import free_port, wait_serving  # noqa: E402
+
+POD_SPEC = {"device": "cpu", "restApi": {"enabled": True},
+            "engine": {"dtype": "float32", "maxBatchSize": 4, "blockSize": 4, "sessionLen": 64,
+                       "kvCacheFraction": 0.02},
+            "generation": {"maxNewTokens": 7, "temperature": 1.5, "topK": 50}}
+
+
+def pod_environment(container: dict, scratch: Path) -> dict:
+    """The container's env as the kubelet would set it (POD_INDEX 0), its scratch paths moved to
+    `scratch`, HOME unwritable (the image's home is on a read-only root) and only TMPDIR writable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "TMPDIR")}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"].replace(R.SCRATCH, str(scratch), 1) \
+                if var["value"].startswith(R.SCRATCH) else var["value"]
+        elif "POD_INDEX" == var["name"]:
+            env["POD_INDEX"] = "0"
+    env.update(HOME="/nonexistent", TMPDIR=str(scratch), CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def with_ports(command: list[str], ports: dict[str, int]) -> list[str]:
+    command = list(command)
+    for flag, port in ports.items():
+        command[command.index(flag) + 1] = str(port)
+    return command
+
+
+@pytest.fixture(scope="module")
+def pod(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pod")
+    config_dir, scratch = root / "etc-kubellm", root / "tmp"
+    config_dir.mkdir()
+    scratch.mkdir()
+    spec = LLMDeploymentSpec.model_validate({"model": {"source": str(tiny_llama)}, **POD_SPEC})
+    cm, pod_spec = rendered(spec)
+    for key, text in cm["data"].items():
+        (config_dir / key).write_text(text)
+    [worker] = pod_spec["containers"]
+    port, metrics_port = free_port(), free_port()
+    command = with_ports([a.replace(R.CONFIG_MOUNT, str(config_dir)) for a in worker["command"]],
+                         {"--port": port, "--metrics-port": metrics_port})
+    log_path = root / "worker.log"
+    procs = []
+    with open(log_path, "wb") as log:   # a file: stderr is not a terminal, as in a pod
+        procs.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command[1:]], stdout=log,
+                                      stderr=log, env=pod_environment(worker, scratch), cwd=scratch))
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=120)
+        yield {"spec": spec, "port": port, "log": log_path, "scratch": scratch, "procs": procs,
+               "router": R.router_deployment(OWNER, spec)["spec"]["template"]["spec"]["containers"][0]}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def test_generation_defaults_take_effect_in_the_rendered_worker(pod):
+    max_new = pod["spec"].generation.maxNewTokens
+    with Client(f"127.0.0.1:{pod['port']}", timeout=60) as client:
+        # No max_new_tokens in the request: spec.generation.maxNewTokens (ignore_eos: a random model may end early).
+        [reply] = client.generate("Hello", ignore_eos=True)
+        assert reply.generated_length == max_new
+        assert client.generate("Hello", ignore_eos=True, max_new_tokens=3)[0].generated_length == 3
+        # temperature 1.5 / top-k 50 by default: seeded samples, not the greedy text
+        greedy = client.generate("Once upon a time", ignore_eos=True, temperature=0.0)[0].token_ids
+        sampled = [client.generate("Once upon a time", ignore_eos=True, random_seed=s)[0].token_ids for s in (1, 2, 3)]
+        assert any(ids != greedy for ids in sampled), (greedy, sampled)
+        assert client.generate("Once upon a time", ignore_eos=True, random_seed=1)[0].token_ids == sampled[0]
+
+
+def test_worker_log_shows_the_load_with_progress_in_plain_lines(pod):
+    text = pod["log"].read_text()
+    assert "\r" not in text, "a carriage-return progress bar in a pod's log"
+    progress = re.findall(r"loading weights: (\d+)/(\d+) tensors \((\d+)%\), [\d.]+ [MG]B$", text, re.M)
+    assert len(progress) >= 3, text
+    done = [int(d) for d, _, _ in progress]
+    assert done == sorted(done) and progress[-1][0] == progress[-1][1] and progress[-1][2] == "100", progress
+    assert re.search(r"model \S+ loaded in \d+\.\d s", text), text
+    assert re.search(rf"serving on port {pod['port']}$", text, re.M), text
+
+
+def test_rendered_router_serves_the_worker_without_a_writable_home(pod, tmp_path):
+    container = pod["router"]
+    args = parse(container["command"], cmd_router)
+    assert args.rest_port == pod["spec"].restApi.port
+    port, rest_port, metrics_port = free_port(), free_port(), free_port()
+    command = with_ports(container["command"], {"--port": port, "--rest-port": rest_port,
+                                                "--metrics-port": metrics_port})
+    command[command.index("--leaders") + 1] = f"127.0.0.1:{pod['port']}"   # no cluster DNS here
+    with open(tmp_path / "router.log", "wb") as log:
+        router = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command[1:]], stdout=log,
+                                  stderr=log, env=pod_environment(container, tmp_path), cwd=tmp_path)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=60)
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            assert client.generate("Hello", ignore_eos=True)[0].generated_length == pod["spec"].generation.maxNewTokens
+        request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/mii/{OWNER.name}", method="POST",
+                                         data=json.dumps({"prompts": ["Hello"], "ignore_eos": True}).encode())
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    [out] = json.loads(resp.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        assert out["generated_length"] == pod["spec"].generation.maxNewTokens
+    finally:
+        router.terminate()
+        try:
+            router.wait(15)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait()
