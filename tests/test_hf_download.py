@@ -154,3 +154,66 @@ def test_a_download_cut_midway_leaves_no_model_at_dest_and_resumes(tiny_llama, t
         again = download(f"hf://{REPO}", dest, m.url)
         assert again.returncode == 0, again.stderr
     assert model_files(dest) == model_files(tiny_llama) and [p.name for p in dest.parent.iterdir()] == ["tiny"]
+
+
+def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama, tmp_path):
+    """The hf:// pod as the operator renders it: the init container's command and env (the endpoint, the
+    token from the Secret) download into the models volume, and the worker's --model is what it loads."""
+    from kubellm.operator import resources as R
+    from kubellm.operator.spec import LLMDeploymentSpec
+    from kubellm.runtime.client import Client
+    from test_serving_processes import free_port, wait_serving
+
+    spec = LLMDeploymentSpec.model_validate({
+        "model": {"source": f"hf://{REPO}", "endpoint": mirror.url, "tokenSecret": "hf-token"}, "device": "cpu",
+        "engine": {"dtype": "float32", "blockSize": 4, "sessionLen": 64, "kvCacheFraction": 0.02}})
+    owner = R.Owner("tiny", "team-a", "uid")
+    pod = R.worker_statefulset(owner, spec, 0)["spec"]["template"]["spec"]
+    cm = R.engine_configmap(owner, spec)
+    volumes = {R.MODELS_MOUNT: tmp_path / "models", R.SCRATCH: tmp_path / "tmp", R.CONFIG_MOUNT: tmp_path / "config"}
+    for path in volumes.values():
+        path.mkdir()
+    for key, text in cm["data"].items():
+        (volumes[R.CONFIG_MOUNT] / key).write_text(text)
+
+    def local(value: str) -> str:
+        for mount, path in volumes.items():
+            if value == mount or value.startswith(mount + "/"):
+                return str(path) + value[len(mount):]
+        return value
+
+    def environment(container) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HOME"}
+        for var in container["env"]:
+            if "value" in var:
+                env[var["name"]] = local(var["value"])
+            elif var["name"] == "HF_TOKEN":
+                assert var["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+                env["HF_TOKEN"] = TOKEN   # what the kubelet reads from the Secret
+            elif var["name"] == "POD_INDEX":
+                env["POD_INDEX"] = "0"
+        env.update(HOME="/nonexistent", CUDA_VISIBLE_DEVICES="")   # the image's home is on a read-only root
+        return env
+
+    [init] = pod["initContainers"]
+    done = subprocess.run([sys.executable, "-m", "kubellm.runtime.cli", *map(local, init["command"][1:])],
+                          env=environment(init), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [worker] = pod["containers"]
+    command = [local(a) for a in worker["command"][1:]]
+    model = command[command.index("--model") + 1]
+    assert model_files(Path(model)) == model_files(tiny_llama)
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    command[command.index("--metrics-port") + 1] = str(free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command], env=environment(worker),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=120)
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            got = [r.token_ids for r in client.generate(["Hello, world!", "The capital of France is"],
+                                                        max_new_tokens=8, ignore_eos=True)]
+        assert got == greedy(tiny_llama)
+    finally:
+        proc.terminate()
+        proc.wait(30)
