@@ -275,6 +275,32 @@ def test_helm_test_hook_checks_the_api_and_the_operator():
 
 
 @needs_helm
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={team-a}", "verbose=true"),
+                                    ("metrics.podMonitor.enabled=true", "metrics.serviceMonitor.enabled=true")])
+def test_every_container_is_restricted_with_a_read_only_root(values):
+    """The `restricted` Pod Security Standard for every pod the chart makes (operator, helm test), and a
+    read-only root filesystem in every container, with HOME on a writable emptyDir."""
+    pods = [(o["kind"], o["spec"]["template"]["spec"]) for o in render(*values) if o["kind"] in ("Deployment", "Job")]
+    assert sorted(kind for kind, _ in pods) == ["Deployment", "Job"]
+    for kind, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0, kind
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, kind
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert not any("hostPath" in v for v in volumes.values())
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False, (kind, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged"), (kind, c["name"])
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, (kind, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (kind, c["name"])
+            writable = {m["mountPath"] for m in c.get("volumeMounts", [])
+                        if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]}
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("HOME") in writable, (kind, c["name"], env.get("HOME"), writable)
+
+
+@needs_helm
 def test_monitors_scrape_the_operator_workers_and_routers():
     assert not [o for o in render() if o["kind"] in ("PodMonitor", "ServiceMonitor")]
     objects = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom")
