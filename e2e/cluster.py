@@ -11,6 +11,9 @@
 * kube-scheduler,
 * kwok, which plays the kubelet for fake nodes: nodes annotated ``kwok.x-k8s.io/node=fake``
   become Ready and their pods Running and Ready,
+* with ``real_node=True``, a real node on this machine (e2e/node.py): containerd, runc, a CNI
+  bridge, kubelet, kube-proxy and CoreDNS, running the images of e2e/images.py; the API server
+  then listens on the node IP so that pods reach it through the ``kubernetes`` Service,
 
 writes an admin kubeconfig (user in group ``system:masters``) and registers fake GPU nodes
 (by default two nodes with 8 ``nvidia.com/gpu`` each).
@@ -18,13 +21,15 @@ writes an admin kubeconfig (user in group ``system:masters``) and registers fake
 The binaries come from ``e2e/build-control-plane.sh`` (cached outside the repository, by
 Kubernetes version). Only the standard library and the ``openssl`` command are needed.
 
-Run ``python e2e/cluster.py`` to start a cluster by hand; it prints a ``KUBECONFIG`` to use and
-runs until interrupted.
+For a cluster to use by hand, ``python -m e2e.cluster up [--real-node]`` (from the repository
+root) starts one in the background and prints the ``export KUBECONFIG=...`` line;
+``python -m e2e.cluster down`` stops it. ``python -m e2e.cluster run`` stays in the foreground.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -49,6 +54,17 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+def sibling(name: str):
+    """e2e/<name>.py, loaded by file path (e2e/ is not a package, and pytest loads this file by path)."""
+    module_name = f"kubellm_e2e_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +271,7 @@ class LocalCluster:
         keep: bool | None = None,
         startup_timeout: float = 90.0,
         verbosity: int = 0,
+        real_node: bool = False,
     ):
         self.bin_dir = Path(bin_dir) if bin_dir else default_bin_dir()
         self.versions = versions()
@@ -266,11 +283,21 @@ class LocalCluster:
         self.verbosity = verbosity
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self._stopped: set[str] = set()  # stopped on purpose (a test restarting a component)
         self._logs: dict[str, object] = {}
         self.server = ""
         self.startup_seconds: float | None = None
         self._ssl: ssl.SSLContext | None = None
         self._env: dict[str, str] = {}
+        self.real_node = real_node
+        self.node = None  # the RealNode, once started
+        self.cache_root = cache_dir()
+
+    free_port = staticmethod(free_port)
+
+    @staticmethod
+    def note(message: str) -> None:
+        print(f"[e2e cluster] {message}", file=sys.stderr, flush=True)
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -392,6 +419,10 @@ class LocalCluster:
         missing = missing_binaries(self.bin_dir)
         if missing:
             raise ClusterError(f"missing in {self.bin_dir}: {', '.join(missing)}; build them with: {build_command()}")
+        if self.real_node:
+            problems = sibling("node").missing_prerequisites(self.bin_dir)
+            if problems:
+                raise ClusterError("a real node cannot start here: " + "; ".join(problems))
         t0 = time.monotonic()
         if self._workdir_arg:
             self.dir = Path(self._workdir_arg)
@@ -409,7 +440,16 @@ class LocalCluster:
         self.startup_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
-        """Stop every component (SIGTERM, then SIGKILL) and remove the work directory."""
+        """Stop every component (SIGTERM, then SIGKILL) and remove the work directory. With a real
+        node, its pods go first (through the kubelet, with the controllers stopped so that nothing
+        recreates them), and the host is restored last."""
+        if self.node is not None and "kubelet" in self.procs:
+            for name in ("kube-controller-manager", "kube-scheduler"):
+                self._terminate(name)
+            try:
+                self.node.remove_pods()
+            except Exception as exc:
+                self.note(f"removing the pods failed: {exc}")
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:
@@ -428,6 +468,10 @@ class LocalCluster:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+        if self.node is not None:
+            for problem in self.node.restore_host():
+                self.note(f"host not fully restored: {problem}")
+            self.node = None
         for f in self._logs.values():
             with contextlib.suppress(Exception):
                 f.close()
@@ -436,6 +480,18 @@ class LocalCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _terminate(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def _run(self, cmd: list[str], input: str | None, check: bool, timeout: float) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout)
@@ -447,8 +503,9 @@ class LocalCluster:
         assert self.dir is not None
         log = open(self.dir / "logs" / f"{name}.log", "wb")
         self._logs[name] = log
+        program = args[0] if os.path.isabs(args[0]) else self.bin(args[0])
         proc = subprocess.Popen(
-            [self.bin(args[0]), *args[1:]],
+            [program, *args[1:]],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             cwd=self.dir, env=self._env, start_new_session=True, preexec_fn=_set_pdeathsig,
         )
@@ -457,7 +514,7 @@ class LocalCluster:
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and name not in self._stopped:
                 raise ClusterError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
 
     def _failure_report(self) -> str:
@@ -532,8 +589,15 @@ class LocalCluster:
 
         # Certificates.
         self.pki = pki = _PKI(d / "pki")
+        node_mod = sibling("node") if self.real_node else None
+        if node_mod:
+            self.node = node_mod.RealNode(self, sibling("images"))
+            self.node.prepare_host()  # the API server binds the node IP
+        # Pods reach the API server through the `kubernetes` Service, which may not point at
+        # loopback: with a real node it listens on the node IP.
+        api_ip = node_mod.NODE_IP if node_mod else "127.0.0.1"
         serving = pki.issue("apiserver", "kube-apiserver", server_sans=[
-            "IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
+            "IP:127.0.0.1", f"IP:{api_ip}", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
             "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
         admin = pki.issue("admin", "kubellm-e2e-admin", "system:masters")
         kcm = pki.issue("controller-manager", "system:kube-controller-manager")
@@ -542,7 +606,7 @@ class LocalCluster:
         front_proxy = pki.issue("front-proxy-client", "front-proxy-client")
 
         etcd_port, peer_port, api_port, kcm_port, sched_port = (free_port() for _ in range(5))
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{api_ip}:{api_port}"
         self._ssl = ssl.create_default_context(cafile=str(pki.ca_crt))
         self._ssl.load_cert_chain(str(admin[0]), str(admin[1]))
         self._write_kubeconfig(d / "admin.kubeconfig", "admin", *admin)
@@ -562,10 +626,19 @@ class LocalCluster:
         ])
         self.wait_for(lambda: self._http_ok(f"{etcd_url}/health"), "etcd /health", timeout=30, interval=0.1)
 
+        if node_mod:
+            kubelet_client = pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")
+            node_flags = [f"--kubelet-client-certificate={kubelet_client[0]}", f"--kubelet-client-key={kubelet_client[1]}",
+                          f"--kubelet-certificate-authority={pki.ca_crt}", "--kubelet-preferred-address-types=InternalIP"]
+        else:
+            # Endpoints may not point at loopback, so the apiserver cannot publish itself as the
+            # `kubernetes` Service; nothing runs in-cluster that would need it.
+            node_flags = ["--endpoint-reconciler-type=none"]
         self._spawn("kube-apiserver", [
             "kube-apiserver", v,
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--bind-address={api_ip}", f"--advertise-address={api_ip}", f"--secure-port={api_port}",
+            *node_flags,
             f"--cert-dir={d / 'apiserver-certs'}",
             f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
             f"--client-ca-file={pki.ca_crt}",
@@ -575,9 +648,6 @@ class LocalCluster:
             "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={front_proxy[0]}", f"--proxy-client-key-file={front_proxy[1]}",
-            # Endpoints may not point at loopback, so the apiserver cannot publish itself as the
-            # `kubernetes` Service; nothing runs in-cluster that would need it.
-            "--endpoint-reconciler-type=none",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction,PodSecurity",
             "--allow-privileged=true",  # so that Pod Security admission is what rejects privileged pods
@@ -627,27 +697,126 @@ class LocalCluster:
             self.add_gpu_node(f"gpu-node-{i}", self.gpus_per_node, wait=False)
         for i in range(self.gpu_nodes):
             self.wait_for(lambda: self._node_ready(f"gpu-node-{i}"), f"node gpu-node-{i} Ready", timeout=60)
+        if self.node is not None:
+            self.node.start()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+def _state_file() -> Path:
+    return cache_dir() / "up" / "state.json"
 
-    parser = argparse.ArgumentParser(description="Run a local kubellm e2e control plane until interrupted.")
-    parser.add_argument("--gpu-nodes", type=int, default=2)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--bin-dir", default=None)
-    args = parser.parse_args(argv)
-    with LocalCluster(args.bin_dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node) as c:
-        print(f"cluster up in {c.startup_seconds:.1f} s; logs in {c.dir / 'logs'}")
-        print(f"export KUBECONFIG={c.kubeconfig}")
-        print(f"export PATH={c.bin_dir}:$PATH")
+
+def _serve(args) -> int:
+    """The cluster in the foreground until SIGTERM or Ctrl-C; with ``--state``, tells `up` it is ready."""
+    state = Path(args.state) if args.state else None
+    with LocalCluster(args.bin_dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
+                      real_node=args.real_node) as c:
+        version = app_version()
+        lines = [f"cluster up in {c.startup_seconds:.1f} s; logs in {c.dir / 'logs'}",
+                 f"export KUBECONFIG={c.kubeconfig}", f"export PATH={c.bin_dir}:$PATH"]
+        if c.node is not None:
+            lines.append(f"images are in the node: helm install kubellm charts/kubellm -n kubellm-system "
+                         f"--create-namespace --set runtimeImage.tag={version}-cpu")
+        if state:
+            state.write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(c.kubeconfig), "lines": lines}))
+        print("\n".join(lines), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("stopping")
+            print("stopping", flush=True)
+        finally:
+            if state:
+                with contextlib.suppress(FileNotFoundError):
+                    state.unlink()
     return 0
+
+
+def app_version() -> str:
+    chart = (HERE.parent / "charts" / "kubellm" / "Chart.yaml").read_text()
+    return next(line.split(":", 1)[1].strip().strip('"') for line in chart.splitlines() if line.startswith("appVersion:"))
+
+
+def _up(args) -> int:
+    """Start `run` in the background, wait until the cluster is ready, print how to use it."""
+    state = _state_file()
+    if state.exists():
+        pid = json.loads(state.read_text())["pid"]
+        if Path(f"/proc/{pid}").exists():
+            print(f"a cluster is already up (pid {pid}); stop it with: python -m e2e.cluster down", file=sys.stderr)
+            return 1
+        state.unlink()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    log_path = state.parent / "cluster.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--state", str(state),
+           "--gpu-nodes", str(args.gpu_nodes), "--gpus-per-node", str(args.gpus_per_node)]
+    cmd += ["--real-node"] if args.real_node else []
+    cmd += ["--bin-dir", args.bin_dir] if args.bin_dir else []
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    print(f"starting (pid {proc.pid}, log {log_path}) ...", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + args.timeout
+    while not state.exists():
+        if proc.poll() is not None:
+            print(f"the cluster failed to start; last lines of {log_path}:\n{_tail(log_path, 40)}", file=sys.stderr)
+            return 1
+        if time.monotonic() > deadline:
+            os.kill(proc.pid, signal.SIGTERM)
+            print(f"timed out after {args.timeout:.0f} s; see {log_path}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print("\n".join(json.loads(state.read_text())["lines"]))
+    print("stop it with: python -m e2e.cluster down")
+    return 0
+
+
+def _down(args) -> int:
+    state = _state_file()
+    if not state.exists():
+        print("no cluster is up", file=sys.stderr)
+        return 0
+    pid = json.loads(state.read_text())["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if Path(f"/proc/{pid}").exists():
+        print(f"pid {pid} still running after {args.timeout:.0f} s", file=sys.stderr)
+        return 1
+    with contextlib.suppress(FileNotFoundError):
+        state.unlink()
+    print("cluster stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description="A local kubellm e2e cluster.")
+    sub = parser.add_subparsers(dest="command")
+    for name, text in (("up", "start a cluster in the background and print its KUBECONFIG"),
+                       ("run", "run a cluster in the foreground until interrupted")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--real-node", action="store_true",
+                       help="a real node (containerd + kubelet) running the kubellm images, instead of fake GPU nodes")
+        p.add_argument("--gpu-nodes", type=int, default=None, help="fake GPU nodes (default 2, or 0 with --real-node)")
+        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--bin-dir", default=None)
+        p.add_argument("--state", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--timeout", type=float, default=3600, help="seconds `up` waits for the cluster (images may build)")
+    down = sub.add_parser("down", help="stop the cluster that `up` started")
+    down.add_argument("--timeout", type=float, default=180)
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    if command == "down":
+        return _down(args)
+    if not hasattr(args, "real_node"):  # bare `python e2e/cluster.py`
+        args = parser.parse_args(["run", *(argv or sys.argv[1:])])
+    if args.gpu_nodes is None:
+        args.gpu_nodes = 0 if args.real_node else 2
+    return _up(args) if command == "up" else _serve(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ _startup: list[str] = []
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a local Kubernetes control plane (e2e/)")
+    config.addinivalue_line("markers", "realpods: end-to-end test with real pods on a real node (containerd + kubelet)")
 
 
 def _unavailable(reason: str):
@@ -56,6 +57,21 @@ def cluster():
         _unavailable("the e2e cluster needs the `openssl` command")
     with e2e_cluster.LocalCluster(bin_dir) as c:
         _startup.append(f"e2e cluster (Kubernetes {c.versions['K8S_VERSION']}) started in {c.startup_seconds:.1f} s")
+        yield c
+
+
+@pytest.fixture(scope="session")
+def real_cluster():
+    """A started ``LocalCluster`` with one real node (containerd + kubelet + kube-proxy + CoreDNS)
+    that holds the kubellm images; no fake nodes, so every pod really runs."""
+    bin_dir = e2e_cluster.default_bin_dir()
+    problems = [f"{', '.join(m)} missing from {bin_dir} (build with: bash e2e/build-control-plane.sh)"
+                for m in [e2e_cluster.missing_binaries(bin_dir)] if m]
+    problems += e2e_cluster.sibling("node").missing_prerequisites(bin_dir)
+    if problems:
+        _unavailable("the real-node cluster cannot start: " + "; ".join(problems))
+    with e2e_cluster.LocalCluster(bin_dir, gpu_nodes=0, real_node=True) as c:
+        _startup.append(f"real-node cluster (Kubernetes {c.versions['K8S_VERSION']}) started in {c.startup_seconds:.1f} s")
         yield c
 
 
