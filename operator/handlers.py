@@ -6,6 +6,12 @@
   cannot re-admit one rank), rolls groups to a new spec one at a time while the others keep
   serving, and writes `.status` from what it observed, only when it changed.
 Deletion needs no handler: every child has an owner reference and is garbage-collected.
+
+Events on the LLMDeployment (`kubectl describe llmd`), posted here deliberately (kopf's own posting
+is limited to errors): Created, Updated, Applied (children re-applied on resume), Scaled,
+GroupRestarted and GroupReady (a group's restart or rolling update, begun and done), each phase
+change (Ready, Progressing, Degraded, Unschedulable, InsufficientGPUs; `status.phase_event`) and
+InvalidSpec.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states
+from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states, phase_event
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
 log = logging.getLogger("kubellm.operator")
 _kube: Kube | None = None
+# The phase each LLMDeployment's last phase Event announced (by uid): the create handler and the timer
+# may both see the old phase before the status patch lands, and one change must post one Event.
+_announced: dict[str, str] = {}
 METRICS = OperatorMetrics(writes=lambda: _kube.writes if _kube else 0)
 
 
@@ -73,12 +82,21 @@ def reconcile(body, spec, status, patch, reason, **_):
         patch.status.update(phase="Failed", observedGeneration=body["metadata"].get("generation", 0))
         kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
         raise
-    written = sum(kube().apply(child) for child in R.children(owner, desired))
+    children = R.children(owner, desired)
+    written = sum(kube().apply(child) for child in children)
     removed = remove_extra_groups(owner, desired)
     if reason == "create":
         kopf.event(body, type="Normal", reason="Created",
                    message=f"created {written} children for {desired.replicas} replica groups "
                            f"of {desired.world_size} ranks")
+    elif reason == "update":
+        kopf.event(body, type="Normal", reason="Updated",
+                   message=f"spec generation {body['metadata'].get('generation', 0)} applied: {written} of "
+                           f"{len(children)} children changed; replica groups whose pods must change are "
+                           "restarted one at a time")
+    elif written:  # resume: the operator (re)started and found children out of date
+        kopf.event(body, type="Normal", reason="Applied",
+                   message=f"re-applied {written} of {len(children)} children that differed from the spec")
     previous = (status or {}).get("replicas")
     if previous is not None and previous != desired.replicas:
         kopf.event(body, type="Normal", reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
@@ -112,6 +130,7 @@ _timers_without_finalizer(kopf.get_default_registry())
 def forget(event, name, namespace, **_):
     if event.get("type") == "DELETED":
         METRICS.phase(namespace, name, None)
+        _announced.pop(((event.get("object") or {}).get("metadata") or {}).get("uid", ""), None)
 
 
 def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
@@ -134,7 +153,7 @@ def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str)
     _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
     group.restarting = cause
     METRICS.restarted(cause)
-    kopf.event(body, type="Warning", reason="GroupRestarted",
+    kopf.event(body, type="Warning" if cause == "failure" else "Normal", reason="GroupRestarted",
                message=f"replica group {group.index}: {why}; restarting all its ranks")
 
 
@@ -158,6 +177,10 @@ def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
             restart_group(body, owner, group, "a rank failed or was replaced", "failure")
             group.pods = []
         elif group.serving and (group.recorded_ready != group.pod_uids or group.restarting):
+            if group.restarting:
+                kopf.event(body, type="Normal", reason="GroupReady",
+                           message=f"replica group {group.index}: all {len(group.pods)} pods ready again after the "
+                                   f"{'rolling update' if group.restarting == 'rollout' else 'restart'}")
             _mark_group(owner, group.index, ready_pods=group.pod_uids, restarting="")
             group.recorded_ready, group.restarting = group.pod_uids, ""
     # Roll a new spec through the groups one at a time, only while all the others serve.
@@ -189,15 +212,10 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
         return
-    if new["phase"] != old.get("phase"):
-        if new["phase"] in ("Failed", "Pending"):
-            message = next(c["message"] for c in new["conditions"] if c["type"] in ("Progressing", "Degraded")
-                           and c["status"] == "True")
-            kopf.event(body, type="Warning", message=message,
-                       reason="Unschedulable" if new["phase"] == "Pending" else "InsufficientGPUs")
-        elif new["phase"] == "Ready":
-            kopf.event(body, type="Normal", reason="Ready",
-                       message=f"{new['readyReplicas']}/{spec.replicas} replicas ready")
+    event = phase_event(old.get("phase"), new)
+    if event and _announced.get(owner.uid) != new["phase"]:
+        kopf.event(body, type=event[0], reason=event[1], message=event[2])
+        _announced[owner.uid] = new["phase"]
     patch.status.update(new)
 
 

@@ -110,6 +110,9 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
         phase, reason, message = "Degraded", "GroupNotReady", f"replica groups {degraded} lost a rank and are restarting"
     elif unschedulable:
         phase, reason, message = "Pending", "Unschedulable", unschedulable
+    elif any(g.serving and not g.updated for g in groups) or any(g.restarting == "rollout" for g in groups):
+        phase, reason, message = "Progressing", "RollingUpdate", (
+            f"rolling update: {updated}/{spec.replicas} replica groups on the new spec, {ready} ready")
     else:
         phase, reason, message = "Progressing", "ReplicasStarting", f"{ready}/{spec.replicas} replicas ready"
     conditions = old.get("conditions") or []
@@ -128,3 +131,24 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
                        message if phase in ("Degraded", "Failed") else "", generation),
         ],
     }
+
+
+def phase_event(old_phase: str | None, new: dict) -> tuple[str, str, str] | None:
+    """The Event (type, reason, message) that a change of `.status.phase` posts on the LLMDeployment, for
+    `kubectl describe llmd`; None when the phase did not change."""
+    phase = new["phase"]
+    if phase == old_phase:
+        return None
+    why = next((c["message"] for c in new["conditions"]
+                if c["type"] in ("Progressing", "Degraded") and c["status"] == "True" and c["message"]), "")
+    was = f" (was {old_phase})" if old_phase else ""
+    if phase == "Ready":
+        serving = f"; serving at {new['endpoint']}" if new.get("endpoint") else ""
+        return "Normal", "Ready", f"{new['ready']} replicas ready{serving}"
+    if phase == "Progressing":
+        return "Normal", "Progressing", f"{why or new['ready'] + ' replicas ready'}{was}"
+    if phase == "Degraded":
+        return "Warning", "Degraded", f"{why}{was}"
+    if phase == "Pending":
+        return "Warning", "Unschedulable", why
+    return "Warning", "InsufficientGPUs" if phase == "Failed" else phase, why

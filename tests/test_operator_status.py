@@ -85,3 +85,34 @@ def test_transition_time_kept_while_a_condition_holds():
     first, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
     again, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)], old=first)
     assert again == first
+
+
+def test_each_phase_change_posts_one_event_that_says_why():
+    from kubellm.operator.status import phase_event
+
+    ready, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    assert phase_event("Ready", ready) is None   # unchanged: nothing posted on every tick
+    assert phase_event("Progressing", ready) == ("Normal", "Ready", "2/2 replicas ready; serving at ep")
+    # A rank of a recorded group is gone: Degraded, a Warning that names the group.
+    recorded = sts(0, **{READY_PODS: "u00" + HASH[:2] + ",u01" + HASH[:2]})
+    degraded, _ = status_of([pod(0, 0), pod(1, 0), pod(1, 1)], [recorded, sts(1)], old=ready)
+    kind, reason, message = phase_event("Ready", degraded)
+    assert (kind, reason) == ("Warning", "Degraded") and "[0]" in message and "(was Ready)" in message
+    starting, _ = status_of([pod(0, 0, ready=False)])
+    assert phase_event(None, starting) == ("Normal", "Progressing", "0/2 replicas ready")
+    pending, _ = status_of([pod(0, 0, ready=False, unschedulable="0/3 nodes have enough nvidia.com/gpu")])
+    assert phase_event("Progressing", pending) == ("Warning", "Unschedulable", "0/3 nodes have enough nvidia.com/gpu")
+    failed, _ = status_of([], failure="each pod needs 8 nvidia.com/gpu")
+    assert phase_event("Pending", failed) == ("Warning", "InsufficientGPUs", "each pod needs 8 nvidia.com/gpu")
+
+
+def test_a_rolling_update_is_progress_that_says_so():
+    from kubellm.operator.status import phase_event
+
+    ready, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    # Group 1 still runs the old spec, group 0 the new one: progress, not degradation.
+    rolling, _ = status_of([pod(0, 0), pod(0, 1), pod(1, 0, spec_hash="old"), pod(1, 1, spec_hash="old")],
+                           old=ready)
+    assert rolling["phase"] == "Progressing" and conditions(rolling)["Progressing"] == ("True", "RollingUpdate")
+    assert phase_event("Ready", rolling) == (
+        "Normal", "Progressing", "rolling update: 1/2 replica groups on the new spec, 2 ready (was Ready)")
