@@ -9,6 +9,7 @@ terminal. The downloaded model must load and give the same greedy tokens as the 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -156,13 +157,17 @@ def test_a_download_cut_midway_leaves_no_model_at_dest_and_resumes(tiny_llama, t
     assert model_files(dest) == model_files(tiny_llama) and [p.name for p in dest.parent.iterdir()] == ["tiny"]
 
 
-def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama, tmp_path):
+@pytest.mark.parametrize("read_only", [False, True], ids=["home-unwritable", "read-only-root"])
+def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama, tmp_path, read_only):
     """The hf:// pod as the operator renders it: the init container's command and env (the endpoint, the
-    token from the Secret) download into the models volume, and the worker's --model is what it loads."""
+    token from the Secret) download into the models volume, then the worker's command loads its --model.
+    read-only-root: both in one private mount namespace with / read-only and tmpfs emptyDirs (/models,
+    /tmp), as under readOnlyRootFilesystem."""
     from kubellm.operator import resources as R
     from kubellm.operator.spec import LLMDeploymentSpec
     from kubellm.runtime.client import Client
     from test_serving_processes import free_port, wait_serving
+    from test_worker_pod import read_only_root
 
     spec = LLMDeploymentSpec.model_validate({
         "model": {"source": f"hf://{REPO}", "endpoint": mirror.url, "tokenSecret": "hf-token"}, "device": "cpu",
@@ -175,6 +180,9 @@ def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama
         path.mkdir()
     for key, text in cm["data"].items():
         (volumes[R.CONFIG_MOUNT] / key).write_text(text)
+    prefix = read_only_root([volumes[R.MODELS_MOUNT], volumes[R.SCRATCH]]) if read_only else []
+    if prefix is None:
+        pytest.skip("no private mount namespace here (needs root and unshare)")
 
     def local(value: str) -> str:
         for mount, path in volumes.items():
@@ -196,24 +204,33 @@ def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama
         return env
 
     [init] = pod["initContainers"]
-    done = subprocess.run([sys.executable, "-m", "kubellm.runtime.cli", *map(local, init["command"][1:])],
-                          env=environment(init), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
     [worker] = pod["containers"]
+    init_command = [sys.executable, "-m", "kubellm.runtime.cli", *map(local, init["command"][1:])]
     command = [local(a) for a in worker["command"][1:]]
-    model = command[command.index("--model") + 1]
-    assert model_files(Path(model)) == model_files(tiny_llama)
     port = free_port()
     command[command.index("--port") + 1] = str(port)
     command[command.index("--metrics-port") + 1] = str(free_port())
-    proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command], env=environment(worker),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker_command = [sys.executable, "-m", "kubellm.runtime.cli", *command]
+    # The pod: the init container to completion, then the worker, each with its own environment.
+    init_env = [f"{k}={v}" for k, v in environment(init).items()]
+    script = f"env -i {shlex.join(init_env)} {shlex.join(init_command)} && exec {shlex.join(worker_command)}"
+    log = tmp_path / "pod.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*prefix, "sh", "-c", script], env=environment(worker), stdout=out, stderr=out)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=120)
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             got = [r.token_ids for r in client.generate(["Hello, world!", "The capital of France is"],
                                                         max_new_tokens=8, ignore_eos=True)]
         assert got == greedy(tiny_llama)
+        text = log.read_text()
+        assert "downloaded org/tiny: 6 files" in text and "Read-only file system" not in text, text
+        if not read_only:
+            model = Path(command[command.index("--model") + 1])
+            assert model_files(model) == model_files(tiny_llama)
+    except BaseException:
+        print(log.read_text())
+        raise
     finally:
         proc.terminate()
         proc.wait(30)

@@ -8,8 +8,9 @@ EngineConfig / GenerationConfig with the spec's values.
 
 Then the rendered commands run as real processes on a tiny checkpoint, with the ConfigMap's two
 files written to a temporary directory, stdout/stderr piped (as in a pod, not a terminal), HOME
-unwritable and only a temporary directory writable: the generation defaults take effect, and the
-log shows the load with progress, as `kubectl logs` would.
+unwritable and only a scratch directory writable — with the whole root filesystem read-only (a
+private mount namespace) where the machine allows it: the generation defaults take effect, and
+the log shows the load with progress, as `kubectl logs` would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +137,21 @@ POD_SPEC = {"device": "cpu", "restApi": {"enabled": True},
             "generation": {"maxNewTokens": 7, "temperature": 1.5, "topK": 50}}
 
 
+def read_only_root(writable: list[Path]) -> list[str] | None:
+    """A command prefix that runs what follows with the root filesystem read-only and a fresh tmpfs on
+    each of `writable` (the pod's emptyDirs), in a private mount namespace (`unshare -m`, as root);
+    None where this machine does not allow it. Nothing outside the namespace changes."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return None
+    script = ("mount -o remount,bind,ro / && " + "".join(f"mount -t tmpfs tmpfs '{d}' && " for d in writable)
+              + 'exec "$@"')
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", "sh", "-c",
+                            "! touch /.kubellm-probe 2>/dev/null"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return None
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
 def pod_environment(container: dict, scratch: Path) -> dict:
     """The container's env as the kubelet would set it (POD_INDEX 0), its scratch paths moved to
     `scratch`, HOME unwritable (the image's home is on a read-only root) and only TMPDIR writable."""
@@ -172,12 +189,15 @@ def pod(tiny_llama, tmp_path_factory):
                          {"--port": port, "--metrics-port": metrics_port})
     log_path = root / "worker.log"
     procs = []
+    read_only = read_only_root([scratch])   # as readOnlyRootFilesystem, where this machine allows it
     with open(log_path, "wb") as log:   # a file: stderr is not a terminal, as in a pod
-        procs.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command[1:]], stdout=log,
-                                      stderr=log, env=pod_environment(worker, scratch), cwd=scratch))
+        procs.append(subprocess.Popen([*(read_only or []), sys.executable, "-m", "kubellm.runtime.cli",
+                                       *command[1:]], stdout=log, stderr=log, env=pod_environment(worker, scratch),
+                                      cwd=scratch))
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=120)
         yield {"spec": spec, "port": port, "log": log_path, "scratch": scratch, "procs": procs,
+               "read_only_root": read_only is not None,
                "router": R.router_deployment(OWNER, spec)["spec"]["template"]["spec"]["containers"][0]}
     finally:
         for proc in procs:
@@ -204,6 +224,13 @@ def test_generation_defaults_take_effect_in_the_rendered_worker(pod):
         assert client.generate("Once upon a time", ignore_eos=True, random_seed=1)[0].token_ids == sampled[0]
 
 
+def test_the_worker_served_from_a_read_only_root(pod):
+    if not pod["read_only_root"]:
+        pytest.skip("no private mount namespace here (needs root and unshare): the worker ran with HOME "
+                    "unwritable only")
+    assert "Read-only file system" not in pod["log"].read_text()
+
+
 def test_worker_log_shows_the_load_with_progress_in_plain_lines(pod):
     text = pod["log"].read_text()
     assert "\r" not in text, "a carriage-return progress bar in a pod's log"
@@ -223,9 +250,12 @@ def test_rendered_router_serves_the_worker_without_a_writable_home(pod, tmp_path
     command = with_ports(container["command"], {"--port": port, "--rest-port": rest_port,
                                                 "--metrics-port": metrics_port})
     command[command.index("--leaders") + 1] = f"127.0.0.1:{pod['port']}"   # no cluster DNS here
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     with open(tmp_path / "router.log", "wb") as log:
-        router = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command[1:]], stdout=log,
-                                  stderr=log, env=pod_environment(container, tmp_path), cwd=tmp_path)
+        router = subprocess.Popen([*(read_only_root([scratch]) or []), sys.executable, "-m", "kubellm.runtime.cli",
+                                   *command[1:]], stdout=log, stderr=log, env=pod_environment(container, scratch),
+                                  cwd=scratch)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=60)
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
