@@ -294,7 +294,7 @@ def _join(rank, world, url, backend, timeout_s, config) -> None:
     parallel.init_parallel(config.tensor_parallel, config.pipeline_parallel)
 
 
-def _build_runner(rank, backend, model_path, config_dict, session_len):
+def _build_runner(rank, backend, model_path, config_dict, session_len, show_progress=False):
     from pathlib import Path
 
     from kubellm.runtime.config import EngineConfig
@@ -305,7 +305,7 @@ def _build_runner(rank, backend, model_path, config_dict, session_len):
     if backend == "nccl":
         config = config.updated(device=f"cuda:{rank % torch.cuda.device_count()}")
     path = Path(model_path)
-    return ModelRunner(path, load_hf_config(path), config, session_len, show_progress=False)
+    return ModelRunner(path, load_hf_config(path), config, session_len, show_progress=show_progress)
 
 
 def _serve_steps(runner, conn, still_wanted) -> None:
@@ -336,7 +336,7 @@ def _serve_steps(runner, conn, still_wanted) -> None:
 
 
 def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, connect,
-               still_wanted, on_ready=None):
+               still_wanted, on_ready=None, show_progress=False):
     from kubellm.runtime.config import EngineConfig
 
     conn = None
@@ -344,7 +344,7 @@ def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, se
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         _join(rank, world, url, backend, timeout_s, EngineConfig(**config_dict))
         conn = connect()
-        runner = _build_runner(rank, backend, model_path, config_dict, session_len)
+        runner = _build_runner(rank, backend, model_path, config_dict, session_len, show_progress)
         conn.send(("ready", runner.num_blocks, param_bytes(runner.model)))
     except Exception as exc:  # tell rank 0 why, then leave
         traceback.print_exc()
@@ -369,9 +369,11 @@ def _local_rank_main(rank, world, url, backend, timeout_s, model_path, config_di
 
 
 def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config,
-                      session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S, on_ready=None) -> None:
+                      session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S, on_ready=None,
+                      show_progress: bool = False) -> None:
     """A rank other than 0 on any host: join the group at MASTER_ADDR and follow rank 0 until it stops.
-    Exits the process (code 1) when rank 0 goes away or a collective fails."""
+    Exits the process (code 1) when rank 0 goes away or a collective fails. `show_progress`: log the
+    shard's load (the first rank of a follower pod, whose log is the pod's)."""
 
     def connect():
         deadline = time.monotonic() + timeout_s
@@ -386,7 +388,8 @@ def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path,
                 time.sleep(0.5)
 
     _rank_main(rank, config.world_size, f"tcp://{master_addr}:{master_port}", _backend(config.device),
-               timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True, on_ready)
+               timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True, on_ready,
+               show_progress)
 
 
 def ranks_on_this_host(world: int) -> list[int] | None:

@@ -609,7 +609,8 @@ def serve_follower(model, engine_config: EngineConfig, ranks: list[int], port: i
                  time.monotonic() - started, port)
         checker.set("", health_pb2.HealthCheckResponse.SERVING)
 
-    serve_remote_rank(ranks[0], addr, master_port, path, engine_config, session_len, on_ready=on_ready)
+    serve_remote_rank(ranks[0], addr, master_port, path, engine_config, session_len, on_ready=on_ready,
+                      show_progress=True)
 
 
 class WorkerServer:

@@ -280,3 +280,55 @@ def test_rendered_router_serves_the_worker_without_a_writable_home(pod, tmp_path
         except subprocess.TimeoutExpired:
             router.kill()
             router.wait()
+
+
+def test_the_rendered_two_pod_group_logs_each_ranks_load_and_serves_as_one_process(tiny_llama, tmp_path):
+    """tensorParallel 2, gpusPerPod 1: the StatefulSet's two pods as two processes (MASTER_ADDR on loopback
+    instead of cluster DNS, a port each instead of a pod IP each)."""
+    spec = LLMDeploymentSpec.model_validate({"model": {"source": str(tiny_llama)}, "tensorParallel": 2,
+                                             "gpusPerPod": 1, **POD_SPEC})
+    cm, pod_spec = rendered(spec)
+    assert R.worker_statefulset(OWNER, spec, 0)["spec"]["replicas"] == 2
+    config_dir = tmp_path / "etc-kubellm"
+    config_dir.mkdir()
+    for key, text in cm["data"].items():
+        (config_dir / key).write_text(text)
+    [worker] = pod_spec["containers"]
+    master_port, procs, logs = free_port(), [], []
+    ports = [free_port(), free_port()]
+    for index in (1, 0):
+        scratch = tmp_path / f"tmp-{index}"
+        scratch.mkdir()
+        env = pod_environment(worker, scratch)
+        env.update(POD_INDEX=str(index), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        command = with_ports([a.replace(R.CONFIG_MOUNT, str(config_dir)) for a in worker["command"]],
+                             {"--port": ports[index], "--metrics-port": free_port()})
+        logs.append(tmp_path / f"pod-{index}.log")
+        with open(logs[-1], "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", *command[1:]], stdout=log,
+                                          stderr=log, env=env, cwd=scratch))
+    try:
+        wait_serving(f"127.0.0.1:{ports[0]}", timeout=120)
+        wait_serving(f"127.0.0.1:{ports[1]}", timeout=60)
+        with Client(f"127.0.0.1:{ports[0]}", timeout=60) as client:
+            got = client.generate("Once upon a time", ignore_eos=True, temperature=0.0)[0]
+        assert got.generated_length == spec.generation.maxNewTokens
+        from kubellm import pipeline
+
+        pipe = pipeline(str(tiny_llama), device="cpu", dtype="float32", num_kv_blocks=64, block_size=4,
+                        show_progress=False)
+        try:
+            assert got.token_ids == pipe("Once upon a time", max_new_tokens=spec.generation.maxNewTokens,
+                                         ignore_eos=True)[0].token_ids
+        finally:
+            pipe.destroy()
+        follower, leader = (path.read_text() for path in logs)
+        for text in (leader, follower):
+            assert "\r" not in text and re.search(r"loading weights: \d+/\d+ tensors \(100%\)", text), text
+        assert re.search(rf"serving on port {ports[0]}$", leader, re.M), leader
+        assert re.search(rf"ranks \[1\]: shard of \S+ loaded in \d+\.\d s; health SERVING on port {ports[1]}",
+                         follower), follower
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
