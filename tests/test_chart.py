@@ -331,39 +331,107 @@ def test_values_schema_is_enforced():
         assert result.returncode != 0 and named in result.stderr, (value, result.stderr)
 
 
-# -- images (docker/; built by e2e/kind/run.sh and CI where Docker exists) -----------------------
+# -- images (docker/; built by e2e/images.py on the real node, by e2e/kind/run.sh where Docker exists) ----
 DOCKERFILES = {"operator": ROOT / "docker" / "operator.Dockerfile", "runtime": ROOT / "docker" / "runtime.Dockerfile",
                "runtime-cpu": ROOT / "docker" / "runtime-cpu.Dockerfile"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    steps = [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    # RUN's own flags (--mount=...) are not part of the command.
+    return [(op, re.sub(r"^(--\S+\s+)+", "", arg) if op == "RUN" else arg) for op, arg in steps]
+
+
+def arg_defaults(steps: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(arg.split("=", 1) for op, arg in steps if op == "ARG" and "=" in arg)
+
+
+def base_image(steps: list[tuple[str, str]]) -> str:
+    """The FROM image, with ${ARG}s before it replaced by their defaults (what `docker build` uses)."""
+    [base] = [arg for op, arg in steps if op == "FROM"]
+    return re.sub(r"\$\{(\w+)\}", lambda m: arg_defaults(steps)[m.group(1)], base)
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_images_are_pinned_and_run_as_non_root(name):
     steps = instructions(DOCKERFILES[name])
-    [base] = [arg for op, arg in steps if op == "FROM"]
+    base = base_image(steps)
     image, _, tag = base.partition(":")
     assert re.fullmatch(r"\d+\.\d+\.\d+-[a-z0-9.-]+", tag), f"{name}: pin the base image to an exact version: {base}"
     users = [arg for op, arg in steps if op == "USER"]
     assert users == ["1000:1000"], "numeric, so that runAsNonRoot can verify it; uid 1000 as the pods run"
     assert ("ENTRYPOINT", '["kubellm"]') in steps
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
     commands = [c.strip() for op, arg in steps if op == "RUN" for c in arg.split("&&")]
     installs = " ".join(c for c in commands if c.startswith("pip install") or c.startswith("kubellm "))
+    env = " ".join(arg for op, arg in steps if op == "ENV")
+    assert "PIP_NO_CACHE_DIR=1" in env, "no pip cache in the image"
     if name == "operator":
         assert "[operator]" in installs and "torch" not in installs and "[runtime]" not in installs
-    else:
-        assert "[runtime]" in installs and "torch==${TORCH_VERSION}" in installs
+    elif name == "runtime":
+        assert "/src[runtime]" in installs and "torch==${TORCH_VERSION}" in installs
+    else:  # runtime-cpu: the dependencies of [runtime] first (a layer source changes do not rebuild), then kubellm
+        assert "['optional-dependencies']['runtime']" in runs and "pip install --no-deps /src" in installs
+        assert "torch==${TORCH_VERSION}" in installs
+    if name != "operator":
         assert "kubellm models pull smollm2-135m" in installs, "the embedded model the kind test serves"
-        torch = dict(arg.split("=", 1) for op, arg in steps if op == "ARG")["TORCH_VERSION"]
-        assert re.fullmatch(r"\d+\.\d+\.\d+", torch)
+        assert re.fullmatch(r"\d+\.\d+\.\d+", arg_defaults(steps)["TORCH_VERSION"])
     if name == "runtime":
         assert image == "nvidia/cuda"
+    else:
+        # One Dockerfile for docker (python:slim) and for e2e/images.py (Debian's python3, PEP 668): a venv.
+        assert "BASE_IMAGE" in arg_defaults(steps) and image == "python"
+        assert "VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH" in env and "python3 -m venv $VIRTUAL_ENV" in runs
+        assert {"PIP_FIND_LINKS", "PIP_NO_INDEX"} <= {arg for op, arg in steps if op == "ARG"}, "e2e/images.py: offline pip"
     if name == "runtime-cpu":
-        assert "download.pytorch.org/whl/cpu" in installs
+        assert "download.pytorch.org" not in runs, "torch comes from PyPI (the CPU-only index is not reachable everywhere)"
+
+
+def _needed(path: Path) -> list[str]:
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_cpu_image_drops_only_what_import_torch_never_loads():
+    """runtime-cpu.Dockerfile slims PyPI's CUDA torch: nothing it uninstalls or deletes may be a
+    library that `import torch` loads (torch/_C and libtorch_global_deps, and what they link,
+    transitively), checked on the torch installed here with readelf."""
+    import importlib.metadata as md
+
+    torch_dir = Path(md.distribution("torch").locate_file("torch"))
+    site = torch_dir.parent
+    if not (site / "nvidia").is_dir():
+        pytest.skip("this torch is not PyPI's CUDA build (no nvidia/ wheels next to it)")
+    steps = instructions(DOCKERFILES["runtime-cpu"])
+    commands = [c.strip() for op, arg in steps if op == "RUN" for c in arg.split("&&")]
+    [uninstall] = [c for c in commands if c.startswith("pip uninstall -y triton")]
+    removed: set[Path] = set()
+    for dist in uninstall.split()[3:]:
+        removed |= {Path(dist_file.locate_file(f)).resolve() for dist_file in [md.distribution(dist)]
+                    for f in dist_file.files or []}
+    [rm] = [c for c in commands if c.startswith("rm -rf $nvidia/")]
+    for pattern in rm.split()[2:]:
+        for hit in glob.glob(pattern.replace("$nvidia", str(site / "nvidia"))):
+            hit = Path(hit)
+            removed |= {p.resolve() for p in hit.rglob("*")} if hit.is_dir() else {hit.resolve()}
+    assert any(p.name.startswith("libcudnn_") for p in removed) and any(p.name.startswith("libcusolver") for p in removed)
+
+    libraries = {p.name: p for d in [torch_dir / "lib", *site.glob("nvidia/*/lib")] for p in d.glob("*.so*")}
+    todo = [*torch_dir.glob("_C*.so"), torch_dir / "lib" / "libtorch_global_deps.so"]
+    loaded: set[Path] = set()
+    while todo:
+        lib = todo.pop()
+        if lib.resolve() in loaded:
+            continue
+        loaded.add(lib.resolve())
+        todo += [libraries[soname] for soname in _needed(lib) if soname in libraries]
+    assert any(p.name == "libtorch_cpu.so" for p in loaded) and any(p.name.startswith("libcublas") for p in loaded)
+    assert not loaded & removed, sorted(p.name for p in loaded & removed)
+    kept_libs = [p for p in loaded if p.name.startswith("lib") and "nvidia" in p.parts]
+    assert kept_libs, "the CUDA libraries torch links stay: the dynamic loader needs them"
 
 
 def test_image_names_agree():
