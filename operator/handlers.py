@@ -231,7 +231,9 @@ def run(namespace: str | None = None, verbose: bool = False) -> None:
     which the chart's probes and `helm test` use; KUBELLM_OPERATOR_METRICS_PORT serves Prometheus
     /metrics. KUBELLM_RUNTIME_IMAGE is the workers' and router's image when a spec names none.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
+    # kopf.configure installs the one log handler (with basicConfig too, every line came out twice);
+    # the probes' access log would be a line every few seconds.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if os.environ.get("KUBELLM_OPERATOR_METRICS_PORT"):
         METRICS.serve(int(os.environ["KUBELLM_OPERATOR_METRICS_PORT"]))
     kopf.configure(verbose=verbose)
