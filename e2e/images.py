@@ -478,7 +478,7 @@ def _work_dir() -> Path:
     return Path(tempfile.mkdtemp(dir=path))
 
 
-def build_base(image: Image, log: Log, force: bool = False) -> None:
+def build_base(image: Image, log: Log) -> None:
     """mmdebstrap Debian into a tarball, commit it as BASE_REF, export its archive."""
     started = time.monotonic()
     log(f"{image.ref}: mmdebstrap {BASE_SUITE} ({', '.join(BASE_PACKAGES)}) from {_mirrors()[0].split()[1]}")
@@ -512,7 +512,7 @@ def ensure_base(log: Log = print, force: bool = False) -> Image:
         _run(["buildah", "pull", "--quiet", f"docker-archive:{image.archive}"], log)
         if _stored_key(image.ref) == image.digest_key:
             return image
-    build_base(image, log, force)
+    build_base(image, log)
     return image
 
 
@@ -573,9 +573,9 @@ def ensure_wheels(name: str, log: Log) -> Path:
 
 def build_dockerfile(image: Image, log: Log, force: bool = False) -> None:
     """`buildah bud` of docker/<name>.Dockerfile, FROM the local base, pip offline from the wheel cache."""
-    started = time.monotonic()
     wheels = ensure_wheels(image.name, log)
     ensure_base(log)
+    started = time.monotonic()  # the wheels and the base say their own times
     dockerfile = DOCKER / f"{image.name}.Dockerfile"
     log(f"{image.ref}: buildah bud -f {dockerfile.relative_to(ROOT)} (log: {_build_log()})")
     build_args = {**_dockerfile_build_args(), "PIP_FIND_LINKS": "/wheels", "PIP_NO_INDEX": "1"}
