@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -47,7 +46,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -102,9 +101,9 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "images"
 
 
-@dataclasses.dataclass(frozen=True)
-class Image:
-    """One image: its full tag, its docker-archive and the hash of its inputs."""
+class Image(NamedTuple):
+    """One image: its full tag, its docker-archive and the hash of its inputs. (A NamedTuple, not a
+    dataclass: this file is also loaded by path without being in sys.modules.)"""
 
     name: str
     ref: str
@@ -554,8 +553,11 @@ def ensure_wheels(name: str, log: Log) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     reqs, no_deps = _requirements(name), _no_deps_requirements(name)
     stamp = wheels / f".{name}-{_json_key([reqs, no_deps, BASE_PYTHON, _pip_platforms()])[:16]}.done"
-    if stamp.is_file():
-        return wheels
+    try:
+        if all((wheels / f).is_file() for f in json.loads(stamp.read_text())["files"]):
+            return wheels
+    except (OSError, ValueError, KeyError):
+        pass
     started = time.monotonic()
     log(f"{IMAGE_REFS[name]}: downloading wheels for Python {BASE_PYTHON} into {wheels}")
     target = ["--only-binary=:all:", "--python-version", BASE_PYTHON, "--implementation", "cp",
@@ -563,10 +565,12 @@ def ensure_wheels(name: str, log: Log) -> Path:
     pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--progress-bar", "off",
            "--dest", str(wheels), *target]
     show = lambda line: line.startswith("ERROR")  # noqa: E731
-    _run([*pip, *reqs], log, show=show)
+    output = _run([*pip, *reqs], log, show=show, capture=True)
     if no_deps:
-        _run([*pip, "--no-deps", *no_deps], log, show=show)
-    stamp.write_text(json.dumps({"requirements": reqs, "no_deps": no_deps}) + "\n")
+        output += "\n" + _run([*pip, "--no-deps", *no_deps], log, show=show, capture=True)
+    # "Saved <dest>/x.whl" or "File was already downloaded <dest>/x.whl": the set this image needs.
+    files = sorted({Path(m).name for m in re.findall(r"(?:Saved|File was already downloaded) (\S+\.whl)", output)})
+    stamp.write_text(json.dumps({"requirements": reqs, "no_deps": no_deps, "files": files}, indent=1) + "\n")
     log(f"{IMAGE_REFS[name]}: wheels ready ({time.monotonic() - started:.0f} s)")
     return wheels
 

@@ -465,3 +465,23 @@ def test_kind_script_uses_what_is_tested_elsewhere():
         helm("template", "kubellm", str(CHART), "--set", "runtimeImage.tag=0.1.0-cpu")
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "kind.yaml").read_text())
     assert workflow["jobs"]["kind"]["steps"][-1]["run"] == "bash e2e/kind/run.sh"
+
+
+def test_image_cache_hashes_the_build_context_dockerignore_leaves():
+    """e2e/images.py keys the images by the files `COPY . /src` copies: .dockerignore applied as Docker does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kubellm_e2e_images_test", ROOT / "e2e" / "images.py")
+    images = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(images)
+    files = images.context_files()
+    assert "pyproject.toml" in files and "runtime/model_hub.py" in files and "docker/runtime-cpu.Dockerfile" in files
+    assert not [f for f in files if f.startswith(("tests/", "e2e/", ".git/", "charts/", "docs/"))
+                or "__pycache__" in f or ".egg-info/" in f]
+    rules = images.dockerignore_rules()
+    assert images.is_ignored("runtime/layers/__pycache__/x.pyc", rules)
+    assert images.is_ignored("kubellm.egg-info/PKG-INFO", rules) and not images.is_ignored("kubellm/__init__.py", rules)
+    negated = [(False, images._pattern_regex("docs")), (True, images._pattern_regex("docs/keep.md"))]
+    assert images.is_ignored("docs/a.md", negated) and not images.is_ignored("docs/keep.md", negated)
+    assert set(images.IMAGE_REFS) == {"operator", "runtime-cpu", "pause"}
+    assert images.RUNTIME_CPU_REF.endswith("-cpu") and images.OPERATOR_REF.startswith("ghcr.io/kubellm/operator:")
