@@ -2,14 +2,15 @@
 # Everything the tests need beyond `pip install`, each step cached so that a second run costs
 # seconds:
 #   1. Debian packages of the real node and the image builder (containerd, runc, CNI plugins,
-#      iptables/nftables/conntrack for kube-proxy, buildah and mmdebstrap for the images);
+#      iptables/nftables/conntrack for kube-proxy, buildah and mmdebstrap for the images, gcc
+#      and libc6-dev for the static pause binary);
 #   2. the cluster binaries from Go modules (e2e/build-control-plane.sh, cached by version);
 #   3. the images (e2e/images.py: base from Debian's packages, pause, operator, CPU runtime;
 #      cached by a hash of their inputs).
 # Usage: bash e2e/setup.sh [--no-images]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-packages=(containerd runc containernetworking-plugins iptables nftables conntrack buildah mmdebstrap uidmap)
+packages=(containerd runc containernetworking-plugins iptables nftables conntrack buildah mmdebstrap uidmap gcc libc6-dev binutils)
 start=$SECONDS
 
 missing=()

@@ -91,7 +91,7 @@ def cmd_router(args) -> int:
     asyncio.run(serve(args.leaders, port=args.port, host=args.host, deployment_name=args.deployment_name,
                       rest_port=args.rest_port, metrics_port=args.metrics_port,
                       allow_terminate=args.allow_terminate, health_interval=args.health_interval,
-                      resolve_interval=args.resolve_interval))
+                      resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica))
     return 0
 
 
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--allow-terminate", action="store_true", help="let Terminate stop the replicas and router")
     router.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     router.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between DNS resolutions")
+    router.add_argument("--wait-for-replica", type=float, default=30.0,
+                        help="seconds a request waits for a healthy replica while none is (a group restarting, "
+                             "a rolling update) before UNAVAILABLE")
     router.set_defaults(func=cmd_router)
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
     serve.add_argument("model", nargs="?", help="local Hugging Face directory or a known name")

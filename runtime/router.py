@@ -10,7 +10,11 @@ so the order is stable). Each leader is health-checked (grpc.health.v1) every
 `health_interval` seconds; only SERVING ones take requests. Requests go round-robin over the
 healthy leaders, one step per request. A unary call that fails with UNAVAILABLE (the replica
 went away) is retried on the next leader; so is a stream that fails before its first message.
-A stream cut after its first message ends with UNAVAILABLE naming the replica. Other errors
+While no leader is healthy (a lone group restarting, the gap between two groups of a rolling
+update, a replaced pod not yet resolved) a request waits up to `wait_for_replica` seconds (and
+its own deadline) for one, re-resolving and checking meanwhile, and is then served; only past
+that does it fail with UNAVAILABLE. A stream cut after its first message ends with UNAVAILABLE
+naming the replica (its own name, learned from ModelInfo, and its address). Other errors
 (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
 are passed on; a cancelled client cancels the upstream call.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import gc
 import ipaddress
 import logging
@@ -151,6 +156,12 @@ class Replica:
     healthy: bool = False
     reason: str = "not checked yet"
     slow_checks: int = 0   # consecutive health checks that timed out
+    name: str = ""         # what the replica calls itself (ModelInfo.replica, e.g. llm-g0-0:50051)
+
+    @property
+    def label(self) -> str:
+        """How errors name the replica: its own name and, behind it, its address."""
+        return f"{self.name} ({self.address})" if self.name and self.name != self.address else self.address
 
     @classmethod
     def connect(cls, address: str) -> "Replica":
@@ -253,8 +264,13 @@ class Router:
     """Round-robin over healthy replica leaders. `forward_*` are usable without gRPC (the gateway)."""
 
     def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
-                 health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0):
+                 health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
+                 wait_for_replica: float = 30.0):
         self.deployment_name = deployment_name
+        # While no replica is healthy (a group restarting, a rolling update between groups, a
+        # replica that has just left), a request waits this long for one before UNAVAILABLE.
+        self.wait_for_replica = wait_for_replica
+        self._refresh_lock = asyncio.Lock()
         self.allow_terminate = allow_terminate
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -314,15 +330,19 @@ class Router:
         except Exception as err:  # noqa: BLE001 - a broken replica must not stop the loop
             ok, reason = False, repr(err)
         replica.slow_checks = 0
+        if ok and not replica.healthy:  # (back) in service: learn its name, which a restart may change
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                info = await replica.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=self.health_timeout)
+                replica.name = info.replica
         if ok != replica.healthy:
             log.info("replica %s is %s", replica.address, "healthy" if ok else f"unhealthy ({reason})")
         replica.healthy, replica.reason = ok, reason
         self.metrics.replicas[replica.address] = ok
 
     async def refresh(self) -> None:
-        """Resolve the leaders (if due) and health-check every one of them now."""
+        """Resolve the leaders (if due, or while none is healthy) and health-check every one now."""
         now = time.monotonic()
-        if not self.replicas or now - self._last_resolve >= self.resolve_interval:
+        if not self.healthy_replicas() or now - self._last_resolve >= self.resolve_interval:
             self._last_resolve = now
             await self._resolve()
         await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
@@ -354,16 +374,36 @@ class Router:
         self._counter += 1
         return healthy[start:] + healthy[:start]
 
-    def _no_replica(self, last: tuple[Replica, grpc.aio.AioRpcError] | None) -> UpstreamError:
+    def _no_replica(self, last: tuple[Replica, grpc.aio.AioRpcError] | None, waited: float) -> UpstreamError:
         msg = f"no healthy replica of deployment {self.deployment_name}"
+        if waited >= 0.05:
+            msg += f" after waiting {waited:.0f} s"
         if last is not None:
-            msg += f" (last error from replica {last[0].address}: {last[1].details()})"
+            msg += f" (last error from replica {last[0].label}: {last[1].details()})"
         return UpstreamError(grpc.StatusCode.UNAVAILABLE, msg)
+
+    async def _await_healthy(self, until: float) -> bool:
+        """Wait until some replica is healthy or `until` passes; True if one is. One waiter at a
+        time refreshes (resolve + health checks); the others poll what it finds."""
+        while not self.healthy_replicas():
+            if time.monotonic() >= until:
+                return False
+            if not self._refresh_lock.locked():
+                async with self._refresh_lock:
+                    await self.refresh()
+            if not self.healthy_replicas():
+                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+        return True
+
+    def _hold_until(self, start: float, timeout: float | None) -> float:
+        until = start + self.wait_for_replica
+        return until if timeout is None else min(until, start + timeout)
 
     async def _mark_down(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
         if replica.healthy:
             log.warning("replica %s failed (%s: %s); skipping it until it is healthy again",
-                        replica.address, err.code().name, err.details())
+                        replica.label, err.code().name, err.details())
+        self._last_resolve = 0.0  # it may have been replaced: look the leaders up again at once
         replica.healthy, replica.reason = False, f"{err.code().name}: {err.details()}"
         self.metrics.replicas[replica.address] = False
         await self._publish_health()
@@ -379,13 +419,22 @@ class Router:
 
     # ---- forwarding (used by the gRPC servicer and by the REST gateway)
 
-    def _attempts(self, method: str, timeout: float | None):
-        """(replica, per-call timeout) in round-robin order; every attempt after the first is a retry."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for attempt, replica in enumerate(self._candidates()):
-            if attempt:
-                self.metrics.retry(method)
-            yield replica, self._remaining(deadline)
+    async def _attempts(self, method: str, timeout: float | None):
+        """(replica, per-call timeout) in round-robin order; every attempt after the first is a retry.
+        When every healthy replica has been tried (or none is), waits up to `wait_for_replica` for
+        one to become healthy and goes on; the caller stops at the first success."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        hold_until = self._hold_until(start, timeout)
+        attempt = 0
+        while True:
+            for replica in self._candidates():
+                if attempt:
+                    self.metrics.retry(method)
+                attempt += 1
+                yield replica, self._remaining(deadline)
+            if not await self._await_healthy(hold_until):
+                return
 
     async def _retry_or_raise(self, replica: Replica, method: str, err: grpc.aio.AioRpcError, retryable: bool):
         """Record a failed call; return (replica, err) when the next replica should be tried, else raise."""
@@ -405,7 +454,7 @@ class Router:
 
         `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
         start, last = time.monotonic(), None
-        for replica, remaining in self._attempts(method, timeout):
+        async for replica, remaining in self._attempts(method, timeout):
             stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
             call = stub(request, metadata=metadata, timeout=remaining)
             try:
@@ -420,13 +469,13 @@ class Router:
             if method == "ModelInfo":
                 self.model_info = llm_pb2.ModelInfoResponse.FromString(response) if raw else response
             return response
-        raise self._no_replica(last)
+        raise self._no_replica(last, time.monotonic() - start)
 
     async def forward_stream(self, request, metadata=(), timeout: float | None = None, *, raw: bool = False):
         """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
         method = "GenerateStream"
         start, last = time.monotonic(), None
-        for replica, remaining in self._attempts(method, timeout):
+        async for replica, remaining in self._attempts(method, timeout):
             stub = replica.raw_stream if raw else replica.stub.GenerateStream
             call = stub(request, metadata=metadata, timeout=remaining)
             received = False
@@ -443,7 +492,7 @@ class Router:
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
                         await self._mark_down(replica, err)
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
-                                        f"replica {replica.address} of deployment {self.deployment_name} "
+                                        f"replica {replica.label} of deployment {self.deployment_name} "
                                         f"failed mid-stream ({err.code().name}: {err.details()}); "
                                         f"the response is incomplete") from None
                 # Before the first message nothing reached the client, so another replica may answer.
@@ -454,7 +503,7 @@ class Router:
                     call.cancel()  # the client went away (or stopped reading): stop the replica's work
             self._succeeded(replica, method, start)
             return
-        raise self._no_replica(last)
+        raise self._no_replica(last, time.monotonic() - start)
 
     async def terminate(self) -> bool:
         """Terminate every replica, then stop the router (only if allowed)."""
@@ -592,12 +641,12 @@ class RouterServicer:
 
 async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment_name: str = "kubellm",
                 rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
-                health_interval: float = 2.0, resolve_interval: float = 5.0) -> None:
+                health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0) -> None:
     """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
     import signal
 
-    router = Router(leaders, deployment_name, allow_terminate=allow_terminate,
-                    health_interval=health_interval, resolve_interval=resolve_interval)
+    router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
+                    resolve_interval=resolve_interval, wait_for_replica=wait_for_replica)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.

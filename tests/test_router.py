@@ -122,7 +122,7 @@ class Cluster:
         for r in self.replicas:
             self.run(r.start())
         leaders = router_options.pop("leaders", ",".join(f"127.0.0.1:{r.port}" for r in self.replicas))
-        options = {"health_interval": 0.2, "health_timeout": 0.5, **router_options}
+        options = {"health_interval": 0.2, "health_timeout": 0.5, "wait_for_replica": 0.5, **router_options}
 
         async def make():
             router = Router(leaders, "echo", **options)
@@ -199,6 +199,51 @@ def test_no_healthy_replica(cluster):
     live = health_pb2_grpc.HealthStub(cluster.channel).Check(health_pb2.HealthCheckRequest(service="liveness"),
                                                             timeout=5).status
     assert live == health_pb2.HealthCheckResponse.SERVING  # a liveness probe must not restart the router
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_request_waits_for_a_replica_while_none_is_healthy(method):
+    """Between groups of a rolling update, or while a lone group restarts, a request is held (up
+    to wait_for_replica) and served by the first replica back, not failed."""
+    c = Cluster(n=1, wait_for_replica=10)
+    try:
+        port = c.replicas[0].port
+        c.wait_healthy(0, True)
+        c.run(c.replicas[0].stop())
+        c.wait_healthy(0, False)
+        result = {}
+
+        def call():
+            req = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text="held")])
+            result["reply"] = (c.stub.Generate(req, timeout=15) if method == "Generate"
+                               else list(c.stub.GenerateStream(req, timeout=15))[-1])
+        t = threading.Thread(target=call)
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(1.0)
+        assert "reply" not in result  # held, not failed
+        c.replicas[0] = EchoReplica("replica-0b")
+        c.replicas[0].port = port
+        c.run(c.replicas[0].start())
+        t.join(10)
+        assert result["reply"].replica == "replica-0b" and 1.0 <= time.monotonic() - t0 < 6
+        assert c.router.replicas[0].name == "replica-0b"  # learned from ModelInfo
+    finally:
+        c.close()
+
+
+def test_hold_is_bounded_by_the_request_deadline():
+    c = Cluster(n=1, wait_for_replica=30)
+    try:
+        c.run(c.replicas[0].stop())
+        c.wait_healthy(0, False)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.Generate(llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text="x")]), timeout=1.5)
+        assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        assert time.monotonic() - t0 < 3
+    finally:
+        c.close()
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
