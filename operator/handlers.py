@@ -28,7 +28,8 @@ from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import READY_PODS, RESTARTING, GroupState, compute_status, group_states, phase_event
+from kubellm.operator.status import (READY_PODS, RESTARTING, GroupState, compute_status, group_states,
+                                     phase_event, pods_to_delete)
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
@@ -145,11 +146,10 @@ def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
 
 
 def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str) -> None:
-    """Delete every pod of the group; its StatefulSet recreates them all together."""
+    """Delete the group's pods (status.pods_to_delete); its StatefulSet recreates them together."""
     k = kube()
-    for pod in group.pods:
-        if not pod["metadata"].get("deletionTimestamp"):
-            k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
+    for pod in pods_to_delete(group, cause):
+        k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
     _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
     group.restarting = cause
     METRICS.restarted(cause)

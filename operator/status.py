@@ -60,6 +60,17 @@ class GroupState:
         return ""
 
 
+def pods_to_delete(group: GroupState, cause: str) -> list[dict]:
+    """The pods a group restart deletes (their StatefulSet recreates them). A rollout replaces every
+    pod (the StatefulSets are OnDelete). After a failure a group of several pods restarts all its
+    ranks, since torch.distributed cannot re-admit one; a group of one pod is whole again once its
+    pod or container is replaced, so deleting the fresh replacement would only restart it twice."""
+    live = [p for p in group.pods if not p["metadata"].get("deletionTimestamp")]
+    if cause == "failure" and group.expected_pods == 1:
+        return []
+    return live
+
+
 def pod_ready(pod: dict) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in (pod.get("status") or {}).get("conditions") or [])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 
 
 def _engine_options(args) -> dict:
@@ -154,7 +157,7 @@ def cmd_worker(args) -> int:
     import logging
 
     from kubellm.runtime.distributed import ranks_on_this_host
-    from kubellm.runtime.server import serve_follower, serve_worker
+    from kubellm.runtime.server import TerminatedWhileLoading, serve_follower, serve_worker
 
     engine_config, defaults = worker_configs(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -170,6 +173,10 @@ def cmd_worker(args) -> int:
                                  metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group))
     except KeyboardInterrupt:
         pass
+    except TerminatedWhileLoading as stopped:
+        logging.getLogger("kubellm.worker").info("%s", stopped)
+        logging.shutdown()
+        os._exit(128 + signal.SIGTERM)  # without waiting for the loading thread
     return 0
 
 
@@ -415,7 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """A container's entrypoint is PID 1, for which the kernel ignores SIGTERM unless the process
+    handles it: without a handler, a pod deleted while its worker still imports torch or loads
+    weights waits out the whole grace period. Commands that drain (worker, router) replace this
+    handler with their own once they serve."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -143,6 +143,20 @@ def resolve(target: str) -> list[str]:
 
 
 SLOW_CHECKS_TO_FAIL = 3
+LEAVING_GRACE = 60.0  # seconds a leader that left the Service keeps its calls in flight
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError is this task being cancelled (the client went away), rather than
+    an upstream call cancelled under it (its channel closed)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0
+
+
+def _lost(replica: "Replica") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=f"the connection to replica {replica.label} was closed")
 
 
 @dataclass(eq=False)
@@ -271,6 +285,7 @@ class Router:
         # replica that has just left), a request waits this long for one before UNAVAILABLE.
         self.wait_for_replica = wait_for_replica
         self._refresh_lock = asyncio.Lock()
+        self._leaving: dict[asyncio.Task, Replica] = {}  # leaders that left, their channels closing with grace
         self.allow_terminate = allow_terminate
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -308,9 +323,13 @@ class Router:
         replicas = [current.pop(a) if a in current else Replica.connect(a) for a in addresses]
         self.replicas = replicas
         for gone in current.values():
-            log.info("leader %s left", gone.address)
+            log.info("leader %s left", gone.label)
             self.metrics.replicas.pop(gone.address, None)
-            await gone.channel.close(grace=None)
+            # A leader leaves the Service as soon as its pod terminates, while it still drains: let
+            # its calls in flight finish (or fail on their own) before the channel goes.
+            task = asyncio.ensure_future(gone.channel.close(grace=LEAVING_GRACE))
+            self._leaving[task] = gone
+            task.add_done_callback(lambda t: self._leaving.pop(t, None))
         log.info("leaders of %s: %s", self.deployment_name, ", ".join(addresses) or "none")
 
     async def _check(self, replica: Replica) -> None:
@@ -458,10 +477,13 @@ class Router:
             stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
             call = stub(request, metadata=metadata, timeout=remaining)
             try:
-                response = await call
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
+                try:
+                    response = await call
+                except asyncio.CancelledError:
+                    call.cancel()
+                    if _cancelled_by_caller():
+                        raise
+                    raise _lost(replica) from None
             except grpc.aio.AioRpcError as err:
                 last = await self._retry_or_raise(replica, method, err, retryable=True)
                 continue
@@ -480,12 +502,17 @@ class Router:
             call = stub(request, metadata=metadata, timeout=remaining)
             received = False
             try:
-                # call.read() rather than `async for`: one async generator less per message.
-                message = await call.read()
-                while message is not grpc.aio.EOF:
-                    received = True
-                    yield message
+                try:
+                    # call.read() rather than `async for`: one async generator less per message.
                     message = await call.read()
+                    while message is not grpc.aio.EOF:
+                        received = True
+                        yield message
+                        message = await call.read()
+                except asyncio.CancelledError:
+                    if _cancelled_by_caller():
+                        raise
+                    raise _lost(replica) from None
             except grpc.aio.AioRpcError as err:
                 if received and err.code() in _CUT:
                     self.metrics.request(replica.address, method, err.code())
@@ -578,7 +605,7 @@ class Router:
             await runner.cleanup()
         if self._server is not None:
             await self._server.stop(grace)
-        for replica in self.replicas:
+        for replica in [*self.replicas, *self._leaving.values()]:
             await replica.channel.close(grace=None)
         self._stopped.set()
 

@@ -551,6 +551,11 @@ class _Worker:
             self.metrics_server.server_close()
 
 
+class TerminatedWhileLoading(Exception):
+    """SIGTERM arrived before the model was loaded; the loading thread cannot be interrupted, so the
+    caller exits the process (nothing is in flight yet)."""
+
+
 async def serve_worker(model, engine_config: EngineConfig | dict | None = None, port: int = 50051,
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
@@ -567,7 +572,13 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
         except (NotImplementedError, RuntimeError, ValueError):   # not the main thread, or Windows
             pass
     try:
-        await worker.ready.wait()
+        # SIGTERM while the weights still load (a pod deleted early) stops at once, not after the load.
+        waits = [asyncio.ensure_future(worker.ready.wait()), asyncio.ensure_future(worker.terminated.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if worker.terminated.is_set() and not worker.ready.is_set():
+            raise TerminatedWhileLoading(f"worker {worker.replica} terminated while loading")
         if worker.load_error is not None:
             # A ValueError is the user's configuration (the CLI prints it and exits 2); others are faults.
             error = ValueError if isinstance(worker.load_error, ValueError) else RuntimeError

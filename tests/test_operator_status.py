@@ -116,3 +116,23 @@ def test_a_rolling_update_is_progress_that_says_so():
     assert rolling["phase"] == "Progressing" and conditions(rolling)["Progressing"] == ("True", "RollingUpdate")
     assert phase_event("Ready", rolling) == (
         "Normal", "Progressing", "rolling update: 1/2 replica groups on the new spec, 2 ready (was Ready)")
+
+
+def test_pods_a_group_restart_deletes():
+    from kubellm.operator.status import GroupState, pods_to_delete
+
+    def group(pods_per_group, pods):
+        return GroupState(0, pods=pods, expected_pods=pods_per_group)
+    terminating = pod(0, 1)
+    terminating["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    cases = [  # (pods per group, pods, cause, names deleted)
+        (2, [pod(0, 0), pod(0, 1)], "failure", ["x-g0-0", "x-g0-1"]),   # every rank of a broken group
+        (2, [pod(0, 0), terminating], "failure", ["x-g0-0"]),           # not the one already going
+        (2, [pod(0, 0), pod(0, 1)], "rollout", ["x-g0-0", "x-g0-1"]),
+        (1, [pod(0, 0, ready=False)], "failure", []),                    # its replacement is the restart
+        (1, [pod(0, 0, restarts=1)], "failure", []),                     # so is a restarted container
+        (1, [pod(0, 0, spec_hash="old")], "rollout", ["x-g0-0"]),        # a rollout replaces it
+    ]
+    for pods_per_group, pods, cause, want in cases:
+        got = [p["metadata"]["name"] for p in pods_to_delete(group(pods_per_group, pods), cause)]
+        assert got == want, (pods_per_group, cause, got)

@@ -291,6 +291,21 @@ def test_stream_cut_after_first_message_ends_unavailable(cluster):
     assert time.monotonic() - start < 5
 
 
+def test_stream_whose_upstream_channel_closes_ends_unavailable(cluster):
+    """A leader that leaves (its pod terminating) has its channel closed under the calls in flight:
+    the client gets UNAVAILABLE naming the replica, never a hang."""
+    start = time.monotonic()
+    stream = cluster.stub.GenerateStream(llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text="hang")]), timeout=20)
+    first = next(stream)
+    victim = next(r for r in cluster.router.replicas if r.name == first.replica)
+    cluster.run(victim.channel.close(grace=None))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert first.replica in err.value.details() and "mid-stream" in err.value.details()
+    assert time.monotonic() - start < 5
+
+
 def test_client_cancel_cancels_upstream(cluster):
     stream = cluster.stub.GenerateStream(llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text="hang")]), timeout=20)
     first = next(stream)

@@ -332,3 +332,42 @@ def test_the_rendered_two_pod_group_logs_each_ranks_load_and_serves_as_one_proce
         for proc in procs:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare to run the worker as PID 1 of a PID namespace, as in a container")
+def test_worker_as_pid_1_exits_on_sigterm_while_it_still_starts(tiny_llama, tmp_path):
+    """The kernel ignores SIGTERM for a PID 1 without a handler: a pod deleted while its worker was
+    still importing torch or loading weights used to wait out its whole grace period. The worker
+    handles SIGTERM before it even listens, and exits at once."""
+    import socket
+
+    port = free_port()
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "kubellm.runtime.cli", "worker",
+           "--model", str(tiny_llama), "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pid1 = int(children.read_text().split()[0])
+        status = Path(f"/proc/{pid1}/status")
+        assert status.read_text().split("NSpid:\t")[1].split()[-1] == "1"  # PID 1 in its namespace
+
+        def catches_sigterm() -> bool:
+            mask = int(status.read_text().split("SigCgt:\t")[1].split()[0], 16)
+            return bool(mask & (1 << (15 - 1)))
+        while not catches_sigterm() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with socket.socket() as s:
+            listening = s.connect_ex(("127.0.0.1", port)) == 0
+        assert catches_sigterm() and not listening  # handled before the worker serves anything
+        t0 = time.monotonic()
+        os.kill(pid1, 15)
+        assert proc.wait(timeout=15) == 128 + 15, proc.stderr.read()
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
