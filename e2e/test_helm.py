@@ -159,7 +159,8 @@ def test_helm_test(cluster, system):
 
 def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, system, tmp_path):
     """The chart's RBAC suffices: the README example (TP=2, 2 replicas, REST + Ingress) becomes
-    Ready, is scaled down and has a group restarted by an operator holding the chart's token;
+    Ready, has a group restarted, is rolled to a new spec and scaled down by an operator holding the
+    chart's token;
     its worker and router pods are admitted under `restricted`; the API server denied it nothing.
     The test Job's check passes against this operator and fails against a dead address."""
     kubeconfig = service_account_kubeconfig(cluster, system, "kubellm", tmp_path / "sa.kubeconfig")
@@ -188,6 +189,13 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
         cluster.kubectl("delete", "pod", "-n", "team-x", "mistral-g1-0", "--wait=false")
         cluster.wait_for(lambda: "GroupRestarted" in {e["reason"] for e in get(cluster, "events", namespace="team-x")[
             "items"]}, "GroupRestarted event", 60)
+        wait_phase(cluster, op, "team-x", "mistral")
+        # A one-pod group heals by itself; a rollout is what deletes pods: roll both groups.
+        cluster.kubectl("patch", "llmd", "mistral", "-n", "team-x", "--type=merge",
+                        "-p", json.dumps({"spec": {"generation": {"maxNewTokens": 99}}}))
+        cluster.wait_for(lambda: (get(cluster, "llmd", "mistral", namespace="team-x").get("status") or {}).get(
+            "updatedReplicas") == 2 and operator_metrics(metrics_port).get(
+            'kubellm_operator_group_restarts_total{cause="rollout"}', 0) >= 2, "both groups rolled", 90)
         wait_phase(cluster, op, "team-x", "mistral")
         cluster.kubectl("scale", "llmd", "mistral", "-n", "team-x", "--replicas=1")
         cluster.wait_for(lambda: len(get(cluster, "statefulsets", namespace="team-x")["items"]) == 1,

@@ -6,7 +6,8 @@ install and `helm test`; the CPU example (SmolLM2, 2 replicas, REST on) served t
 `kubectl port-forward` to every client; what a person sees; pod security; the network pinned to
 the machine; a rank pod killed under load; a rolling update under load that also proves
 `spec.generation` reaches the pods; an `hf://` model fetched by the init container from a local
-mirror (a test fixture) and served by one pod and by a tensor-parallel group of two pods.
+mirror (a test fixture) and served by one pod and by a tensor-parallel group of two pods; that
+group's rank-1 pod deleted, and the whole group restarted.
 
 Figures (apply to first token, group restart, the tier's run time) are printed; docs/benchmarks.md
 keeps them.
@@ -217,7 +218,18 @@ def smollm2(release):
     FIGURES["apply_to_first_token_s"] = round(time.monotonic() - t0, 1)
     print(f"\nkubectl apply -> first token through the Service: {FIGURES['apply_to_first_token_s']} s")
     wait_ready(c, "smollm2")
+    # The router finds a new leader within its resolve interval (5 s) of the pod's readiness.
+    with port_forward(c, "svc/smollm2", 28080) as ports:
+        c.wait_for(lambda: "kubellm_router_healthy_replicas 2" in router_metrics(ports[28080]),
+                   "the router sees both replicas", timeout=60, interval=0.5)
     return c
+
+
+def router_metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return reply.read().decode()
 
 
 def test_cpu_example_serves_every_client(smollm2):
@@ -407,4 +419,36 @@ def test_hf_source_and_two_pod_tensor_parallel_group(release, tmp_path_factory):
         with port_forward(c, f"svc/{name}", 50051) as ports:
             got = greedy_ids(f"127.0.0.1:{ports[50051]}", prompts)
         assert got == want, (name, got, want)
-    c.kubectl("delete", "llmd", "tiny", "tiny-tp2", "-n", NS, "--wait=false")
+    c.kubectl("delete", "llmd", "tiny", "-n", NS, "--wait=false")
+    TINY_TP2.update(prompts=prompts, want=want)
+
+
+TINY_TP2: dict = {}
+
+
+def test_killed_rank_restarts_the_whole_two_pod_group(release):
+    """Deleting rank 1's pod breaks the torch.distributed group: the operator restarts both pods
+    (rank 0 too), the status goes Degraded then Ready, and the group serves the same tokens."""
+    if not TINY_TP2:
+        pytest.skip("needs the tiny-tp2 deployment of the previous test")
+    c = release
+    pods = {p["metadata"]["name"]: p["metadata"]["uid"]
+            for p in get(c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2,app.kubernetes.io/component=worker")["items"]}
+    assert sorted(pods) == ["tiny-tp2-g0-0", "tiny-tp2-g0-1"], pods
+    watch = PhaseWatch(c, "tiny-tp2")
+    watch.start()
+    c.kubectl("delete", "pod", "tiny-tp2-g0-1", "-n", NS, "--wait=false")
+    c.wait_for(lambda: "Degraded" in watch.phases or None, "phase Degraded", timeout=120)
+
+    def restarted():
+        now = {p["metadata"]["name"]: p["metadata"]["uid"] for p in get(
+            c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2,app.kubernetes.io/component=worker")["items"]}
+        fresh = len(now) == 2 and not set(now.values()) & set(pods.values())
+        return fresh and watch.phases[-1] == "Ready"
+    c.wait_for(restarted, "both ranks replaced and Ready", timeout=300, interval=1)
+    watch.done.set()
+    events = {e["reason"] for e in get(c, "events", "--field-selector", "involvedObject.name=tiny-tp2")["items"]}
+    assert "GroupRestarted" in events, events
+    with port_forward(c, "svc/tiny-tp2", 50051) as ports:
+        assert greedy_ids(f"127.0.0.1:{ports[50051]}", TINY_TP2["prompts"]) == TINY_TP2["want"]
+    c.kubectl("delete", "llmd", "tiny-tp2", "-n", NS, "--wait=false")

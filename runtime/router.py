@@ -301,6 +301,7 @@ class Router:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._last_resolve = 0.0
+        self._resolve_error = ""
         self.model_info: llm_pb2.ModelInfoResponse | None = None
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
@@ -315,8 +316,14 @@ class Router:
             try:
                 addresses = await asyncio.get_running_loop().run_in_executor(None, resolve, self.dns_target)
             except OSError as err:
-                log.warning("resolving %s failed: %s (keeping %d leaders)", self.dns_target, err, len(self.replicas))
+                # A headless Service with no ready pod has no name at all: expected while the groups
+                # start, so said once per change rather than every few seconds.
+                if str(err) != self._resolve_error:
+                    log.warning("resolving %s failed: %s (keeping %d leaders; no ready leader pod yet?)",
+                                self.dns_target, err, len(self.replicas))
+                self._resolve_error = str(err)
                 return
+            self._resolve_error = ""
         current = {r.address: r for r in self.replicas}
         if list(current) == addresses:
             return

@@ -15,6 +15,7 @@ the log shows the load with progress, as `kubectl logs` would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -347,13 +348,21 @@ def test_worker_as_pid_1_exits_on_sigterm_while_it_still_starts(tiny_llama, tmp_
            "--model", str(tiny_llama), "--device", "cpu", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        deadline = time.monotonic() + 10
-        while not children.read_text().split() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        pid1 = int(children.read_text().split()[0])
+        def pid_1_of_the_namespace() -> int | None:
+            """unshare's child, once it is PID 1 of the new namespace and runs Python."""
+            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                with contextlib.suppress(OSError):
+                    text = Path(f"/proc/{child}/status").read_text()
+                    if text.split("NSpid:\t")[1].split()[-1] == "1" and "python" in Path(f"/proc/{child}/cmdline").read_text():
+                        return int(child)
+            return None
+        deadline = time.monotonic() + 20
+        pid1 = None
+        while pid1 is None and time.monotonic() < deadline:
+            pid1 = pid_1_of_the_namespace()
+            time.sleep(0.005)
+        assert pid1, "the worker never ran as PID 1"
         status = Path(f"/proc/{pid1}/status")
-        assert status.read_text().split("NSpid:\t")[1].split()[-1] == "1"  # PID 1 in its namespace
 
         def catches_sigterm() -> bool:
             mask = int(status.read_text().split("SigCgt:\t")[1].split()[0], 16)
