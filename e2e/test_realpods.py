@@ -156,7 +156,10 @@ class PhaseWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            status = (get(self.cluster, "llmd", self.name).get("status") or {})
+            try:
+                status = (get(self.cluster, "llmd", self.name).get("status") or {})
+            except Exception:  # noqa: BLE001 - deleted at teardown
+                return
             p = status.get("phase", "")
             self.min_ready = min(self.min_ready, status.get("readyReplicas", 0))
             if not self.phases or self.phases[-1] != p:
@@ -445,8 +448,13 @@ def test_killed_rank_restarts_the_whole_two_pod_group(release):
             c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2,app.kubernetes.io/component=worker")["items"]}
         fresh = len(now) == 2 and not set(now.values()) & set(pods.values())
         return fresh and watch.phases[-1] == "Ready"
-    c.wait_for(restarted, "both ranks replaced and Ready", timeout=300, interval=1)
-    watch.done.set()
+    try:
+        c.wait_for(restarted, "both ranks replaced and Ready", timeout=300, interval=1)
+    except TimeoutError as err:
+        events = c.kubectl("get", "events", "-n", NS, "--sort-by=.lastTimestamp", check=False).stdout[-4000:]
+        raise AssertionError(f"{err}; phases {watch.phases}\n{events}\n{diagnose(c)}") from None
+    finally:
+        watch.done.set()
     events = {e["reason"] for e in get(c, "events", "--field-selector", "involvedObject.name=tiny-tp2")["items"]}
     assert "GroupRestarted" in events, events
     with port_forward(c, "svc/tiny-tp2", 50051) as ports:

@@ -23,7 +23,10 @@ class GroupState:
 
     @property
     def pod_uids(self) -> str:
-        return ",".join(sorted(p["metadata"]["uid"] for p in self.pods))
+        """What READY_PODS records of a whole group: each pod's uid and container restarts
+        ("uid:restarts,..."), so that a restart counted before the group was whole is not taken
+        for a failure afterwards."""
+        return ",".join(sorted(f"{p['metadata']['uid']}:{_restarts(p)}" for p in self.pods))
 
     @property
     def updated(self) -> bool:
@@ -45,11 +48,11 @@ class GroupState:
         """A rank of a group that was whole is gone, replaced or restarted: the group must restart."""
         if not self.recorded_ready or self.restarting:
             return False
-        recorded = set(self.recorded_ready.split(","))
-        current = {p["metadata"]["uid"] for p in self.pods}
-        restarted = any(cs.get("restartCount", 0) > 0 for p in self.pods
-                        for cs in (p.get("status") or {}).get("containerStatuses") or [])
-        return restarted or not recorded <= current or any(p["status"].get("phase") == "Failed" for p in self.pods)
+        recorded = dict(_uid_and_restarts(item) for item in self.recorded_ready.split(","))
+        current = {p["metadata"]["uid"]: _restarts(p) for p in self.pods}
+        restarted = any(current[uid] > restarts for uid, restarts in recorded.items() if uid in current)
+        return restarted or not recorded.keys() <= current.keys() or any(
+            p["status"].get("phase") == "Failed" for p in self.pods)
 
     @property
     def unschedulable(self) -> str:
@@ -69,6 +72,15 @@ def pods_to_delete(group: GroupState, cause: str) -> list[dict]:
     if cause == "failure" and group.expected_pods == 1:
         return []
     return live
+
+
+def _restarts(pod: dict) -> int:
+    return sum(cs.get("restartCount", 0) for cs in (pod.get("status") or {}).get("containerStatuses") or [])
+
+
+def _uid_and_restarts(item: str) -> tuple[str, int]:
+    uid, _, restarts = item.partition(":")  # "uid" alone: recorded by an older operator, no restarts
+    return uid, int(restarts or 0)
 
 
 def pod_ready(pod: dict) -> bool:

@@ -59,6 +59,19 @@ def test_restarted_container_breaks_the_group():
     assert groups[0].broken
 
 
+def test_only_restarts_after_the_group_was_whole_break_it():
+    """A rank that restarted while its group formed (it came up before its rank 0) is recorded
+    with that count when the group is whole; only a restart after that is a failure."""
+    formed = [pod(0, 0), pod(0, 1, restarts=2)]
+    _, groups = status_of(formed)
+    recorded = groups[0].pod_uids
+    assert recorded == f"u00{HASH[:2]}:0,u01{HASH[:2]}:2"
+    _, groups = status_of(formed, [sts(0, **{READY_PODS: recorded})])
+    assert not groups[0].broken
+    _, groups = status_of([pod(0, 0), pod(0, 1, restarts=3)], [sts(0, **{READY_PODS: recorded})])
+    assert groups[0].broken
+
+
 def test_rollout_restart_is_progress_not_degradation():
     pods = [pod(1, 0), pod(1, 1)]
     status, groups = status_of(pods, [sts(0, **{READY_PODS: "old", RESTARTING: "rollout"})])
