@@ -387,11 +387,11 @@ def greedy_ids(address: str, prompts: list[str]) -> list[list[int]]:
         return [client.generate(p, max_new_tokens=12, temperature=0.0)[0].token_ids for p in prompts]
 
 
-def test_hf_source_and_two_pod_tensor_parallel_group(release, tmp_path_factory):
-    """The download init container fetches a tiny model from a local Hugging Face-compatible mirror
-    (a test fixture, on the node IP, checking the token from the Secret); one pod serves it, and a
-    tensor-parallel group of two pods (gloo over the pod network, MASTER_ADDR from cluster DNS)
-    serves the same greedy tokens, which are also the local engine's."""
+@pytest.fixture(scope="module")
+def hf_model(release, tmp_path_factory):
+    """A tiny random checkpoint served by a local Hugging Face-compatible mirror (a test fixture)
+    on the node IP, checking the token that the `hf-token` Secret holds; with the local engine's
+    greedy tokens for a few prompts. The mirror lives for the module: restarted pods download again."""
     from tiny_models import make_checkpoint
 
     import kubellm
@@ -407,39 +407,43 @@ def test_hf_source_and_two_pod_tensor_parallel_group(release, tmp_path_factory):
     token = "hf_e2e_token_checked_by_the_mirror"
     c.kubectl("create", "secret", "generic", "hf-token", "-n", NS, f"--from-literal=HF_TOKEN={token}")
     with mirror_mod.HFMirror(model_dir, "kubellm-e2e/tiny-llama", token=token, host=node_ip) as mirror:
-        source = "hf://kubellm-e2e/tiny-llama"
-        apply(c, tiny_deployment("tiny", source, mirror.url, "hf-token", 1))
-        apply(c, tiny_deployment("tiny-tp2", source, mirror.url, "hf-token", 2))
-        wait_ready(c, "tiny")
-        wait_ready(c, "tiny-tp2")
-        pods = get(c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2")["items"]
-        assert len([p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]) == 2
-        init_log = c.kubectl("logs", "-n", NS, "tiny-g0-0", "-c", "download-model").stdout
-        assert "tiny-llama" in init_log, init_log
-        files = [path for method, path, _ in mirror.requests if method == "GET" and "/resolve/" in path]
-        assert files and all(authorized for _, _, authorized in mirror.requests), mirror.requests
+        yield {"mirror": mirror, "source": "hf://kubellm-e2e/tiny-llama", "prompts": prompts, "want": want}
+
+
+def test_hf_source_and_two_pod_tensor_parallel_group(release, hf_model):
+    """The download init container fetches the tiny model from the mirror with the Secret's token;
+    one pod serves it, and a tensor-parallel group of two pods (gloo over the pod network,
+    MASTER_ADDR from cluster DNS) serves the same greedy tokens, which are the local engine's."""
+    c, mirror = release, hf_model["mirror"]
+    apply(c, tiny_deployment("tiny", hf_model["source"], mirror.url, "hf-token", 1))
+    apply(c, tiny_deployment("tiny-tp2", hf_model["source"], mirror.url, "hf-token", 2))
+    wait_ready(c, "tiny")
+    wait_ready(c, "tiny-tp2")
+    pods = get(c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2")["items"]
+    assert len([p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]) == 2
+    init_log = c.kubectl("logs", "-n", NS, "tiny-g0-0", "-c", "download-model").stdout
+    assert "tiny-llama" in init_log, init_log
+    files = [path for method, path, _ in mirror.requests if method == "GET" and "/resolve/" in path]
+    assert files and all(authorized for _, _, authorized in mirror.requests), mirror.requests
     for name in ("tiny", "tiny-tp2"):
         with port_forward(c, f"svc/{name}", 50051) as ports:
-            got = greedy_ids(f"127.0.0.1:{ports[50051]}", prompts)
-        assert got == want, (name, got, want)
+            got = greedy_ids(f"127.0.0.1:{ports[50051]}", hf_model["prompts"])
+        assert got == hf_model["want"], (name, got, hf_model["want"])
     c.kubectl("delete", "llmd", "tiny", "-n", NS, "--wait=false")
-    TINY_TP2.update(prompts=prompts, want=want)
 
 
-TINY_TP2: dict = {}
-
-
-def test_killed_rank_restarts_the_whole_two_pod_group(release):
+def test_killed_rank_restarts_the_whole_two_pod_group(release, hf_model):
     """Deleting rank 1's pod breaks the torch.distributed group: the operator restarts both pods
     (rank 0 too), the status goes Degraded then Ready, and the group serves the same tokens."""
-    if not TINY_TP2:
-        pytest.skip("needs the tiny-tp2 deployment of the previous test")
     c = release
+    if phase(c, "tiny-tp2") != "Ready":
+        pytest.fail("needs the tiny-tp2 deployment of the previous test, Ready")
     pods = {p["metadata"]["name"]: p["metadata"]["uid"]
             for p in get(c, "pods", "-l", "app.kubernetes.io/instance=tiny-tp2,app.kubernetes.io/component=worker")["items"]}
     assert sorted(pods) == ["tiny-tp2-g0-0", "tiny-tp2-g0-1"], pods
     watch = PhaseWatch(c, "tiny-tp2")
     watch.start()
+    t_kill = time.monotonic()
     c.kubectl("delete", "pod", "tiny-tp2-g0-1", "-n", NS, "--wait=false")
     c.wait_for(lambda: "Degraded" in watch.phases or None, "phase Degraded", timeout=120)
 
@@ -455,8 +459,10 @@ def test_killed_rank_restarts_the_whole_two_pod_group(release):
         raise AssertionError(f"{err}; phases {watch.phases}\n{events}\n{diagnose(c)}") from None
     finally:
         watch.done.set()
+    FIGURES["two_pod_group_restart_s"] = round(time.monotonic() - t_kill, 1)
+    print(f"\ntwo-pod group restart after a rank pod kill: {FIGURES['two_pod_group_restart_s']} s")
     events = {e["reason"] for e in get(c, "events", "--field-selector", "involvedObject.name=tiny-tp2")["items"]}
     assert "GroupRestarted" in events, events
     with port_forward(c, "svc/tiny-tp2", 50051) as ports:
-        assert greedy_ids(f"127.0.0.1:{ports[50051]}", TINY_TP2["prompts"]) == TINY_TP2["want"]
+        assert greedy_ids(f"127.0.0.1:{ports[50051]}", hf_model["prompts"]) == hf_model["want"]
     c.kubectl("delete", "llmd", "tiny-tp2", "-n", NS, "--wait=false")
