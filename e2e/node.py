@@ -97,10 +97,10 @@ def _link_exists(name: str) -> bool:
     return _run("ip", "link", "show", name, check=False).returncode == 0
 
 
-def _iptables_dump(family: str) -> dict[str, tuple[set[str], list[str]]]:
-    """{table: (chains, rules)} from `<family>-save`; rules as written ("-A CHAIN ...")."""
+def parse_iptables_save(text: str) -> dict[str, tuple[set[str], list[str]]]:
+    """{table: (chains, rules)} of an `iptables-save` dump; rules as written ("-A CHAIN ...")."""
     out, table = {}, None
-    for line in _run(f"{family}-save", check=False).stdout.splitlines():
+    for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
             out[table] = (set(), [])
@@ -111,28 +111,39 @@ def _iptables_dump(family: str) -> dict[str, tuple[set[str], list[str]]]:
     return out
 
 
+def _iptables_dump(family: str) -> dict[str, tuple[set[str], list[str]]]:
+    return parse_iptables_save(_run(f"{family}-save", check=False).stdout)
+
+
 def _kube_chains() -> set[tuple[str, str, str]]:
     """(family, table, chain) of every KUBE-* chain (the kubelet's and kube-proxy's)."""
     return {(family, table, chain) for family in ("iptables", "ip6tables")
             for table, (chains, _) in _iptables_dump(family).items() for chain in chains if chain.startswith("KUBE-")}
 
 
+def kube_chain_cleanup(family: str, dump: dict[str, tuple[set[str], list[str]]],
+                       keep: set[tuple[str, str, str]]) -> list[list[str]]:
+    """The commands that delete the KUBE-* chains not in ``keep``, and the rules elsewhere that jump
+    to them (the kubelet adds KUBE-FIREWALL and canaries to tables that may have existed before;
+    kube-proxy --cleanup removes only its own): jumps first, then flush, then delete."""
+    jumps, flushes, deletes = [], [], []
+    for table, (chains, rules) in dump.items():
+        ours = {ch for ch in chains if ch.startswith("KUBE-") and (family, table, ch) not in keep}
+        for rule in rules:
+            args = shlex.split(rule)
+            target = args[args.index("-j") + 1] if "-j" in args else ""
+            if target in ours and args[1] not in ours:
+                jumps.append([family, "-t", table, "-D", *args[1:]])
+        for chain in sorted(ours):
+            flushes.append([family, "-t", table, "-F", chain])
+            deletes.append([family, "-t", table, "-X", chain])
+    return jumps + flushes + deletes
+
+
 def _remove_kube_chains(keep: set[tuple[str, str, str]]) -> None:
-    """Delete the KUBE-* chains not in ``keep``, and the rules that jump to them, in tables that
-    existed before (the kubelet adds KUBE-FIREWALL and canaries to them; kube-proxy --cleanup
-    removes only its own)."""
     for family in ("iptables", "ip6tables"):
-        for table, (chains, rules) in _iptables_dump(family).items():
-            ours = {ch for ch in chains if ch.startswith("KUBE-") and (family, table, ch) not in keep}
-            for rule in rules:
-                args = shlex.split(rule)
-                target = args[args.index("-j") + 1] if "-j" in args else ""
-                if target in ours and args[1] not in ours:
-                    _run(family, "-t", table, "-D", *args[1:], check=False)
-            for chain in ours:
-                _run(family, "-t", table, "-F", chain, check=False)
-            for chain in ours:
-                _run(family, "-t", table, "-X", chain, check=False)
+        for cmd in kube_chain_cleanup(family, _iptables_dump(family), keep):
+            _run(*cmd, check=False)
 
 
 def _nft_tables() -> set[str]:
