@@ -471,18 +471,20 @@ def _commit_scratch(ref: str, key: str, content: Callable[[str], None], config: 
 # ---- building ------------------------------------------------------------------------------------
 
 
-def _work_dir() -> Path:
+@contextlib.contextmanager
+def _work_dir() -> Iterator[Path]:
+    """A scratch directory in the cache (beside the archives), removed afterwards."""
     path = cache_dir() / "tmp"
     path.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=path))
+    with tempfile.TemporaryDirectory(dir=path) as work:
+        yield Path(work)
 
 
 def build_base(image: Image, log: Log) -> None:
     """mmdebstrap Debian into a tarball, commit it as BASE_REF, export its archive."""
     started = time.monotonic()
     log(f"{image.ref}: mmdebstrap {BASE_SUITE} ({', '.join(BASE_PACKAGES)}) from {_mirrors()[0].split()[1]}")
-    work = _work_dir()
-    try:
+    with _work_dir() as work:
         rootfs = work / "rootfs.tar"
         cmd = ["mmdebstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
                *[f"--dpkgopt={opt}" for opt in BASE_DPKG_OPTIONS], f"--customize-hook={BASE_HOOK}",
@@ -494,8 +496,6 @@ def build_base(image: Image, log: Log) -> None:
                              f"{', '.join(BASE_PACKAGES)} (mmdebstrap, e2e/images.py)"]
         _commit_scratch(image.ref, image.digest_key,
                         lambda c: _run(["buildah", "add", "--quiet", c, str(rootfs), "/"], log), config, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     _export(image, started, log)
 
 
@@ -518,8 +518,7 @@ def ensure_base(log: Log = print, force: bool = False) -> Image:
 def build_pause(image: Image, log: Log) -> None:
     started = time.monotonic()
     log(f"{image.ref}: gcc {' '.join(PAUSE_CFLAGS)} e2e/pause.c")
-    work = _work_dir()
-    try:
+    with _work_dir() as work:
         binary = work / "pause"
         _run(["gcc", *PAUSE_CFLAGS, "-o", str(binary), str(PAUSE_SOURCE)], log)
         _run(["strip", str(binary)], log)
@@ -528,8 +527,6 @@ def build_pause(image: Image, log: Log) -> None:
         _commit_scratch(image.ref, image.digest_key,
                         lambda c: _run(["buildah", "copy", "--quiet", "--chmod", "0755", c, str(binary), "/pause"], log),
                         config, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     _export(image, started, log)
 
 
