@@ -710,7 +710,7 @@ def _serve(args) -> int:
     state = Path(args.state) if args.state else None
     with LocalCluster(args.bin_dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
                       real_node=args.real_node) as c:
-        version = app_version()
+        version = sibling("images").APP_VERSION
         lines = [f"cluster up in {c.startup_seconds:.1f} s; logs in {c.dir / 'logs'}",
                  f"export KUBECONFIG={c.kubeconfig}", f"export PATH={c.bin_dir}:$PATH"]
         if c.node is not None:
@@ -730,11 +730,6 @@ def _serve(args) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     state.unlink()
     return 0
-
-
-def app_version() -> str:
-    chart = (HERE.parent / "charts" / "kubellm" / "Chart.yaml").read_text()
-    return next(line.split(":", 1)[1].strip().strip('"') for line in chart.splitlines() if line.startswith("appVersion:"))
 
 
 def _up(args) -> int:

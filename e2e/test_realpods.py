@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def app_version() -> str:
-    return yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    return sys.modules["kubellm_e2e_cluster"].sibling("images").APP_VERSION  # the chart's appVersion
 
 
 def get(cluster, *what, namespace=NS) -> dict:

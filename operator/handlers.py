@@ -176,13 +176,13 @@ def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
         if group.broken:
             restart_group(body, owner, group, "a rank failed or was replaced", "failure")
             group.pods = []
-        elif group.serving and (group.recorded_ready != group.pod_uids or group.restarting):
+        elif group.serving and (group.recorded_ready != group.ready_record or group.restarting):
             if group.restarting:
                 kopf.event(body, type="Normal", reason="GroupReady",
                            message=f"replica group {group.index}: all {len(group.pods)} pods ready again after the "
                                    f"{'rolling update' if group.restarting == 'rollout' else 'restart'}")
-            _mark_group(owner, group.index, ready_pods=group.pod_uids, restarting="")
-            group.recorded_ready, group.restarting = group.pod_uids, ""
+            _mark_group(owner, group.index, ready_pods=group.ready_record, restarting="")
+            group.recorded_ready, group.restarting = group.ready_record, ""
     # Roll a new spec through the groups one at a time, only while all the others serve.
     outdated = [g for g in groups if any(
         (p["metadata"].get("annotations") or {}).get(R.SPEC_HASH) != g.spec_hash

@@ -22,7 +22,7 @@ class GroupState:
     restarting: str = ""        # RESTARTING annotation of its StatefulSet: "", "failure" or "rollout"
 
     @property
-    def pod_uids(self) -> str:
+    def ready_record(self) -> str:
         """What READY_PODS records of a whole group: each pod's uid and container restarts
         ("uid:restarts,..."), so that a restart counted before the group was whole is not taken
         for a failure afterwards."""
@@ -68,10 +68,9 @@ def pods_to_delete(group: GroupState, cause: str) -> list[dict]:
     pod (the StatefulSets are OnDelete). After a failure a group of several pods restarts all its
     ranks, since torch.distributed cannot re-admit one; a group of one pod is whole again once its
     pod or container is replaced, so deleting the fresh replacement would only restart it twice."""
-    live = [p for p in group.pods if not p["metadata"].get("deletionTimestamp")]
     if cause == "failure" and group.expected_pods == 1:
         return []
-    return live
+    return [p for p in group.pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def _restarts(pod: dict) -> int:

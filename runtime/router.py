@@ -154,9 +154,18 @@ def _cancelled_by_caller() -> bool:
     return cancelling is None or cancelling() > 0
 
 
-def _lost(replica: "Replica") -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                details=f"the connection to replica {replica.label} was closed")
+@contextlib.contextmanager
+def _upstream_call(replica: "Replica", call):
+    """Around awaiting an upstream `call`: a CancelledError that is not the caller's own (the call's
+    channel was closed under it) becomes UNAVAILABLE from that replica, never a silent cancel."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        call.cancel()
+        if _cancelled_by_caller():
+            raise
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details=f"the connection to replica {replica.label} was closed") from None
 
 
 @dataclass(eq=False)
@@ -421,10 +430,6 @@ class Router:
                 await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
         return True
 
-    def _hold_until(self, start: float, timeout: float | None) -> float:
-        until = start + self.wait_for_replica
-        return until if timeout is None else min(until, start + timeout)
-
     async def _mark_down(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
         if replica.healthy:
             log.warning("replica %s failed (%s: %s); skipping it until it is healthy again",
@@ -451,7 +456,7 @@ class Router:
         one to become healthy and goes on; the caller stops at the first success."""
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        hold_until = self._hold_until(start, timeout)
+        hold_until = min(start + self.wait_for_replica, deadline or math.inf)
         attempt = 0
         while True:
             for replica in self._candidates():
@@ -484,13 +489,8 @@ class Router:
             stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
             call = stub(request, metadata=metadata, timeout=remaining)
             try:
-                try:
+                with _upstream_call(replica, call):
                     response = await call
-                except asyncio.CancelledError:
-                    call.cancel()
-                    if _cancelled_by_caller():
-                        raise
-                    raise _lost(replica) from None
             except grpc.aio.AioRpcError as err:
                 last = await self._retry_or_raise(replica, method, err, retryable=True)
                 continue
@@ -509,17 +509,13 @@ class Router:
             call = stub(request, metadata=metadata, timeout=remaining)
             received = False
             try:
-                try:
+                with _upstream_call(replica, call):
                     # call.read() rather than `async for`: one async generator less per message.
                     message = await call.read()
                     while message is not grpc.aio.EOF:
                         received = True
                         yield message
                         message = await call.read()
-                except asyncio.CancelledError:
-                    if _cancelled_by_caller():
-                        raise
-                    raise _lost(replica) from None
             except grpc.aio.AioRpcError as err:
                 if received and err.code() in _CUT:
                     self.metrics.request(replica.address, method, err.code())

@@ -64,7 +64,7 @@ def test_only_restarts_after_the_group_was_whole_break_it():
     with that count when the group is whole; only a restart after that is a failure."""
     formed = [pod(0, 0), pod(0, 1, restarts=2)]
     _, groups = status_of(formed)
-    recorded = groups[0].pod_uids
+    recorded = groups[0].ready_record
     assert recorded == f"u00{HASH[:2]}:0,u01{HASH[:2]}:2"
     _, groups = status_of(formed, [sts(0, **{READY_PODS: recorded})])
     assert not groups[0].broken
