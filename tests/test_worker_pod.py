@@ -138,6 +138,17 @@ POD_SPEC = {"device": "cpu", "restApi": {"enabled": True},
             "generation": {"maxNewTokens": 7, "temperature": 1.5, "topK": 50}}
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (what the kubelet sends), then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def read_only_root(writable: list[Path]) -> list[str] | None:
     """A command prefix that runs what follows with the root filesystem read-only and a fresh tmpfs on
     each of `writable` (the pod's emptyDirs), in a private mount namespace (`unshare -m`, as root);
@@ -202,13 +213,7 @@ def pod(tiny_llama, tmp_path_factory):
                "router": R.router_deployment(OWNER, spec)["spec"]["template"]["spec"]["containers"][0]}
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
 
 
 def test_generation_defaults_take_effect_in_the_rendered_worker(pod):
@@ -275,12 +280,7 @@ def test_rendered_router_serves_the_worker_without_a_writable_home(pod, tmp_path
                 time.sleep(0.3)
         assert out["generated_length"] == pod["spec"].generation.maxNewTokens
     finally:
-        router.terminate()
-        try:
-            router.wait(15)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait()
+        stop(router)
 
 
 def test_the_rendered_two_pod_group_logs_each_ranks_load_and_serves_as_one_process(tiny_llama, tmp_path):
@@ -344,17 +344,22 @@ def test_worker_as_pid_1_exits_on_sigterm_while_it_still_starts(tiny_llama, tmp_
     import socket
 
     port = free_port()
-    cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "kubellm.runtime.cli", "worker",
+    # --kill-child: should the test fail, the worker (PID 1 of its namespace) goes with unshare.
+    cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-m", "kubellm.runtime.cli", "worker",
            "--model", str(tiny_llama), "--device", "cpu", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         def pid_1_of_the_namespace() -> int | None:
-            """unshare's child, once it is PID 1 of the new namespace and runs Python."""
-            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            """The descendant of unshare (which may fork a helper first) that is PID 1 of the new
+            namespace and runs Python."""
+            todo = [proc.pid]
+            while todo:
+                pid = todo.pop()
                 with contextlib.suppress(OSError):
-                    text = Path(f"/proc/{child}/status").read_text()
-                    if text.split("NSpid:\t")[1].split()[-1] == "1" and "python" in Path(f"/proc/{child}/cmdline").read_text():
-                        return int(child)
+                    todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    if status.split("NSpid:\t")[1].split("\n")[0].split()[-1] == "1" and "python" in Path(f"/proc/{pid}/cmdline").read_text():
+                        return pid
             return None
         deadline = time.monotonic() + 20
         pid1 = None
