@@ -327,6 +327,12 @@ def test_rank_pod_killed_under_load(smollm2):
             t_ready = time.monotonic()
             time.sleep(4)
         watch.done.set()
+        from kubellm.runtime.client import Client
+
+        # The router finds the restarted leader within its resolve interval (5 s), then uses both again.
+        with Client(f"127.0.0.1:{ports[50051]}", timeout=30) as client:
+            c.wait_for(lambda: client.generate("again?", max_new_tokens=2)[0].replica.startswith("smollm2-g0"),
+                       "the restarted replica serving through the router", timeout=60, interval=0.2)
     FIGURES["group_restart_s"] = round(t_ready - t_kill, 1)
     print(f"\ngroup restart after a pod kill: {FIGURES['group_restart_s']} s; phases {watch.phases}")
     results = load.results
@@ -336,8 +342,6 @@ def test_rank_pod_killed_under_load(smollm2):
         assert r["code"] == "UNAVAILABLE" and "smollm2-g0" in r["error"], r
     assert load.served_by("smollm2-g1", t_kill, t_ready) > 0, results
     assert watch.phases.index("Degraded") < len(watch.phases) - 1 and watch.phases[-1] == "Ready", watch.phases
-    ok_after = [r for r in results if r["error"] is None and r["t"] > t_ready]
-    assert {r["replica"].split("-g")[1][0] for r in ok_after} >= {"0", "1"} or len(ok_after) < 4, ok_after
 
 
 def test_rolling_update_under_load_and_generation_defaults(smollm2):
