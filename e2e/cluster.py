@@ -226,7 +226,7 @@ class OperatorProcess:
 
     def start(self) -> "OperatorProcess":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli", "operator", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", "operator", *self.args],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 

@@ -105,7 +105,7 @@ class Load:
     token had arrived, and how it ended."""
 
     def __init__(self, address: str, threads: int = 3, max_new_tokens: int = 24, timeout: float = 60):
-        from kubellm.runtime.client import Client
+        from kubellm.runtime.serving.client import Client
 
         self.client = Client(address, timeout=timeout)
         self.results: list[dict] = []
@@ -114,7 +114,7 @@ class Load:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, i: int) -> None:
-        from kubellm.runtime.client import ClientError
+        from kubellm.runtime.serving.client import ClientError
 
         n = 0
         while not self.stop.is_set():
@@ -200,7 +200,7 @@ def smollm2(release):
     c = release
     t0 = time.monotonic()
     apply(c, CPU_EXAMPLE.read_text())
-    from kubellm.runtime.client import Client, ClientError
+    from kubellm.runtime.serving.client import Client, ClientError
 
     c.wait_for(lambda: any(p["status"].get("phase") == "Running" for p in
                            get(c, "pods", "-l", "app.kubernetes.io/component=router")["items"]),
@@ -244,7 +244,7 @@ def test_cpu_example_serves_every_client(smollm2):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         print(proc.stdout)
         # Requests alternate between the two replicas, and each response names its replica.
-        from kubellm.runtime.client import Client
+        from kubellm.runtime.serving.client import Client
 
         with Client(grpc_address) as client:
             replicas = [client.generate("Hello", max_new_tokens=2)[0].replica for _ in range(6)]
@@ -327,7 +327,7 @@ def test_rank_pod_killed_under_load(smollm2):
             t_ready = time.monotonic()
             time.sleep(4)
         watch.done.set()
-        from kubellm.runtime.client import Client
+        from kubellm.runtime.serving.client import Client
 
         # The router finds the restarted leader within its resolve interval (5 s), then uses both again.
         with Client(f"127.0.0.1:{ports[50051]}", timeout=30) as client:
@@ -368,7 +368,7 @@ def test_rolling_update_under_load_and_generation_defaults(smollm2):
         watch.done.set()
         assert not [r for r in load.results if r["error"]], [r for r in load.results if r["error"]]
         assert watch.min_ready >= 1, watch.phases  # one group at a time: never both down
-        from kubellm.runtime.client import Client
+        from kubellm.runtime.serving.client import Client
 
         with Client(address) as client:
             # No max_new_tokens in the request: the deployment's default (7) applies.
@@ -385,7 +385,7 @@ def tiny_deployment(name: str, source: str, endpoint: str, secret: str, tensor_p
 
 
 def greedy_ids(address: str, prompts: list[str]) -> list[list[int]]:
-    from kubellm.runtime.client import Client
+    from kubellm.runtime.serving.client import Client
 
     with Client(address, timeout=60) as client:
         return [client.generate(p, max_new_tokens=12, temperature=0.0)[0].token_ids for p in prompts]

@@ -7,14 +7,14 @@ so the operator image can import `kubellm.operator` without the runtime extras.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "pipeline": "kubellm.runtime.api",
-    "Pipeline": "kubellm.runtime.api",
+    "pipeline": "kubellm.runtime.pipeline",
+    "Pipeline": "kubellm.runtime.pipeline",
     "Response": "kubellm.runtime.response",
     "GenerationConfig": "kubellm.runtime.config",
     "EngineConfig": "kubellm.runtime.config",
-    "serve": "kubellm.runtime.deployments",
-    "client": "kubellm.runtime.deployments",
-    "terminate_server": "kubellm.runtime.deployments",
+    "serve": "kubellm.runtime.local.deployments",
+    "client": "kubellm.runtime.local.deployments",
+    "terminate_server": "kubellm.runtime.local.deployments",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
-from kubellm.operator.spec import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
+from kubellm.api.spec import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 

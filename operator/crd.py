@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from kubellm.operator import spec as spec_types
+from kubellm.api import spec as spec_types
 
 CRD_NAME = f"{spec_types.PLURAL}.{spec_types.GROUP}"
 CRD_FILE = f"{CRD_NAME}.yaml"
@@ -53,7 +53,7 @@ DEFAULT_MAX_ITEMS = 64
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX_LENGTH = 47
 REGENERATE = "python -m kubellm.operator.crd --write"
-HEADER = (f"# Generated from operator/spec.py by `{REGENERATE}`. Do not edit by hand.\n")
+HEADER = (f"# Generated from api/spec.py by `{REGENERATE}`. Do not edit by hand.\n")
 
 # Keys a node of apiextensions.k8s.io/v1 JSONSchemaProps may carry (the subset we emit).
 _STRUCTURAL_KEYS = {
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         stale += 1
         diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), f"{path.relative_to(root)} (committed)",
                                          f"{path.relative_to(root)} (generated)", lineterm="", n=1))
-        print(f"{path.relative_to(root)} is out of date with operator/spec.py"
+        print(f"{path.relative_to(root)} is out of date with api/spec.py"
               + ("" if path.exists() else " (missing)") + ":", file=sys.stderr)
         print("\n".join(diff[:40]) + ("\n..." if len(diff) > 40 else ""), file=sys.stderr)
     if stale:

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
 from kubellm.operator.metrics import OperatorMetrics
-from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
+from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
 from kubellm.operator.status import (READY_PODS, RESTARTING, GroupState, compute_status, group_states,
                                      phase_event, pods_to_delete)
 

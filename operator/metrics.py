@@ -16,7 +16,7 @@ from collections import Counter
 from http.server import ThreadingHTTPServer
 from typing import Callable
 
-from kubellm.runtime.metrics import serve_metrics  # standard library only, like this module
+from kubellm.runtime.serving.metrics import serve_metrics  # standard library only, like this module
 
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from kubellm.operator.spec import DEFAULT_IMAGE, GROUP, KIND, VERSION, LLMDeploymentSpec
+from kubellm.api.spec import DEFAULT_IMAGE, GROUP, KIND, VERSION, LLMDeploymentSpec
 
 GRPC_PORT_NAME = "grpc"
 REST_PORT_NAME = "http"

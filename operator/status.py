@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from kubellm.operator.resources import GROUP_LABEL, SPEC_HASH
-from kubellm.operator.spec import LLMDeploymentSpec
+from kubellm.api.spec import LLMDeploymentSpec
 
 READY_PODS = "kubellm.io/ready-pods"   # StatefulSet annotation: pod uids of the group when it was last Ready
 RESTARTING = "kubellm.io/restarting"   # StatefulSet annotation: the operator is restarting the whole group

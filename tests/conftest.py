@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Triton decides when it is first imported whether it interprets (CPU tensors) or compiles (GPU),
 # so settle it before any test imports it. Without an NVIDIA driver the Triton kernels can only
-# be checked under the interpreter (tests/test_kernels.py). Checked without importing torch.
+# be checked under the interpreter (tests/kernels/test_kernels.py). Checked without importing torch.
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

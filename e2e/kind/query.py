@@ -14,7 +14,7 @@ import urllib.request
 
 from openai import OpenAI
 
-from kubellm.runtime.client import Client
+from kubellm.runtime.serving.client import Client
 
 
 def main(grpc_address: str, rest_url: str, name: str, expected_replicas: int = 2) -> int:

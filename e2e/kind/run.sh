@@ -3,7 +3,7 @@
 # SmolLM2 on CPU with 2 replicas, query it over gRPC and REST, uninstall, delete the cluster.
 # Needs docker, kind, kubectl, helm, and `pip install -e '.[router]' openai` (for query.py).
 # Every step is tested without Docker too: the chart and the CPU LLMDeployment on a real control
-# plane (e2e/test_helm.py), the Dockerfiles statically (tests/test_chart.py), query.sh against
+# plane (e2e/test_helm.py), the Dockerfiles statically (tests/charts/test_chart.py), query.sh against
 # local worker and router processes. KEEP=1 keeps the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

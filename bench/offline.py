@@ -1,0 +1,148 @@
+"""`kubellm bench offline`: the engine against Hugging Face `generate` on the same seeded workload.
+
+Both sides get the same prompts, the same per-request `max_new_tokens` (EOS ignored) and the
+same cap on concurrent sequences. Hugging Face runs the requests in arrival-order batches of
+that size, left-padded, each batch until its longest request is done; its throughput counts
+only the tokens the requests asked for. Everything runs in one process, one after the other.
+
+Lengths are drawn either uniformly from a range, or long-tailed (log-normal, as prompt and
+reply lengths of real chat traffic such as ShareGPT are), clipped to the range.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+WORDS = ("the of and to in is was for on that with as by at from it an be this which or are his "
+         "model data city river music light paper stone garden winter system market story").split()
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.max_new_tokens)
+
+
+LONGTAIL_MEDIAN = 64   # tokens, for both prompts and replies
+LONGTAIL_SIGMA = (0.8, 1.0)  # log-normal spread of prompt and reply lengths
+
+
+def _length(rng: random.Random, bounds: tuple[int, int], lengths: str, sigma: float) -> int:
+    if lengths == "uniform":
+        return rng.randint(*bounds)
+    return min(max(round(rng.lognormvariate(math.log(LONGTAIL_MEDIAN), sigma)), bounds[0]), bounds[1])
+
+
+def make_workload(tokenizer, num_prompts: int, prompt_len: tuple[int, int], new_tokens: tuple[int, int],
+                  seed: int, lengths: str = "longtail") -> Workload:
+    if lengths not in ("uniform", "longtail"):
+        raise ValueError(f"lengths: {lengths!r} is not one of 'uniform', 'longtail'")
+    rng = random.Random(seed)
+    prompts, limits = [], []
+    for _ in range(num_prompts):
+        n = _length(rng, prompt_len, lengths, LONGTAIL_SIGMA[0])
+        ids = tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)[:n]
+        prompts.append(ids)
+        limits.append(_length(rng, new_tokens, lengths, LONGTAIL_SIGMA[1]))
+    return Workload(prompts, limits)
+
+
+def run_engine(engine, work: Workload) -> float:
+    from kubellm.runtime.config import GenerationConfig
+
+    gens = [GenerationConfig(max_new_tokens=m, ignore_eos=True) for m in work.max_new_tokens]
+    start = time.perf_counter()
+    seqs = engine.generate(work.prompts, gens)
+    elapsed = time.perf_counter() - start
+    assert [s.num_generated for s in seqs] == work.max_new_tokens
+    return elapsed
+
+
+def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    for i in range(0, len(work.prompts), batch_size):
+        batch = work.prompts[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        new = max(work.max_new_tokens[i:i + batch_size])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad_id)
+    return time.perf_counter() - start
+
+
+def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
+            new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
+            lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False) -> dict:
+    """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
+    bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.bench import roofline as bench_roofline
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.engine.engine import LLMEngine
+
+    options = dict(max_batch_size=batch_size, dtype=dtype, enforce_eager=enforce_eager)
+    if random_model:
+        model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
+        options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)
+    engine = LLMEngine(model, EngineConfig.build(**options), show_progress=False)
+    work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
+    warm = Workload(work.prompts[:2], [4, 4])
+    run_engine(engine, warm)
+    decode = bench_roofline.batch1_decode(engine) if random_model else None
+    engine_s = run_engine(engine, work)
+    result = {"model": str(engine.model_path), "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
+              "threads": torch.get_num_threads(), "prompts": num_prompts, "batch_size": batch_size,
+              "lengths": lengths,
+              "prompt_tokens": sum(map(len, work.prompts)), "generated_tokens": work.generated_tokens,
+              "engine_s": engine_s, "engine_tok_s": work.generated_tokens / engine_s,
+              "preemptions": engine.scheduler.num_preemptions}
+    if decode is not None:
+        result.update(random_model=random_model, decode=decode)
+    device, dtype_ = engine.runner.device, engine.runner.dtype
+    engine.destroy()
+    if not skip_hf:
+        if random_model:  # the same shapes with HF's own random init: speed does not depend on values
+            from transformers import AutoConfig
+
+            with torch.device(device):
+                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(result["model"]), dtype=dtype_)
+            hf = hf.eval()
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_).to(device).eval()
+        pad = hf.generation_config.pad_token_id
+        pad = pad if pad is not None else 0
+        run_hf(hf, pad, warm, batch_size)
+        hf_s = run_hf(hf, pad, work, batch_size)
+        result.update(hf_s=hf_s, hf_tok_s=work.generated_tokens / hf_s, ratio=hf_s / engine_s)
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"model        {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads)",
+             f"workload     {r['prompts']} prompts ({r['lengths']} lengths), {r['prompt_tokens']} prompt tokens, "
+             f"{r['generated_tokens']} generated tokens, batch cap {r['batch_size']}",
+             f"kubellm      {r['engine_tok_s']:8.1f} tok/s  ({r['engine_s']:.1f} s, {r['preemptions']} preemptions)"]
+    if "hf_tok_s" in r:
+        lines += [f"HF generate  {r['hf_tok_s']:8.1f} tok/s  ({r['hf_s']:.1f} s)",
+                  f"ratio        {r['ratio']:8.2f}x  (kubellm / Hugging Face)"]
+    if "decode" in r:
+        from kubellm.bench.roofline import format_decode
+
+        lines += [f"random model {r['random_model']} (random bf16 weights from a config; nothing downloaded)",
+                  format_decode(r["decode"])]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The paged KV cache's bookkeeping: which blocks each sequence holds, and which can be shared.
+
+Blocks are ref-counted. A block that is full and whose K/V have been computed is registered
+under a hash of its tokens chained with the previous block's hash, so a later prompt with the
+same prefix reuses it instead of recomputing. Freed blocks keep their contents (and stay
+findable by hash) until they are handed out again, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+from kubellm.runtime.engine.sequence import Sequence
+
+
+def block_hash(token_ids: list[int], previous: bytes | None) -> bytes:
+    h = hashlib.blake2b(previous or b"", digest_size=16)
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+        self.token_ids: list[int] = []
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block: dict[bytes, int] = {}
+        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered set
+        self.prefix_hits = 0      # tokens served from the prefix cache, for metrics and tests
+        self.prefix_queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take_free(self) -> int:
+        block_id = next(iter(self.free))
+        del self.free[block_id]
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, [], 1
+        return block_id
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of registered blocks matching the sequence's leading full blocks.
+
+        At least one token is always left to compute, so the last block of a fully cached
+        prompt is recomputed rather than shared (the step needs its logits).
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hits, previous = [], None
+        for i in range((len(seq) - 1) // bs):
+            tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            previous = block_hash(tokens, previous)
+            block_id = self.hash_to_block.get(previous)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_free >= self.blocks_for(len(seq))
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        hits = self._cached_prefix(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
+        seq.num_hashed_blocks = len(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        self.prefix_hits += seq.num_computed_tokens
+        self.prefix_queries += len(seq)
+
+    def can_append(self, seq: Sequence) -> bool:
+        return len(seq.block_table) >= self.blocks_for(len(seq)) or self.num_free > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make sure the block table covers every token (a decode may need one new block)."""
+        while len(seq.block_table) < self.blocks_for(len(seq)):
+            seq.block_table.append(self._take_free())
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Publish the sequence's newly full, computed blocks for prefix reuse."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        while seq.num_hashed_blocks < seq.num_computed_tokens // bs:
+            i = seq.num_hashed_blocks
+            previous = self.blocks[seq.block_table[i - 1]].hash if i else None
+            tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.token_ids = block_hash(tokens, previous), tokens
+            self.hash_to_block.setdefault(block.hash, block.block_id)
+            seq.num_hashed_blocks += 1
+
+    def free_blocks(self, seq: Sequence) -> None:
+        # Release in reverse so a sequence's tail blocks are reused before its shareable head.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks

@@ -1,0 +1,210 @@
+"""The engine: requests in, one scheduled model step at a time, token and text deltas out."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from kubellm.runtime.engine.block_manager import BlockManager
+from kubellm.runtime.config import EngineConfig, GenerationConfig
+from kubellm.runtime.errors import EngineFullError, RequestError
+from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
+from kubellm.runtime.executor.model_runner import ModelRunner
+from kubellm.runtime.executor.sampler import SamplingBatch
+from kubellm.runtime.engine.scheduler import Scheduler
+from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    delta_text: str
+    new_token_ids: list[int]
+    finished: bool
+
+
+def session_len_for(hf_config, config: EngineConfig) -> int:
+    max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
+    session_len = config.session_len or max_positions
+    if session_len > max_positions:
+        raise ValueError(f"session_len: {session_len} exceeds the model's max_position_embeddings "
+                         f"({max_positions}); lower it")
+    return session_len
+
+
+class LLMEngine:
+    def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None, show_progress: bool = True,
+                 rank_group=None):
+        """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
+        default a world size above 1 starts its ranks on this host."""
+        from kubellm.runtime.executor.rank_group import RankGroup, check_parallel
+        from kubellm.runtime.hub.model_hub import resolve_model
+
+        self.config = config or EngineConfig()
+        self.model_path = check_model_dir(resolve_model(model))
+        self.hf_config = load_hf_config(self.model_path)
+        self.session_len = session_len_for(self.hf_config, self.config)
+        self.tokenizer = Tokenizer(self.model_path)
+        self.rank_group = rank_group
+        try:
+            check_parallel(self.hf_config, self.config.tensor_parallel, self.config.pipeline_parallel)
+            if self.rank_group is None and self.config.world_size > 1:
+                self.rank_group = RankGroup.launch(self.model_path, self.config, self.session_len)
+            self.runner = ModelRunner(self.model_path, self.hf_config, self.config, self.session_len, show_progress)
+            if self.rank_group is not None:
+                self.rank_group.attach(self.runner)
+        except BaseException:
+            if self.rank_group is not None:
+                self.rank_group.shutdown()
+            raise
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens)
+        self._seed_rng = random.Random(self.config.seed)
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Sequence] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt, gen: GenerationConfig, request_id: str | None = None,
+                    field: str = "prompt") -> Sequence:
+        """Validate and queue one request. Raises RequestError / EngineFullError, never crashes the engine."""
+        if len(self.scheduler.waiting) >= self.config.max_queue_size:
+            raise EngineFullError(f"the engine queue is full ({self.config.max_queue_size} waiting); retry later")
+        prompt_ids = self.tokenizer.encode_prompt(prompt, field)
+        max_tokens = self._generation_limit(len(prompt_ids), gen, field)
+        seed = gen.random_seed if gen.random_seed is not None else self._seed_rng.getrandbits(32)
+        seq = Sequence(prompt_ids, gen, max_tokens, seed, request_id)
+        if seq.request_id in self._requests:
+            raise RequestError(f"request_id: {seq.request_id!r} is already in flight; use a unique id")
+        for word in gen.bad_words:
+            seq.banned_ids.extend(self.tokenizer.ids_containing(word))
+            seq.bad_word_ids.extend(ids for ids in self.tokenizer.word_ids(word) if len(ids) > 1)
+        self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens)
+        self._requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _generation_limit(self, prompt_len: int, gen: GenerationConfig, field: str) -> int:
+        if prompt_len >= self.session_len:
+            raise RequestError(f"{field}: the prompt is {prompt_len} tokens but session_len is {self.session_len}, "
+                               "leaving no room to generate; shorten the prompt or raise session_len")
+        limit = min(gen.max_new_tokens, self.session_len - prompt_len)
+        if gen.max_length is not None:
+            if gen.max_length <= prompt_len:
+                raise RequestError(f"max_length: {gen.max_length} counts the prompt ({prompt_len} tokens) and "
+                                   "leaves nothing to generate; raise max_length or use max_new_tokens")
+            limit = min(limit, gen.max_length - prompt_len)
+        needed = self.block_manager.blocks_for(prompt_len + limit)
+        if needed > self.block_manager.num_blocks:
+            raise RequestError(f"{field}: prompt + generation need {needed} KV blocks but the cache holds "
+                               f"{self.block_manager.num_blocks}; lower max_new_tokens or give the cache more "
+                               "memory (kv_cache_fraction / num_kv_blocks)")
+        return limit
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._forget(seq)
+        return True
+
+    def _forget(self, seq: Sequence) -> None:
+        self._requests.pop(seq.request_id, None)
+        self._detokenizers.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.has_work():  # admission checks make this unreachable; never spin silently
+                raise RuntimeError("the scheduler could not place any waiting request in the KV cache")
+            return []
+        sampling_seqs = [item.seq for item in scheduled if item.samples]
+        sampling = (SamplingBatch.from_sequences(sampling_seqs, self.tokenizer.eos_token_ids, self.runner.device)
+                    if sampling_seqs else None)
+        try:
+            result = self.runner.run(scheduled, sampling)
+        except RuntimeError as exc:
+            if self.rank_group is not None:
+                self.rank_group.explain(exc)  # names the rank that died
+            raise
+        self.scheduler.advance(scheduled)
+        outputs = []
+        for row, seq in enumerate(sampling_seqs):
+            outputs.append(self._append_token(seq, result.token_ids[row],
+                                              result.logprobs[row] if result.logprobs else None,
+                                              result.top_logprobs[row] if result.top_logprobs else None))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob, top) -> StepOutput:
+        gen = seq.gen
+        seq.token_ids.append(token)
+        if gen.logprobs is not None:
+            seq.logprobs.append(logprob)
+            if gen.logprobs:
+                seq.top_logprobs.append(dict(list(top.items())[: gen.logprobs]))
+        reason = None
+        if token in self.tokenizer.eos_token_ids and not gen.ignore_eos:
+            reason = "stop"  # the EOS token counts as generated but adds no text
+        else:
+            seq.text += self._detokenizers[seq.seq_id].delta(seq.token_ids)
+            if gen.stop_words and seq.num_generated >= gen.min_new_tokens:
+                reason = self._cut_at_stop_word(seq)
+        if reason is None and seq.num_generated >= seq.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._forget(seq)
+        # While a stop word may still be forming at the end, hold those characters back.
+        hold = 0 if reason else max((len(w) for w in gen.stop_words), default=1) - 1
+        visible = len(seq.text) - hold
+        delta = seq.text[seq.emitted_chars:visible] if visible > seq.emitted_chars else ""
+        seq.emitted_chars += len(delta)
+        return StepOutput(seq, delta, [token], reason is not None)
+
+    @staticmethod
+    def _cut_at_stop_word(seq: Sequence) -> str | None:
+        longest = max(len(w) for w in seq.gen.stop_words)
+        search_from = max(0, seq.emitted_chars - longest)
+        hits = [i for i in (seq.text.find(w, search_from) for w in seq.gen.stop_words) if i >= 0]
+        if not hits:
+            return None
+        seq.text = seq.text[: min(hits)]
+        return "stop"
+
+    # -- convenience --------------------------------------------------------------------------
+    def generate(self, prompts: list, gens: list[GenerationConfig]) -> list[Sequence]:
+        """Run a batch to completion; sequences come back in prompt order."""
+        seqs = []
+        try:
+            for i, (prompt, gen) in enumerate(zip(prompts, gens)):
+                seqs.append(self.add_request(prompt, gen, field=f"prompts[{i}]"))
+        except Exception:
+            for seq in seqs:  # all or nothing: a bad prompt leaves no orphans running
+                self.abort(seq.request_id)
+            raise
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return seqs
+
+    def destroy(self) -> None:
+        """Release the model and KV cache."""
+        import gc
+
+        import torch
+
+        for seq in list(self._requests.values()):
+            self.abort(seq.request_id)
+        if getattr(self, "rank_group", None) is not None:
+            self.rank_group.shutdown()
+        del self.runner
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,35 @@
+"""Attention over the paged KV cache: store the step's keys/values, then attend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kubellm.kernels.dispatch import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from kubellm.runtime.executor.context import get_context
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D].
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        out = torch.empty_like(q)
+        nd = ctx.num_decode
+        if nd:
+            out[:nd] = paged_decode_attention(q[:nd], self.k_cache, self.v_cache, ctx.decode_block_tables,
+                                              ctx.decode_context_lens, self.scale, self.sliding_window)
+        for chunk in ctx.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            out[rows] = paged_prefill_attention(q[rows], k[rows], v[rows], self.k_cache, self.v_cache,
+                                                chunk.block_table, chunk.context_len, self.scale,
+                                                self.sliding_window)
+        return out

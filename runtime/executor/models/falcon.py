@@ -1,0 +1,195 @@
+"""Falcon: rotary (ALiBi is not supported), fused query_key_value in three layouts, LayerNorm,
+GELU MLP, attention and MLP in parallel or in sequence.
+
+Layouts of query_key_value (rows of the checkpoint tensor, head_dim rows per head):
+- new decoder architecture (40B/180B): num_kv_heads groups of [q_0 .. q_{g-1}, k, v];
+- old, multi_query (7B): [all q heads, one k, one v];
+- old, not multi_query: per head [q_h, k_h, v_h].
+
+Tensor parallel: each rank takes its share of query heads and of KV heads; where the size
+exceeds the KV heads (multi-query: one), each rank keeps a copy of the KV head its query heads use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.runtime.executor.layers.activation import Activation
+from kubellm.runtime.executor.layers.attention import PagedAttention
+from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
+from kubellm.runtime.executor.layers.norm import LayerNorm
+from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.rotary import RotaryEmbedding
+from kubellm.runtime.executor.parallel import tp_rank, tp_size
+from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+
+
+def falcon_kv_heads(config) -> int:
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+def check_falcon(config) -> None:
+    if config.alibi:
+        raise ValueError("Falcon with alibi=True (ALiBi position bias, e.g. falcon-rw) is not supported; "
+                         "only rotary Falcon checkpoints (alibi=false) are")
+    if config.new_decoder_architecture and not config.parallel_attn:
+        raise ValueError("Falcon: new_decoder_architecture requires parallel_attn=true (as transformers does)")
+
+
+def num_ln_in_parallel_attn(config) -> int | None:
+    n = getattr(config, "num_ln_in_parallel_attn", None)
+    return 2 if n is None and config.new_decoder_architecture else n
+
+
+class FalconQKV(nn.Module):
+    """This rank's q, k and v rows, packed [q | k | v], from the fused checkpoint tensor."""
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        tp, rank = tp_size(), tp_rank()
+        self.config, self.head_dim = config, head_dim
+        heads, kv_heads = config.num_attention_heads, falcon_kv_heads(config)
+        self.num_heads = heads // tp
+        self.num_kv_heads = max(1, kv_heads // tp)
+        if kv_heads >= tp:  # this rank's KV heads, and all their query heads
+            self.kv_start = rank * self.num_kv_heads
+        else:  # KV heads replicated: ranks [j * tp/kv, (j+1) * tp/kv) share KV head j
+            self.kv_start = rank // (tp // kv_heads)
+        self.q_start = rank * self.num_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        self.weight = nn.Parameter(torch.empty(out, config.hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if config.bias:
+            self.bias = nn.Parameter(torch.empty(out), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        cfg, d = self.config, self.head_dim
+        heads, kv_heads = cfg.num_attention_heads, falcon_kv_heads(cfg)
+        hq, hkv = self.num_heads, self.num_kv_heads
+
+        def heads_of(start: int, count: int) -> torch.Tensor:  # rows of `count` heads from head `start`
+            return loaded[start * d:(start + count) * d]
+
+        if cfg.new_decoder_architecture:
+            g = heads // kv_heads
+            groups = heads_of(self.kv_start * (g + 2), hkv * (g + 2))
+            groups = groups.reshape(hkv, g + 2, d, *groups.shape[1:])
+            first_q = self.q_start - self.kv_start * g  # query heads of these groups this rank takes
+            q = groups[:, :g].flatten(0, 1)[first_q:first_q + hq]
+            k, v = groups[:, g], groups[:, g + 1]
+        elif cfg.multi_query:
+            q = heads_of(self.q_start, hq)
+            k, v = heads_of(heads, 1), heads_of(heads + 1, 1)
+        else:
+            per_head = heads_of(self.q_start * 3, hq * 3)
+            per_head = per_head.reshape(hq, 3, d, *per_head.shape[1:])
+            q, k, v = per_head[:, 0], per_head[:, 1], per_head[:, 2]
+        rest = param.shape[1:]
+        param.data.copy_(torch.cat([t.reshape(-1, *rest) for t in (q, k, v)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class FalconAttention(nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query_key_value = FalconQKV(config, self.head_dim)
+        self.num_heads, self.num_kv_heads = self.query_key_value.num_heads, self.query_key_value.num_kv_heads
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.query_key_value(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.dense(self.attn(q, k, v).flatten(1))
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
+        self.act = Activation(config.activation)
+        self.dense_4h_to_h = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class FalconDecoderLayer(nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.parallel = config.parallel_attn
+        self.two_norms = config.parallel_attn and num_ln_in_parallel_attn(config) == 2
+        self.self_attention = FalconAttention(config, rotary)
+        self.mlp = FalconMLP(config)
+        if self.two_norms:
+            self.ln_attn = LayerNorm(config.hidden_size, eps)
+            self.ln_mlp = LayerNorm(config.hidden_size, eps)
+        else:
+            self.input_layernorm = LayerNorm(config.hidden_size, eps)
+            if not self.parallel:
+                self.post_attention_layernorm = LayerNorm(config.hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.two_norms:
+            x_attn, x_mlp = self.ln_attn(hidden), self.ln_mlp(hidden)
+        else:
+            x_attn = x_mlp = self.input_layernorm(hidden)
+        attn = self.self_attention(positions, x_attn)
+        if self.parallel:
+            return self.mlp(x_mlp) + attn + hidden
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class FalconModel(nn.Module):
+    def __init__(self, config, max_positions: int, stage: PipelineStage):
+        super().__init__()
+        self.stage = stage
+        self.word_embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                                if stage.is_first else MissingLayer())
+        rotary = RotaryEmbedding(config, config.hidden_size // config.num_attention_heads, max_positions)
+        self.h = make_layers(config.num_hidden_layers, stage, lambda i: FalconDecoderLayer(config, rotary))
+        self.ln_f = (LayerNorm(config.hidden_size, config.layer_norm_epsilon) if stage.is_last
+                     else MissingLayer())
+
+    def forward(self, input_ids, positions, intermediate=None):
+        hidden = self.word_embeddings(input_ids) if self.stage.is_first else intermediate[0]
+        for layer in self.h[self.stage.start:self.stage.end]:
+            hidden = layer(positions, hidden)
+        if not self.stage.is_last:
+            return torch.stack([hidden, hidden])
+        return self.ln_f(hidden)
+
+
+class FalconForCausalLM(nn.Module):
+    def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
+        super().__init__()
+        check_falcon(config)
+        stage = stage or whole_model(config.num_hidden_layers)
+        self.transformer = FalconModel(config, max_positions, stage)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
+        # checkpoint name -> our parameter, for tensors stored once
+        self.checkpoint_aliases = tie_lm_head(self, config, stage, "transformer.word_embeddings.weight")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(input_ids, positions, intermediate)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,121 @@
+"""Batched sampling: one set of tensor ops for the whole step, whatever each request asked for.
+
+Randomness is counter-based: a request's noise for its n-th token is a hash of (seed, n, token
+id). The same seed therefore gives the same text regardless of which other requests share the
+batch, of preemption, or of the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kubellm.kernels.dispatch import top_k_top_p_filter
+from kubellm.runtime.engine.sequence import Sequence
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser on int64 tensors holding 32-bit values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] Gumbel(0, 1) samples determined by (seed, step, token id)."""
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    seed_bits = (seeds & _MASK32) ^ _fmix32((seeds >> 32) & _MASK32)  # all 63 bits of the seed count
+    key = _fmix32(seed_bits ^ _fmix32(steps * 0x9E3779B1 & _MASK32)).unsqueeze(1)
+    bits = _fmix32(key ^ _fmix32(token.unsqueeze(0) + 0x632BE5AB))
+    uniform = (bits.double() + 0.5) / 2.0 ** 32
+    return -torch.log(-torch.log(uniform)).float()
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor      # [B] (greedy rows hold 1.0)
+    greedy: torch.Tensor           # [B] bool
+    top_k: torch.Tensor            # [B]
+    top_p: torch.Tensor            # [B]
+    seeds: torch.Tensor            # [B]
+    steps: torch.Tensor            # [B] tokens generated so far
+    banned_rows: torch.Tensor      # [N] with banned_cols: (row, token) pairs set to -inf
+    banned_cols: torch.Tensor
+    penalty: torch.Tensor | None   # [B] repetition penalty, when any row has one
+    history: torch.Tensor | None   # [B, L] tokens seen (padded by repeating the first)
+    want_logprobs: bool
+    top_logprobs: int
+    filter_needed: bool
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], eos_ids: set[int], device) -> "SamplingBatch":
+        gens = [s.gen for s in seqs]
+        banned: list[tuple[int, int]] = []
+        for row, seq in enumerate(seqs):
+            if seq.banned_ids:
+                banned.extend((row, t) for t in seq.banned_ids)
+            for word in seq.bad_word_ids:  # multi-token: ban its last id right after the rest
+                if seq.token_ids[len(seq) - len(word) + 1:] == word[:-1]:
+                    banned.append((row, word[-1]))
+            if seq.num_generated < seq.gen.min_new_tokens and not seq.gen.ignore_eos:
+                banned.extend((row, t) for t in eos_ids)
+        penalty = history = None
+        if any(g.repetition_penalty != 1.0 for g in gens):
+            width = max(len(s) for s in seqs)
+            history = torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s)) for s in seqs], device=device)
+            penalty = torch.tensor([g.repetition_penalty for g in gens], device=device)
+        greedy = [g.greedy for g in gens]
+        rows, cols = zip(*banned) if banned else ((), ())
+        return cls(
+            temperature=torch.tensor([1.0 if gr else g.temperature for g, gr in zip(gens, greedy)], device=device),
+            greedy=torch.tensor(greedy, device=device),
+            top_k=torch.tensor([g.top_k for g in gens], device=device),
+            top_p=torch.tensor([g.top_p for g in gens], device=device),
+            seeds=torch.tensor([s.seed for s in seqs], device=device, dtype=torch.int64),
+            steps=torch.tensor([s.num_generated for s in seqs], device=device, dtype=torch.int64),
+            banned_rows=torch.tensor(rows, device=device, dtype=torch.int64),
+            banned_cols=torch.tensor(cols, device=device, dtype=torch.int64),
+            penalty=penalty, history=history,
+            want_logprobs=any(g.logprobs is not None for g in gens),
+            top_logprobs=max((g.logprobs or 0) for g in gens),
+            filter_needed=any(not gr and (g.top_k > 0 or g.top_p < 1.0) for g, gr in zip(gens, greedy)),
+        )
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None = None                  # chosen token's logprob per row
+    top_logprobs: list[dict[int, float]] | None = None   # top alternatives per row
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+    logits = logits.float()
+    raw_logprobs = logits.log_softmax(dim=-1) if batch.want_logprobs else None
+    if batch.penalty is not None:
+        seen = logits.gather(1, batch.history)
+        p = batch.penalty.unsqueeze(1)
+        logits = logits.scatter(1, batch.history, torch.where(seen < 0, seen * p, seen / p))
+    if batch.banned_rows.numel():
+        logits = logits.index_put((batch.banned_rows, batch.banned_cols), torch.tensor(float("-inf"), device=logits.device))
+    greedy_ids = logits.argmax(dim=-1)
+    if batch.greedy.all():
+        token_ids = greedy_ids
+    else:
+        scaled = logits / batch.temperature.unsqueeze(1)
+        if batch.filter_needed:
+            scaled = top_k_top_p_filter(scaled, batch.top_k, batch.top_p)
+        sampled = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[1])).argmax(dim=-1)
+        token_ids = torch.where(batch.greedy, greedy_ids, sampled)
+    out = SampleOutput(token_ids.tolist())
+    if raw_logprobs is not None:
+        out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+        if batch.top_logprobs:
+            values, ids = raw_logprobs.topk(batch.top_logprobs, dim=-1)
+            out.top_logprobs = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return out

@@ -1,0 +1,426 @@
+"""Persistent local deployments (DeepSpeed-MII's `mii.serve` / `mii.client`), without Kubernetes.
+
+    client = kubellm.serve("smollm2-135m", deployment_name="chat", replica_num=2, enable_restful_api=True)
+    # ... later, from any other Python process on the machine:
+    client = kubellm.client("chat")
+    print(client.generate("Hello", max_new_tokens=16)[0].text)
+    client.terminate_server()            # stops the router and every worker, forgets the deployment
+
+`serve` starts `replica_num` `kubellm worker` processes and one `kubellm router` as detached
+background processes (their own sessions, logs under `<cache>/deployments/<name>/`), so they
+outlive the calling script. Each deployment is recorded in `<cache>/deployments/<name>.json`
+(`cache` is `$KUBELLM_CACHE`, else `~/.cache/kubellm`): router address, REST port, model, pids.
+
+This module imports no torch: the workers load the model in their own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubellm.runtime.serving.client import Client
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+_GEN_ALIASES = ("stop", "do_sample")
+_ENGINE_ALIASES = ("cache_max_entry_count",)
+
+
+_CHILDREN: list = []
+
+
+class DeploymentError(RuntimeError):
+    """A local deployment cannot be started, found or stopped; the message says why and what to do."""
+
+
+# ---- the registry
+
+def registry_dir() -> Path:
+    from kubellm.runtime.hub.model_hub import cache_dir
+
+    return cache_dir() / "deployments"
+
+
+def _entry_path(name: str) -> Path:
+    return registry_dir() / f"{name}.json"
+
+
+def _deployment_dir(name: str) -> Path:
+    return registry_dir() / name
+
+
+def default_name(model: str) -> str:
+    """A deployment name from a model path or name: its basename, lower-cased, odd characters as '-'."""
+    base = os.path.basename(str(model).rstrip("/\\")) or "model"
+    base = re.sub(r"^(hf|pvc)://", "", base)
+    name = re.sub(r"[^a-z0-9_.-]+", "-", base.lower()).strip("-._")
+    return name[:63].strip("-._") or "model"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 63:
+        raise ValueError(f"deployment_name: {name!r} must be 1-63 lower-case letters, digits, '-', '_' or '.', "
+                         "starting and ending with a letter or digit")
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (reaping it if it is our own exited child; zombies count as dead)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"kubellm" in cmdline  # guards against a reused pid
+    except (OSError, IndexError):
+        return True
+
+
+def _entry_pids(entry: dict) -> list[int]:
+    return [int(p) for p in [entry.get("router_pid"), *entry.get("worker_pids", [])] if p]
+
+
+def _with_liveness(entry: dict) -> dict:
+    alive = [_pid_alive(p) for p in _entry_pids(entry)]
+    entry = dict(entry)
+    entry["alive"] = bool(alive) and all(alive)
+    entry["state"] = "running" if entry["alive"] else ("degraded" if any(alive) else "dead")
+    return entry
+
+
+def _read_entry(name: str) -> dict | None:
+    path = _entry_path(name)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DeploymentError(f"cannot read the registry entry {path}: {err}; delete it and serve again") from None
+
+
+def _write_entry(entry: dict) -> None:
+    path = _entry_path(entry["name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entry, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _remove_entry(name: str) -> None:
+    try:
+        _entry_path(name).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def list_deployments() -> list[dict]:
+    """Every registered deployment, each with `alive` (all its processes run) and `state`."""
+    out = []
+    directory = registry_dir()
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.json")):
+        try:
+            out.append(_with_liveness(json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _kill(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM each process group (they lead their own sessions), then SIGKILL what is left after `grace`."""
+    def signal_all(sig):
+        for pid in pids:
+            if not _pid_alive(pid):
+                continue
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    signal_all(signal.SIGTERM)
+    if _wait_dead(pids, grace):
+        return
+    signal_all(signal.SIGKILL)
+    _wait_dead(pids, 5.0)
+
+
+def _wait_dead(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not any(_pid_alive(p) for p in pids):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+# ---- clients
+
+class DeploymentClient(Client):
+    """A `Client` of a local deployment's router; `terminate_server()` stops the whole deployment."""
+
+    def __init__(self, entry: dict, timeout: float | None = None):
+        super().__init__(entry["address"], timeout=timeout)
+        self.entry = entry
+        self.deployment_name = entry["name"]
+
+    @property
+    def rest_url(self) -> str | None:
+        return self.entry.get("rest_url")
+
+    def query(self, prompts, **gen_options):
+        """MII's name for `generate`."""
+        return self.generate(prompts, **gen_options)
+
+    def terminate_server(self, timeout: float | None = None) -> bool:
+        """Terminate the router and every worker, wait for them to exit (killing leftovers), forget the entry."""
+        pids = _entry_pids(self.entry)
+        try:
+            super().terminate_server(timeout=timeout or 15)
+        except Exception:   # noqa: BLE001 - already gone or refusing: fall back to signals
+            pass
+        try:
+            if not _wait_dead(pids, 10.0):
+                _kill(pids)
+        finally:
+            self.close()
+            _remove_entry(self.deployment_name)
+        return True
+
+    def __repr__(self) -> str:
+        return f"DeploymentClient({self.deployment_name!r}, address={self.address!r})"
+
+
+def client(deployment_name: str, timeout: float | None = None) -> DeploymentClient:
+    """A client of the running local deployment `deployment_name` (from any process on this machine)."""
+    entry = _read_entry(deployment_name)
+    if entry is None or not _with_liveness(entry)["alive"]:
+        running = [e["name"] for e in list_deployments() if e["alive"]]
+        why = "is not registered" if entry is None else "is registered but its processes are not all running"
+        raise DeploymentError(f"deployment {deployment_name!r} {why}; running deployments: "
+                              f"{', '.join(running) or 'none'} (start one with kubellm.serve or kubellm serve)")
+    return DeploymentClient(entry, timeout=timeout)
+
+
+def stop(name: str) -> bool:
+    """Stop deployment `name` (Terminate, then signals for leftovers) and remove its registry entry."""
+    entry = _read_entry(name)
+    if entry is None:
+        names = [e["name"] for e in list_deployments()]
+        raise DeploymentError(f"deployment {name!r} is not registered; registered: {', '.join(names) or 'none'}")
+    if _with_liveness(entry)["state"] == "running":
+        DeploymentClient(entry).terminate_server()
+    else:
+        _kill(_entry_pids(entry), grace=2.0)
+        _remove_entry(name)
+    return True
+
+
+def terminate_server(deployment_name: str) -> bool:
+    """Stop deployment `deployment_name` (what `kubellm.client(name).terminate_server()` does)."""
+    return stop(deployment_name)
+
+
+# ---- serve
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """Keyword options -> (EngineConfig fields, GenerationConfig fields), both validated; errors name the field."""
+    from kubellm.runtime.config import EngineConfig, GenerationConfig, generation_config
+
+    engine, gen, unknown = {}, {}, []
+    for key, value in options.items():
+        if key in EngineConfig.model_fields or key in _ENGINE_ALIASES:
+            engine[key] = value
+        elif key in GenerationConfig.model_fields or key in _GEN_ALIASES:
+            gen[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = sorted({*EngineConfig.model_fields, *GenerationConfig.model_fields, *_GEN_ALIASES, *_ENGINE_ALIASES})
+        raise ValueError(f"{unknown[0]}: unknown option of serve(); engine and generation options are: "
+                         f"{', '.join(valid)}")
+    engine_config = EngineConfig.build(**engine)
+    gen_defaults = generation_config(gen).model_dump(exclude_unset=True) if gen else {}
+    return engine_config.model_dump(exclude_unset=True), gen_defaults
+
+
+def _log_tail(paths: list[Path], lines: int = 15) -> str:
+    out = []
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        out.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
+    return "\n".join(out)
+
+
+def _health(address: str, timeout: float = 1.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class _Started:
+    procs: list
+    logs: list
+
+
+def serve(model: str, deployment_name: str | None = None, tensor_parallel: int = 1, replica_num: int = 1,
+          enable_restful_api: bool = False, restful_api_port: int = 28080, *, host: str = "127.0.0.1",
+          startup_timeout: float = 600.0, **options) -> DeploymentClient:
+    """Start a persistent local deployment of `model` and return a client of it (DeepSpeed-MII's `mii.serve`).
+
+    `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
+    GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request).
+    """
+    name = _check_name(deployment_name if deployment_name is not None else default_name(model))
+    if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
+        raise ValueError(f"replica_num: must be an integer >= 1 (got {replica_num!r})")
+    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
+    engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
+    if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
+        raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
+
+    registry_dir().mkdir(parents=True, exist_ok=True)
+    lock = open(registry_dir() / f".{name}.lock", "w")   # one serve() of a name at a time (freed on exit)
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DeploymentError(f"deployment {name} is being started by another process; wait for it, "
+                              f"or stop it with kubellm stop {name}") from None
+    except ImportError:   # no fcntl (Windows): no lock
+        pass
+    try:
+        return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
+                             host, startup_timeout, engine, gen)
+    finally:
+        lock.close()
+
+
+def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
+                  startup_timeout, engine, gen) -> DeploymentClient:
+    existing = _read_entry(name)
+    if existing is not None:
+        live = _with_liveness(existing)
+        if live["state"] != "dead":
+            raise DeploymentError(f"deployment {name} already runs at {existing.get('address')}; stop it with "
+                                  f"kubellm stop {name} or kubellm.client({name!r}).terminate_server()")
+        _remove_entry(name)   # stale: its processes died
+
+    directory = _deployment_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "engine.json").write_text(json.dumps(engine, indent=2, sort_keys=True))
+    gen_path = directory / "generation.json"
+    gen_path.write_text(json.dumps(gen, indent=2, sort_keys=True))
+    if os.path.exists(model):
+        model = os.path.abspath(model)
+
+    started = _Started([], [])
+
+    def launch(role: str, args: list[str]):
+        log = directory / f"{role}.log"
+        started.logs.append(log)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=os.environ.copy(), cwd=str(directory))
+        started.procs.append(proc)
+        return proc
+
+    worker_addresses = []
+    entry = {"name": name, "model": model, "replicas": replica_num, "tensor_parallel": tensor_parallel,
+             "created": time.time(), "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "log_dir": str(directory), "engine": engine, "generation": gen, "ready": False}
+    try:
+        for i in range(replica_num):
+            port = _free_port()
+            worker_addresses.append(f"127.0.0.1:{port}")
+            launch(f"worker-{i}", ["worker", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+                                   "--config", str(directory / "engine.json"), "--generation-defaults", str(gen_path),
+                                   "--replica", f"{name}-{i}", "--allow-terminate"])
+        router_port = _free_port()
+        router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
+                       "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5"]
+        if enable_restful_api:
+            router_args += ["--rest-port", str(restful_api_port)]
+        router = launch("router", router_args)
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        entry.update(address=f"{connect_host}:{router_port}", router_pid=router.pid,
+                     worker_pids=[p.pid for p in started.procs[:-1]], worker_addresses=worker_addresses,
+                     rest_port=restful_api_port if enable_restful_api else None,
+                     rest_url=f"http://{connect_host}:{restful_api_port}/mii/{name}" if enable_restful_api else None)
+        _write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
+
+        deadline = time.monotonic() + startup_timeout
+        pending = [*worker_addresses, entry["address"]]
+        while pending:
+            for proc in started.procs:
+                if proc.poll() is not None:
+                    raise DeploymentError(f"deployment {name}: a process exited with code {proc.returncode} "
+                                          f"while starting:\n{_log_tail(started.logs)}")
+            pending = [a for a in pending if not _health(a)]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"deployment {name} was not SERVING after {startup_timeout:g}s "
+                                      f"(waiting for {', '.join(pending)}):\n{_log_tail(started.logs)}")
+            time.sleep(0.3)
+        entry["ready"] = True
+        _write_entry(entry)
+    except BaseException:
+        _kill([p.pid for p in started.procs], grace=2.0)
+        for proc in started.procs:
+            try:
+                proc.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+        _remove_entry(name)
+        raise
+    _CHILDREN.extend(started.procs)   # detached; kept so Popen.__del__ does not warn about running children
+    return DeploymentClient(entry)

@@ -1,0 +1,379 @@
+"""The REST gateway of a router (no torch): DeepSpeed-MII's `/mii/{deployment}` and OpenAI's API.
+
+    POST /mii/{deployment_name}   {"prompts": [...] | "prompt": "...", "max_length": 128, ...}
+                                  -> [{"generated_text", "prompt_length", "generated_length", "finish_reason"}]
+    POST /v1/completions          prompt (str, list of str, token ids), max_tokens, temperature, top_p,
+                                  stop, seed, n=1, stream (server-sent events, then `data: [DONE]`)
+    POST /v1/chat/completions     messages, the same options, stream
+    GET  /v1/models               the deployment (and its model)
+    GET  /metrics                 the router's Prometheus metrics
+
+Requests go through the router's own forwarding (round-robin, retries). gRPC errors map to
+HTTP: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504;
+error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import grpc
+from aiohttp import web
+
+from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.router import Router, UpstreamError
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _from_upstream(err: UpstreamError) -> web.Response:
+    status, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
+    return _error(status, err.details, kind, code=err.code.name.lower())
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, ValueError):
+        raise BadRequest("the request body has invalid text (a lone surrogate?)") from None
+    return body
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _get(body: dict, key: str, types, *, lo=None, hi=None):
+    """body[key] checked against `types` (and bounds); None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
+    if not isinstance(value, types):
+        raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise BadRequest(f"'{key}' is out of range, got {value!r}", key)
+    if lo is not None and value < lo:
+        raise BadRequest(f"'{key}' must be >= {lo}, got {value!r}", key)
+    if hi is not None and value > hi:
+        raise BadRequest(f"'{key}' must be <= {hi}, got {value!r}", key)
+    return value
+
+
+def _names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+                        list: "a list"}.get(t, t.__name__) for t in types)
+
+
+def _stop_words(body: dict, key: str) -> list[str]:
+    stop = body.get(key)
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise BadRequest(f"'{key}' must be a string or a list of strings", key)
+
+
+def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.GenerationConfig:
+    cfg = llm_pb2.GenerationConfig()
+    num = (int, float)
+    max_new = _get(body, max_new_key, int, lo=1)
+    if max_new is None and openai:
+        max_new = _get(body, "max_completion_tokens", int, lo=1)
+    if max_new is not None:
+        if max_new >= 2**31:
+            raise BadRequest(f"'{max_new_key}' is out of range, got {max_new!r}", max_new_key)
+        cfg.max_new_tokens = max_new
+    elif openai and max_new_key == "max_tokens" and "messages" not in body:
+        cfg.max_new_tokens = 16  # OpenAI's default for /v1/completions
+    for key, name, typ, lo, hi in (("min_new_tokens", "min_new_tokens", int, 0, None),
+                                   ("min_tokens", "min_new_tokens", int, 0, None),
+                                   ("temperature", "temperature", num, 0, None),
+                                   ("top_p", "top_p", num, 0, 1),
+                                   ("top_k", "top_k", int, 0, None),
+                                   ("repetition_penalty", "repetition_penalty", num, 0, None),
+                                   ("ignore_eos", "ignore_eos", bool, None, None),
+                                   ("seed", "random_seed", int, None, None),
+                                   ("random_seed", "random_seed", int, None, None),
+                                   ("skip_special_tokens", "skip_special_tokens", bool, None, None),
+                                   ("max_length", "max_length", int, 1, None)):
+        if openai and key == "max_length":
+            continue
+        value = _get(body, key, typ, lo=lo, hi=hi)
+        if value is not None:
+            try:
+                setattr(cfg, name, value)
+            except (ValueError, TypeError, OverflowError):
+                raise BadRequest(f"'{key}' is out of range, got {value!r}", key) from None
+    if not openai and body.get("do_sample") is False and not cfg.HasField("temperature"):
+        cfg.temperature = 0.0  # MII: greedy
+    cfg.stop_words.extend(_stop_words(body, "stop"))
+    if not openai:
+        cfg.stop_words.extend(_stop_words(body, "stop_words"))
+        cfg.bad_words.extend(_stop_words(body, "bad_words"))
+    if openai:
+        n = _get(body, "n", int, lo=1)
+        if n not in (None, 1):
+            raise BadRequest("only n=1 is supported", "n")
+        best_of = _get(body, "best_of", int, lo=1)
+        if best_of not in (None, 1):
+            raise BadRequest("only best_of=1 is supported", "best_of")
+        if body.get("echo"):
+            raise BadRequest("echo is not supported", "echo")
+    return cfg
+
+
+def _text_prompts(value, param: str) -> list[llm_pb2.Prompt]:
+    try:
+        return _text_prompts_unchecked(value, param)
+    except (ValueError, TypeError, OverflowError) as err:
+        if isinstance(err, BadRequest):
+            raise
+        raise BadRequest(f"'{param}': token ids must be 32-bit integers", param) from None
+
+
+def _text_prompts_unchecked(value, param: str) -> list[llm_pb2.Prompt]:
+    if isinstance(value, str):
+        return [llm_pb2.Prompt(text=value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return [llm_pb2.Prompt(text=p) for p in value]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return [llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=value))]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in value):
+            return [llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=p)) for p in value]
+    raise BadRequest(f"'{param}' must be a string, a non-empty list of strings, or token ids", param)
+
+
+def _conversation(messages) -> llm_pb2.Prompt:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    conv = llm_pb2.Conversation()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}].role")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: keep the text ones
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content: only text parts are supported",
+                                     f"messages[{i}].content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        conv.messages.append(llm_pb2.ChatMessage(role=m["role"], content=content))
+    return llm_pb2.Prompt(chat=conv)
+
+
+def _finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Gateway:
+    def __init__(self, router: Router):
+        self.router = router
+
+    # MII
+    async def mii(self, request: web.Request) -> web.Response:
+        name = request.match_info["deployment_name"]
+        if name != self.router.deployment_name:
+            return _error(404, f"unknown deployment {name!r}; this gateway serves "
+                               f"{self.router.deployment_name!r}", "not_found_error", "deployment_name")
+        body = await _json_body(request)
+        if "prompts" in body:
+            prompts, param = body["prompts"], "prompts"
+        elif "prompt" in body:
+            prompts, param = body["prompt"], "prompt"
+        else:
+            raise BadRequest("give 'prompts' (a list of strings) or 'prompt'", "prompts")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise BadRequest(f"'{param}' must be a string or a non-empty list of strings", param)
+        req = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p) for p in prompts],
+                                      config=_config(body, max_new_key="max_new_tokens", openai=False))
+        full = _get(body, "return_full_text", bool)
+        reply = await self.router.forward_unary("Generate", req)
+        out = []
+        for r in sorted(reply.responses, key=lambda r: r.index):
+            text = prompts[r.index] + r.text if full and r.index < len(prompts) else r.text
+            out.append({"generated_text": text, "prompt_length": r.prompt_length,
+                        "generated_length": r.generated_length, "finish_reason": r.finish_reason})
+        return web.json_response(out)
+
+    # OpenAI
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        if "prompt" not in body:
+            raise BadRequest("'prompt' is required", "prompt")
+        req = llm_pb2.GenerateRequest(prompts=_text_prompts(body["prompt"], "prompt"),
+                                      config=_config(body, max_new_key="max_tokens", openai=True))
+        return await self._openai(request, body, req, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        req = llm_pb2.GenerateRequest(prompts=[_conversation(body.get("messages"))],
+                                      config=_config(body, max_new_key="max_tokens", openai=True))
+        return await self._openai(request, body, req, chat=True)
+
+    async def _openai(self, request, body, req, *, chat: bool) -> web.StreamResponse:
+        model = body.get("model") if isinstance(body.get("model"), str) else self.router.deployment_name
+        created = int(time.time())
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        req.request_id = rid
+        stream = _get(body, "stream", bool)
+        if stream:
+            opts = body.get("stream_options") or {}
+            usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            return await self._sse(request, req, rid=rid, model=model, created=created, chat=chat, usage=usage)
+        reply = await self.router.forward_unary("Generate", req)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for r in sorted(reply.responses, key=lambda r: r.index):
+            prompt_tokens += r.prompt_length
+            completion_tokens += r.generated_length
+            if chat:
+                choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
+                                "logprobs": None, "finish_reason": _finish(r.finish_reason)})
+            else:
+                choices.append({"index": r.index, "text": r.text, "logprobs": None,
+                                "finish_reason": _finish(r.finish_reason)})
+        return web.json_response({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices, "system_fingerprint": reply.replica or None,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
+
+    async def _sse(self, request, req, *, rid, model, created, chat, usage) -> web.StreamResponse:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        upstream = self.router.forward_stream(req)
+        try:
+            try:  # the first message before any header: errors up to here get a proper HTTP status
+                first = await upstream.__anext__()
+            except StopAsyncIteration:
+                first = None
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+            await response.prepare(request)
+
+            async def send(payload):
+                await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+            def chunk(index, delta_text, finish, role=False):
+                if chat:
+                    delta = {"role": "assistant", "content": delta_text} if role else (
+                        {"content": delta_text} if delta_text or not finish else {})
+                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                else:
+                    choice = {"index": index, "text": delta_text, "logprobs": None, "finish_reason": finish}
+                return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+            started, totals = set(), {}
+            try:
+                message = first
+                while message is not None:
+                    if chat and message.index not in started:
+                        started.add(message.index)
+                        await send(chunk(message.index, "", None, role=True))
+                    finish = _finish(message.finish_reason) if message.finish_reason else None
+                    if message.text or finish:
+                        await send(chunk(message.index, message.text, finish))
+                    totals[message.index] = (message.prompt_length, message.generated_length)
+                    try:
+                        message = await upstream.__anext__()
+                    except StopAsyncIteration:
+                        message = None
+                if usage:
+                    p = sum(t[0] for t in totals.values())
+                    c = sum(t[1] for t in totals.values())
+                    await send({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
+            except UpstreamError as err:  # after the headers: an error event, then the end
+                _, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
+                await send({"error": {"message": err.details, "type": kind, "param": None,
+                                      "code": err.code.name.lower()}})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            await upstream.aclose()
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = self.router.model_info
+        if info is None:
+            try:
+                info = await self.router.forward_unary("ModelInfo", llm_pb2.ModelInfoRequest(), timeout=10)
+            except UpstreamError:
+                info = None
+        names = [self.router.deployment_name]
+        if info is not None and info.model and info.model not in names:
+            names.append(info.model)
+        return web.json_response({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "kubellm"} for n in names]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = bool(self.router.healthy_replicas())
+        return web.json_response({"status": "ok" if ok else "unavailable",
+                                  "healthy_replicas": len(self.router.healthy_replicas()),
+                                  "replicas": len(self.router.replicas)}, status=200 if ok else 503)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except BadRequest as err:
+        return _error(err.status, err.message, err.kind, err.param)
+    except UpstreamError as err:
+        return _from_upstream(err)
+
+
+def build_app(router: Router) -> web.Application:
+    gw = Gateway(router)
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/mii/{deployment_name}", gw.mii)
+    app.router.add_post("/v1/completions", gw.completions)
+    app.router.add_post("/v1/chat/completions", gw.chat_completions)
+    app.router.add_get("/v1/models", gw.models)
+    app.router.add_get("/health", gw.health)
+    app.router.add_get("/metrics", router.metrics_handler)
+    return app

@@ -1,0 +1,691 @@
+"""The router: one gRPC endpoint in front of a deployment's replica leaders (no torch).
+
+    router = Router("dns:///llm-leaders.ns.svc.cluster.local:50051", deployment_name="llm")
+    port = await router.start(port=50051, rest_port=28080)   # gRPC (+ REST gateway and /metrics)
+    await router.wait_for_termination()
+
+Leaders come from a static list (`"h1:50051,h2:50051"`) or a DNS name (`dns:///name:port`,
+re-resolved every `resolve_interval` seconds; every A record is a leader, ordered by address
+so the order is stable). Each leader is health-checked (grpc.health.v1) every
+`health_interval` seconds; only SERVING ones take requests. Requests go round-robin over the
+healthy leaders, one step per request. A unary call that fails with UNAVAILABLE (the replica
+went away) is retried on the next leader; so is a stream that fails before its first message.
+While no leader is healthy (a lone group restarting, the gap between two groups of a rolling
+update, a replaced pod not yet resolved) a request waits up to `wait_for_replica` seconds (and
+its own deadline) for one, re-resolving and checking meanwhile, and is then served; only past
+that does it fail with UNAVAILABLE. A stream cut after its first message ends with UNAVAILABLE
+naming the replica (its own name, learned from ModelInfo, and its address). Other errors
+(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
+are passed on; a cancelled client cancels the upstream call.
+
+gRPC requests and replies are forwarded as raw bytes: the router registers the LLM methods with
+identity (de)serializers on both sides, so the hot path never parses or re-serializes a
+protobuf. The REST gateway uses the same forwarding with typed messages (`raw=False`).
+
+The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
+replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
+`/metrics` (Prometheus text) is on the REST port when the gateway is enabled, else on
+`metrics_port`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import gc
+import ipaddress
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+
+log = logging.getLogger("kubellm.router")
+
+SERVICE_NAME = "kubellm.v1.LLM"
+# Always SERVING while the process runs: for a liveness probe, which must not restart the router
+# just because no replica is ready yet ("" and SERVICE_NAME follow the replicas: readiness).
+LIVENESS_SERVICE = "liveness"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# Codes that mean "this replica did not handle the call": safe to send it to another one.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# Codes that mean "the replica went away" when they end a stream that already sent messages.
+_CUT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL}
+# Metadata keys that belong to the transport, not to the caller.
+_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding"}
+
+_MAX_MESSAGE = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    # Come back quickly once a replica returns (the default backoff grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+_UNARY_METHODS = ("Generate", "ModelInfo")
+
+
+class UpstreamError(Exception):
+    """A request could not be answered: a gRPC status code and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+# --------------------------------------------------------------------------- leaders
+
+
+def parse_leaders(spec: str | list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`"dns:///name:port"` -> (that target, []); `"a:1,b:2"` or a list -> (None, [addresses])."""
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec.startswith("dns:"):
+            target = spec[len("dns:"):].lstrip("/")
+            if "/" in target:  # dns://authority/name:port: the authority (a DNS server) is not supported
+                target = target.rsplit("/", 1)[1]
+            host, port = _split_host_port(target)
+            if not host or not port:
+                raise ValueError(f"--leaders {spec!r}: expected dns:///NAME:PORT")
+            return f"{host}:{port}", []
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [s.strip() for s in spec if s and s.strip()]
+    if not items:
+        raise ValueError("--leaders: give at least one host:port, or dns:///NAME:PORT")
+    for item in items:
+        host, port = _split_host_port(item)
+        if not host or not port:
+            raise ValueError(f"--leaders: {item!r} is not host:port")
+    return None, items
+
+
+def _split_host_port(target: str) -> tuple[str, int | None]:
+    if target.startswith("["):  # [v6]:port
+        host, _, rest = target[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = target.rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError:
+        return host, None
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def resolve(target: str) -> list[str]:
+    """Every leader behind `host:port`: the A records (AAAA only if there is no A), sorted, deduplicated."""
+    host, port = _split_host_port(target)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET}, key=ipaddress.ip_address)
+    v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6}, key=ipaddress.ip_address)
+    return [_join_host_port(ip, port) for ip in (v4 or v6)]
+
+
+SLOW_CHECKS_TO_FAIL = 3
+LEAVING_GRACE = 60.0  # seconds a leader that left the Service keeps its calls in flight
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError is this task being cancelled (the client went away), rather than
+    an upstream call cancelled under it (its channel closed)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0
+
+
+@contextlib.contextmanager
+def _upstream_call(replica: "Replica", call):
+    """Around awaiting an upstream `call`: a CancelledError that is not the caller's own (the call's
+    channel was closed under it) becomes UNAVAILABLE from that replica, never a silent cancel."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        call.cancel()
+        if _cancelled_by_caller():
+            raise
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details=f"the connection to replica {replica.label} was closed") from None
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: llm_pb2_grpc.LLMStub            # typed messages (the REST gateway, Terminate)
+    health_stub: health_pb2_grpc.HealthStub
+    raw_unary: dict                        # method -> bytes-in, bytes-out multicallable (gRPC forwarding)
+    raw_stream: grpc.aio.UnaryStreamMultiCallable
+    healthy: bool = False
+    reason: str = "not checked yet"
+    slow_checks: int = 0   # consecutive health checks that timed out
+    name: str = ""         # what the replica calls itself (ModelInfo.replica, e.g. llm-g0-0:50051)
+
+    @property
+    def label(self) -> str:
+        """How errors name the replica: its own name and, behind it, its address."""
+        return f"{self.name} ({self.address})" if self.name and self.name != self.address else self.address
+
+    @classmethod
+    def connect(cls, address: str) -> "Replica":
+        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        # No serializers: requests and replies stay bytes. Registered methods spare gRPC core
+        # from interning the method path on every call.
+        raw_unary = {m: channel.unary_unary(f"/{SERVICE_NAME}/{m}", _registered_method=True)
+                     for m in _UNARY_METHODS}
+        raw_stream = channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream", _registered_method=True)
+        return cls(address, channel, llm_pb2_grpc.LLMStub(channel), health_pb2_grpc.HealthStub(channel),
+                   raw_unary, raw_stream)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class RouterMetrics:
+    """Requests per replica and code, retries, healthy replicas and latency, as Prometheus text."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, str], int] = {}   # (replica, method, code) -> count
+        self.retries: dict[str, int] = {}                    # method -> count
+        self.latency: dict[str, list] = {}                   # method -> [per-bucket counts, sum, count]
+        self.replicas: dict[str, bool] = {}                  # address -> healthy
+
+    def request(self, replica: str, method: str, code: grpc.StatusCode) -> None:
+        with self._lock:
+            key = (replica, method, code.name)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def retry(self, method: str) -> None:
+        with self._lock:
+            self.retries[method] = self.retries.get(method, 0) + 1
+
+    def observe(self, method: str, seconds: float) -> None:
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds (len: only +Inf)
+        with self._lock:
+            entry = self.latency.get(method)
+            if entry is None:
+                entry = self.latency[method] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, 0]
+            entry[0][i] += 1
+            entry[1] += seconds
+            entry[2] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            out = ["# HELP kubellm_router_requests_total Requests forwarded, by replica, method and status code.",
+                   "# TYPE kubellm_router_requests_total counter"]
+            for (replica, method, code), n in sorted(self.requests.items()):
+                out.append(f'kubellm_router_requests_total{{replica="{_esc(replica)}",method="{method}",'
+                           f'code="{code}"}} {n}')
+            out += ["# HELP kubellm_router_retries_total Requests sent again to another replica.",
+                    "# TYPE kubellm_router_retries_total counter"]
+            for method, n in sorted(self.retries.items()):
+                out.append(f'kubellm_router_retries_total{{method="{method}"}} {n}')
+            out += ["# HELP kubellm_router_replicas Known replica leaders.",
+                    "# TYPE kubellm_router_replicas gauge",
+                    f"kubellm_router_replicas {len(self.replicas)}",
+                    "# HELP kubellm_router_healthy_replicas Replica leaders answering SERVING.",
+                    "# TYPE kubellm_router_healthy_replicas gauge",
+                    f"kubellm_router_healthy_replicas {sum(self.replicas.values())}",
+                    "# HELP kubellm_router_replica_healthy 1 if the replica is SERVING.",
+                    "# TYPE kubellm_router_replica_healthy gauge"]
+            for address, ok in sorted(self.replicas.items()):
+                out.append(f'kubellm_router_replica_healthy{{replica="{_esc(address)}"}} {int(ok)}')
+            out += ["# HELP kubellm_router_request_duration_seconds Time from request to last response byte.",
+                    "# TYPE kubellm_router_request_duration_seconds histogram"]
+            for method, (counts, total, count) in sorted(self.latency.items()):
+                cumulative = 0
+                for bound, n in zip(LATENCY_BUCKETS, counts):
+                    cumulative += n
+                    out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",'
+                               f'le="{_num(bound)}"}} {cumulative}')
+                out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",le="+Inf"}} {count}')
+                out.append(f'kubellm_router_request_duration_seconds_sum{{method="{method}"}} {_num(total)}')
+                out.append(f'kubellm_router_request_duration_seconds_count{{method="{method}"}} {count}')
+            return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((m.key, m.value) for m in (metadata or ())
+                 if not m.key.startswith((":", "grpc-")) and m.key not in _HOP_BY_HOP)
+
+
+class Router:
+    """Round-robin over healthy replica leaders. `forward_*` are usable without gRPC (the gateway)."""
+
+    def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
+                 health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
+                 wait_for_replica: float = 30.0):
+        self.deployment_name = deployment_name
+        # While no replica is healthy (a group restarting, a rolling update between groups, a
+        # replica that has just left), a request waits this long for one before UNAVAILABLE.
+        self.wait_for_replica = wait_for_replica
+        self._refresh_lock = asyncio.Lock()
+        self._leaving: dict[asyncio.Task, Replica] = {}  # leaders that left, their channels closing with grace
+        self.allow_terminate = allow_terminate
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.resolve_interval = resolve_interval
+        self.dns_target, self._static = parse_leaders(leaders)
+        self.replicas: list[Replica] = []
+        self.metrics = RouterMetrics()
+        self._counter = 0
+        self._tasks: list[asyncio.Task] = []
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._http_runners: list = []
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._last_resolve = 0.0
+        self._resolve_error = ""
+        self.model_info: llm_pb2.ModelInfoResponse | None = None
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self.metrics_port: int | None = None
+
+    # ---- leaders and health
+
+    async def _resolve(self) -> None:
+        if self.dns_target is None:
+            addresses = self._static
+        else:
+            try:
+                addresses = await asyncio.get_running_loop().run_in_executor(None, resolve, self.dns_target)
+            except OSError as err:
+                # A headless Service with no ready pod has no name at all: expected while the groups
+                # start, so said once per change rather than every few seconds.
+                if str(err) != self._resolve_error:
+                    log.warning("resolving %s failed: %s (keeping %d leaders; no ready leader pod yet?)",
+                                self.dns_target, err, len(self.replicas))
+                self._resolve_error = str(err)
+                return
+            self._resolve_error = ""
+        current = {r.address: r for r in self.replicas}
+        if list(current) == addresses:
+            return
+        replicas = [current.pop(a) if a in current else Replica.connect(a) for a in addresses]
+        self.replicas = replicas
+        for gone in current.values():
+            log.info("leader %s left", gone.label)
+            self.metrics.replicas.pop(gone.address, None)
+            # A leader leaves the Service as soon as its pod terminates, while it still drains: let
+            # its calls in flight finish (or fail on their own) before the channel goes.
+            task = asyncio.ensure_future(gone.channel.close(grace=LEAVING_GRACE))
+            self._leaving[task] = gone
+            task.add_done_callback(lambda t: self._leaving.pop(t, None))
+        log.info("leaders of %s: %s", self.deployment_name, ", ".join(addresses) or "none")
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            reply = await replica.health_stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                                    timeout=self.health_timeout)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            reason = "" if ok else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as err:
+            ok, reason = False, f"{err.code().name}: {err.details()}"
+            # A busy replica may answer a check late; only a run of timeouts makes it unhealthy
+            # (a refused connection or NOT_SERVING does at once).
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and replica.healthy:
+                replica.slow_checks += 1
+                if replica.slow_checks < SLOW_CHECKS_TO_FAIL:
+                    return
+        except Exception as err:  # noqa: BLE001 - a broken replica must not stop the loop
+            ok, reason = False, repr(err)
+        replica.slow_checks = 0
+        if ok and not replica.healthy:  # (back) in service: learn its name, which a restart may change
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                info = await replica.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=self.health_timeout)
+                replica.name = info.replica
+        if ok != replica.healthy:
+            log.info("replica %s is %s", replica.address, "healthy" if ok else f"unhealthy ({reason})")
+        replica.healthy, replica.reason = ok, reason
+        self.metrics.replicas[replica.address] = ok
+
+    async def refresh(self) -> None:
+        """Resolve the leaders (if due, or while none is healthy) and health-check every one now."""
+        now = time.monotonic()
+        if not self.healthy_replicas() or now - self._last_resolve >= self.resolve_interval:
+            self._last_resolve = now
+            await self._resolve()
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.healthy_replicas()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001
+                log.exception("refreshing the leaders failed")
+
+    def healthy_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def _candidates(self) -> list[Replica]:
+        """The healthy replicas in round-robin order for one request (the first is this request's turn)."""
+        healthy = self.healthy_replicas()
+        if not healthy:
+            return []
+        start = self._counter % len(healthy)
+        self._counter += 1
+        return healthy[start:] + healthy[:start]
+
+    def _no_replica(self, last: tuple[Replica, grpc.aio.AioRpcError] | None, waited: float) -> UpstreamError:
+        msg = f"no healthy replica of deployment {self.deployment_name}"
+        if waited >= 0.05:
+            msg += f" after waiting {waited:.0f} s"
+        if last is not None:
+            msg += f" (last error from replica {last[0].label}: {last[1].details()})"
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE, msg)
+
+    async def _await_healthy(self, until: float) -> bool:
+        """Wait until some replica is healthy or `until` passes; True if one is. One waiter at a
+        time refreshes (resolve + health checks); the others poll what it finds."""
+        while not self.healthy_replicas():
+            if time.monotonic() >= until:
+                return False
+            if not self._refresh_lock.locked():
+                async with self._refresh_lock:
+                    await self.refresh()
+            if not self.healthy_replicas():
+                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+        return True
+
+    async def _mark_down(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
+        if replica.healthy:
+            log.warning("replica %s failed (%s: %s); skipping it until it is healthy again",
+                        replica.label, err.code().name, err.details())
+        self._last_resolve = 0.0  # it may have been replaced: look the leaders up again at once
+        replica.healthy, replica.reason = False, f"{err.code().name}: {err.details()}"
+        self.metrics.replicas[replica.address] = False
+        await self._publish_health()
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return left
+
+    # ---- forwarding (used by the gRPC servicer and by the REST gateway)
+
+    async def _attempts(self, method: str, timeout: float | None):
+        """(replica, per-call timeout) in round-robin order; every attempt after the first is a retry.
+        When every healthy replica has been tried (or none is), waits up to `wait_for_replica` for
+        one to become healthy and goes on; the caller stops at the first success."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        hold_until = min(start + self.wait_for_replica, deadline or math.inf)
+        attempt = 0
+        while True:
+            for replica in self._candidates():
+                if attempt:
+                    self.metrics.retry(method)
+                attempt += 1
+                yield replica, self._remaining(deadline)
+            if not await self._await_healthy(hold_until):
+                return
+
+    async def _retry_or_raise(self, replica: Replica, method: str, err: grpc.aio.AioRpcError, retryable: bool):
+        """Record a failed call; return (replica, err) when the next replica should be tried, else raise."""
+        self.metrics.request(replica.address, method, err.code())
+        if retryable and err.code() in _RETRYABLE:
+            await self._mark_down(replica, err)
+            return replica, err
+        raise UpstreamError(err.code(), err.details() or err.code().name) from None
+
+    def _succeeded(self, replica: Replica, method: str, start: float) -> None:
+        self.metrics.request(replica.address, method, grpc.StatusCode.OK)
+        self.metrics.observe(method, time.monotonic() - start)
+
+    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None, *,
+                            raw: bool = False):
+        """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica.
+
+        `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
+        start, last = time.monotonic(), None
+        async for replica, remaining in self._attempts(method, timeout):
+            stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
+            call = stub(request, metadata=metadata, timeout=remaining)
+            try:
+                with _upstream_call(replica, call):
+                    response = await call
+            except grpc.aio.AioRpcError as err:
+                last = await self._retry_or_raise(replica, method, err, retryable=True)
+                continue
+            self._succeeded(replica, method, start)
+            if method == "ModelInfo":
+                self.model_info = llm_pb2.ModelInfoResponse.FromString(response) if raw else response
+            return response
+        raise self._no_replica(last, time.monotonic() - start)
+
+    async def forward_stream(self, request, metadata=(), timeout: float | None = None, *, raw: bool = False):
+        """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
+        method = "GenerateStream"
+        start, last = time.monotonic(), None
+        async for replica, remaining in self._attempts(method, timeout):
+            stub = replica.raw_stream if raw else replica.stub.GenerateStream
+            call = stub(request, metadata=metadata, timeout=remaining)
+            received = False
+            try:
+                with _upstream_call(replica, call):
+                    # call.read() rather than `async for`: one async generator less per message.
+                    message = await call.read()
+                    while message is not grpc.aio.EOF:
+                        received = True
+                        yield message
+                        message = await call.read()
+            except grpc.aio.AioRpcError as err:
+                if received and err.code() in _CUT:
+                    self.metrics.request(replica.address, method, err.code())
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        await self._mark_down(replica, err)
+                    raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                        f"replica {replica.label} of deployment {self.deployment_name} "
+                                        f"failed mid-stream ({err.code().name}: {err.details()}); "
+                                        f"the response is incomplete") from None
+                # Before the first message nothing reached the client, so another replica may answer.
+                last = await self._retry_or_raise(replica, method, err, retryable=not received)
+                continue
+            finally:
+                if not call.done():
+                    call.cancel()  # the client went away (or stopped reading): stop the replica's work
+            self._succeeded(replica, method, start)
+            return
+        raise self._no_replica(last, time.monotonic() - start)
+
+    async def terminate(self) -> bool:
+        """Terminate every replica, then stop the router (only if allowed)."""
+        if not self.allow_terminate:
+            raise UpstreamError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"deployment {self.deployment_name} was not started with allow_terminate")
+
+        async def one(replica: Replica):
+            try:
+                await replica.stub.Terminate(llm_pb2.TerminateRequest(), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                log.warning("terminating replica %s: %s", replica.address, err.details())
+
+        await asyncio.gather(*(one(r) for r in list(self.replicas)))
+        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.stop(grace=1.0)))
+        return True
+
+    # ---- lifecycle
+
+    async def start(self, port: int = 50051, host: str = "0.0.0.0", *, rest_port: int | None = None,
+                    metrics_port: int | None = None) -> int:
+        """Resolve and check the leaders once, then serve gRPC on `port` (0 picks one); returns it."""
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.refresh()
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        RouterServicer(self).add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.grpc_port = server.add_insecure_port(_join_host_port(host, port))
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {host}:{port}")
+        await server.start()
+        self._server = server
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        if rest_port is not None:
+            from kubellm.runtime.serving.gateway import build_app
+
+            self.rest_port = await self._serve_http(build_app(self), host, rest_port)
+            self.metrics_port = self.rest_port
+        if metrics_port is not None:
+            from aiohttp import web
+
+            app = web.Application()
+            app.router.add_get("/metrics", self.metrics_handler)
+            self.metrics_port = await self._serve_http(app, host, metrics_port)
+        log.info("router of %s on :%d (%d/%d leaders healthy)", self.deployment_name, self.grpc_port,
+                 len(self.healthy_replicas()), len(self.replicas))
+        return self.grpc_port
+
+    async def metrics_handler(self, request):
+        from aiohttp import web
+
+        return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _serve_http(self, app, host: str, port: int) -> int:
+        from aiohttp import web
+
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._http_runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await self._health.enter_graceful_shutdown()
+        for runner in self._http_runners:
+            await runner.cleanup()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for replica in [*self.replicas, *self._leaving.values()]:
+            await replica.channel.close(grace=None)
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+class RouterServicer:
+    """The LLM service, answered by forwarding to the replicas: requests and replies of Generate,
+    GenerateStream and ModelInfo stay serialized bytes end to end (identity (de)serializers)."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(self.ModelInfo),
+            "Terminate": grpc.unary_unary_rpc_method_handler(
+                self.Terminate, request_deserializer=llm_pb2.TerminateRequest.FromString,
+                response_serializer=llm_pb2.TerminateResponse.SerializeToString),
+        }
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = self.method_handlers()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    async def _unary(self, method: str, request: bytes, context) -> bytes:
+        try:
+            return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
+                                                   context.time_remaining(), raw=True)
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+
+    async def Generate(self, request: bytes, context) -> bytes:
+        return await self._unary("Generate", request, context)
+
+    async def ModelInfo(self, request: bytes, context) -> bytes:
+        return await self._unary("ModelInfo", request, context)
+
+    async def GenerateStream(self, request: bytes, context):
+        stream = self.router.forward_stream(request, _forwardable(context.invocation_metadata()),
+                                            context.time_remaining(), raw=True)
+        try:
+            async for message in stream:
+                yield message
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+        finally:
+            await stream.aclose()
+
+    async def Terminate(self, request, context):
+        try:
+            return llm_pb2.TerminateResponse(accepted=await self.router.terminate())
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+
+
+async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment_name: str = "kubellm",
+                rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
+                health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0) -> None:
+    """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
+    import signal
+
+    router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
+                    resolve_interval=resolve_interval, wait_for_replica=wait_for_replica)
+    await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
+    # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
+    # keep it out of the collector's full passes, which otherwise walk it again and again under load.
+    gc.collect()
+    gc.freeze()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.stop(grace=5.0)))
+        except (NotImplementedError, RuntimeError):
+            pass
+    await router.wait_for_termination()

@@ -1,0 +1,151 @@
+"""Status derivation from observed children (pure functions, no API server)."""
+
+from kubellm.operator import resources as R
+from kubellm.api.spec import LLMDeploymentSpec
+from kubellm.operator.status import READY_PODS, RESTARTING, compute_status, group_states
+
+SPEC = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "tensorParallel": 2, "gpusPerPod": 1,
+                                         "replicas": 2})
+HASH = R.worker_spec_hash(SPEC)
+
+
+def pod(group, ordinal, ready=True, spec_hash=HASH, restarts=0, unschedulable=""):
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                           "message": unschedulable})
+    return {"metadata": {"name": f"x-g{group}-{ordinal}", "uid": f"u{group}{ordinal}{spec_hash[:2]}",
+                         "labels": {R.GROUP_LABEL: str(group)}, "annotations": {R.SPEC_HASH: spec_hash}},
+            "status": {"phase": "Running", "conditions": conditions,
+                       "containerStatuses": [{"restartCount": restarts}]}}
+
+
+def sts(group, **annotations):
+    return {"metadata": {"labels": {R.GROUP_LABEL: str(group)}, "annotations": annotations}}
+
+
+def status_of(pods, statefulsets=(), router_ready=True, failure="", old=None):
+    groups = group_states(SPEC, list(statefulsets), pods, HASH)
+    return compute_status(SPEC, groups, router_ready, 3, old or {}, "ep", "", "sel", failure), groups
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_all_groups_ready():
+    status, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    assert status["phase"] == "Ready" and status["readyReplicas"] == 2 and status["observedGeneration"] == 3
+    assert status["ready"] == "2/2"
+    assert conditions(status)["Available"] == ("True", "ReplicasAvailable")
+    assert conditions(status)["Degraded"][0] == "False"
+
+
+def test_router_not_ready_keeps_it_progressing():
+    status, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)], router_ready=False)
+    assert status["phase"] == "Progressing"
+
+
+def test_missing_rank_of_a_recorded_group_is_degraded_and_broken():
+    pods = [pod(0, 0), pod(1, 0), pod(1, 1)]
+    status, groups = status_of(pods, [sts(0, **{READY_PODS: "u00" + HASH[:2] + ",u01" + HASH[:2]})])
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1 and status["ready"] == "1/2"
+    assert groups[0].broken and not groups[1].broken
+
+
+def test_restarted_container_breaks_the_group():
+    pods = [pod(0, 0, restarts=1), pod(0, 1)]
+    _, groups = status_of(pods, [sts(0, **{READY_PODS: ",".join(sorted(p["metadata"]["uid"] for p in pods))})])
+    assert groups[0].broken
+
+
+def test_only_restarts_after_the_group_was_whole_break_it():
+    """A rank that restarted while its group formed (it came up before its rank 0) is recorded
+    with that count when the group is whole; only a restart after that is a failure."""
+    formed = [pod(0, 0), pod(0, 1, restarts=2)]
+    _, groups = status_of(formed)
+    recorded = groups[0].ready_record
+    assert recorded == f"u00{HASH[:2]}:0,u01{HASH[:2]}:2"
+    _, groups = status_of(formed, [sts(0, **{READY_PODS: recorded})])
+    assert not groups[0].broken
+    _, groups = status_of([pod(0, 0), pod(0, 1, restarts=3)], [sts(0, **{READY_PODS: recorded})])
+    assert groups[0].broken
+
+
+def test_rollout_restart_is_progress_not_degradation():
+    pods = [pod(1, 0), pod(1, 1)]
+    status, groups = status_of(pods, [sts(0, **{READY_PODS: "old", RESTARTING: "rollout"})])
+    assert status["phase"] == "Progressing" and not groups[0].broken
+    failed, _ = status_of(pods, [sts(0, **{READY_PODS: "old", RESTARTING: "failure"})])
+    assert failed["phase"] == "Degraded"
+
+
+def test_outdated_pods_serve_but_are_not_updated():
+    pods = [pod(g, o, spec_hash="0" * 16) for g in (0, 1) for o in (0, 1)]
+    status, _ = status_of(pods)
+    assert status["readyReplicas"] == 2 and status["updatedReplicas"] == 0 and status["phase"] == "Progressing"
+
+
+def test_unschedulable_and_insufficient_gpus():
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    status, _ = status_of([pod(0, 0, ready=False, unschedulable=message)])
+    assert status["phase"] == "Pending" and conditions(status)["Progressing"] == ("True", "Unschedulable")
+    failed, _ = status_of([], failure="needs 16")
+    assert failed["phase"] == "Failed" and conditions(failed)["Degraded"] == ("True", "InsufficientGPUs")
+
+
+def test_transition_time_kept_while_a_condition_holds():
+    first, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    again, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)], old=first)
+    assert again == first
+
+
+def test_each_phase_change_posts_one_event_that_says_why():
+    from kubellm.operator.status import phase_event
+
+    ready, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    assert phase_event("Ready", ready) is None   # unchanged: nothing posted on every tick
+    assert phase_event("Progressing", ready) == ("Normal", "Ready", "2/2 replicas ready; serving at ep")
+    # A rank of a recorded group is gone: Degraded, a Warning that names the group.
+    recorded = sts(0, **{READY_PODS: "u00" + HASH[:2] + ",u01" + HASH[:2]})
+    degraded, _ = status_of([pod(0, 0), pod(1, 0), pod(1, 1)], [recorded, sts(1)], old=ready)
+    kind, reason, message = phase_event("Ready", degraded)
+    assert (kind, reason) == ("Warning", "Degraded") and "[0]" in message and "(was Ready)" in message
+    starting, _ = status_of([pod(0, 0, ready=False)])
+    assert phase_event(None, starting) == ("Normal", "Progressing", "0/2 replicas ready")
+    pending, _ = status_of([pod(0, 0, ready=False, unschedulable="0/3 nodes have enough nvidia.com/gpu")])
+    assert phase_event("Progressing", pending) == ("Warning", "Unschedulable", "0/3 nodes have enough nvidia.com/gpu")
+    failed, _ = status_of([], failure="each pod needs 8 nvidia.com/gpu")
+    assert phase_event("Pending", failed) == ("Warning", "InsufficientGPUs", "each pod needs 8 nvidia.com/gpu")
+
+
+def test_a_rolling_update_is_progress_that_says_so():
+    from kubellm.operator.status import phase_event
+
+    ready, _ = status_of([pod(g, o) for g in (0, 1) for o in (0, 1)])
+    # Group 1 still runs the old spec, group 0 the new one: progress, not degradation.
+    rolling, _ = status_of([pod(0, 0), pod(0, 1), pod(1, 0, spec_hash="old"), pod(1, 1, spec_hash="old")],
+                           old=ready)
+    assert rolling["phase"] == "Progressing" and conditions(rolling)["Progressing"] == ("True", "RollingUpdate")
+    assert phase_event("Ready", rolling) == (
+        "Normal", "Progressing", "rolling update: 1/2 replica groups on the new spec, 2 ready (was Ready)")
+
+
+def test_pods_a_group_restart_deletes():
+    from kubellm.operator.status import GroupState, pods_to_delete
+
+    def group(pods_per_group, pods):
+        return GroupState(0, pods=pods, expected_pods=pods_per_group)
+    terminating = pod(0, 1)
+    terminating["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    cases = [  # (pods per group, pods, cause, names deleted)
+        (2, [pod(0, 0), pod(0, 1)], "failure", ["x-g0-0", "x-g0-1"]),   # every rank of a broken group
+        (2, [pod(0, 0), terminating], "failure", ["x-g0-0"]),           # not the one already going
+        (2, [pod(0, 0), pod(0, 1)], "rollout", ["x-g0-0", "x-g0-1"]),
+        (1, [pod(0, 0, ready=False)], "failure", []),                    # its replacement is the restart
+        (1, [pod(0, 0, restarts=1)], "failure", []),                     # so is a restarted container
+        (1, [pod(0, 0, spec_hash="old")], "rollout", ["x-g0-0"]),        # a rollout replaces it
+    ]
+    for pods_per_group, pods, cause, want in cases:
+        got = [p["metadata"]["name"] for p in pods_to_delete(group(pods_per_group, pods), cause)]
+        assert got == want, (pods_per_group, cause, got)
