@@ -157,7 +157,8 @@ def cmd_worker(args) -> int:
     import logging
 
     from kubellm.runtime.executor.rank_group import ranks_on_this_host
-    from kubellm.runtime.serving.worker import TerminatedWhileLoading, serve_follower, serve_worker
+    from kubellm.runtime.serving.follower import serve_follower
+    from kubellm.runtime.serving.worker import TerminatedWhileLoading, serve_worker
 
     engine_config, defaults = worker_configs(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
