@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kubellm.api.runtime_settings import RuntimeSettings
+
 GROUP = "kubellm.io"
 VERSION = "v1alpha1"
 KIND = "LLMDeployment"
@@ -82,6 +84,22 @@ class GenerationSpec(_Spec):
     repetitionPenalty: float = Field(1.0, gt=0, le=100)
 
 
+# Spec field -> the runtime's field (EngineConfig for EngineSpec, GenerationConfig for GenerationSpec): the
+# one translation of a spec into runtime settings. A field missing here fails `runtime_settings()`.
+RUNTIME_NAMES = {
+    "dtype": "dtype", "maxBatchSize": "max_batch_size", "maxNumBatchedTokens": "max_num_batched_tokens",
+    "kvCacheFraction": "kv_cache_fraction", "blockSize": "block_size", "sessionLen": "session_len",
+    "enablePrefixCaching": "enable_prefix_caching",
+    "maxNewTokens": "max_new_tokens", "temperature": "temperature", "topP": "top_p", "topK": "top_k",
+    "repetitionPenalty": "repetition_penalty",
+}
+
+
+def _runtime_fields(section: _Spec) -> dict:
+    """A spec section by runtime names, unset optional fields left out (the runtime's defaults apply)."""
+    return {RUNTIME_NAMES[name]: value for name, value in section.model_dump().items() if value is not None}
+
+
 class RouterSpec(_Spec):
     replicas: int = Field(1, ge=1, le=100)
     port: int = Field(50051, ge=1, le=65535)
@@ -139,6 +157,12 @@ class LLMDeploymentSpec(_Spec):
             if not rule.python(self):
                 raise ValueError(f"{rule.field}: {rule.message}")
         return self
+
+    def runtime_settings(self) -> RuntimeSettings:
+        """What every worker of this deployment runs with: engine options and generation defaults."""
+        engine = {**_runtime_fields(self.engine), "tensor_parallel": self.tensorParallel,
+                  "pipeline_parallel": self.pipelineParallel, "device": "cpu" if self.device == "cpu" else "auto"}
+        return RuntimeSettings(engine=engine, generation=_runtime_fields(self.generation))
 
     @property
     def world_size(self) -> int:

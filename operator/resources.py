@@ -24,7 +24,6 @@ MODELS_MOUNT = "/models"
 # HOME points there, so what writes under ~ (Triton's and CUDA's kernel caches, ~/.cache) writes there.
 SCRATCH = "/tmp"
 CONFIG_MOUNT = "/etc/kubellm"
-ENGINE_FILE, GENERATION_FILE = "engine.json", "generation.json"   # keys of the ConfigMap, files under CONFIG_MOUNT
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by Kubernetes >= 1.28
 SPEC_HASH = "kubellm.io/spec-hash"
 GROUP_LABEL = "kubellm.io/group"
@@ -198,11 +197,8 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
     ]
     container = {
         "name": "worker", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["kubellm", "worker", "--model", model_path(spec), "--config", f"{CONFIG_MOUNT}/{ENGINE_FILE}",
-                    "--generation-defaults", f"{CONFIG_MOUNT}/{GENERATION_FILE}",
-                    "--tensor-parallel", str(spec.tensorParallel), "--pipeline-parallel", str(spec.pipelineParallel),
-                    "--port", str(port), "--metrics-port", str(METRICS_PORT),
-                    *(["--device", "cpu"] if spec.device == "cpu" else [])],
+        "command": ["kubellm", *spec.runtime_settings().worker_args(model_path(spec), CONFIG_MOUNT, port=port,
+                                                                     metrics_port=METRICS_PORT)],
         "env": env,
         "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}],
@@ -335,18 +331,9 @@ def ingress(owner: Owner, spec: LLMDeploymentSpec) -> dict | None:
 
 
 def engine_configmap(owner: Owner, spec: LLMDeploymentSpec) -> dict:
-    engine = spec.engine
-    config = {"dtype": engine.dtype, "max_batch_size": engine.maxBatchSize,
-              "max_num_batched_tokens": engine.maxNumBatchedTokens, "kv_cache_fraction": engine.kvCacheFraction,
-              "block_size": engine.blockSize, "session_len": engine.sessionLen,
-              "enable_prefix_caching": engine.enablePrefixCaching,
-              "tensor_parallel": spec.tensorParallel, "pipeline_parallel": spec.pipelineParallel}
-    gen = spec.generation
-    generation = {"max_new_tokens": gen.maxNewTokens, "temperature": gen.temperature, "top_p": gen.topP,
-                  "top_k": gen.topK, "repetition_penalty": gen.repetitionPenalty}
+    """The worker's config files (CONFIG_MOUNT), written from the spec's runtime settings."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "worker"),
-            "data": {ENGINE_FILE: json.dumps(config, indent=2, sort_keys=True),
-                     GENERATION_FILE: json.dumps(generation, indent=2, sort_keys=True)}}
+            "data": spec.runtime_settings().files()}
 
 
 def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:

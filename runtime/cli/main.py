@@ -201,17 +201,9 @@ def _deployment_from_yaml(path: str) -> tuple[str, str, dict]:
     if spec.model.kind in ("hf", "pvc"):
         raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
                          "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
-    e, g = spec.engine, spec.generation
-    options = {"dtype": e.dtype, "max_batch_size": e.maxBatchSize, "max_num_batched_tokens": e.maxNumBatchedTokens,
-               "kv_cache_fraction": e.kvCacheFraction, "block_size": e.blockSize,
-               "enable_prefix_caching": e.enablePrefixCaching,
-               "max_new_tokens": g.maxNewTokens, "temperature": g.temperature, "top_p": g.topP, "top_k": g.topK,
-               "repetition_penalty": g.repetitionPenalty,
-               "replica_num": max(spec.replicas, 1), "tensor_parallel": spec.tensorParallel,
-               "pipeline_parallel": spec.pipelineParallel,
+    settings = spec.runtime_settings()
+    options = {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
                "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port}
-    if e.sessionLen:
-        options["session_len"] = e.sessionLen
     return name, spec.model.source, options
 
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubellm.api.runtime_settings import RuntimeSettings
 from kubellm.runtime.serving.client import Client
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
@@ -355,9 +356,9 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
 
     directory = _deployment_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "engine.json").write_text(json.dumps(engine, indent=2, sort_keys=True))
-    gen_path = directory / "generation.json"
-    gen_path.write_text(json.dumps(gen, indent=2, sort_keys=True))
+    settings = RuntimeSettings(engine=engine, generation=gen)
+    for file_name, text in settings.files().items():
+        (directory / file_name).write_text(text)
     if os.path.exists(model):
         model = os.path.abspath(model)
 
@@ -381,9 +382,8 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
         for i in range(replica_num):
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
-            launch(f"worker-{i}", ["worker", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-                                   "--config", str(directory / "engine.json"), "--generation-defaults", str(gen_path),
-                                   "--replica", f"{name}-{i}", "--allow-terminate"])
+            launch(f"worker-{i}", settings.worker_args(model, str(directory), host="127.0.0.1", port=port,
+                                                       replica=f"{name}-{i}", allow_terminate=True))
         router_port = _free_port()
         router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
                        "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5"]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_engine_hf import PROMPTS, assert_matches_hf, encode, engine_for, run
+from parity import PROMPTS, assert_matches_hf, encode, engine_for, run
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.executor.rank_group import param_bytes, valid_tensor_parallel_sizes

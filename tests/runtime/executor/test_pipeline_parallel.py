@@ -174,7 +174,7 @@ def _worker(model, config_file, pod, port, master_port, log, tp=1, pp=2, per_pod
 
 @pytest.mark.parametrize("tp,pp,per_pod", [(1, 2, 1), (2, 2, 2)], ids=["pod-per-rank", "two-ranks-per-pod"])
 def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tmp_path, tp, pp, per_pod):
-    from test_serving_processes import free_port, wait_serving
+    from processes import free_port, wait_serving
 
     from kubellm.runtime.serving.client import Client, ClientError
 
@@ -212,7 +212,7 @@ def test_group_across_two_worker_processes_serves_the_same_tokens(tiny_llama, tm
 
 
 def test_follower_exits_when_rank0_dies(tiny_llama, tmp_path):
-    from test_serving_processes import free_port, wait_serving
+    from processes import free_port, wait_serving
 
     config = tmp_path / "engine.json"
     config.write_text(json.dumps({"num_kv_blocks": 32, "session_len": 64, "device": "cpu"}))

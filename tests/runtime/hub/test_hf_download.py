@@ -166,8 +166,8 @@ def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama
     from kubellm.operator import resources as R
     from kubellm.api.spec import LLMDeploymentSpec
     from kubellm.runtime.serving.client import Client
-    from test_serving_processes import free_port, wait_serving
-    from test_worker_pod import read_only_root
+    from processes import free_port, wait_serving
+    from processes import read_only_root
 
     spec = LLMDeploymentSpec.model_validate({
         "model": {"source": f"hf://{REPO}", "endpoint": mirror.url, "tokenSecret": "hf-token"}, "device": "cpu",

@@ -130,7 +130,7 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("torch")
 
 from kubellm.runtime.serving.client import Client  # noqa: E402
-from test_serving_processes import free_port, wait_serving  # noqa: E402
+from processes import free_port, read_only_root, wait_serving  # noqa: E402
 
 POD_SPEC = {"device": "cpu", "restApi": {"enabled": True},
             "engine": {"dtype": "float32", "maxBatchSize": 4, "blockSize": 4, "sessionLen": 64,
@@ -147,21 +147,6 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def read_only_root(writable: list[Path]) -> list[str] | None:
-    """A command prefix that runs what follows with the root filesystem read-only and a fresh tmpfs on
-    each of `writable` (the pod's emptyDirs), in a private mount namespace (`unshare -m`, as root);
-    None where this machine does not allow it. Nothing outside the namespace changes."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return None
-    script = ("mount -o remount,bind,ro / && " + "".join(f"mount -t tmpfs tmpfs '{d}' && " for d in writable)
-              + 'exec "$@"')
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", "sh", "-c",
-                            "! touch /.kubellm-probe 2>/dev/null"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        return None
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
 def pod_environment(container: dict, scratch: Path) -> dict:
