@@ -16,30 +16,29 @@ from collections import Counter
 from http.server import ThreadingHTTPServer
 from typing import Callable
 
-from kubellm.runtime.serving.metrics import serve_metrics  # standard library only, like this module
+from kubellm.metrics import Registry, serve_metrics
 
 PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class OperatorMetrics:
     def __init__(self, writes: Callable[[], int] = lambda: 0):
         self._lock = threading.Lock()
-        self.reconciles: Counter[str] = Counter()
-        self.group_restarts: Counter[str] = Counter()
-        self.phases: dict[tuple[str, str], str] = {}
-        self.writes = writes
+        self.phases: dict[tuple[str, str], str] = {}   # (namespace, name) -> status.phase
+        r = self.registry = Registry()
+        self._reconciles = r.counter("kubellm_operator_reconciles_total", "Reconciles by handler reason.",
+                                     ("reason",))
+        r.counter("kubellm_operator_writes_total", "Writes of children sent to the API server.", function=writes)
+        self._group_restarts = r.counter("kubellm_operator_group_restarts_total",
+                                         "Replica groups restarted, by cause.", ("cause",))
+        r.gauge("kubellm_operator_llmdeployments", "Watched LLMDeployments by phase.", ("phase",),
+                function=self._by_phase)
 
     def reconciled(self, reason: str) -> None:
-        with self._lock:
-            self.reconciles[str(reason)] += 1
+        self._reconciles.inc(str(reason))
 
     def restarted(self, cause: str) -> None:
-        with self._lock:
-            self.group_restarts[cause] += 1
+        self._group_restarts.inc(cause)
 
     def phase(self, namespace: str, name: str, phase: str | None) -> None:
         with self._lock:
@@ -48,24 +47,14 @@ class OperatorMetrics:
             else:
                 self.phases[(namespace, name)] = phase
 
-    def render(self) -> str:
+    def _by_phase(self) -> dict[tuple[str], int]:
+        """Every known phase (0 when none is in it) and any other phase some deployment is in."""
         with self._lock:
-            by_phase = Counter(self.phases.values())
-            lines = ["# HELP kubellm_operator_reconciles_total Reconciles by handler reason.",
-                     "# TYPE kubellm_operator_reconciles_total counter"]
-            lines += [f'kubellm_operator_reconciles_total{{reason="{_label(r)}"}} {n}'
-                      for r, n in sorted(self.reconciles.items())]
-            lines += ["# HELP kubellm_operator_writes_total Writes of children sent to the API server.",
-                      "# TYPE kubellm_operator_writes_total counter", f"kubellm_operator_writes_total {self.writes()}",
-                      "# HELP kubellm_operator_group_restarts_total Replica groups restarted, by cause.",
-                      "# TYPE kubellm_operator_group_restarts_total counter"]
-            lines += [f'kubellm_operator_group_restarts_total{{cause="{_label(c)}"}} {n}'
-                      for c, n in sorted(self.group_restarts.items())]
-            lines += ["# HELP kubellm_operator_llmdeployments Watched LLMDeployments by phase.",
-                      "# TYPE kubellm_operator_llmdeployments gauge"]
-            lines += [f'kubellm_operator_llmdeployments{{phase="{_label(p)}"}} {by_phase.get(p, 0)}'
-                      for p in sorted(set(PHASES) | set(by_phase))]
-        return "\n".join(lines) + "\n"
+            counts = Counter(self.phases.values())
+        return {(phase,): counts.get(phase, 0) for phase in set(PHASES) | set(counts)}
+
+    def render(self) -> str:
+        return self.registry.render()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         """GET /metrics on `port` (0: a free one, see `server.server_port`) in a daemon thread."""

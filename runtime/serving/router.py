@@ -31,21 +31,21 @@ replica is (readiness); "liveness" is SERVING while the process runs (liveness p
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import gc
 import ipaddress
 import logging
 import math
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+from kubellm.runtime.serving.metrics import RouterMetrics
 
 log = logging.getLogger("kubellm.router")
 
@@ -53,8 +53,6 @@ SERVICE_NAME = "kubellm.v1.LLM"
 # Always SERVING while the process runs: for a liveness probe, which must not restart the router
 # just because no replica is ready yet ("" and SERVICE_NAME follow the replicas: readiness).
 LIVENESS_SERVICE = "liveness"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 # Codes that mean "this replica did not handle the call": safe to send it to another one.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -196,83 +194,6 @@ class Replica:
         raw_stream = channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream", _registered_method=True)
         return cls(address, channel, llm_pb2_grpc.LLMStub(channel), health_pb2_grpc.HealthStub(channel),
                    raw_unary, raw_stream)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-class RouterMetrics:
-    """Requests per replica and code, retries, healthy replicas and latency, as Prometheus text."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = {}   # (replica, method, code) -> count
-        self.retries: dict[str, int] = {}                    # method -> count
-        self.latency: dict[str, list] = {}                   # method -> [per-bucket counts, sum, count]
-        self.replicas: dict[str, bool] = {}                  # address -> healthy
-
-    def request(self, replica: str, method: str, code: grpc.StatusCode) -> None:
-        with self._lock:
-            key = (replica, method, code.name)
-            self.requests[key] = self.requests.get(key, 0) + 1
-
-    def retry(self, method: str) -> None:
-        with self._lock:
-            self.retries[method] = self.retries.get(method, 0) + 1
-
-    def observe(self, method: str, seconds: float) -> None:
-        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds (len: only +Inf)
-        with self._lock:
-            entry = self.latency.get(method)
-            if entry is None:
-                entry = self.latency[method] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, 0]
-            entry[0][i] += 1
-            entry[1] += seconds
-            entry[2] += 1
-
-    def render(self) -> str:
-        with self._lock:
-            out = ["# HELP kubellm_router_requests_total Requests forwarded, by replica, method and status code.",
-                   "# TYPE kubellm_router_requests_total counter"]
-            for (replica, method, code), n in sorted(self.requests.items()):
-                out.append(f'kubellm_router_requests_total{{replica="{_esc(replica)}",method="{method}",'
-                           f'code="{code}"}} {n}')
-            out += ["# HELP kubellm_router_retries_total Requests sent again to another replica.",
-                    "# TYPE kubellm_router_retries_total counter"]
-            for method, n in sorted(self.retries.items()):
-                out.append(f'kubellm_router_retries_total{{method="{method}"}} {n}')
-            out += ["# HELP kubellm_router_replicas Known replica leaders.",
-                    "# TYPE kubellm_router_replicas gauge",
-                    f"kubellm_router_replicas {len(self.replicas)}",
-                    "# HELP kubellm_router_healthy_replicas Replica leaders answering SERVING.",
-                    "# TYPE kubellm_router_healthy_replicas gauge",
-                    f"kubellm_router_healthy_replicas {sum(self.replicas.values())}",
-                    "# HELP kubellm_router_replica_healthy 1 if the replica is SERVING.",
-                    "# TYPE kubellm_router_replica_healthy gauge"]
-            for address, ok in sorted(self.replicas.items()):
-                out.append(f'kubellm_router_replica_healthy{{replica="{_esc(address)}"}} {int(ok)}')
-            out += ["# HELP kubellm_router_request_duration_seconds Time from request to last response byte.",
-                    "# TYPE kubellm_router_request_duration_seconds histogram"]
-            for method, (counts, total, count) in sorted(self.latency.items()):
-                cumulative = 0
-                for bound, n in zip(LATENCY_BUCKETS, counts):
-                    cumulative += n
-                    out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",'
-                               f'le="{_num(bound)}"}} {cumulative}')
-                out.append(f'kubellm_router_request_duration_seconds_bucket{{method="{method}",le="+Inf"}} {count}')
-                out.append(f'kubellm_router_request_duration_seconds_sum{{method="{method}"}} {_num(total)}')
-                out.append(f'kubellm_router_request_duration_seconds_count{{method="{method}"}} {count}')
-            return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- router
@@ -595,7 +516,7 @@ class Router:
         site = web.TCPSite(runner, host, port)
         await site.start()
         self._http_runners.append(runner)
-        return site._server.sockets[0].getsockname()[1]
+        return runner.addresses[0][1]   # the bound (host, port, ...) of its one site: port 0 resolved
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopping:

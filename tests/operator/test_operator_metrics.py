@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 
 from kubellm.operator.metrics import OperatorMetrics
-from kubellm.runtime.serving.metrics import parse
+from kubellm.metrics import parse
 
 
 def test_operator_metrics_are_served_and_track_phases():

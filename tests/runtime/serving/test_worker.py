@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from kubellm.runtime.serving.client import Client, ClientError  # noqa: E402
-from kubellm.runtime.serving.metrics import parse  # noqa: E402
+from kubellm.metrics import parse  # noqa: E402
 from kubellm.runtime.serving.worker import WorkerServer  # noqa: E402
 
 ENGINE = {"num_kv_blocks": 256, "block_size": 4, "max_batch_size": 8, "session_len": 64, "device": "cpu"}
