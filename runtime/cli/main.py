@@ -43,14 +43,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from kubellm.runtime.hub import model_hub
+    from kubellm.runtime.hub import download, embedded
 
     if args.action == "pull":
-        print(model_hub.pull(args.name, force=args.force))
+        print(embedded.pull(args.name, force=args.force))
     elif args.action == "download":
-        print(model_hub.download_hf(args.name, args.dest))
+        print(download.download_hf(args.name, args.dest))
     else:
-        for name in model_hub.known_names():
+        for name in embedded.known_names():
             print(name)
     return 0
 
@@ -110,7 +110,7 @@ def _join_other_hosts(model, engine_config, ranks: list[int]):
     from kubellm.runtime.executor.rank_group import RankGroup, master_address, start_remote_rank
     from kubellm.runtime.engine.engine import session_len_for
     from kubellm.runtime.executor.loader import load_hf_config
-    from kubellm.runtime.hub.model_hub import resolve_model
+    from kubellm.runtime.hub.embedded import resolve_model
 
     path = resolve_model(model)
     session_len = session_len_for(load_hf_config(path), engine_config)

@@ -40,7 +40,7 @@ class LLMEngine:
         """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
         default a world size above 1 starts its ranks on this host."""
         from kubellm.runtime.executor.rank_group import RankGroup, check_parallel
-        from kubellm.runtime.hub.model_hub import resolve_model
+        from kubellm.runtime.hub.embedded import resolve_model
 
         self.config = config or EngineConfig()
         self.model_path = check_model_dir(resolve_model(model))

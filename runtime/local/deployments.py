@@ -45,7 +45,7 @@ class DeploymentError(RuntimeError):
 # ---- the registry
 
 def registry_dir() -> Path:
-    from kubellm.runtime.hub.model_hub import cache_dir
+    from kubellm.runtime.hub.cache import cache_dir
 
     return cache_dir() / "deployments"
 

@@ -24,7 +24,7 @@ def serve_follower(model, engine_config: EngineConfig, ranks: list[int], port: i
     from kubellm.runtime.executor.rank_group import master_address, serve_remote_rank, start_remote_rank
     from kubellm.runtime.engine.engine import session_len_for
     from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
-    from kubellm.runtime.hub.model_hub import resolve_model
+    from kubellm.runtime.hub.embedded import resolve_model
 
     path = check_model_dir(resolve_model(model))
     session_len = session_len_for(load_hf_config(path), engine_config)

