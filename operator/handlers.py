@@ -28,8 +28,8 @@ from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import (READY_PODS, RESTARTING, GroupState, compute_status, group_states,
-                                     phase_event, pods_to_delete)
+from kubellm.operator.status import READY_PODS, RESTARTING, compute_status, group_states, phase_event
+from kubellm.operator.supervision import FAILURE, ROLLOUT, RestartGroup, SupervisionPlan, supervision_plan
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
@@ -145,16 +145,27 @@ def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
     return sorted(removed)
 
 
-def restart_group(body, owner: R.Owner, group: GroupState, why: str, cause: str) -> None:
-    """Delete the group's pods (status.pods_to_delete); its StatefulSet recreates them together."""
+RESTART_REASONS = {FAILURE: "a rank failed or was replaced", ROLLOUT: "the spec changed (rolling update)"}
+
+
+def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan) -> None:
+    """Carry out the supervision plan's actions, in order (deletes, StatefulSet marks, Events)."""
     k = kube()
-    for pod in pods_to_delete(group, cause):
-        k.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
-    _mark_group(owner, group.index, ready_pods=group.recorded_ready, restarting=cause)
-    group.restarting = cause
-    METRICS.restarted(cause)
-    kopf.event(body, type="Warning" if cause == "failure" else "Normal", reason="GroupRestarted",
-               message=f"replica group {group.index}: {why}; restarting all its ranks")
+    for action in plan.actions:
+        if isinstance(action, RestartGroup):
+            for pod in action.delete_pods:
+                k.delete("v1", "Pod", pod, owner.namespace)
+            _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting=action.cause)
+            METRICS.restarted(action.cause)
+            kopf.event(body, type="Warning" if action.cause == FAILURE else "Normal", reason="GroupRestarted",
+                       message=f"replica group {action.index}: {RESTART_REASONS[action.cause]}; "
+                               "restarting all its ranks")
+        else:
+            if action.completed:
+                kopf.event(body, type="Normal", reason="GroupReady",
+                           message=f"replica group {action.index}: all {action.pods} pods ready again after the "
+                                   f"{'rolling update' if action.completed == ROLLOUT else 'restart'}")
+            _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting="")
 
 
 def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
@@ -170,33 +181,12 @@ def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) ->
     k.writes += 1
 
 
-def supervise(body, owner: R.Owner, groups: list[GroupState]) -> None:
-    for group in groups:
-        # Broken before ready: with a fast node a replaced rank may already be Ready again.
-        if group.broken:
-            restart_group(body, owner, group, "a rank failed or was replaced", "failure")
-            group.pods = []
-        elif group.serving and (group.recorded_ready != group.ready_record or group.restarting):
-            if group.restarting:
-                kopf.event(body, type="Normal", reason="GroupReady",
-                           message=f"replica group {group.index}: all {len(group.pods)} pods ready again after the "
-                                   f"{'rolling update' if group.restarting == 'rollout' else 'restart'}")
-            _mark_group(owner, group.index, ready_pods=group.ready_record, restarting="")
-            group.recorded_ready, group.restarting = group.ready_record, ""
-    # Roll a new spec through the groups one at a time, only while all the others serve.
-    outdated = [g for g in groups if any(
-        (p["metadata"].get("annotations") or {}).get(R.SPEC_HASH) != g.spec_hash
-        and not p["metadata"].get("deletionTimestamp") for p in g.pods)]
-    if outdated and all(g.serving for g in groups if g is not outdated[0]):
-        restart_group(body, owner, outdated[0], "the spec changed (rolling update)", "rollout")
-
-
 def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
     k = kube()
     statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
     pods = k.list("v1", "Pod", owner.namespace, R.selector(owner, "worker"))
-    groups = group_states(spec, statefulsets, pods, R.worker_spec_hash(spec))
-    supervise(body, owner, groups)
+    plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec)))
+    apply_supervision(body, owner, plan)
     router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
     router_ready = bool((router.get("status") or {}).get("availableReplicas"))
     failure = ""
@@ -207,7 +197,7 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
                        f"{largest}; set gpusPerPod lower (more pods per group) or add larger GPU nodes")
     old = dict(body.get("status") or {})
     selector = ",".join(f"{k_}={v}" for k_, v in R.selector(owner, "worker", **{R.POD_INDEX_LABEL: "0"}).items())
-    new = compute_status(spec, groups, router_ready, body["metadata"].get("generation", 0), old,
+    new = compute_status(spec, list(plan.groups), router_ready, body["metadata"].get("generation", 0), old,
                          R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure)
     METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
