@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -16,12 +19,41 @@ from kubernetes.dynamic import DynamicClient
 
 FIELD_MANAGER = "kubellm-operator"
 APPLIED_HASH = "kubellm.io/applied-hash"
+# Node GPU capacity changes when nodes are added or removed, rarely: one list serves every
+# LLMDeployment's refresh for this long (instead of a list per object every timer tick).
+NODE_CAPACITY_TTL = 30.0
 
 log = logging.getLogger("kubellm.operator")
 
 
 def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def largest_gpu_offer(nodes: Iterable) -> int:
+    """The most `nvidia.com/gpu` any schedulable node (a kubernetes.client V1Node) offers; 0 when none does."""
+    return max((int((node.status.allocatable or {}).get("nvidia.com/gpu", "0"))
+                for node in nodes if not node.spec.unschedulable), default=0)
+
+
+class NodeGpuCapacity:
+    """The largest GPU offer of any schedulable node, listed at most once per `ttl` seconds for all
+    callers. kopf runs synchronous handlers in a thread pool: the lock makes concurrent refreshes
+    wait for one list rather than each sending its own."""
+
+    def __init__(self, list_nodes: Callable[[], Iterable], ttl: float = NODE_CAPACITY_TTL,
+                 clock: Callable[[], float] = time.monotonic):
+        self._list_nodes, self.ttl, self._clock = list_nodes, ttl, clock
+        self._lock = threading.Lock()
+        self._listed: tuple[float, int] | None = None   # (when, largest offer)
+
+    def largest(self) -> int:
+        with self._lock:
+            now = self._clock()
+            if self._listed is None or now - self._listed[0] >= self.ttl:
+                # A list that fails raises here and is tried again by the next call.
+                self._listed = (now, largest_gpu_offer(self._list_nodes()))
+            return self._listed[1]
 
 
 class Kube:
@@ -35,6 +67,7 @@ class Kube:
         self.dynamic = DynamicClient(api_client)
         self.core = client.CoreV1Api(api_client)
         self.writes = 0  # applies and deletes actually sent, for tests and metrics
+        self.node_gpus = NodeGpuCapacity(lambda: self.core.list_node().items)
 
     def resource(self, api_version: str, kind: str):
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
@@ -78,10 +111,6 @@ class Kube:
                 raise
 
     def max_node_gpus(self) -> int:
-        """The most `nvidia.com/gpu` any schedulable node offers (0 when none does)."""
-        best = 0
-        for node in self.core.list_node().items:
-            if node.spec.unschedulable:
-                continue
-            best = max(best, int((node.status.allocatable or {}).get("nvidia.com/gpu", "0")))
-        return best
+        """The most `nvidia.com/gpu` any schedulable node offers (0 when none does), at most
+        NODE_CAPACITY_TTL seconds old."""
+        return self.node_gpus.largest()
