@@ -119,7 +119,11 @@ def _timers_without_finalizer(registry) -> None:
     wait for the operator, and hang while it is down — e.g. `helm uninstall` with crds.keep=false
     deletes the operator and the CRD together, and the CRD would stay Terminating. Nothing needs
     cleaning up on deletion (children are garbage-collected through owner references; the timer
-    stops with the object), so no finalizer is added."""
+    stops with the object), so no finalizer is added.
+
+    kopf has no public switch for it (its timers always ask for one), so the timers are rewritten in
+    its registry: a private API. pyproject.toml pins kopf to the versions with this layout and
+    tests/operator/test_kopf_registry.py fails if it moves."""
     spawning = registry._spawning
     spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]
 

@@ -188,7 +188,8 @@ class Replica:
     def connect(cls, address: str) -> "Replica":
         channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         # No serializers: requests and replies stay bytes. Registered methods spare gRPC core
-        # from interning the method path on every call.
+        # from interning the method path on every call (`_registered_method` is private, as in the
+        # generated stubs: grpcio is pinned and tests/protos/test_grpc_private_api.py guards it).
         raw_unary = {m: channel.unary_unary(f"/{SERVICE_NAME}/{m}", _registered_method=True)
                      for m in _UNARY_METHODS}
         raw_stream = channel.unary_stream(f"/{SERVICE_NAME}/GenerateStream", _registered_method=True)
