@@ -34,11 +34,6 @@ e2e_cluster = _load_cluster_module()
 _startup: list[str] = []
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: end-to-end test against a local Kubernetes control plane (e2e/)")
-    config.addinivalue_line("markers", "realpods: end-to-end test with real pods on a real node (containerd + kubelet)")
-
-
 def _unavailable(reason: str):
     if os.environ.get("KUBELLM_E2E_REQUIRED", "") not in ("", "0"):
         pytest.fail(f"KUBELLM_E2E_REQUIRED is set but {reason}", pytrace=False)

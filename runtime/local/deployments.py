@@ -16,10 +16,7 @@ This module imports no torch: the workers load the model in their own processes.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -28,158 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubellm.api.runtime_settings import RuntimeSettings
+from kubellm.runtime.local.registry import (DeploymentError, check_name, default_name, deployment_dir, entry_pids, kill,
+                                            list_deployments, read_entry, registry_dir, remove_entry, wait_dead,
+                                            with_liveness, write_entry)
 from kubellm.runtime.serving.client import Client
 
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 _GEN_ALIASES = ("stop", "do_sample")
 _ENGINE_ALIASES = ("cache_max_entry_count",)
 
 
 _CHILDREN: list = []
-
-
-class DeploymentError(RuntimeError):
-    """A local deployment cannot be started, found or stopped; the message says why and what to do."""
-
-
-# ---- the registry
-
-def registry_dir() -> Path:
-    from kubellm.runtime.hub.cache import cache_dir
-
-    return cache_dir() / "deployments"
-
-
-def _entry_path(name: str) -> Path:
-    return registry_dir() / f"{name}.json"
-
-
-def _deployment_dir(name: str) -> Path:
-    return registry_dir() / name
-
-
-def default_name(model: str) -> str:
-    """A deployment name from a model path or name: its basename, lower-cased, odd characters as '-'."""
-    base = os.path.basename(str(model).rstrip("/\\")) or "model"
-    base = re.sub(r"^(hf|pvc)://", "", base)
-    name = re.sub(r"[^a-z0-9_.-]+", "-", base.lower()).strip("-._")
-    return name[:63].strip("-._") or "model"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 63:
-        raise ValueError(f"deployment_name: {name!r} must be 1-63 lower-case letters, digits, '-', '_' or '.', "
-                         "starting and ending with a letter or digit")
-    return name
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether `pid` runs (reaping it if it is our own exited child; zombies count as dead)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):
-            return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return b"kubellm" in cmdline  # guards against a reused pid
-    except (OSError, IndexError):
-        return True
-
-
-def _entry_pids(entry: dict) -> list[int]:
-    return [int(p) for p in [entry.get("router_pid"), *entry.get("worker_pids", [])] if p]
-
-
-def _with_liveness(entry: dict) -> dict:
-    alive = [_pid_alive(p) for p in _entry_pids(entry)]
-    entry = dict(entry)
-    entry["alive"] = bool(alive) and all(alive)
-    entry["state"] = "running" if entry["alive"] else ("degraded" if any(alive) else "dead")
-    return entry
-
-
-def _read_entry(name: str) -> dict | None:
-    path = _entry_path(name)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise DeploymentError(f"cannot read the registry entry {path}: {err}; delete it and serve again") from None
-
-
-def _write_entry(entry: dict) -> None:
-    path = _entry_path(entry["name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entry, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _remove_entry(name: str) -> None:
-    try:
-        _entry_path(name).unlink()
-    except FileNotFoundError:
-        pass
-
-
-def list_deployments() -> list[dict]:
-    """Every registered deployment, each with `alive` (all its processes run) and `state`."""
-    out = []
-    directory = registry_dir()
-    if not directory.is_dir():
-        return out
-    for path in sorted(directory.glob("*.json")):
-        try:
-            out.append(_with_liveness(json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _kill(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM each process group (they lead their own sessions), then SIGKILL what is left after `grace`."""
-    def signal_all(sig):
-        for pid in pids:
-            if not _pid_alive(pid):
-                continue
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-    signal_all(signal.SIGTERM)
-    if _wait_dead(pids, grace):
-        return
-    signal_all(signal.SIGKILL)
-    _wait_dead(pids, 5.0)
-
-
-def _wait_dead(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if not any(_pid_alive(p) for p in pids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
 
 
 # ---- clients
@@ -202,17 +57,17 @@ class DeploymentClient(Client):
 
     def terminate_server(self, timeout: float | None = None) -> bool:
         """Terminate the router and every worker, wait for them to exit (killing leftovers), forget the entry."""
-        pids = _entry_pids(self.entry)
+        pids = entry_pids(self.entry)
         try:
             super().terminate_server(timeout=timeout or 15)
         except Exception:   # noqa: BLE001 - already gone or refusing: fall back to signals
             pass
         try:
-            if not _wait_dead(pids, 10.0):
-                _kill(pids)
+            if not wait_dead(pids, 10.0):
+                kill(pids)
         finally:
             self.close()
-            _remove_entry(self.deployment_name)
+            remove_entry(self.deployment_name)
         return True
 
     def __repr__(self) -> str:
@@ -221,8 +76,8 @@ class DeploymentClient(Client):
 
 def client(deployment_name: str, timeout: float | None = None) -> DeploymentClient:
     """A client of the running local deployment `deployment_name` (from any process on this machine)."""
-    entry = _read_entry(deployment_name)
-    if entry is None or not _with_liveness(entry)["alive"]:
+    entry = read_entry(deployment_name)
+    if entry is None or not with_liveness(entry)["alive"]:
         running = [e["name"] for e in list_deployments() if e["alive"]]
         why = "is not registered" if entry is None else "is registered but its processes are not all running"
         raise DeploymentError(f"deployment {deployment_name!r} {why}; running deployments: "
@@ -232,15 +87,15 @@ def client(deployment_name: str, timeout: float | None = None) -> DeploymentClie
 
 def stop(name: str) -> bool:
     """Stop deployment `name` (Terminate, then signals for leftovers) and remove its registry entry."""
-    entry = _read_entry(name)
+    entry = read_entry(name)
     if entry is None:
         names = [e["name"] for e in list_deployments()]
         raise DeploymentError(f"deployment {name!r} is not registered; registered: {', '.join(names) or 'none'}")
-    if _with_liveness(entry)["state"] == "running":
+    if with_liveness(entry)["state"] == "running":
         DeploymentClient(entry).terminate_server()
     else:
-        _kill(_entry_pids(entry), grace=2.0)
-        _remove_entry(name)
+        kill(entry_pids(entry), grace=2.0)
+        remove_entry(name)
     return True
 
 
@@ -316,7 +171,7 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
     GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request).
     """
-    name = _check_name(deployment_name if deployment_name is not None else default_name(model))
+    name = check_name(deployment_name if deployment_name is not None else default_name(model))
     if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
         raise ValueError(f"replica_num: must be an integer >= 1 (got {replica_num!r})")
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
@@ -346,15 +201,15 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
 
 def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
                   startup_timeout, engine, gen) -> DeploymentClient:
-    existing = _read_entry(name)
+    existing = read_entry(name)
     if existing is not None:
-        live = _with_liveness(existing)
+        live = with_liveness(existing)
         if live["state"] != "dead":
             raise DeploymentError(f"deployment {name} already runs at {existing.get('address')}; stop it with "
                                   f"kubellm stop {name} or kubellm.client({name!r}).terminate_server()")
-        _remove_entry(name)   # stale: its processes died
+        remove_entry(name)   # stale: its processes died
 
-    directory = _deployment_dir(name)
+    directory = deployment_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     settings = RuntimeSettings(engine=engine, generation=gen)
     for file_name, text in settings.files().items():
@@ -395,7 +250,7 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
                      worker_pids=[p.pid for p in started.procs[:-1]], worker_addresses=worker_addresses,
                      rest_port=restful_api_port if enable_restful_api else None,
                      rest_url=f"http://{connect_host}:{restful_api_port}/mii/{name}" if enable_restful_api else None)
-        _write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
+        write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
 
         deadline = time.monotonic() + startup_timeout
         pending = [*worker_addresses, entry["address"]]
@@ -412,15 +267,15 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
                                       f"(waiting for {', '.join(pending)}):\n{_log_tail(started.logs)}")
             time.sleep(0.3)
         entry["ready"] = True
-        _write_entry(entry)
+        write_entry(entry)
     except BaseException:
-        _kill([p.pid for p in started.procs], grace=2.0)
+        kill([p.pid for p in started.procs], grace=2.0)
         for proc in started.procs:
             try:
                 proc.wait(1)
             except subprocess.TimeoutExpired:
                 pass
-        _remove_entry(name)
+        remove_entry(name)
         raise
     _CHILDREN.extend(started.procs)   # detached; kept so Popen.__del__ does not warn about running children
     return DeploymentClient(entry)

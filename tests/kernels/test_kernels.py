@@ -29,7 +29,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not triton_support.interpreting(),
                                                  reason="CPU tensors need Triton's interpreter (no CUDA device)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEADS = [(64, 4, 1), (80, 6, 2), (128, 4, 4)]  # (head_dim, query heads, kv heads): GQA 4, 3 and MHA
@@ -140,7 +140,7 @@ def test_paged_decode_attention_int32_block_table_and_strided_query(device):
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (2 x 4.6 GB of cache)")
+@pytest.mark.gpu  # 2 x 4.6 GB of cache
 def test_paged_attention_reads_and_writes_beyond_int32_offsets():
     """A cache of more than 2^31 elements: offsets of its last blocks overflow int32 arithmetic."""
     num_kv_heads, head_dim, block_size, num_heads = 8, 128, 16, 32

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from kubellm.runtime.config import EngineConfig, GenerationConfig  # noqa: E402
 from kubellm.runtime.engine.engine import LLMEngine  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog and runs into the forest",

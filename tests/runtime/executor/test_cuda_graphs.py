@@ -68,7 +68,7 @@ def test_bucket_padding_gives_the_eager_tokens_on_cpu(tiny_llama, monkeypatch):
         assert got == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_replay_gives_the_eager_tokens(tiny_model, dtype):
     prompts = PROMPTS + [[11, 12, 13, 14]] * 2  # 5 sequences: bucket 8 with padding, then smaller

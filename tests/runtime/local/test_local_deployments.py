@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
-    from kubellm.runtime.local.deployments import _pid_alive
+    from kubellm.runtime.local.registry import pid_alive as _pid_alive
 
     return _pid_alive(pid)
 
@@ -37,10 +37,10 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     seen: set[int] = set()
     yield seen
-    from kubellm.runtime.local import deployments
+    from kubellm.runtime.local import deployments, registry
 
     for entry in deployments.list_deployments():
-        seen.update(deployments._entry_pids(entry))
+        seen.update(registry.entry_pids(entry))
     for pid in seen:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -60,13 +60,13 @@ def _cli(*args, timeout=120):
 
 def test_serve_client_rest_status_terminate(tiny_llama, cache):
     import kubellm
-    from kubellm.runtime.local import deployments
+    from kubellm.runtime.local import deployments, registry
 
     rest = _free_port()
     c = kubellm.serve(str(tiny_llama), deployment_name="tiny", replica_num=2, enable_restful_api=True,
                       restful_api_port=rest, max_new_tokens=8, **ENGINE)
     entry = json.loads((deployments.registry_dir() / "tiny.json").read_text())
-    pids = deployments._entry_pids(entry)
+    pids = registry.entry_pids(entry)
     cache.update(pids)
     assert len(pids) == 3 and all(_alive(p) for p in pids)
     assert entry["rest_port"] == rest and entry["address"] == c.address
@@ -116,11 +116,11 @@ def test_serve_client_rest_status_terminate(tiny_llama, cache):
 
 
 def test_stale_entry_is_dead_and_replaced(tiny_llama, cache):
-    from kubellm.runtime.local import deployments
+    from kubellm.runtime.local import deployments, registry
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    deployments._write_entry({"name": "stale", "model": "x", "address": "127.0.0.1:1", "replicas": 1,
+    registry.write_entry({"name": "stale", "model": "x", "address": "127.0.0.1:1", "replicas": 1,
                               "router_pid": dead.pid, "worker_pids": [dead.pid]})
     [entry] = deployments.list_deployments()
     assert entry["name"] == "stale" and entry["alive"] is False and entry["state"] == "dead"
@@ -130,7 +130,7 @@ def test_stale_entry_is_dead_and_replaced(tiny_llama, cache):
         deployments.client("stale")
 
     c = deployments.serve(str(tiny_llama), deployment_name="stale", max_new_tokens=4, **ENGINE)
-    cache.update(deployments._entry_pids(c.entry))
+    cache.update(registry.entry_pids(c.entry))
     assert c.entry["router_pid"] != dead.pid
     assert c.generate("Hi")[0].generated_length == 4
     assert deployments.list_deployments()[0]["alive"] is True
@@ -169,6 +169,7 @@ def test_serve_with_tensor_and_pipeline_parallel_ranks(tiny_llama, cache):
     """MII's serve(tensor_parallel=2): each replica's worker starts its rank processes; the answers are
     the single-process ones; terminate_server leaves no rank behind."""
     import kubellm
+    from kubellm.runtime.local import registry
     from kubellm.runtime.pipeline import pipeline
 
     pipe = pipeline(str(tiny_llama), device="cpu", num_kv_blocks=64, block_size=4, session_len=64)
@@ -177,7 +178,7 @@ def test_serve_with_tensor_and_pipeline_parallel_ranks(tiny_llama, cache):
     finally:
         pipe.destroy()
     c = kubellm.serve(str(tiny_llama), deployment_name="tp", tensor_parallel=2, pipeline_parallel=2, **ENGINE)
-    cache.update(kubellm.runtime.local.deployments._entry_pids(c.entry))
+    cache.update(registry.entry_pids(c.entry))
     worker = c.entry["worker_pids"][0]
     ranks = _children(worker)
     assert len(ranks) >= 3  # tp 2 x pp 2: ranks 1, 2, 3 beside the worker (rank 0)
@@ -233,14 +234,14 @@ def test_cli_serve_file_and_stop(tiny_llama, cache, tmp_path):
             maxNewTokens: 6
     """))
     proc = _cli("serve", "-f", str(manifest), "--device", "cpu")
-    from kubellm.runtime.local import deployments
+    from kubellm.runtime.local import deployments, registry
 
     for e in deployments.list_deployments():
-        cache.update(deployments._entry_pids(e))
+        cache.update(registry.entry_pids(e))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "tiny-yaml" in proc.stdout
     c = deployments.client("tiny-yaml")
-    pids = deployments._entry_pids(c.entry)
+    pids = registry.entry_pids(c.entry)
     assert c.generate("Hello")[0].generated_length == 6   # the manifest's generation default
     c.close()
     stop = _cli("stop", "tiny-yaml")

@@ -1,0 +1,38 @@
+"""Test tiers, for every test under tests/ and e2e/ (markers registered in pyproject.toml):
+
+- unit: in one process, seconds each; what is not marked otherwise. `pytest -m unit` runs in under a minute.
+- multiprocess: starts real worker, router or rank processes (gRPC over loopback, gloo groups).
+- e2e: against a real local Kubernetes control plane (everything under e2e/).
+- realpods: real pods on a real node (containerd + kubelet); also e2e.
+- gpu: needs a CUDA GPU; skipped without one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TIERS = ("multiprocess", "e2e", "realpods", "gpu")
+_E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        if _E2E in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("gpu"):
+            cuda = _has_cuda() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
