@@ -70,8 +70,11 @@ class _Metric:
 
     def _key(self, labelvalues: tuple) -> tuple[str, ...]:
         if len(labelvalues) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues!r}")
+            self._wrong_labels(labelvalues)
         return labelvalues
+
+    def _wrong_labels(self, labelvalues: tuple):
+        raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues!r}")
 
     def samples(self) -> Iterable[str]:
         raise NotImplementedError
@@ -92,8 +95,9 @@ class _Value(_Metric):
 
     def _add(self, amount: float, labelvalues: tuple) -> None:
         key = self._key(labelvalues)
+        values = self._values
         with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
+            values[key] = values.get(key, 0) + amount
 
     def value(self, *labelvalues: str) -> float:
         return self._snapshot().get(self._key(labelvalues), 0)
@@ -116,7 +120,11 @@ class Counter(_Value):
     def inc(self, *labelvalues: str, amount: float = 1) -> None:
         if amount < 0:
             raise ValueError(f"{self.name}: a counter only goes up (inc by {amount})")
-        self._add(amount, labelvalues)
+        if len(labelvalues) != len(self.labelnames):   # inline, no _add: the router counts on its hot path
+            self._wrong_labels(labelvalues)
+        values = self._values
+        with self._lock:
+            values[labelvalues] = values.get(labelvalues, 0) + amount
 
 
 class Gauge(_Value):
@@ -152,12 +160,13 @@ class Histogram(_Metric):
         return [[0] * (len(self.buckets) + 1), 0.0]
 
     def observe(self, value: float, *labelvalues: str) -> None:
-        key = self._key(labelvalues)
+        if len(labelvalues) != len(self.labelnames):
+            self._wrong_labels(labelvalues)
         i = bisect.bisect_left(self.buckets, value)   # the first bound >= value: `le` is inclusive
         with self._lock:
-            series = self._series.get(key)
+            series = self._series.get(labelvalues)
             if series is None:
-                series = self._series[key] = self._empty()
+                series = self._series[labelvalues] = self._empty()
             series[0][i] += 1
             series[1] += value
 
