@@ -193,3 +193,8 @@ def main(as_json: bool = False) -> int:
     result = run()
     print(json.dumps(result) if as_json else format_rows(result))
     return 0
+
+
+def command(args) -> int:
+    """`kubellm bench kernels`."""
+    return main(as_json=args.json)

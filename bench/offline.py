@@ -11,58 +11,10 @@ reply lengths of real chat traffic such as ShareGPT are), clipped to the range.
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import time
-from dataclasses import dataclass
 
-WORDS = ("the of and to in is was for on that with as by at from it an be this which or are his "
-         "model data city river music light paper stone garden winter system market story").split()
-
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    max_new_tokens: list[int]
-
-    @property
-    def generated_tokens(self) -> int:
-        return sum(self.max_new_tokens)
-
-
-LONGTAIL_MEDIAN = 64   # tokens, for both prompts and replies
-LONGTAIL_SIGMA = (0.8, 1.0)  # log-normal spread of prompt and reply lengths
-
-
-def _length(rng: random.Random, bounds: tuple[int, int], lengths: str, sigma: float) -> int:
-    if lengths == "uniform":
-        return rng.randint(*bounds)
-    return min(max(round(rng.lognormvariate(math.log(LONGTAIL_MEDIAN), sigma)), bounds[0]), bounds[1])
-
-
-def make_workload(tokenizer, num_prompts: int, prompt_len: tuple[int, int], new_tokens: tuple[int, int],
-                  seed: int, lengths: str = "longtail") -> Workload:
-    if lengths not in ("uniform", "longtail"):
-        raise ValueError(f"lengths: {lengths!r} is not one of 'uniform', 'longtail'")
-    rng = random.Random(seed)
-    prompts, limits = [], []
-    for _ in range(num_prompts):
-        n = _length(rng, prompt_len, lengths, LONGTAIL_SIGMA[0])
-        ids = tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)[:n]
-        prompts.append(ids)
-        limits.append(_length(rng, new_tokens, lengths, LONGTAIL_SIGMA[1]))
-    return Workload(prompts, limits)
-
-
-def run_engine(engine, work: Workload) -> float:
-    from kubellm.runtime.config import GenerationConfig
-
-    gens = [GenerationConfig(max_new_tokens=m, ignore_eos=True) for m in work.max_new_tokens]
-    start = time.perf_counter()
-    seqs = engine.generate(work.prompts, gens)
-    elapsed = time.perf_counter() - start
-    assert [s.num_generated for s in seqs] == work.max_new_tokens
-    return elapsed
+from kubellm.bench.workload import Workload, make_workload, run_engine
 
 
 def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
@@ -146,3 +98,13 @@ def format_result(r: dict) -> str:
         lines += [f"random model {r['random_model']} (random bf16 weights from a config; nothing downloaded)",
                   format_decode(r["decode"])]
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """`kubellm bench offline`."""
+    result = offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
+                     prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
+                     seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths,
+                     random_model=args.random_model, enforce_eager=args.enforce_eager)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0

@@ -3,7 +3,9 @@ and without micro-batching, side by side (greedy, so every run generates the sam
 
 from __future__ import annotations
 
-from kubellm.bench.offline import Workload, make_workload, run_engine
+import json
+
+from kubellm.bench.workload import Workload, make_workload, run_engine
 
 
 def parallel(model: str, tensor_parallel: int = 1, pipeline_parallel: int = 2, num_prompts: int = 32,
@@ -42,3 +44,12 @@ def format_parallel(r: dict) -> str:
     for run in r["runs"]:
         lines.append(f"{run['config']:<26} {run['tok_s']:8.1f} tok/s  {run['ratio']:5.2f}x of one process")
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """`kubellm bench parallel`."""
+    result = parallel(args.model, args.tensor_parallel, args.pipeline_parallel, args.num_prompts, args.batch_size,
+                      (args.min_prompt, args.max_prompt), (args.min_new, args.max_new), args.seed, args.dtype,
+                      args.lengths)
+    print(json.dumps(result) if args.json else format_parallel(result))
+    return 0

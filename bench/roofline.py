@@ -38,7 +38,7 @@ def make_random_checkpoint(directory: str | Path, name: str) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    from kubellm.bench.offline import WORDS
+    from kubellm.bench.workload import WORDS
 
     if name not in RANDOM_MODELS:
         raise ValueError(f"random model {name!r} is not one of {', '.join(RANDOM_MODELS)}")

@@ -100,3 +100,10 @@ def sweep(address: str, direct: str | None, concurrency: list[int], requests_per
             lines.append(f"throughput at {c} streams: deploy / direct = "
                          f"{results['deploy', c]['tok_s'] / results['direct', c]['tok_s']:.2f}")
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """`kubellm bench serve`: needs a client only (no torch)."""
+    print(sweep(args.target, args.direct, [int(c) for c in args.concurrency.split(",")], args.requests_per_stream,
+                args.max_new))
+    return 0

@@ -18,12 +18,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
 
 from kubellm.protos.v1 import llm_pb2
-from kubellm.runtime.serving.router import Router, UpstreamError
+from kubellm.runtime.serving.upstream import UpstreamError
+
+if TYPE_CHECKING:  # the router serves this app (Router.start): it imports the gateway, not the reverse
+    from kubellm.runtime.serving.router import Router
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),

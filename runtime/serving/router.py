@@ -36,16 +36,20 @@ import gc
 import ipaddress
 import logging
 import math
+import signal
 import socket
 import time
 from dataclasses import dataclass
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+from kubellm.runtime.serving.gateway import build_app
 from kubellm.runtime.serving.metrics import RouterMetrics
+from kubellm.runtime.serving.upstream import UpstreamError
 
 log = logging.getLogger("kubellm.router")
 
@@ -77,15 +81,6 @@ _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
 ]
 _UNARY_METHODS = ("Generate", "ModelInfo")
-
-
-class UpstreamError(Exception):
-    """A request could not be answered: a gRPC status code and a message for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 # --------------------------------------------------------------------------- leaders
@@ -490,13 +485,9 @@ class Router:
         self._server = server
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         if rest_port is not None:
-            from kubellm.runtime.serving.gateway import build_app
-
             self.rest_port = await self._serve_http(build_app(self), host, rest_port)
             self.metrics_port = self.rest_port
         if metrics_port is not None:
-            from aiohttp import web
-
             app = web.Application()
             app.router.add_get("/metrics", self.metrics_handler)
             self.metrics_port = await self._serve_http(app, host, metrics_port)
@@ -505,13 +496,9 @@ class Router:
         return self.grpc_port
 
     async def metrics_handler(self, request):
-        from aiohttp import web
-
         return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _serve_http(self, app, host: str, port: int) -> int:
-        from aiohttp import web
-
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -595,8 +582,6 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
                 rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
                 health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0) -> None:
     """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
-    import signal
-
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)

@@ -14,7 +14,9 @@ import yaml
 from kubellm.api.runtime_settings import RuntimeSettings
 from kubellm.api.spec import RUNTIME_NAMES, EngineSpec, GenerationSpec, LLMDeploymentSpec
 from kubellm.operator import resources as R
-from kubellm.runtime.cli.main import _deployment_from_yaml, build_parser, cmd_worker, worker_configs
+from kubellm.runtime.cli.local import deployment_from_yaml
+from kubellm.runtime.cli.main import build_parser, command
+from kubellm.runtime.cli.worker import worker as cmd_worker, worker_configs
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.local.deployments import serve, split_options
 
@@ -41,7 +43,7 @@ def worker_settings(args: list[str], files: dict[str, str], tmp_path) -> tuple[E
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     parsed = build_parser().parse_args(args)
-    assert parsed.func is cmd_worker
+    assert command(parsed) is cmd_worker
     return worker_configs(parsed)
 
 
@@ -74,7 +76,7 @@ def test_serve_file_and_local_deployments_get_every_setting(tmp_path):
     manifest = tmp_path / "deploy.yaml"
     manifest.write_text(yaml.safe_dump({"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
                                         "metadata": {"name": "demo"}, "spec": EVERY_FIELD}))
-    name, model, options = _deployment_from_yaml(str(manifest))
+    name, model, options = deployment_from_yaml(str(manifest))
     assert (name, model) == ("demo", "/opt/models/tiny")
     # What serve(**options) hands its workers (local deployments write the same files and arguments).
     named = set(inspect.signature(serve).parameters) - {"tensor_parallel", "options"}  # serve()'s own parameters

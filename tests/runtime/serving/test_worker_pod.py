@@ -30,7 +30,9 @@ import pytest
 
 from kubellm.operator import resources as R
 from kubellm.api.spec import EngineSpec, GenerationSpec, LLMDeploymentSpec
-from kubellm.runtime.cli.main import build_parser, cmd_router, cmd_worker, worker_configs
+from kubellm.runtime.cli.main import build_parser, command as command_of
+from kubellm.runtime.cli.router import router as cmd_router
+from kubellm.runtime.cli.worker import worker as cmd_worker, worker_configs
 from kubellm.runtime.config import GenerationConfig
 
 OWNER = R.Owner("demo", "team-a", "uid-1")
@@ -66,7 +68,7 @@ def rendered(spec: LLMDeploymentSpec) -> tuple[dict, dict]:
 def parse(command: list[str], func):
     assert command[0] == "kubellm"
     args = build_parser().parse_args(command[1:])
-    assert args.func is func, command
+    assert command_of(args) is func, command
     return args
 
 

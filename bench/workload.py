@@ -1,0 +1,58 @@
+"""The seeded workload of `kubellm bench offline` and `bench parallel`: prompts of words drawn from a
+small vocabulary (the random-weight checkpoint's tokenizer holds the same words), lengths uniform or
+long-tailed, and the engine's run over it."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+from kubellm.runtime.config import GenerationConfig
+
+WORDS = ("the of and to in is was for on that with as by at from it an be this which or are his "
+         "model data city river music light paper stone garden winter system market story").split()
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.max_new_tokens)
+
+
+LONGTAIL_MEDIAN = 64   # tokens, for both prompts and replies
+LONGTAIL_SIGMA = (0.8, 1.0)  # log-normal spread of prompt and reply lengths
+
+
+def _length(rng: random.Random, bounds: tuple[int, int], lengths: str, sigma: float) -> int:
+    if lengths == "uniform":
+        return rng.randint(*bounds)
+    return min(max(round(rng.lognormvariate(math.log(LONGTAIL_MEDIAN), sigma)), bounds[0]), bounds[1])
+
+
+def make_workload(tokenizer, num_prompts: int, prompt_len: tuple[int, int], new_tokens: tuple[int, int],
+                  seed: int, lengths: str = "longtail") -> Workload:
+    if lengths not in ("uniform", "longtail"):
+        raise ValueError(f"lengths: {lengths!r} is not one of 'uniform', 'longtail'")
+    rng = random.Random(seed)
+    prompts, limits = [], []
+    for _ in range(num_prompts):
+        n = _length(rng, prompt_len, lengths, LONGTAIL_SIGMA[0])
+        ids = tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)[:n]
+        prompts.append(ids)
+        limits.append(_length(rng, new_tokens, lengths, LONGTAIL_SIGMA[1]))
+    return Workload(prompts, limits)
+
+
+def run_engine(engine, work: Workload) -> float:
+    gens = [GenerationConfig(max_new_tokens=m, ignore_eos=True) for m in work.max_new_tokens]
+    start = time.perf_counter()
+    seqs = engine.generate(work.prompts, gens)
+    elapsed = time.perf_counter() - start
+    assert [s.num_generated for s in seqs] == work.max_new_tokens
+    return elapsed

@@ -1,0 +1,98 @@
+"""`kubellm serve | status | stop`: persistent local deployments (`serve -f`: the LLMDeployment manifest)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from kubellm.api.spec import LLMDeploymentSpec
+from kubellm.runtime.local import deployments
+
+
+def deployment_from_yaml(path: str) -> tuple[str, str, dict]:
+    """An LLMDeployment manifest (the Kubernetes one) -> (name, model, serve() keyword options)."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise ValueError(f"{path}: expected an LLMDeployment manifest with a 'spec' mapping")
+    if doc.get("kind", "LLMDeployment") != "LLMDeployment":
+        raise ValueError(f"{path}: kind is {doc.get('kind')!r}, expected LLMDeployment")
+    try:
+        spec = LLMDeploymentSpec.model_validate(doc["spec"])
+    except Exception as err:  # pydantic's ValidationError: name the fields
+        raise ValueError(f"{path}: invalid spec: {err}") from None
+    name = (doc.get("metadata") or {}).get("name")
+    if spec.model.kind in ("hf", "pvc"):
+        raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
+                         "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
+    settings = spec.runtime_settings()
+    options = {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
+               "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port}
+    return name, spec.model.source, options
+
+
+def serve(args) -> int:
+    """Start a persistent local deployment (workers + router in the background) and return."""
+    name, model, options = None, args.model, {}
+    if args.file:
+        name, model, options = deployment_from_yaml(args.file)
+        if args.model:
+            raise ValueError("give either MODEL or -f FILE, not both")
+    elif not model:
+        raise ValueError("serve: give a MODEL (a local directory or known name) or -f deployment.yaml")
+    for key in ("dtype", "device", "max_batch_size", "session_len", "max_num_batched_tokens", "num_kv_blocks",
+                "block_size", "kv_cache_fraction", "max_new_tokens"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.replicas is not None:
+        options["replica_num"] = args.replicas
+    if args.tensor_parallel is not None:
+        options["tensor_parallel"] = args.tensor_parallel
+    if args.pipeline_parallel is not None:
+        options["pipeline_parallel"] = args.pipeline_parallel
+    if args.rest or args.rest_port is not None:
+        options["enable_restful_api"] = True
+    if args.rest_port is not None:
+        options["restful_api_port"] = args.rest_port
+    try:
+        c = deployments.serve(model, deployment_name=args.name or name, host=args.host,
+                              startup_timeout=args.startup_timeout, **options)
+    except deployments.DeploymentError as err:
+        raise ValueError(str(err)) from None
+    print(f"deployment: {c.deployment_name}")
+    print(f"address:    {c.address}")
+    if c.rest_url:
+        print(f"rest:       {c.rest_url}")
+    print(f"stop with:  kubellm stop {c.deployment_name}")
+    c.close()
+    return 0
+
+
+def status(args) -> int:
+    entries = deployments.list_deployments()
+    if args.json:
+        print(json.dumps(entries))
+        return 0
+    if not entries:
+        print("no local deployments")
+        return 0
+    rows = [("NAME", "MODEL", "REPLICAS", "ADDRESS", "REST", "STATE")]
+    for e in entries:
+        rows.append((e["name"], str(e.get("model", "")), str(e.get("replicas", "")), str(e.get("address", "")),
+                     str(e.get("rest_url") or "-"), "alive" if e["alive"] else e["state"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def stop(args) -> int:
+    try:
+        for name in args.names:
+            deployments.stop(name)
+            print(f"stopped {name}")
+    except deployments.DeploymentError as err:
+        raise ValueError(str(err)) from None
+    return 0

@@ -1,0 +1,17 @@
+"""`kubellm router`: the router pod's entry point (no torch: the router image has none)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kubellm.runtime.serving.router import serve
+
+
+def router(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args.leaders, port=args.port, host=args.host, deployment_name=args.deployment_name,
+                      rest_port=args.rest_port, metrics_port=args.metrics_port,
+                      allow_terminate=args.allow_terminate, health_interval=args.health_interval,
+                      resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica))
+    return 0
