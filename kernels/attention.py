@@ -45,14 +45,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.reshape(batch, num_heads, head_dim)
 
 
+def prefill_mask(num_queries: int, context_len: int, sliding_window: int | None,
+                 device: torch.device) -> torch.Tensor | None:
+    """The mask [n, context_len] of a chunk of n queries, the last n of context_len tokens; None
+    where plain causal attention (the chunk is the whole context, no window) needs none."""
+    if context_len <= num_queries and sliding_window is None:
+        return None
+    q_pos = torch.arange(context_len - num_queries, context_len, device=device)
+    k_pos = torch.arange(context_len, device=device)
+    return _window_mask(q_pos, k_pos, sliding_window)
+
+
 def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                            context_len: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                            context_len: int, scale: float, sliding_window: int | None = None,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """A chunk of n query tokens of one sequence, the last n of its context_len tokens, causal.
 
     q [n, Hq, D]; k/v [n, Hkv, D] are the chunk's own keys (already written to the cache). When
     the chunk is the whole context they are used directly; otherwise the cached prefix is read
-    through the block table.
+    through the block table. `mask`: prefill_mask(...) built once per step by the caller (every
+    layer shares it); None builds it here.
     """
     n, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -61,11 +74,8 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         blocks = block_table[: (context_len + block_size - 1) // block_size]
         k = k_cache[blocks].flatten(0, 1)[:context_len]
         v = v_cache[blocks].flatten(0, 1)[:context_len]
-    q_pos = torch.arange(context_len - n, context_len, device=q.device)
-    k_pos = torch.arange(context_len, device=q.device)
-    mask = None
-    if context_len > n or sliding_window is not None:
-        mask = _window_mask(q_pos, k_pos, sliding_window)
+    if mask is None:
+        mask = prefill_mask(n, context_len, sliding_window, q.device)
     group = num_heads // num_kv_heads
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),

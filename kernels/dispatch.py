@@ -61,9 +61,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
 
-def paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window=None):
-    impl = _triton_module("attention") if use_triton(q) else attention
-    return impl.paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window)
+def paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window=None,
+                            mask=None):
+    """`mask`: from prefill_attention_mask, built once per step (the Triton kernel masks by itself)."""
+    if use_triton(q):
+        return _triton_module("attention").paged_prefill_attention(q, k, v, k_cache, v_cache, block_table,
+                                                                   context_len, scale, sliding_window)
+    return attention.paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale,
+                                             sliding_window, mask)
+
+
+def prefill_attention_mask(num_queries, context_len, sliding_window, device):
+    """The mask a prefill chunk's attention needs on `device`; None where the kernel needs none."""
+    if use_triton(torch.empty(0, device=device)):
+        return None
+    return attention.prefill_mask(num_queries, context_len, sliding_window, device)
 
 
 def rms_norm(x, weight, eps, residual=None):

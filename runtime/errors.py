@@ -7,3 +7,8 @@ class RequestError(ValueError):
 
 class EngineFullError(RuntimeError):
     """The engine's queue is full (maps to gRPC RESOURCE_EXHAUSTED / HTTP 429)."""
+
+
+class ExecutorBrokenError(RuntimeError):
+    """The executor can run no further step: a rank of its group died or a collective failed. Every
+    later step raises it too; only a new engine (a restarted worker) recovers (gRPC UNAVAILABLE)."""

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.errors import EngineFullError, RequestError
+from kubellm.runtime.executor.executor import create_executor
 from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
-from kubellm.runtime.executor.model_runner import ModelRunner
-from kubellm.runtime.executor.sampler import SamplingBatch
-from kubellm.runtime.engine.scheduler import Scheduler
+from kubellm.runtime.executor.step import SeqChunk, StepBatch
+from kubellm.runtime.engine.scheduler import ScheduledSeq, Scheduler
 from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -23,6 +23,17 @@ class StepOutput:
     delta_text: str
     new_token_ids: list[int]
     finished: bool
+
+
+def step_batch(scheduled: list[ScheduledSeq]) -> StepBatch:
+    """The executor's view of a step: each scheduled sequence's new tokens and its blocks."""
+    chunks = []
+    for item in scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        chunks.append(SeqChunk(start, seq.token_ids[start:start + item.num_tokens],
+                               seq.block_table,   # read during this step only (pickled to other ranks): no copy
+                               item.samples))
+    return StepBatch(chunks)
 
 
 def session_len_for(hf_config, config: EngineConfig) -> int:
@@ -39,7 +50,6 @@ class LLMEngine:
                  rank_group=None):
         """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
         default a world size above 1 starts its ranks on this host."""
-        from kubellm.runtime.executor.rank_group import RankGroup, check_parallel
         from kubellm.runtime.hub.embedded import resolve_model
 
         self.config = config or EngineConfig()
@@ -47,19 +57,9 @@ class LLMEngine:
         self.hf_config = load_hf_config(self.model_path)
         self.session_len = session_len_for(self.hf_config, self.config)
         self.tokenizer = Tokenizer(self.model_path)
-        self.rank_group = rank_group
-        try:
-            check_parallel(self.hf_config, self.config.tensor_parallel, self.config.pipeline_parallel)
-            if self.rank_group is None and self.config.world_size > 1:
-                self.rank_group = RankGroup.launch(self.model_path, self.config, self.session_len)
-            self.runner = ModelRunner(self.model_path, self.hf_config, self.config, self.session_len, show_progress)
-            if self.rank_group is not None:
-                self.rank_group.attach(self.runner)
-        except BaseException:
-            if self.rank_group is not None:
-                self.rank_group.shutdown()
-            raise
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+        self.executor = create_executor(self.model_path, self.hf_config, self.config, self.session_len,
+                                        show_progress, group=rank_group)
+        self.block_manager = BlockManager(self.executor.num_kv_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens)
         self._seed_rng = random.Random(self.config.seed)
@@ -119,6 +119,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def runner(self):
+        """Rank 0's model runner, for inspection (tests, benchmarks); steps go through the executor."""
+        return self.executor.runner
+
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
@@ -127,14 +132,9 @@ class LLMEngine:
                 raise RuntimeError("the scheduler could not place any waiting request in the KV cache")
             return []
         sampling_seqs = [item.seq for item in scheduled if item.samples]
-        sampling = (SamplingBatch.from_sequences(sampling_seqs, self.tokenizer.eos_token_ids, self.runner.device)
-                    if sampling_seqs else None)
-        try:
-            result = self.runner.run(scheduled, sampling)
-        except RuntimeError as exc:
-            if self.rank_group is not None:
-                self.rank_group.explain(exc)  # names the rank that died
-            raise
+        sampling = [seq.sampling_params(self.tokenizer.eos_token_ids) for seq in sampling_seqs]
+        # A broken executor raises ExecutorBrokenError here, and from every later step.
+        result = self.executor.execute(step_batch(scheduled), sampling)
         self.scheduler.advance(scheduled)
         outputs = []
         for row, seq in enumerate(sampling_seqs):
@@ -202,9 +202,8 @@ class LLMEngine:
 
         for seq in list(self._requests.values()):
             self.abort(seq.request_id)
-        if getattr(self, "rank_group", None) is not None:
-            self.rank_group.shutdown()
-        del self.runner
+        self.executor.shutdown()
+        del self.executor
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

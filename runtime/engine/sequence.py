@@ -6,6 +6,7 @@ import enum
 import itertools
 
 from kubellm.runtime.config import GenerationConfig
+from kubellm.runtime.executor.step import SamplingParams
 
 
 class Status(enum.Enum):
@@ -58,6 +59,21 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    def sampling_params(self, eos_ids: set[int]) -> SamplingParams:
+        """How to pick this sequence's next token, given what it generated so far."""
+        gen = self.gen
+        banned = list(self.banned_ids)
+        for word in self.bad_word_ids:  # multi-token: ban its last id right after the rest
+            if self.token_ids[len(self) - len(word) + 1:] == word[:-1]:
+                banned.append(word[-1])
+        if self.num_generated < gen.min_new_tokens and not gen.ignore_eos:
+            banned.extend(eos_ids)
+        return SamplingParams(temperature=gen.temperature, greedy=gen.greedy, top_k=gen.top_k, top_p=gen.top_p,
+                              seed=self.seed, step=self.num_generated, banned_ids=banned,
+                              repetition_penalty=gen.repetition_penalty,
+                              history=self.token_ids,   # read during this step only: no copy
+                              logprobs=gen.logprobs)
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone; prompt and generated tokens will be prefilled again."""

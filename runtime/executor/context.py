@@ -1,6 +1,7 @@
 """Per-step attention metadata, set by the model runner before a forward pass.
 
-Tokens of a step are laid out decodes first (one per sequence), then prefill chunks.
+Tokens of a step are laid out decodes first (one per sequence), then prefill chunks. The runner
+builds all of it once per forward pass; every attention layer reads the same tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ class PrefillChunk:
     start: int          # first row of this chunk among the step's tokens
     length: int         # query tokens in the chunk
     context_len: int    # tokens in the cache after the chunk (cached prefix + chunk)
-    block_table: torch.Tensor
+    block_table: torch.Tensor   # the blocks holding its context_len tokens
+    # Attention mask [length, context_len] per sliding window (None: plain causal, or the kernel
+    # masks by itself), for the kernels that take one (the reference).
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.length)
 
 
 @dataclass

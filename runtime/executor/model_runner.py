@@ -1,4 +1,4 @@
-"""Builds the model on its device, owns the KV cache, and runs one step: tensors in, tokens out."""
+"""Builds the model on its device, owns the KV cache, and runs one step: a StepBatch in, tokens out."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from kubellm.runtime.executor import parallel
 from kubellm.runtime.config import EngineConfig
+from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
@@ -16,8 +17,8 @@ from kubellm.runtime.executor.loader import load_weights
 from kubellm.runtime.executor.models import model_class
 from kubellm.runtime.executor.random_weights import fill_random_weights
 from kubellm.runtime.executor.sampler import SampleOutput, SamplingBatch, sample
-from kubellm.runtime.engine.scheduler import ScheduledSeq
 from kubellm.runtime.executor.stages import plan_stages, whole_model
+from kubellm.runtime.executor.step import SamplingParams, SeqChunk, StepBatch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,9 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
+    """One rank's model. Its KV cache is sized in two moves, so a group can agree on one size first:
+    max_kv_blocks() (what this rank can hold), then allocate_kv_cache(n)."""
+
     def __init__(self, path: Path, hf_config, config: EngineConfig, session_len: int, show_progress: bool = True):
         self.config = config
         self.device = pick_device(config)
@@ -65,14 +69,21 @@ class ModelRunner:
             load_weights(self.model, path, show_progress)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.step_hook = None  # several ranks: rank 0 sends each step to the others first
-        self.num_blocks = self._allocate_kv_cache(hf_config, session_len)
-        self.decode_graphs = capture_decode_graphs(self, session_len)  # None: every step eager
+        self.sliding_windows = {a.sliding_window for a in self.attention_layers}
+        self.session_len = session_len
+        self.num_blocks = 0          # no KV cache until allocate_kv_cache
+        self.decode_graphs = None    # None: every step eager
 
-    def _allocate_kv_cache(self, hf_config, session_len: int) -> int:
+    # -- the KV cache ---------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block over this rank's attention layers (keys and values)."""
         layer = self.attention_layers[0]
         per_block = 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
-        per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        return per_block * torch.tensor([], dtype=self.dtype).element_size()
+
+    def max_kv_blocks(self) -> int:
+        """The KV blocks this rank can hold: num_kv_blocks if set, else what the memory budget leaves."""
+        per_block = self.kv_block_bytes()
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         else:
@@ -82,41 +93,48 @@ class ModelRunner:
             else:
                 budget = self.config.cpu_memory_gb * 2 ** 30 * self.config.kv_cache_fraction
             # More blocks than a full batch of full sessions can use is wasted memory.
-            useful = self.config.max_batch_size * -(-session_len // self.block_size)
+            useful = self.config.max_batch_size * -(-self.session_len // self.block_size)
             num_blocks = min(int(budget // per_block), useful)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_fraction: leaves no room for a single KV block ({per_block} bytes); "
                              "raise kv_cache_fraction or cpu_memory_gb")
-        return self._make_kv_cache(num_blocks)
+        return num_blocks
 
-    def _make_kv_cache(self, num_blocks: int) -> int:
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Give every attention layer a cache of num_blocks blocks, then capture the decode graphs
+        (they replay the cache's addresses, so they follow it)."""
         layer = self.attention_layers[0]
         shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.decode_graphs = None
         for attn in self.attention_layers:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return num_blocks
+        self.num_blocks = num_blocks
+        self.decode_graphs = capture_decode_graphs(self, self.session_len)
 
-    def _prepare(self, scheduled: list[ScheduledSeq]):
-        bs = self.block_size
+    # -- one step ---------------------------------------------------------------------------------
+    def _prepare(self, chunks: list[SeqChunk]):
+        """The tensors of one forward pass; attention metadata is built here once, for every layer."""
+        bs, dev = self.block_size, self.device
         tokens, positions, slots, sample_rows = [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         row = 0
-        for item in scheduled:
-            seq, n = item.seq, item.num_tokens
-            start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start:start + n])
+        for chunk in chunks:
+            start, n, table = chunk.start, chunk.num_tokens, chunk.block_table
+            tokens.extend(chunk.token_ids)
             positions.extend(range(start, start + n))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1 and start > 0 and not prefills:
-                decode_tables.append(seq.block_table)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if chunk.is_decode and not prefills:
+                decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillChunk(row, n, start + n, torch.tensor(seq.block_table, device=self.device)))
+                context_len = start + n
+                blocks = torch.tensor(table[:-(-context_len // bs)], device=dev)
+                masks = {w: prefill_attention_mask(n, context_len, w, dev) for w in self.sliding_windows}
+                prefills.append(PrefillChunk(row, n, context_len, blocks, masks))
             row += n
-            if item.samples:
+            if chunk.samples:
                 sample_rows.append(row - 1)
-        dev = self.device
         metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
         if decode_tables:
             width = max(map(len, decode_tables))
@@ -126,8 +144,8 @@ class ModelRunner:
         return (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), metadata,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
-    def _run_model(self, scheduled, intermediate=None):
-        input_ids, positions, metadata, sample_rows = self._prepare(scheduled)
+    def _run_model(self, chunks: list[SeqChunk], intermediate=None):
+        input_ids, positions, metadata, sample_rows = self._prepare(chunks)
         if self.decode_graphs is not None and self.decode_graphs.can_run(metadata, len(input_ids)):
             return self.decode_graphs.run(input_ids, positions, metadata), sample_rows
         set_context(metadata)
@@ -137,22 +155,23 @@ class ModelRunner:
             set_context(None)
 
     @torch.inference_mode()
-    def forward(self, scheduled: list[ScheduledSeq], wants_logits: bool) -> torch.Tensor | None:
+    def forward(self, batch: StepBatch) -> torch.Tensor | None:
         """This rank's part of one step; every rank of the group runs it. Returns the sampled rows'
         logits on rank 0 (and on other last-stage ranks), None where this rank has none."""
+        wants_logits = batch.num_samples > 0
         if self.parallel.pp == 1:
-            hidden, sample_rows = self._run_model(scheduled)
+            hidden, sample_rows = self._run_model(batch.chunks)
             return self.model.compute_logits(hidden[sample_rows]) if wants_logits else None
-        return self._forward_pipelined(scheduled, wants_logits)
+        return self._forward_pipelined(batch, wants_logits)
 
-    def _forward_pipelined(self, scheduled, wants_logits: bool) -> torch.Tensor | None:
+    def _forward_pipelined(self, batch: StepBatch, wants_logits: bool) -> torch.Tensor | None:
         """GPipe-style: cut the step into micro-batches and hand each to the next stage as soon as it
         is done, so stage s works on micro-batch i while stage s+1 works on i-1. The last stage's
         tensor rank 0 sends each micro-batch's logits back to rank 0, which samples."""
         stage, par = self.stage, self.parallel
         last_stage_leader = (par.pp - 1) * par.tp
         pending = []  # (work, tensor): a sent tensor must stay alive until its send completes
-        chunks = split_micro_batches(scheduled, self.micro_batches)
+        chunks = batch.micro_batches(self.micro_batches)
         for chunk in chunks:
             intermediate = None
             if not stage.is_first:
@@ -178,24 +197,9 @@ class ModelRunner:
         return torch.cat(parts)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], sampling: SamplingBatch | None) -> SampleOutput | None:
-        if self.step_hook is not None:
-            self.step_hook(scheduled, sampling is not None)
-        logits = self.forward(scheduled, sampling is not None)
-        return None if sampling is None else sample(logits, sampling)
+    def run(self, batch: StepBatch, sampling: list[SamplingParams]) -> SampleOutput | None:
+        """Rank 0's step: forward, then sample the rows that yield a token (one SamplingParams each)."""
+        sampling_batch = SamplingBatch.from_params(sampling, self.device) if sampling else None
+        logits = self.forward(batch)
+        return None if sampling_batch is None else sample(logits, sampling_batch)
 
-
-def split_micro_batches(scheduled: list, count: int) -> list[list]:
-    """Consecutive runs of sequences with about equal token counts (order kept: decodes stay first)."""
-    count = max(1, min(count, len(scheduled)))
-    total = sum(item.num_tokens for item in scheduled)
-    chunks, current, done = [], [], 0
-    for i, item in enumerate(scheduled):
-        current.append(item)
-        done += item.num_tokens
-        left_items, left_chunks = len(scheduled) - i - 1, count - len(chunks) - 1
-        if left_chunks and (done >= total * (len(chunks) + 1) / count or left_items == left_chunks):
-            chunks.append(current)
-            current = []
-    chunks.append(current)
-    return chunks

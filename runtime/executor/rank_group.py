@@ -3,14 +3,19 @@ spread over hosts (Kubernetes pods, torchrun) that find rank 0 through MASTER_AD
 
 Rank 0 is the engine's own process: it owns the scheduler, the block manager and the sampler.
 Every other rank builds the same `ModelRunner` (holding only its shard of its stage's layers),
-then for every step receives a small picklable description of the batch from rank 0 and runs
-`ModelRunner.forward`, taking part in the tensor collectives and the stage-to-stage sends.
+then for every step receives rank 0's `StepBatch` and runs `ModelRunner.forward`, taking part in
+the tensor collectives and the stage-to-stage sends.
 
-Step descriptions travel over a `multiprocessing.connection` (a pipe for local ranks, an
-authenticated TCP connection to MASTER_ADDR:MASTER_PORT+1 for remote ones), not a collective: an
-idle engine never trips the collective timeout, and a rank sees EOF at once when rank 0 dies.
-The collectives run with `timeout`, so a rank that dies mid-step makes the others fail within a
-bounded time instead of hanging.
+Steps travel over a `multiprocessing.connection` (a pipe for local ranks, an authenticated TCP
+connection to MASTER_ADDR:MASTER_PORT+1 for remote ones), not a collective: an idle engine never
+trips the collective timeout, and a rank sees EOF at once when rank 0 dies. The collectives run
+with `timeout`, so a rank that dies mid-step makes the others fail within a bounded time instead
+of hanging.
+
+Rank failure is handled here and only here. On rank 0, a rank found dead (on send, on a failed
+collective, or reporting an error) abandons the group (the ranks still alive are told to exit)
+and raises ExecutorBrokenError, from that step on. On the other ranks, any failure, or rank 0
+going away, exits the process.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Client, Listener
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from kubellm.runtime.errors import ExecutorBrokenError
 from kubellm.runtime.executor import parallel
+from kubellm.runtime.executor.step import Executor, SamplingParams, StepBatch
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("KUBELLM_DIST_TIMEOUT", "60"))
 _JOIN_S = 10.0
@@ -95,24 +101,6 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def describe_step(scheduled, wants_logits: bool) -> tuple:
-    """What a worker needs to rebuild this step's inputs: plain lists only."""
-    items = []
-    for item in scheduled:
-        seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_tokens
-        items.append((start, n, list(seq.token_ids[start:start + n]), list(seq.block_table), item.samples))
-    return ("step", items, wants_logits)
-
-
-def _rebuild(items) -> list:
-    """Stand-ins for ScheduledSeq carrying only the fields `ModelRunner._prepare` reads."""
-    out = []
-    for start, n, ids, table, samples in items:
-        seq = SimpleNamespace(num_computed_tokens=start, token_ids=[0] * start + ids, block_table=table)
-        out.append(SimpleNamespace(seq=seq, num_tokens=n, samples=samples))
-    return out
-
-
 class Peer:
     """Rank 0's line to one other rank; `proc` is set when rank 0 started it itself."""
 
@@ -137,15 +125,22 @@ class Peer:
                 f"died (signal {-code})" if code < 0 else f"exited with code {code}")
 
 
-class RankGroup:
-    """Rank 0's handle on the other ranks of its group. Build it before the ModelRunner."""
+class RankGroup(Executor):
+    """Rank 0's handle on the other ranks of its group: joined first (launch / accept), then given
+    rank 0's runner (attach), then it runs the engine's steps on every rank (execute)."""
 
     def __init__(self, peers: list[Peer], timeout_s: float, local_procs=()):
         self.peers, self.timeout_s = peers, timeout_s
         self.local_procs = list(local_procs)  # started here but reached over TCP (multi-host mode)
+        self.runner = None
+        self.num_kv_blocks = 0
         self.worker_param_bytes: list[int] = []
         self.closed = False
-        self.broken = False
+        self._broken_reason: str | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self._broken_reason is not None
 
     @property
     def procs(self):
@@ -206,57 +201,64 @@ class RankGroup:
             if (peer.proc is not None and not peer.proc.is_alive()) or waited > deadline:
                 self._raise_dead(peer)
         if msg[0] == "error":
-            raise RuntimeError(f"parallel rank {peer.rank} failed: {msg[1]}")
+            raise ExecutorBrokenError(f"parallel rank {peer.rank} failed: {msg[1]}")
         return msg
 
     def _raise_dead(self, peer: Peer):
         reason = f"parallel rank {peer.rank} (pid {peer.pid}) {peer.how_dead()}; the group is broken"
         self._abandon(reason)
-        raise RuntimeError(f"{reason}, restart the engine")
+        raise ExecutorBrokenError(f"{reason}, restart the engine")
 
     def _abandon(self, reason: str) -> None:
         """The group cannot run another step: tell the ranks still alive to exit now, so that none
         waits for a step that will never come."""
         if self.broken:
             return
-        self.broken = True
+        self._broken_reason = reason
         for peer in self.peers:
             try:
                 peer.conn.send(("abort", reason))
             except (BrokenPipeError, ConnectionError, OSError):
                 pass
 
-    def explain(self, exc: BaseException) -> None:
-        """A collective failed on rank 0: raise an error naming the rank that died, if one did."""
-        if isinstance(exc, RuntimeError) and str(exc).startswith("parallel rank"):
-            return  # already ours
+    def _raise_failed_step(self, exc: RuntimeError):
+        """A step failed on rank 0 (a collective, mostly): raise an error naming the rank that died, if one did."""
         for _ in range(20):
             for peer in self.peers:
                 if not peer.alive():
                     try:
                         self._raise_dead(peer)
-                    except RuntimeError as clear:
+                    except ExecutorBrokenError as clear:
                         raise clear from exc
             time.sleep(0.1)
         self._abandon(f"a collective failed on rank 0 ({exc})")
-        raise RuntimeError(f"parallel step failed in a collective ({exc}); the group is broken, "
-                           "restart the engine") from exc
+        raise ExecutorBrokenError(f"parallel step failed in a collective ({exc}); the group is broken, "
+                                  "restart the engine") from exc
 
     def attach(self, runner) -> None:
-        """Agree on one KV block count (the smallest any rank can hold) and hook rank 0's steps."""
+        """Take rank 0's runner; every rank allocates the smallest KV cache any of them can hold."""
         reports = [self._recv(peer) for peer in self.peers]
         self.worker_param_bytes = [msg[2] for msg in reports]
-        num_blocks = min([runner.num_blocks] + [msg[1] for msg in reports])
-        if num_blocks != runner.num_blocks:
-            runner.num_blocks = runner._make_kv_cache(num_blocks)
+        num_blocks = min([runner.max_kv_blocks()] + [msg[1] for msg in reports])
+        runner.allocate_kv_cache(num_blocks)
         for peer in self.peers:
             peer.conn.send(("blocks", num_blocks))
-        runner.step_hook = self.send_step
+        self.runner, self.num_kv_blocks = runner, num_blocks
 
-    def send_step(self, scheduled, wants_logits: bool) -> None:
-        if self.closed or self.broken:
-            raise RuntimeError("the parallel group is shut down or broken; restart the engine")
-        msg = describe_step(scheduled, wants_logits)
+    # -- the Executor ---------------------------------------------------------------------------------
+    def execute(self, batch: StepBatch, sampling: list[SamplingParams]):
+        if self.broken:
+            raise ExecutorBrokenError(f"the parallel group is broken ({self._broken_reason}); restart the engine")
+        if self.closed:
+            raise ExecutorBrokenError("the parallel group is shut down; restart the engine")
+        self._send_step(batch)
+        try:
+            return self.runner.run(batch, sampling)
+        except RuntimeError as exc:  # a collective failed, as it does when a rank dies mid-step
+            self._raise_failed_step(exc)
+
+    def _send_step(self, batch: StepBatch) -> None:
+        msg = ("step", batch)
         for peer in self.peers:
             if peer.proc is not None and not peer.proc.is_alive():
                 self._raise_dead(peer)
@@ -323,13 +325,12 @@ def _serve_steps(runner, conn, still_wanted) -> None:
         if msg[0] == "abort":
             print(f"kubellm rank: rank 0 gave up the group ({msg[1]}); exiting", file=sys.stderr, flush=True)
             os._exit(1)
-        if msg[0] == "blocks":
-            if msg[1] != runner.num_blocks:
-                runner.num_blocks = runner._make_kv_cache(msg[1])
+        if msg[0] == "blocks":  # the group agreed on its KV cache size
+            runner.allocate_kv_cache(msg[1])
             continue
-        _, items, wants_logits = msg
+        _, batch = msg
         try:
-            runner.forward(_rebuild(items), wants_logits)
+            runner.forward(batch)
         except Exception:
             traceback.print_exc()  # into the pod's log
             os._exit(1)  # the group is broken (a collective failed); the supervisor restarts it
@@ -345,7 +346,7 @@ def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, se
         _join(rank, world, url, backend, timeout_s, EngineConfig(**config_dict))
         conn = connect()
         runner = _build_runner(rank, backend, model_path, config_dict, session_len, show_progress)
-        conn.send(("ready", runner.num_blocks, param_bytes(runner.model)))
+        conn.send(("ready", runner.max_kv_blocks(), param_bytes(runner.model)))
     except Exception as exc:  # tell rank 0 why, then leave
         traceback.print_exc()
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.kernels.dispatch import top_k_top_p_filter
-from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.executor.step import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 
@@ -53,37 +53,30 @@ class SamplingBatch:
     filter_needed: bool
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], eos_ids: set[int], device) -> "SamplingBatch":
-        gens = [s.gen for s in seqs]
-        banned: list[tuple[int, int]] = []
-        for row, seq in enumerate(seqs):
-            if seq.banned_ids:
-                banned.extend((row, t) for t in seq.banned_ids)
-            for word in seq.bad_word_ids:  # multi-token: ban its last id right after the rest
-                if seq.token_ids[len(seq) - len(word) + 1:] == word[:-1]:
-                    banned.append((row, word[-1]))
-            if seq.num_generated < seq.gen.min_new_tokens and not seq.gen.ignore_eos:
-                banned.extend((row, t) for t in eos_ids)
+    def from_params(cls, params: list[SamplingParams], device) -> "SamplingBatch":
+        """One row per sampled sequence, in the step's order."""
+        banned = [(row, t) for row, p in enumerate(params) for t in p.banned_ids]
         penalty = history = None
-        if any(g.repetition_penalty != 1.0 for g in gens):
-            width = max(len(s) for s in seqs)
-            history = torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s)) for s in seqs], device=device)
-            penalty = torch.tensor([g.repetition_penalty for g in gens], device=device)
-        greedy = [g.greedy for g in gens]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            width = max(len(p.history) for p in params)
+            history = torch.tensor([p.history + [p.history[0]] * (width - len(p.history)) for p in params],
+                                   device=device)
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        greedy = [p.greedy for p in params]
         rows, cols = zip(*banned) if banned else ((), ())
         return cls(
-            temperature=torch.tensor([1.0 if gr else g.temperature for g, gr in zip(gens, greedy)], device=device),
+            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device),
             greedy=torch.tensor(greedy, device=device),
-            top_k=torch.tensor([g.top_k for g in gens], device=device),
-            top_p=torch.tensor([g.top_p for g in gens], device=device),
-            seeds=torch.tensor([s.seed for s in seqs], device=device, dtype=torch.int64),
-            steps=torch.tensor([s.num_generated for s in seqs], device=device, dtype=torch.int64),
+            top_k=torch.tensor([p.top_k for p in params], device=device),
+            top_p=torch.tensor([p.top_p for p in params], device=device),
+            seeds=torch.tensor([p.seed for p in params], device=device, dtype=torch.int64),
+            steps=torch.tensor([p.step for p in params], device=device, dtype=torch.int64),
             banned_rows=torch.tensor(rows, device=device, dtype=torch.int64),
             banned_cols=torch.tensor(cols, device=device, dtype=torch.int64),
             penalty=penalty, history=history,
-            want_logprobs=any(g.logprobs is not None for g in gens),
-            top_logprobs=max((g.logprobs or 0) for g in gens),
-            filter_needed=any(not gr and (g.top_k > 0 or g.top_p < 1.0) for g, gr in zip(gens, greedy)),
+            want_logprobs=any(p.logprobs is not None for p in params),
+            top_logprobs=max((p.logprobs or 0) for p in params),
+            filter_needed=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
         )
 
 

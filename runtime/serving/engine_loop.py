@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kubellm.runtime.errors import ExecutorBrokenError
 from kubellm.runtime.serving.metrics import WorkerMetrics
 
 log = logging.getLogger("kubellm.worker")
@@ -232,10 +233,9 @@ class EngineLoop(threading.Thread):
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except ExecutorBrokenError:
+            raise  # a rank is gone: this engine cannot step again; dying turns health NOT_SERVING
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
-            group = getattr(self.engine, "rank_group", None)
-            if group is not None and group.broken:
-                raise  # a rank is gone: this engine cannot step again; dying turns health NOT_SERVING
             log.error("engine step failed:\n%s", traceback.format_exc())
             message = f"the engine failed while generating ({type(exc).__name__}: {exc})"
             for rid, live in list(self._live.items()):

@@ -27,9 +27,9 @@ class PagedAttention(nn.Module):
         if nd:
             out[:nd] = paged_decode_attention(q[:nd], self.k_cache, self.v_cache, ctx.decode_block_tables,
                                               ctx.decode_context_lens, self.scale, self.sliding_window)
-        for chunk in ctx.prefills:
-            rows = slice(chunk.start, chunk.start + chunk.length)
+        for chunk in ctx.prefills:  # its block table and mask were built once, for every layer
+            rows = chunk.rows
             out[rows] = paged_prefill_attention(q[rows], k[rows], v[rows], self.k_cache, self.v_cache,
                                                 chunk.block_table, chunk.context_len, self.scale,
-                                                self.sliding_window)
+                                                self.sliding_window, chunk.masks.get(self.sliding_window))
         return out

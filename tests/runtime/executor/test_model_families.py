@@ -46,7 +46,7 @@ def test_tp2_matches_one_process_with_weights_split(tiny_family):
     engine = _engine(tiny_family, tp=2)
     try:
         assert _generate(engine) == expected
-        per_rank = [param_bytes(engine.runner.model), *engine.rank_group.worker_param_bytes]
+        per_rank = [param_bytes(engine.runner.model), *engine.executor.worker_param_bytes]
         # Norms, positions, routers and replicated KV heads stay whole; the rest is halved.
         assert all(0.45 * total < b < 0.7 * total for b in per_rank), (per_rank, total)
     finally:
@@ -60,7 +60,7 @@ def test_pp2_matches_one_process_with_layers_split(tiny_family):
         stage = engine.runner.stage
         assert stage.is_first and not stage.is_last
         assert _generate(engine) == expected
-        first, last = param_bytes(engine.runner.model), engine.rank_group.worker_param_bytes[0]
+        first, last = param_bytes(engine.runner.model), engine.executor.worker_param_bytes[0]
         assert first < total and last < total
     finally:
         engine.destroy()

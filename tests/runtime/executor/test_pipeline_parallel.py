@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.executor.rank_group import param_bytes
 from kubellm.runtime.engine.engine import LLMEngine
-from kubellm.runtime.executor.model_runner import split_micro_batches
+from kubellm.runtime.executor.step import split_micro_batches
 from kubellm.runtime.executor.stages import checkpoint_sizes, split_equal_size, split_on_size_threshold
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then",
@@ -57,7 +57,7 @@ def test_greedy_tokens_match_one_process(tiny_model, tp, pp):
         assert _generate(engine) == expected
         # Sharded for real: rank r holds 1/tp of stage r // tp's checkpoint tensors (plus the norms
         # each tensor rank keeps whole, a fraction of a percent); together, the model once.
-        per_rank = [param_bytes(engine.runner.model), *engine.rank_group.worker_param_bytes]
+        per_rank = [param_bytes(engine.runner.model), *engine.executor.worker_param_bytes]
         layers, first, last = checkpoint_sizes(tiny_model, num_layers(tiny_model))
         bounds = split_equal_size(len(layers), pp)
         for rank, held in enumerate(per_rank):
@@ -76,7 +76,7 @@ def test_stages_hold_only_their_layers_and_a_tied_head_still_matches(tiny_llama_
     engine = _engine(tiny_llama_tied, pp=2)
     try:
         assert _generate(engine) == expected
-        first, last = param_bytes(engine.runner.model), engine.rank_group.worker_param_bytes[0]
+        first, last = param_bytes(engine.runner.model), engine.executor.worker_param_bytes[0]
         stage = engine.runner.stage
         assert (stage.start, stage.end) == (0, 1)  # two layers, equal_size
         embedding = engine.runner.model.model.embed_tokens.weight
@@ -147,7 +147,7 @@ def test_killed_rank_fails_the_step_clearly_and_the_other_ranks_exit(tiny_llama)
     try:
         engine.add_request("Hello there", GenerationConfig(max_new_tokens=20, ignore_eos=True))
         engine.step()
-        procs = engine.rank_group.procs
+        procs = engine.executor.procs
         os.kill(procs[2].pid, signal.SIGKILL)  # rank 3: the last stage's second tensor rank
         start = time.monotonic()
         with pytest.raises(RuntimeError, match=r"parallel rank \d \(pid \d+\) (died|exited).*group is broken"):

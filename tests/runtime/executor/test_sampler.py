@@ -22,7 +22,7 @@ def seq(tokens=(1, 2, 3), seed=0, generated=(), **gen) -> Sequence:
 
 
 def batch(seqs, eos=()):
-    return SamplingBatch.from_sequences(seqs, set(eos), "cpu")
+    return SamplingBatch.from_params([s.sampling_params(set(eos)) for s in seqs], "cpu")
 
 
 # ---------------------------------------------------------------- Gumbel noise

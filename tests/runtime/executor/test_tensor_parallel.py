@@ -45,7 +45,7 @@ def test_tp2_greedy_tokens_match_one_process_and_weights_are_sharded(tiny_model)
     try:
         assert engine.block_manager.num_blocks == 96
         assert _generate(engine) == expected
-        per_rank = [param_bytes(engine.runner.model), *engine.rank_group.worker_param_bytes]
+        per_rank = [param_bytes(engine.runner.model), *engine.executor.worker_param_bytes]
         assert len(per_rank) == 2
         for b in per_rank:  # half of everything but the norms, which every rank keeps whole
             assert abs(b - (total - replicated) / 2 - replicated) <= 0.01 * total, (b, total, replicated)
@@ -75,7 +75,7 @@ def test_killed_rank_fails_rank0_step_with_a_clear_error(tiny_llama, reaped):
     try:
         engine.add_request("Hello there", GenerationConfig(max_new_tokens=20, ignore_eos=True))
         engine.step()
-        worker = engine.rank_group.procs[0]
+        worker = engine.executor.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         if reaped:  # else rank 0 only finds out inside the next step's collective
             worker.join(10)
@@ -99,7 +99,7 @@ def test_ranks_exit_when_rank0_process_dies(tiny_llama, tmp_path):
             e = LLMEngine({str(tiny_llama)!r}, EngineConfig(tensor_parallel=2, device='cpu', num_kv_blocks=16,
                                                          session_len=64),
                           show_progress=False)
-            print(e.rank_group.procs[0].pid, flush=True)
+            print(e.executor.procs[0].pid, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     """)
     (tmp_path / "rank0.py").write_text(script)
