@@ -8,9 +8,10 @@ What is built (as root: buildah and mmdebstrap from Debian's packages):
 - ``localhost/kubellm/debian-python:bookworm``, the base: Debian bookworm (minbase) with python3,
   python3-venv and ca-certificates, bootstrapped by mmdebstrap from Debian's mirrors into a
   tarball and committed by buildah.
-- ``ghcr.io/kubellm/operator:<appVersion>`` and ``ghcr.io/kubellm/runtime:<appVersion>-cpu``, by
-  ``buildah bud`` from the user-facing docker/operator.Dockerfile and docker/runtime-cpu.Dockerfile
-  with ``--build-arg BASE_IMAGE=<the base>``. Their RUN steps have no network: pip installs from a
+- ``ghcr.io/kubellm/operator:<appVersion>``, ``ghcr.io/kubellm/router:<appVersion>`` and
+  ``ghcr.io/kubellm/runtime:<appVersion>-cpu``, by ``buildah bud`` from the user-facing
+  docker/operator.Dockerfile, docker/router.Dockerfile and docker/runtime-cpu.Dockerfile with
+  ``--build-arg BASE_IMAGE=<the base>``. Their RUN steps have no network: pip installs from a
   wheel cache that the host fills first (``pip download`` for the base's Python and platform),
   mounted into the build with PIP_FIND_LINKS and PIP_NO_INDEX.
 - ``localhost/kubellm/pause:3.10``, the pod sandbox: e2e/pause.c linked statically, alone in a
@@ -70,11 +71,12 @@ def app_version() -> str:
 APP_VERSION = app_version()
 OPERATOR_REF = f"ghcr.io/kubellm/operator:{APP_VERSION}"
 RUNTIME_CPU_REF = f"ghcr.io/kubellm/runtime:{APP_VERSION}-cpu"
+ROUTER_REF = f"ghcr.io/kubellm/router:{APP_VERSION}"
 PAUSE_VERSION = "3.10"
 PAUSE_REF = f"localhost/kubellm/pause:{PAUSE_VERSION}"
 BASE_REF = "localhost/kubellm/debian-python:bookworm"
 # The images the node runs (the base is only built from).
-IMAGE_REFS = {"operator": OPERATOR_REF, "runtime-cpu": RUNTIME_CPU_REF, "pause": PAUSE_REF}
+IMAGE_REFS = {"operator": OPERATOR_REF, "router": ROUTER_REF, "runtime-cpu": RUNTIME_CPU_REF, "pause": PAUSE_REF}
 
 # The base: what mmdebstrap installs, and from where. KUBELLM_DEBIAN_MIRROR points at another
 # Debian mirror (its bookworm, bookworm-updates; security from KUBELLM_DEBIAN_SECURITY_MIRROR).
@@ -273,8 +275,8 @@ def _requirements(name: str) -> list[str]:
     build = project["build-system"]["requires"]  # pip builds /src in an isolated environment
     deps = project["project"]["dependencies"]
     extras = project["project"]["optional-dependencies"]
-    if name == "operator":
-        return [*build, *deps, *extras["operator"]]
+    if name in ("operator", "router"):
+        return [*build, *deps, *extras[name]]
     torch = _dockerfile_arg(DOCKER / "runtime-cpu.Dockerfile", "TORCH_VERSION")
     return [*build, f"torch=={torch}", *deps, *extras["runtime"]]
 
@@ -332,9 +334,9 @@ def pause_image() -> Image:
 
 
 def images() -> list[Image]:
-    """The node's images (pause, operator, runtime-cpu) with their current input hashes."""
+    """The node's images (pause, operator, router, runtime-cpu) with their current input hashes."""
     context = context_hash()
-    return [pause_image(), dockerfile_image("operator", context), dockerfile_image("runtime-cpu", context)]
+    return [pause_image(), *(dockerfile_image(name, context) for name in ("operator", "router", "runtime-cpu"))]
 
 
 # ---- running things -----------------------------------------------------------------------------
@@ -594,7 +596,7 @@ def build_dockerfile(image: Image, log: Log, force: bool = False) -> None:
 
 
 def ensure_images(log: Log = print, force: bool = False) -> list[Image]:
-    """The node's images (pause, operator, runtime-cpu), each as a docker-archive in the cache for
+    """The node's images (pause, operator, router, runtime-cpu), each as a docker-archive in the cache for
     its current input hash: built when missing (or force), else reused without running buildah."""
     started = time.monotonic()
     with _lock():

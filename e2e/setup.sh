@@ -5,7 +5,7 @@
 #      iptables/nftables/conntrack for kube-proxy, buildah and mmdebstrap for the images, gcc
 #      and libc6-dev for the static pause binary);
 #   2. the cluster binaries from Go modules (e2e/build-control-plane.sh, cached by version);
-#   3. the images (e2e/images.py: base from Debian's packages, pause, operator, CPU runtime;
+#   3. the images (e2e/images.py: base from Debian's packages, pause, operator, router, CPU runtime;
 #      cached by a hash of their inputs).
 # Usage: bash e2e/setup.sh [--no-images]
 set -euo pipefail

@@ -173,8 +173,10 @@ def release(real_cluster):
     c = real_cluster
     c.create_namespace(SYSTEM, RESTRICTED)
     version = app_version()
+    # The workers run the CPU runtime image (the example's spec.image too), the routers the router image.
     c.helm("install", "kubellm", str(CHART), "--namespace", SYSTEM, "--set", f"runtimeImage.tag={version}-cpu",
-           "--set", "refreshIntervalSeconds=1", "--wait", "--timeout", "5m", timeout=400)
+           "--set", f"routerImage.tag={version}", "--set", "refreshIntervalSeconds=1", "--wait", "--timeout", "5m",
+           timeout=400)
     c.create_namespace(NS, RESTRICTED)
     yield c
     c.kubectl("delete", "llmd", "--all", "-n", NS, "--wait", "--timeout=120s", check=False, timeout=180)
@@ -250,6 +252,13 @@ def test_cpu_example_serves_every_client(smollm2):
             replicas = [client.generate("Hello", max_new_tokens=2)[0].replica for _ in range(6)]
         assert len(set(replicas)) == 2 and all(replicas[i] != replicas[i + 1] for i in range(5)), replicas
         assert all(r.startswith("smollm2-g") for r in replicas), replicas
+    # Served by the router image (no torch) in front of the CPU runtime image.
+    images: dict[str, set[str]] = {}
+    for pod in get(c, "pods", "-l", "app.kubernetes.io/instance=smollm2")["items"]:
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        images.setdefault(component, set()).update(x["image"] for x in pod["spec"]["containers"])
+    assert images == {"router": {f"ghcr.io/kubellm/router:{app_version()}"},
+                      "worker": {f"ghcr.io/kubellm/runtime:{app_version()}-cpu"}}, images
 
 
 def test_what_a_person_sees(smollm2):

@@ -33,6 +33,8 @@ from kubellm.operator.supervision import FAILURE, ROLLOUT, RestartGroup, Supervi
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
+# The router pods' image (the chart's routerImage: kubellm[router], no torch); unset, they run the workers'.
+ROUTER_IMAGE = os.environ.get("KUBELLM_ROUTER_IMAGE") or None
 log = logging.getLogger("kubellm.operator")
 _kube: Kube | None = None
 # The phase each LLMDeployment's last phase Event announced (by uid): the create handler and the timer
@@ -83,7 +85,7 @@ def reconcile(body, spec, status, patch, reason, **_):
         patch.status.update(phase="Failed", observedGeneration=body["metadata"].get("generation", 0))
         kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
         raise
-    children = R.children(owner, desired)
+    children = R.children(owner, desired, router_image=ROUTER_IMAGE)
     written = sum(kube().apply(child) for child in children)
     removed = remove_extra_groups(owner, desired)
     if reason == "create":
@@ -223,7 +225,8 @@ def run(namespace: str | None = None, verbose: bool = False) -> None:
 
     KUBELLM_OPERATOR_HEALTH (e.g. ``http://0.0.0.0:8080/healthz``) serves kopf's liveness endpoint,
     which the chart's probes and `helm test` use; KUBELLM_OPERATOR_METRICS_PORT serves Prometheus
-    /metrics. KUBELLM_RUNTIME_IMAGE is the workers' and router's image when a spec names none.
+    /metrics. KUBELLM_RUNTIME_IMAGE is the workers' image when a spec names none; KUBELLM_ROUTER_IMAGE
+    the routers' (without it they run the workers' image).
     """
     # kopf.configure installs the one log handler (with basicConfig too, every line came out twice);
     # the probes' access log would be a line every few seconds.

@@ -266,7 +266,9 @@ def leaders_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
 
 
 # -- router, service, ingress -----------------------------------------------------------------
-def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
+def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None = None) -> dict:
+    """`image`: the router's (the operator's KUBELLM_ROUTER_IMAGE, the chart's routerImage: no torch).
+    Without one the router runs the workers' image, which holds `kubellm router` too."""
     port = spec.router.port
     command = ["kubellm", "router", "--deployment-name", owner.name,
                "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
@@ -286,7 +288,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec) -> dict:
                     "securityContext": pod_security_context(),
                     "automountServiceAccountToken": False,
                     "containers": [{
-                        "name": "router", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
+                        "name": "router", "image": image or spec.image or DEFAULT_IMAGE,
+                        "imagePullPolicy": spec.imagePullPolicy,
                         "command": command, "ports": ports, "env": scratch_env(),
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                         "volumeMounts": [scratch_mount()],
@@ -343,12 +346,13 @@ def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner, "worker")}}}
 
 
-def children(owner: Owner, spec: LLMDeploymentSpec) -> list[dict]:
-    """Every child manifest, in apply order (config before the pods that mount it)."""
+def children(owner: Owner, spec: LLMDeploymentSpec, router_image: str | None = None) -> list[dict]:
+    """Every child manifest, in apply order (config before the pods that mount it); `router_image`: see
+    router_deployment."""
     objs = [engine_configmap(owner, spec)]
     for i in range(spec.replicas):
         objs += [group_service(owner, spec, i), worker_statefulset(owner, spec, i)]
-    objs += [leaders_service(owner, spec), router_deployment(owner, spec), router_service(owner, spec),
+    objs += [leaders_service(owner, spec), router_deployment(owner, spec, router_image), router_service(owner, spec),
              worker_pdb(owner, spec)]
     ing = ingress(owner, spec)
     if ing:

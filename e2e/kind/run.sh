@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# kubellm on a kind cluster with real pods: build and load the images, install the chart, serve
-# SmolLM2 on CPU with 2 replicas, query it over gRPC and REST, uninstall, delete the cluster.
+# kubellm on a kind cluster with real pods: build and load the images (operator, router, CPU runtime),
+# install the chart, serve SmolLM2 on CPU with 2 replicas, query it over gRPC and REST, uninstall, delete the cluster.
 # Needs docker, kind, kubectl, helm, and `pip install -e '.[router]' openai` (for query.py).
 # Every step is tested without Docker too: the chart and the CPU LLMDeployment on a real control
 # plane (e2e/test_helm.py), the Dockerfiles statically (tests/charts/test_chart.py), query.sh against
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 cluster=${KIND_CLUSTER:-kubellm}
 version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/kubellm/Chart.yaml)
 operator_image=ghcr.io/kubellm/operator:$version
+router_image=ghcr.io/kubellm/router:$version
 runtime_image=ghcr.io/kubellm/runtime:$version-cpu
 ns=llm
 step() { printf '\n=== %s\n' "$*"; }
@@ -32,10 +33,11 @@ trap cleanup EXIT
 step "kind cluster $cluster"
 kind create cluster --name "$cluster" --wait 120s
 
-step "images $operator_image, $runtime_image"
+step "images $operator_image, $router_image, $runtime_image"
 docker build -f docker/operator.Dockerfile -t "$operator_image" .
+docker build -f docker/router.Dockerfile -t "$router_image" .
 docker build -f docker/runtime-cpu.Dockerfile -t "$runtime_image" .
-kind load docker-image --name "$cluster" "$operator_image" "$runtime_image"
+kind load docker-image --name "$cluster" "$operator_image" "$router_image" "$runtime_image"
 
 step "helm install"
 helm install kubellm charts/kubellm --namespace kubellm-system --create-namespace \

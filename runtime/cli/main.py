@@ -1,8 +1,8 @@
 """The `kubellm` command: its parser, and a table of what each command runs.
 
 The parser imports the standard library only, so `kubellm --help` is instant; a command's module is
-imported when that command runs (COMMANDS): `kubellm router` loads no torch, only `kubellm worker`
-and the Python API's commands load the engine, only `kubellm operator` loads kopf.
+imported when that command runs (COMMANDS): `kubellm router` loads no torch, only the commands that
+run an engine (worker, generate, bench offline / parallel) load it, only `kubellm operator` loads kopf.
 """
 
 from __future__ import annotations

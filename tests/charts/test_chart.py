@@ -239,6 +239,7 @@ def test_operator_deployment_is_restricted_and_probed():
     assert "args" not in container  # the whole cluster by default
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0"
+    assert env["KUBELLM_ROUTER_IMAGE"] == "ghcr.io/kubellm/router:0.1.0"
     assert env["KUBELLM_OPERATOR_HEALTH"] == "http://0.0.0.0:8080/healthz"
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -256,8 +257,10 @@ def test_operator_deployment_is_restricted_and_probed():
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"health": "health", "metrics": "metrics"}
     env = {e["name"]: e.get("value") for e in one(render(
-        "runtimeImage.tag=0.1.0-cpu", "image.tag=dev"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        "runtimeImage.tag=0.1.0-cpu", "image.tag=dev", "routerImage.repository=registry.example/router"),
+        "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
+    assert env["KUBELLM_ROUTER_IMAGE"] == "registry.example/router:0.1.0"
 
 
 @needs_helm
@@ -333,7 +336,7 @@ def test_values_schema_is_enforced():
 
 # -- images (docker/; built by e2e/images.py on the real node, by e2e/kind/run.sh where Docker exists) ----
 DOCKERFILES = {"operator": ROOT / "docker" / "operator.Dockerfile", "runtime": ROOT / "docker" / "runtime.Dockerfile",
-               "runtime-cpu": ROOT / "docker" / "runtime-cpu.Dockerfile"}
+               "runtime-cpu": ROOT / "docker" / "runtime-cpu.Dockerfile", "router": ROOT / "docker" / "router.Dockerfile"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -370,12 +373,17 @@ def test_images_are_pinned_and_run_as_non_root(name):
     assert "PIP_NO_CACHE_DIR=1" in env, "no pip cache in the image"
     if name == "operator":
         assert "[operator]" in installs and "torch" not in installs and "[runtime]" not in installs
+    elif name == "router":
+        assert '"/src[router]"' in installs and "torch" not in installs and "[runtime]" not in installs
+        # What the router never imports is deleted (the benchmarks with it), and the image proves it runs.
+        assert re.search(r'drop="[^"]*\bbench\b[^"]*"', runs) and "runtime/engine" in runs and "kernels" in runs
+        assert "kubellm router --help" in installs and "import kubellm.runtime.serving.router" in runs
     elif name == "runtime":
         assert "/src[runtime]" in installs and "torch==${TORCH_VERSION}" in installs
     else:  # runtime-cpu: the dependencies of [runtime] first (a layer source changes do not rebuild), then kubellm
         assert "['optional-dependencies']['runtime']" in runs and "pip install --no-deps /src" in installs
         assert "torch==${TORCH_VERSION}" in installs
-    if name != "operator":
+    if name.startswith("runtime"):
         assert "kubellm models pull smollm2-135m" in installs, "the embedded model the kind test serves"
         assert re.fullmatch(r"\d+\.\d+\.\d+", arg_defaults(steps)["TORCH_VERSION"])
     if name == "runtime":
@@ -442,9 +450,12 @@ def test_image_names_agree():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     operator_image = f"{values['image']['repository']}:{chart['appVersion']}"
     runtime_image = f"{values['runtimeImage']['repository']}:{chart['appVersion']}"
+    router_image = f"{values['routerImage']['repository']}:{chart['appVersion']}"
     assert DEFAULT_IMAGE == runtime_image
-    for name, image in (("operator", operator_image), ("runtime", runtime_image), ("runtime-cpu", runtime_image + "-cpu")):
+    for name, image in (("operator", operator_image), ("runtime", runtime_image), ("runtime-cpu", runtime_image + "-cpu"),
+                        ("router", router_image)):
         assert f"-t {image} ." in DOCKERFILES[name].read_text(), (name, image)
+    assert set(DOCKERFILES) == {path.name.removesuffix(".Dockerfile") for path in (ROOT / "docker").glob("*.Dockerfile")}
     cpu = yaml.safe_load((ROOT / "e2e" / "kind" / "smollm2-cpu.yaml").read_text())
     assert cpu["spec"]["image"] == runtime_image + "-cpu" and cpu["spec"]["device"] == "cpu"
 
@@ -483,5 +494,6 @@ def test_image_cache_hashes_the_build_context_dockerignore_leaves():
     assert images.is_ignored("kubellm.egg-info/PKG-INFO", rules) and not images.is_ignored("kubellm/__init__.py", rules)
     negated = [(False, images._pattern_regex("docs")), (True, images._pattern_regex("docs/keep.md"))]
     assert images.is_ignored("docs/a.md", negated) and not images.is_ignored("docs/keep.md", negated)
-    assert set(images.IMAGE_REFS) == {"operator", "runtime-cpu", "pause"}
+    assert set(images.IMAGE_REFS) == {"operator", "runtime-cpu", "router", "pause"}
+    assert images.ROUTER_REF == f"ghcr.io/kubellm/router:{images.APP_VERSION}"
     assert images.RUNTIME_CPU_REF.endswith("-cpu") and images.OPERATOR_REF.startswith("ghcr.io/kubellm/operator:")

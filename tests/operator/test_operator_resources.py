@@ -192,3 +192,17 @@ def test_cpu_device_requests_no_gpu_and_exposes_metrics():
     for container in (worker, gpu, router):
         assert {"name": R.METRICS_PORT_NAME, "containerPort": R.METRICS_PORT} in container["ports"]
         assert container["command"][container["command"].index("--metrics-port") + 1] == str(R.METRICS_PORT)
+
+
+def test_router_pods_run_the_router_image_and_workers_the_specs():
+    """The operator's router image (KUBELLM_ROUTER_IMAGE, the chart's routerImage) is every router's;
+    spec.image is the workers'. Without a router image the router runs the workers' image."""
+    cpu = spec(device="cpu", image="ghcr.io/kubellm/runtime:0.1.0-cpu")
+    objs = R.children(OWNER, cpu, router_image="ghcr.io/kubellm/router:0.1.0")
+    [router] = by_kind(objs, "Deployment")
+    assert router["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubellm/router:0.1.0"
+    for sts in by_kind(objs, "StatefulSet"):
+        assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
+    [router] = by_kind(R.children(OWNER, cpu), "Deployment")
+    assert router["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
+    assert R.router_deployment(OWNER, spec())["spec"]["template"]["spec"]["containers"][0]["image"] == R.DEFAULT_IMAGE

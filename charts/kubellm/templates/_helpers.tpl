@@ -45,3 +45,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "kubellm.runtimeImage" -}}
 {{ .Values.runtimeImage.repository }}:{{ .Values.runtimeImage.tag | default .Chart.AppVersion }}
 {{- end }}
+
+{{- define "kubellm.routerImage" -}}
+{{ .Values.routerImage.repository }}:{{ .Values.routerImage.tag | default .Chart.AppVersion }}
+{{- end }}
