@@ -236,6 +236,34 @@ def test_dead_engine_thread_means_not_serving_and_unavailable(tiny_llama):
         server.stop()
 
 
+def test_a_broken_executor_means_not_serving_and_unavailable(tiny_llama):
+    """The executor's one rank-failure error (a rank died) ends the engine thread: health NOT_SERVING,
+    the request and every later one UNAVAILABLE; any other step failure stays INTERNAL (above)."""
+    from kubellm.runtime.errors import ExecutorBrokenError
+
+    server = WorkerServer(tiny_llama, ENGINE).start().wait_ready()
+    try:
+        def break_group(engine):
+            def execute(batch, sampling):
+                raise ExecutorBrokenError("parallel rank 1 (pid 1) died (signal 9); the group is broken")
+            engine.executor.execute = execute
+
+        server.call_engine(break_group)
+        with Client(server.address, timeout=10) as c:
+            with pytest.raises(ClientError) as err:
+                c.generate("Hello", max_new_tokens=3)
+            assert err.value.code == "UNAVAILABLE" and "parallel rank 1" in err.value.message
+            deadline = time.monotonic() + 5
+            while _health(server.address) != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _health(server.address) == "NOT_SERVING"
+            with pytest.raises(ClientError) as err:
+                c.generate("Hello", max_new_tokens=3)
+            assert err.value.code == "UNAVAILABLE"
+    finally:
+        server.stop()
+
+
 def test_metrics(client, worker):
     client.generate(PROMPTS, max_new_tokens=5, ignore_eos=True)
     with pytest.raises(ClientError):
