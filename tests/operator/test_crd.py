@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubellm.api import spec
-from kubellm.operator import crd
+from kubellm.operator import crd, structural
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = [ROOT / "crds" / crd.CRD_FILE, ROOT / "charts" / "kubellm" / "files" / crd.CRD_FILE]
@@ -128,7 +128,7 @@ def test_printer_columns(version, schema):
 
 # -- structural --------------------------------------------------------------------------------
 def test_schema_is_structural(schema):
-    assert crd.structural_problems(schema) == []
+    assert structural.structural_problems(schema) == []
     for path, node in walk(schema):
         assert not {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title"} & set(node), path
         assert ("type" in node or node.get("x-kubernetes-preserve-unknown-fields")
@@ -137,24 +137,24 @@ def test_schema_is_structural(schema):
 
 
 def test_structural_check_catches_problems():
-    assert crd.structural_problems({"type": "object", "properties": {"a": {"$ref": "#/x"}}})
-    assert crd.structural_problems({"type": "object", "properties": {"a": {"description": "no type"}}})
-    assert crd.structural_problems({"type": "object", "properties": {"a": {"type": "string"}},
+    assert structural.structural_problems({"type": "object", "properties": {"a": {"$ref": "#/x"}}})
+    assert structural.structural_problems({"type": "object", "properties": {"a": {"description": "no type"}}})
+    assert structural.structural_problems({"type": "object", "properties": {"a": {"type": "string"}},
                                     "additionalProperties": False})
-    assert crd.structural_problems({"type": "array"})
-    assert crd.structural_problems({"type": "integer", "minimum": 0, "exclusiveMinimum": 0})
-    assert crd.structural_problems({"type": "integer", "default": -1, "minimum": 0})
-    assert crd.structural_problems({"type": "object", "properties": {"a": {"type": "string"}},
+    assert structural.structural_problems({"type": "array"})
+    assert structural.structural_problems({"type": "integer", "minimum": 0, "exclusiveMinimum": 0})
+    assert structural.structural_problems({"type": "integer", "default": -1, "minimum": 0})
+    assert structural.structural_problems({"type": "object", "properties": {"a": {"type": "string"}},
                                     "x-kubernetes-validations": [{"rule": "true", "fieldPath": ".b"}]})
-    assert crd.structural_problems({"type": "object", "properties": {
+    assert structural.structural_problems({"type": "object", "properties": {
         "metadata": {"type": "object", "properties": {"labels": {"type": "object"}}}}})
 
 
 def test_conversion_refuses_what_has_no_structural_form():
-    with pytest.raises(crd.SchemaError, match="union"):
-        crd.to_structural({"anyOf": [{"type": "string"}, {"type": "boolean"}]})
-    with pytest.raises(crd.SchemaError, match="const"):
-        crd.to_structural({"type": "string", "const": "x"})
+    with pytest.raises(structural.SchemaError, match="union"):
+        structural.to_structural({"anyOf": [{"type": "string"}, {"type": "boolean"}]})
+    with pytest.raises(structural.SchemaError, match="const"):
+        structural.to_structural({"type": "string", "const": "x"})
 
 
 def test_unknown_fields_are_not_preserved(schema, spec_schema):
@@ -174,7 +174,7 @@ def test_maps_and_lists(spec_schema):
     assert spec_schema["properties"]["nodeSelector"] == {"type": "object", "additionalProperties": {"type": "string"}}
     assert at(spec_schema, "restApi.ingress.annotations")["additionalProperties"] == {"type": "string"}
     tolerations = spec_schema["properties"]["tolerations"]
-    assert tolerations["type"] == "array" and tolerations["maxItems"] == crd.DEFAULT_MAX_ITEMS
+    assert tolerations["type"] == "array" and tolerations["maxItems"] == structural.DEFAULT_MAX_ITEMS
     assert tolerations["items"] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
@@ -231,7 +231,7 @@ def test_every_cel_rule_is_in_the_crd(spec_schema):
     for rule, entry in zip(spec.CEL_RULES, validations):
         assert entry["rule"] == rule.cel and entry["message"] == rule.message
         assert "spec" + entry["fieldPath"] == rule.field
-        assert crd._lookup(spec_schema, entry["fieldPath"]) is not None
+        assert structural.lookup(spec_schema, entry["fieldPath"]) is not None
 
 
 def test_cel_cost_is_bounded(schema, spec_schema):
