@@ -1,6 +1,8 @@
 """Test tiers, for every test under tests/ and e2e/ (markers registered in pyproject.toml):
 
 - unit: in one process, seconds each; what is not marked otherwise. `pytest -m unit` runs in under a minute.
+- model: loads a tiny model in this process (the engine against transformers, the Python API, kernels under
+  Triton's interpreter).
 - multiprocess: starts real worker, router or rank processes (gRPC over loopback, gloo groups).
 - e2e: against a real local Kubernetes control plane (everything under e2e/).
 - realpods: real pods on a real node (containerd + kubelet); also e2e.
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("multiprocess", "e2e", "realpods", "gpu")
+TIERS = ("model", "multiprocess", "e2e", "realpods", "gpu")
 _E2E = Path(__file__).resolve().parent / "e2e"
 
 

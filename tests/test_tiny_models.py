@@ -11,6 +11,9 @@ from tiny_models import ENDOFTEXT, IM_END, IM_START, hf_greedy, make_checkpoint,
 PROMPTS = [[5, 17, 42], [0, 300, 7, 7, 120, 64], [33]]
 
 
+pytestmark = pytest.mark.model
+
+
 def test_tokenizer_round_trips_text():
     tok = train_tokenizer()
     assert 400 <= len(tok) <= 500

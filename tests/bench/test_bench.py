@@ -1,6 +1,11 @@
 """`kubellm bench offline` runs end to end (its speed is measured by running it, not here)."""
 
+import pytest
+
 from kubellm.bench.offline import format_result, make_workload, offline
+
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_offline_bench_runs_both_sides_on_the_same_workload(tiny_llama):

@@ -17,6 +17,9 @@ from kubellm.runtime.cli.main import main  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+pytestmark = pytest.mark.model
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the bench runs")
 def test_bench_kernels_says_it_needs_a_gpu(capsys):
     assert main(["bench", "kernels"]) == 2

@@ -39,6 +39,9 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3,
        torch.bfloat16: dict(atol=2.5e-2, rtol=2.5e-2)}
 
 
+pytestmark = pytest.mark.model
+
+
 def sizes(device: str) -> dict:
     """Small under the interpreter, realistic on a GPU."""
     if device == "cpu":

@@ -19,6 +19,9 @@ import pytest
 H100_SHARED_MEMORY = 227 * 1024  # bytes a block may use on sm_90 (A100: 163 KiB)
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _signature(fn, constexprs: dict, element: str) -> dict:
     """Argument types: pointers to `element` unless named otherwise, ints, and the float scalars."""
     special = {"block_tables_ptr": "*i64", "block_table_ptr": "*i64", "context_lens_ptr": "*i64", "slot_ptr": "*i64",

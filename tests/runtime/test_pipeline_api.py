@@ -11,6 +11,9 @@ from kubellm.runtime.errors import RequestError
 from kubellm.runtime.executor.loader import ModelDirError
 
 
+pytestmark = pytest.mark.model
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_llama):
     p = kubellm.pipeline(tiny_llama, block_size=4, num_kv_blocks=512, max_num_batched_tokens=64,

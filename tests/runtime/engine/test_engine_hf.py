@@ -10,6 +10,9 @@ from parity import NEW_TOKENS, PROMPTS, assert_matches_hf, encode, engine_for, r
 from kubellm.runtime.config import GenerationConfig
 
 
+pytestmark = pytest.mark.model
+
+
 def test_greedy_matches_hf_with_chunked_prefill_mixed_into_decodes(tiny_model):
     check_chunked_prefill_mixed_into_decodes(tiny_model)
 

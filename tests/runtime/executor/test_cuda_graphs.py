@@ -19,6 +19,9 @@ HAS_CUDA = torch.cuda.is_available()
 PROMPTS = [list(range(3, 30)), [5, 17, 42], [7, 7, 9, 11, 200, 3]]
 
 
+pytestmark = pytest.mark.model
+
+
 def generate(path, prompts, new_tokens, **options):
     config = dict(block_size=4, max_num_batched_tokens=32, num_kv_blocks=64, max_batch_size=4, dtype="float32")
     engine = LLMEngine(path, EngineConfig.build(**{**config, **options}), show_progress=False)

@@ -18,6 +18,9 @@ PARALLEL_PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and t
 _single_cache: dict = {}
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _engine(path, tp=1, pp=1):
     # max_num_batched_tokens=16 chunks the longest prompt's prefill and mixes it with decodes.
     config = EngineConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu", block_size=4, num_kv_blocks=64,

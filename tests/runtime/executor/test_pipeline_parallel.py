@@ -24,6 +24,9 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then",
            "What is the meaning of life?"]
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _engine(path, tp=1, pp=1, **kw):
     # max_num_batched_tokens=16 chunks the longer prompts' prefill and mixes it with decodes.
     config = EngineConfig(tensor_parallel=tp, pipeline_parallel=pp, device="cpu", block_size=4, num_kv_blocks=96,

@@ -25,6 +25,9 @@ from kubellm.runtime.hub.cache import is_complete# noqa: E402
 REPO, TOKEN = "org/tiny", "hf_s3cret-test-token"
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 @pytest.fixture(scope="module")
 def mirror(tiny_llama):
     with HFMirror(tiny_llama, REPO, token=TOKEN) as m:

@@ -15,6 +15,9 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 24
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return pull(DEFAULT_MODEL)

@@ -18,6 +18,9 @@ pytest.importorskip("torch")
 ENGINE = {"device": "cpu", "num_kv_blocks": 64, "block_size": 4, "max_batch_size": 4, "session_len": 64}
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

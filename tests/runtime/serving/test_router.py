@@ -26,6 +26,9 @@ from kubellm.runtime.serving.router import Router, parse_leaders, resolve
 # --------------------------------------------------------------------------- echo replicas
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _prompt_text(prompt: llm_pb2.Prompt) -> str:
     if prompt.HasField("chat"):
         return prompt.chat.messages[-1].content

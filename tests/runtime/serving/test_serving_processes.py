@@ -14,6 +14,9 @@ from kubellm.runtime.serving.client import Client, ClientError
 from processes import free_port, wait_serving  # noqa: F401  (other modules' tests use them from here too)
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def start(*args, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdout=log, stderr=subprocess.STDOUT)
 

@@ -27,6 +27,9 @@ PROMPTS = ["Hello, world!", "The capital of France is", "Once upon a time"]
 CHAT = [{"role": "user", "content": "What is the meaning of life?"}]
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def _health(address: str, service: str = "") -> str:
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

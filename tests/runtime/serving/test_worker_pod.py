@@ -53,6 +53,9 @@ SPECS = {
 }
 
 
+pytestmark = pytest.mark.multiprocess
+
+
 def snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
