@@ -6,7 +6,6 @@ Weights are read tensor by tensor through lazy safetensors slices, so each param
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from kubellm.runtime.executor.checkpoint import weight_files
 from kubellm.runtime.executor.stages import is_elsewhere
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -45,14 +45,6 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelDirError(f"model: {str(path)!r} has no tokenizer; add tokenizer.json (or tokenizer.model / "
                             "vocab.json) with tokenizer_config.json, e.g. via tokenizer.save_pretrained()")
     return path
-
-
-def weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / name for name in names]
-    return sorted(path.glob("*.safetensors"))
 
 
 def load_hf_config(path: Path):

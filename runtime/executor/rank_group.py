@@ -12,6 +12,9 @@ trips the collective timeout, and a rank sees EOF at once when rank 0 dies. The 
 with `timeout`, so a rank that dies mid-step makes the others fail within a bounded time instead
 of hanging.
 
+Both sides of the step protocol live here, rank 0's (RankGroup) and the others' (serve_remote_rank),
+so every message is sent and read in one file; hence its length (about 430 lines).
+
 Rank failure is handled here and only here. On rank 0, a rank found dead (on send, on a failed
 collective, or reporting an error) abandons the group (the ranks still alive are told to exit)
 and raises ExecutorBrokenError, from that step on. On the other ranks, any failure, or rank 0

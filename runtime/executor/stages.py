@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kubellm.runtime.executor.checkpoint import weight_files
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -94,8 +96,6 @@ def split_on_size_threshold(layer_bytes: list[int], first_bytes: int, last_bytes
 
 def checkpoint_sizes(path: Path, num_layers: int) -> tuple[list[int], int, int]:
     """(elements per decoder layer, elements before the layers, elements after) from the headers."""
-    from kubellm.runtime.executor.loader import weight_files
-
     layers, first, last = [0] * num_layers, 0, 0
     for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
