@@ -20,7 +20,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
-from kubellm.runtime.serving.router import Router, parse_leaders, resolve
+from kubellm.runtime.serving.replicas import parse_leaders, resolve
+from kubellm.runtime.serving.router import Router
 
 
 # --------------------------------------------------------------------------- echo replicas
