@@ -176,7 +176,7 @@ class ModelRunner:
             intermediate = None
             if not stage.is_first:
                 rows = sum(item.num_tokens for item in chunk)
-                intermediate = torch.empty((2, rows, self.hidden_size), dtype=self.dtype, device=self.device)
+                intermediate = torch.empty(self.model.intermediate_shape(rows), dtype=self.dtype, device=self.device)
                 dist.recv(intermediate, src=par.peer(stage.index - 1))
             out, sample_rows = self._run_model(chunk, intermediate)
             if not stage.is_last:

@@ -80,6 +80,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[offset:offset + size].copy_(_rows(loaded, tp_rank() * size, size))
 
 
+def split_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """q, k and v of a packed [q | k | v] projection output, each as [tokens, heads, head_dim] views."""
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
+
+
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs summed with an all-reduce."""
 

@@ -18,12 +18,12 @@ from torch import nn
 
 from kubellm.runtime.executor.layers.activation import Activation
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.executor.layers.norm import LayerNorm
-from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, RowParallelLinear, split_heads
 from kubellm.runtime.executor.layers.rotary import RotaryEmbedding
+from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_rank, tp_size
-from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+from kubellm.runtime.executor.stages import PipelineStage
 
 
 def falcon_kv_heads(config) -> int:
@@ -109,11 +109,7 @@ class FalconAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.query_key_value(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = split_heads(self.query_key_value(hidden), self.num_heads, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.dense(self.attn(q, k, v).flatten(1))
 
@@ -157,39 +153,12 @@ class FalconDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class FalconModel(nn.Module):
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
-        super().__init__()
-        self.stage = stage
-        self.word_embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-                                if stage.is_first else MissingLayer())
-        rotary = RotaryEmbedding(config, config.hidden_size // config.num_attention_heads, max_positions)
-        self.h = make_layers(config.num_hidden_layers, stage, lambda i: FalconDecoderLayer(config, rotary))
-        self.ln_f = (LayerNorm(config.hidden_size, config.layer_norm_epsilon) if stage.is_last
-                     else MissingLayer())
+class FalconForCausalLM(CausalLM):
+    decoder_path, embedding_name, layers_name, norm_name = "transformer", "word_embeddings", "h", "ln_f"
 
-    def forward(self, input_ids, positions, intermediate=None):
-        hidden = self.word_embeddings(input_ids) if self.stage.is_first else intermediate[0]
-        for layer in self.h[self.stage.start:self.stage.end]:
-            hidden = layer(positions, hidden)
-        if not self.stage.is_last:
-            return torch.stack([hidden, hidden])
-        return self.ln_f(hidden)
-
-
-class FalconForCausalLM(nn.Module):
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__()
         check_falcon(config)
-        stage = stage or whole_model(config.num_hidden_layers)
-        self.transformer = FalconModel(config, max_positions, stage)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
-        # checkpoint name -> our parameter, for tensors stored once
-        self.checkpoint_aliases = tie_lm_head(self, config, stage, "transformer.word_embeddings.weight")
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.transformer(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        # one cos/sin table for all layers
+        rotary = RotaryEmbedding(config, config.hidden_size // config.num_attention_heads, max_positions)
+        super().__init__(config, stage, lambda i: FalconDecoderLayer(config, rotary),
+                         norm=lambda: LayerNorm(config.hidden_size, config.layer_norm_epsilon))

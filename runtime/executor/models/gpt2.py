@@ -8,12 +8,13 @@ from torch import nn
 
 from kubellm.runtime.executor.layers.activation import Activation
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.executor.layers.norm import LayerNorm
-from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                                    split_heads)
 from kubellm.runtime.executor.layers.positions import LearnedPositionEmbedding
+from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_size
-from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+from kubellm.runtime.executor.stages import PipelineStage
 
 
 class Transposed:
@@ -84,7 +85,7 @@ class GPT2Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.c_attn(hidden).view(-1, 3 * self.num_heads, self.head_dim).chunk(3, dim=1)
+        q, k, v = split_heads(self.c_attn(hidden), self.num_heads, self.num_heads, self.head_dim)
         return self.c_proj(self.attn(q, k, v).flatten(1))
 
 
@@ -113,46 +114,26 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config, inner_size(config))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # positions: learned, added once at the embedding
         hidden = hidden + self.attn(self.ln_1(hidden))
         return hidden + self.mlp(self.ln_2(hidden))
 
 
-class GPT2Model(nn.Module):
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
-        super().__init__()
-        self.stage = stage
-        if stage.is_first:
-            self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-            self.wpe = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
-        else:
-            self.wte = self.wpe = MissingLayer()
-        self.h = make_layers(config.num_hidden_layers, stage, lambda i: GPT2Block(config, i))
-        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon) if stage.is_last else MissingLayer()
+class GPT2LMHeadModel(CausalLM):
+    decoder_path, embedding_name, layers_name, norm_name = "transformer", "wte", "h", "ln_f"
 
-    def forward(self, input_ids, positions, intermediate=None):
-        if self.stage.is_first:
-            hidden = self.wte(input_ids) + self.wpe(positions)
-        else:
-            hidden = intermediate[0]
-        for block in self.h[self.stage.start:self.stage.end]:
-            hidden = block(hidden)
-        if not self.stage.is_last:
-            return torch.stack([hidden, hidden])
-        return self.ln_f(hidden)
-
-
-class GPT2LMHeadModel(nn.Module):
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__()
         if getattr(config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention (add_cross_attention) is an encoder-decoder part; "
                              "only the decoder-only GPT-2 is supported")
-        stage = stage or whole_model(config.num_hidden_layers)
-        self.transformer = GPT2Model(config, max_positions, stage)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
-        # checkpoint name -> our parameter, for tensors stored once
-        self.checkpoint_aliases = tie_lm_head(self, config, stage, "transformer.wte.weight")
+        super().__init__(config, stage, lambda i: GPT2Block(config, i),
+                         norm=lambda: LayerNorm(config.hidden_size, config.layer_norm_epsilon),
+                         first_stage_extras={"wpe": lambda: LearnedPositionEmbedding(config.max_position_embeddings,
+                                                                                     config.hidden_size)})
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return super().embed(input_ids, positions) + self.decoder.wpe(positions)
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:
@@ -161,10 +142,3 @@ class GPT2LMHeadModel(nn.Module):
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             return None
         return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.transformer(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

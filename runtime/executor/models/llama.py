@@ -1,6 +1,7 @@
 """Llama family: Llama 1/2/3, Mistral (sliding window) and Qwen2 (QKV bias).
 
-Grouped-query attention, packed QKV and gate/up projections, optional tied embeddings.
+Grouped-query attention, packed QKV and gate/up projections, optional tied embeddings; pre-norm
+layers that fuse each residual add into the next RMSNorm. Mixtral reuses the layer with experts.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from torch import nn
 
 from kubellm.runtime.executor.layers.activation import SiluAndMul
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
-from kubellm.runtime.executor.layers.linear import PACKED_QKV, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import (PACKED_QKV, MergedColumnParallelLinear, QKVParallelLinear,
+                                                    RowParallelLinear, split_heads)
 from kubellm.runtime.executor.layers.norm import RMSNorm
 from kubellm.runtime.executor.layers.rotary import RotaryEmbedding
+from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_size
-from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+from kubellm.runtime.executor.stages import PipelineStage
 
 
 def head_dim_of(config) -> int:
@@ -45,11 +47,7 @@ class LlamaAttention(nn.Module):
                                    sliding_window_of(config))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = split_heads(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
@@ -61,23 +59,20 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = SiluAndMul()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for {config.model_type}; "
-                             "only 'silu' is")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding):
+    def __init__(self, config, rotary: RotaryEmbedding, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp  # LlamaMLP, or Mixtral's experts
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -88,58 +83,24 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    """The decoder stack, or one pipeline stage of it: the first stage embeds, the last norms."""
-
-    def __init__(self, config, max_positions: int, stage: PipelineStage, decoder_layer=None):
-        super().__init__()
-        decoder_layer = decoder_layer or LlamaDecoderLayer  # Mixtral swaps the MLP for experts
-        self.stage = stage
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-                             if stage.is_first else MissingLayer())
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: decoder_layer(config, rotary))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if stage.is_last else MissingLayer()
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        """Last stage: final hidden states. Other stages: [hidden; residual] stacked for the next."""
-        if self.stage.is_first:
-            hidden, residual = self.embed_tokens(input_ids), None
-        else:
-            hidden, residual = intermediate.unbind(0)
-        for layer in self.layers[self.stage.start:self.stage.end]:
-            hidden, residual = layer(positions, hidden, residual)
-        if not self.stage.is_last:
-            return torch.stack([hidden, residual])
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class LlamaForCausalLM(nn.Module):
-    # checkpoint name -> (our packed parameter, shard id)
+class LlamaForCausalLM(CausalLM):
+    carries_residual = True
     packed_modules_mapping = {
         **PACKED_QKV,
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
 
-    decoder_layer = None  # None: LlamaDecoderLayer
-
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__()
-        stage = stage or whole_model(config.num_hidden_layers)
-        self.model = LlamaModel(config, max_positions, stage, self.decoder_layer)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if stage.is_last else MissingLayer()
-        # checkpoint name -> our parameter, for tensors stored once
-        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.embed_tokens.weight")
+        if config.hidden_act != "silu":  # the MLPs (dense and experts) are SiLU-gated
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for {config.model_type}; "
+                             "only 'silu' is")
+        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)  # one cos/sin table for all layers
+        super().__init__(config, stage, lambda i: LlamaDecoderLayer(config, rotary, self.make_mlp(config)),
+                         norm=lambda: RMSNorm(config.hidden_size, config.rms_norm_eps))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def make_mlp(self, config) -> nn.Module:
+        return LlamaMLP(config)
 
 
 MistralForCausalLM = LlamaForCausalLM

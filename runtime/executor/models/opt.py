@@ -8,12 +8,13 @@ from torch import nn
 
 from kubellm.runtime.executor.layers.activation import Activation
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.executor.layers.norm import LayerNorm
-from kubellm.runtime.executor.layers.linear import PACKED_QKV, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import (PACKED_QKV, ColumnParallelLinear, QKVParallelLinear,
+                                                    RowParallelLinear, split_heads)
 from kubellm.runtime.executor.layers.positions import LearnedPositionEmbedding
+from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_size
-from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+from kubellm.runtime.executor.stages import PipelineStage
 
 
 def _layer_norm(config) -> LayerNorm:
@@ -32,7 +33,7 @@ class OPTAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).view(-1, 3 * self.num_heads, self.head_dim).chunk(3, dim=1)
+        q, k, v = split_heads(self.qkv_proj(hidden), self.num_heads, self.num_heads, self.head_dim)
         return self.out_proj(self.attn(q, k, v).flatten(1))
 
 
@@ -47,7 +48,8 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = _layer_norm(config)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # positions: learned, added once at the embedding
         x = self.self_attn_layer_norm(hidden) if self.pre_norm else hidden
         hidden = hidden + self.self_attn(x)
         if not self.pre_norm:
@@ -57,75 +59,37 @@ class OPTDecoderLayer(nn.Module):
         return hidden if self.pre_norm else self.final_layer_norm(hidden)
 
 
-class OPTDecoder(nn.Module):
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
-        super().__init__()
-        self.stage = stage
-        projected = config.word_embed_proj_dim != config.hidden_size
-        if stage.is_first:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.word_embed_proj_dim)
-            self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size, 2)
-            if projected:
-                self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
-        else:
-            self.embed_tokens = self.embed_positions = MissingLayer()
-        if projected and not stage.is_first:
-            self.project_in = MissingLayer()
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: OPTDecoderLayer(config))
-        has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
-        self.final_layer_norm = None
-        if has_final_norm:
-            self.final_layer_norm = _layer_norm(config) if stage.is_last else MissingLayer()
-        if projected:
-            self.project_out = (nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False)
-                                if stage.is_last else MissingLayer())
-        self.projected = projected
-
-    def forward(self, input_ids, positions, intermediate=None):
-        if self.stage.is_first:
-            hidden = self.embed_tokens(input_ids)
-            if self.projected:
-                hidden = self.project_in(hidden)
-            hidden = hidden + self.embed_positions(positions)
-        else:
-            hidden = intermediate[0]
-        for layer in self.layers[self.stage.start:self.stage.end]:
-            hidden = layer(hidden)
-        if not self.stage.is_last:
-            return torch.stack([hidden, hidden])
-        if self.final_layer_norm is not None:
-            hidden = self.final_layer_norm(hidden)
-        if self.projected:
-            hidden = self.project_out(hidden)
-        return hidden
-
-
-class OPTModel(nn.Module):
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
-        super().__init__()
-        self.decoder = OPTDecoder(config, max_positions, stage)
-
-
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
+    decoder_path, norm_name = "model.decoder", "final_layer_norm"
     packed_modules_mapping = PACKED_QKV
 
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__()
-        stage = stage or whole_model(config.num_hidden_layers)
-        self.model = OPTModel(config, max_positions, stage)
-        self.lm_head = (ParallelLMHead(config.vocab_size, config.word_embed_proj_dim) if stage.is_last
-                        else MissingLayer())
-        # checkpoint name -> our parameter, for tensors stored once
-        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.decoder.embed_tokens.weight")
+        projected = config.word_embed_proj_dim != config.hidden_size
+        first_extras = {"embed_positions": lambda: LearnedPositionEmbedding(config.max_position_embeddings,
+                                                                            config.hidden_size, 2)}
+        last_extras = {}
+        if projected:
+            first_extras["project_in"] = lambda: nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
+            last_extras["project_out"] = lambda: nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False)
+        # Post-norm layers end normed: no final norm (nor where the checkpoint removed it).
+        has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+        super().__init__(config, stage, lambda i: OPTDecoderLayer(config),
+                         norm=(lambda: _layer_norm(config)) if has_final_norm else None,
+                         embedding_size=config.word_embed_proj_dim,
+                         first_stage_extras=first_extras, last_stage_extras=last_extras)
+        self.projected = projected
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = super().embed(input_ids, positions)
+        if self.projected:
+            hidden = self.decoder.project_in(hidden)
+        return hidden + self.decoder.embed_positions(positions)
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        hidden = super().finish(hidden, residual)
+        return self.decoder.project_out(hidden) if self.projected else hidden
 
     @staticmethod
     def checkpoint_name(name: str) -> str:
         # facebook/opt-* checkpoints store the decoder without the "model." prefix.
         return "model." + name if name.startswith("decoder.") else name
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.decoder(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -8,12 +8,13 @@ from torch import nn
 
 from kubellm.runtime.executor.layers.activation import Activation
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding, tie_lm_head
 from kubellm.runtime.executor.layers.norm import LayerNorm
-from kubellm.runtime.executor.layers.linear import PACKED_QKV, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import (PACKED_QKV, ColumnParallelLinear, QKVParallelLinear,
+                                                    RowParallelLinear, split_heads)
 from kubellm.runtime.executor.layers.positions import PartialRotaryEmbedding, partial_rotary_factor
+from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_size
-from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, make_layers, whole_model
+from kubellm.runtime.executor.stages import PipelineStage
 
 
 def head_dim_of(config) -> int:
@@ -41,11 +42,7 @@ class PhiAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = split_heads(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim)
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = self.rotary(positions, q, k)
@@ -75,43 +72,15 @@ class PhiDecoderLayer(nn.Module):
         return self.self_attn(positions, x) + self.mlp(x) + hidden
 
 
-class PhiModel(nn.Module):
-    def __init__(self, config, max_positions: int, stage: PipelineStage):
-        super().__init__()
-        self.stage = stage
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-                             if stage.is_first else MissingLayer())
-        head_dim = head_dim_of(config)
-        rotary = PartialRotaryEmbedding(config, head_dim, int(head_dim * partial_rotary_factor(config)),
-                                        max_positions)
-        self.layers = make_layers(config.num_hidden_layers, stage, lambda i: PhiDecoderLayer(config, rotary))
-        self.final_layernorm = (LayerNorm(config.hidden_size, config.layer_norm_eps) if stage.is_last
-                                else MissingLayer())
-
-    def forward(self, input_ids, positions, intermediate=None):
-        hidden = self.embed_tokens(input_ids) if self.stage.is_first else intermediate[0]
-        for layer in self.layers[self.stage.start:self.stage.end]:
-            hidden = layer(positions, hidden)
-        if not self.stage.is_last:
-            return torch.stack([hidden, hidden])
-        return self.final_layernorm(hidden)
-
-
-class PhiForCausalLM(nn.Module):
+class PhiForCausalLM(CausalLM):
+    norm_name = "final_layernorm"
+    lm_head_bias = True
     packed_modules_mapping = PACKED_QKV
 
     def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__()
-        stage = stage or whole_model(config.num_hidden_layers)
-        self.model = PhiModel(config, max_positions, stage)
-        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, bias=True) if stage.is_last
-                        else MissingLayer())
-        # checkpoint name -> our parameter, for tensors stored once
-        self.checkpoint_aliases = tie_lm_head(self, config, stage, "model.embed_tokens.weight")
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        head_dim = head_dim_of(config)
+        # one cos/sin table for all layers
+        rotary = PartialRotaryEmbedding(config, head_dim, int(head_dim * partial_rotary_factor(config)),
+                                        max_positions)
+        super().__init__(config, stage, lambda i: PhiDecoderLayer(config, rotary),
+                         norm=lambda: LayerNorm(config.hidden_size, config.layer_norm_eps))
