@@ -66,7 +66,9 @@ def wait_ready(cluster, name, timeout=600) -> dict:
 def diagnose(cluster) -> str:
     parts = []
     for args in (("get", "llmd,pods,svc", "-A", "-o", "wide"), ("describe", "pods", "-n", NS),
-                 ("logs", "-n", SYSTEM, "deploy/kubellm", "--tail=60")):
+                 ("logs", "-n", SYSTEM, "deploy/kubellm", "--tail=60"),
+                 ("logs", "-n", NS, "-l", "app.kubernetes.io/part-of=kubellm", "--all-containers", "--prefix",
+                  "--tail=40")):
         parts.append(cluster.kubectl(*args, check=False).stdout[-6000:])
     return "\n".join(parts)
 
@@ -210,15 +212,18 @@ def smollm2(release):
     with port_forward(c, "svc/smollm2", 50051) as ports:
         client = Client(f"127.0.0.1:{ports[50051]}", timeout=30)
 
+        errors: list[ClientError] = []
+
         def first_token():
             try:
                 return next(iter(client.stream("The capital of France is", max_new_tokens=4)), None)
-            except ClientError:
+            except ClientError as err:
+                errors[:] = [err]
                 return None
         try:
             c.wait_for(first_token, "a first token through svc/smollm2", timeout=600, interval=0.5)
         except TimeoutError as err:
-            raise AssertionError(f"{err}\n{diagnose(c)}") from None
+            raise AssertionError(f"{err} (last error: {errors[-1] if errors else None})\n{diagnose(c)}") from None
         client.close()
     FIGURES["apply_to_first_token_s"] = round(time.monotonic() - t0, 1)
     print(f"\nkubectl apply -> first token through the Service: {FIGURES['apply_to_first_token_s']} s")
