@@ -62,18 +62,17 @@ class Sequence:
 
     def sampling_params(self, eos_ids: set[int]) -> SamplingParams:
         """How to pick this sequence's next token, given what it generated so far."""
-        gen = self.gen
-        banned = list(self.banned_ids)
+        gen, tokens = self.gen, self.token_ids
+        generated = len(tokens) - self.num_prompt_tokens
+        banned = self.banned_ids   # extended into a new list only when this step bans more
         for word in self.bad_word_ids:  # multi-token: ban its last id right after the rest
-            if self.token_ids[len(self) - len(word) + 1:] == word[:-1]:
-                banned.append(word[-1])
-        if self.num_generated < gen.min_new_tokens and not gen.ignore_eos:
-            banned.extend(eos_ids)
-        return SamplingParams(temperature=gen.temperature, greedy=gen.greedy, top_k=gen.top_k, top_p=gen.top_p,
-                              seed=self.seed, step=self.num_generated, banned_ids=banned,
-                              repetition_penalty=gen.repetition_penalty,
-                              history=self.token_ids,   # read during this step only: no copy
-                              logprobs=gen.logprobs)
+            if tokens[len(tokens) - len(word) + 1:] == word[:-1]:
+                banned = banned + [word[-1]]
+        if generated < gen.min_new_tokens and not gen.ignore_eos:
+            banned = banned + list(eos_ids)
+        # history: the sequence's own list, read during this step only (no copy)
+        return SamplingParams(gen.temperature, gen.greedy, gen.top_k, gen.top_p, self.seed, generated, banned,
+                              gen.repetition_penalty, tokens, gen.logprobs)
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone; prompt and generated tokens will be prefilled again."""

@@ -120,11 +120,12 @@ class ModelRunner:
         decode_tables, decode_lens, prefills = [], [], []
         row = 0
         for chunk in chunks:
-            start, n, table = chunk.start, chunk.num_tokens, chunk.block_table
-            tokens.extend(chunk.token_ids)
+            start, ids, table = chunk.start, chunk.token_ids, chunk.block_table
+            n = len(ids)
+            tokens.extend(ids)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if chunk.is_decode and not prefills:
+            if n == 1 and start > 0 and not prefills:  # a decode (they come first)
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:

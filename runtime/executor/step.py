@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kubellm.runtime.executor.sampler import SampleOutput
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqChunk:
     """One sequence's tokens in a step: those at positions start .. start + num_tokens - 1."""
 
@@ -40,7 +40,7 @@ class SeqChunk:
         return len(self.token_ids) == 1 and self.start > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class StepBatch:
     """What one step computes: the scheduler's chunks, decodes first, then prefill chunks."""
 
@@ -76,7 +76,7 @@ def split_micro_batches(chunks: list, count: int) -> list[list]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingParams:
     """How to pick one row's next token, as plain values (the executor makes the tensors)."""
 
