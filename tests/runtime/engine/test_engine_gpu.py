@@ -16,16 +16,10 @@ torch = pytest.importorskip("torch")
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig  # noqa: E402
 from kubellm.runtime.engine.engine import LLMEngine  # noqa: E402
+from parity import PROMPTS  # noqa: E402  (the CPU parity tests' prompts)
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog and runs into the forest",
-    "Hello",
-    "Once upon a time there was a small model that wanted to learn how to speak",
-    "one two three",
-    "The weather today is",
-]
 NEW_TOKENS = 24
 NEAR_TIE = 0.125     # two bf16 units in the last place of a logit of magnitude 8-16
 LOGPROB_ATOL = 0.05
