@@ -1,0 +1,75 @@
+"""The router's gRPC face: the LLM service answered by forwarding to the replicas (no torch).
+
+Generate, GenerateStream and ModelInfo requests and replies stay serialized bytes end to end: the methods
+are registered with identity (de)serializers, so the hot path never parses a protobuf. The caller's
+metadata (less the transport's own keys) and deadline go along.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.replicas import SERVICE_NAME
+from kubellm.runtime.serving.upstream import UpstreamError
+
+# Metadata keys that belong to the transport, not to the caller.
+_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding"}
+
+
+def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((m.key, m.value) for m in (metadata or ())
+                 if not m.key.startswith((":", "grpc-")) and m.key not in _HOP_BY_HOP)
+
+
+class RouterServicer:
+    """The LLM service, answered by forwarding to the replicas: requests and replies of Generate,
+    GenerateStream and ModelInfo stay serialized bytes end to end (identity (de)serializers)."""
+
+    def __init__(self, router):   # a serving.router.Router
+        self.router = router
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(self.ModelInfo),
+            "Terminate": grpc.unary_unary_rpc_method_handler(
+                self.Terminate, request_deserializer=llm_pb2.TerminateRequest.FromString,
+                response_serializer=llm_pb2.TerminateResponse.SerializeToString),
+        }
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = self.method_handlers()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    async def _unary(self, method: str, request: bytes, context) -> bytes:
+        try:
+            return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
+                                                   context.time_remaining(), raw=True)
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+
+    async def Generate(self, request: bytes, context) -> bytes:
+        return await self._unary("Generate", request, context)
+
+    async def ModelInfo(self, request: bytes, context) -> bytes:
+        return await self._unary("ModelInfo", request, context)
+
+    async def GenerateStream(self, request: bytes, context):
+        stream = self.router.forward_stream(request, _forwardable(context.invocation_metadata()),
+                                            context.time_remaining(), raw=True)
+        try:
+            async for message in stream:
+                yield message
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
+        finally:
+            await stream.aclose()
+
+    async def Terminate(self, request, context):
+        try:
+            return llm_pb2.TerminateResponse(accepted=await self.router.terminate())
+        except UpstreamError as err:
+            await context.abort(err.code, err.details)
