@@ -136,8 +136,9 @@ class LLMDeploymentSpec(_Spec):
                                                             "is requested and ranks run on CPU (clusters without GPUs, "
                                                             "with the -cpu runtime image)")
     image: str | None = Field(None, min_length=1, max_length=512,
-                              description="workers' and router's image; default: the operator's runtime image "
-                                          "(Helm value runtimeImage)")
+                              description="the workers' image; default: the operator's runtime image (Helm value "
+                                          "runtimeImage). Routers run the operator's router image (Helm value "
+                                          "routerImage)")
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="extra container resources (cpu, memory); GPUs are added by the operator")

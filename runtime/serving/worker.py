@@ -56,7 +56,7 @@ class Worker:
         self.metrics_port = metrics_port
         self.show_progress = show_progress
         self.load_gate = load_gate   # tests: the model starts loading only once this is set
-        self.rank_group = rank_group  # callable joining the ranks on other hosts (see cmd_worker)
+        self.rank_group = rank_group  # callable joining the ranks on other hosts (see cli/worker.py)
         self.metrics = WorkerMetrics()
         self.engine_loop: EngineLoop | None = None
         self.stopping = False
