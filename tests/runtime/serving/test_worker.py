@@ -214,52 +214,39 @@ def test_engine_step_failure_is_internal_and_worker_keeps_serving(client, worker
     assert client.generate("Hello", max_new_tokens=3)[0].generated_length == 3
 
 
-def test_dead_engine_thread_means_not_serving_and_unavailable(tiny_llama):
+def _kill_engine_thread(engine):
+    def boom():
+        raise SystemError("injected death")
+    engine.has_unfinished = boom
+
+
+def _break_executor(engine):
+    from kubellm.runtime.errors import ExecutorBrokenError
+
+    def execute(batch, sampling):
+        raise ExecutorBrokenError("parallel rank 1 (pid 1) died (signal 9); the group is broken")
+    engine.executor.execute = execute
+
+
+@pytest.mark.parametrize("inject, message", [(_kill_engine_thread, "injected death"),
+                                             (_break_executor, "parallel rank 1")],
+                         ids=["dead-engine-thread", "broken-executor"])
+def test_a_dead_engine_means_not_serving_and_unavailable(tiny_llama, inject, message):
+    """A dead engine thread, or the executor's one rank-failure error (a rank died), which ends the
+    engine thread: health NOT_SERVING, the request and every later one UNAVAILABLE. Any other step
+    failure stays INTERNAL (above)."""
     server = WorkerServer(tiny_llama, ENGINE).start().wait_ready()
     try:
-        def kill(engine):
-            def boom():
-                raise SystemError("injected death")
-            engine.has_unfinished = boom
-
-        server.call_engine(kill)
+        server.call_engine(inject)
         with Client(server.address, timeout=10) as c:
             with pytest.raises(ClientError) as err:
                 c.generate("Hello", max_new_tokens=3)
-            assert err.value.code == "UNAVAILABLE" and "injected death" in err.value.message
+            assert err.value.code == "UNAVAILABLE" and message in err.value.message
             deadline = time.monotonic() + 5
             while _health(server.address) != "NOT_SERVING" and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert _health(server.address) == "NOT_SERVING"
             assert _health(server.address, "kubellm.v1.LLM") == "NOT_SERVING"
-            with pytest.raises(ClientError) as err:
-                c.generate("Hello", max_new_tokens=3)
-            assert err.value.code == "UNAVAILABLE"
-    finally:
-        server.stop()
-
-
-def test_a_broken_executor_means_not_serving_and_unavailable(tiny_llama):
-    """The executor's one rank-failure error (a rank died) ends the engine thread: health NOT_SERVING,
-    the request and every later one UNAVAILABLE; any other step failure stays INTERNAL (above)."""
-    from kubellm.runtime.errors import ExecutorBrokenError
-
-    server = WorkerServer(tiny_llama, ENGINE).start().wait_ready()
-    try:
-        def break_group(engine):
-            def execute(batch, sampling):
-                raise ExecutorBrokenError("parallel rank 1 (pid 1) died (signal 9); the group is broken")
-            engine.executor.execute = execute
-
-        server.call_engine(break_group)
-        with Client(server.address, timeout=10) as c:
-            with pytest.raises(ClientError) as err:
-                c.generate("Hello", max_new_tokens=3)
-            assert err.value.code == "UNAVAILABLE" and "parallel rank 1" in err.value.message
-            deadline = time.monotonic() + 5
-            while _health(server.address) != "NOT_SERVING" and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert _health(server.address) == "NOT_SERVING"
             with pytest.raises(ClientError) as err:
                 c.generate("Hello", max_new_tokens=3)
             assert err.value.code == "UNAVAILABLE"
