@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from processes import free_port
 
 pytest.importorskip("grpc")
 pytest.importorskip("torch")
@@ -19,12 +19,6 @@ ENGINE = {"device": "cpu", "num_kv_blocks": 64, "block_size": 4, "max_batch_size
 
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -65,7 +59,7 @@ def test_serve_client_rest_status_terminate(tiny_llama, cache):
     import kubellm
     from kubellm.runtime.local import deployments, registry
 
-    rest = _free_port()
+    rest = free_port()
     c = kubellm.serve(str(tiny_llama), deployment_name="tiny", replica_num=2, enable_restful_api=True,
                       restful_api_port=rest, max_new_tokens=8, **ENGINE)
     entry = json.loads((deployments.registry_dir() / "tiny.json").read_text())

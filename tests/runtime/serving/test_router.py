@@ -17,6 +17,7 @@ import urllib.request
 
 import grpc
 import pytest
+from processes import free_port
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
@@ -492,18 +493,10 @@ def test_no_torch_import():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kubellm_router_process():
     """`kubellm router` as the router pod runs it: a real process, gRPC + REST, stopped by SIGTERM."""
     c = Cluster(n=2)
-    port, rest, metrics = _free_port(), _free_port(), _free_port()
+    port, rest, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", "router", "--deployment-name", "echo",
                              "--leaders", ",".join(f"127.0.0.1:{r.port}" for r in c.replicas),
                              "--port", str(port), "--rest-port", str(rest), "--host", "127.0.0.1",

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubellm.runtime.serving.client import Client, ClientError
-from processes import free_port, wait_serving  # noqa: F401  (other modules' tests use them from here too)
+from processes import free_port, wait_serving
 
 
 pytestmark = pytest.mark.multiprocess

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from processes import free_port
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("torch")
@@ -318,12 +319,6 @@ def test_client_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_worker_process(tiny_llama, tmp_path):
     config = tmp_path / "engine.json"
     config.write_text(json.dumps({"dtype": "float32", "max_batch_size": 4, "block_size": 4, "session_len": 64,
@@ -331,7 +326,7 @@ def test_cli_worker_process(tiny_llama, tmp_path):
                                   "kv_cache_fraction": 0.05}))
     defaults = tmp_path / "generation.json"
     defaults.write_text(json.dumps({"max_new_tokens": 3}))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", "worker", "--model", str(tiny_llama),
                              "--config", str(config), "--port", str(port), "--host", "127.0.0.1",
                              "--allow-terminate", "--generation-defaults", str(defaults)],
