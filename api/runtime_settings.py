@@ -34,9 +34,12 @@ class RuntimeSettings:
                 GENERATION_FILE: json.dumps(self.generation, indent=2, sort_keys=True)}
 
     def worker_args(self, model: str, config_dir: str, *, port: int, host: str | None = None,
-                    metrics_port: int | None = None, replica: str | None = None,
+                    metrics_port: int | None = None, http_port: int | None = None,
+                    served_model_name: str | None = None, replica: str | None = None,
                     allow_terminate: bool = False) -> list[str]:
-        """`kubellm worker ...` arguments (after the program name) reading `files()` from `config_dir`."""
+        """`kubellm worker ...` arguments (after the program name) reading `files()` from `config_dir`.
+        `http_port`: the worker's own OpenAI HTTP API and /metrics (an InferencePool's target port);
+        `served_model_name`: the name requests' `model` field and the metrics' model_name label use."""
         args = ["worker", "--model", model, "--config", f"{config_dir}/{ENGINE_FILE}",
                 "--generation-defaults", f"{config_dir}/{GENERATION_FILE}"]
         for key, flag in _COMMAND_FLAGS.items():
@@ -47,6 +50,10 @@ class RuntimeSettings:
         args += ["--port", str(port)]
         if metrics_port is not None:
             args += ["--metrics-port", str(metrics_port)]
+        if http_port is not None:
+            args += ["--http-port", str(http_port)]
+        if served_model_name is not None:
+            args += ["--served-model-name", served_model_name]
         if replica is not None:
             args += ["--replica", replica]
         if allow_terminate:

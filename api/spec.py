@@ -100,9 +100,24 @@ def _runtime_fields(section: _Spec) -> dict:
     return {RUNTIME_NAMES[name]: value for name, value in section.model_dump().items() if value is not None}
 
 
+# How the router picks a replica for each request (`kubellm router --policy`).
+ROUTING_POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
+
+
 class RouterSpec(_Spec):
     replicas: int = Field(1, ge=1, le=100)
     port: int = Field(50051, ge=1, le=65535)
+    policy: Literal["round_robin", "least_loaded", "prefix_affinity"] = Field(
+        "round_robin", description="round_robin: in turn (DeepSpeed-MII's 0,1,0,1); least_loaded: the replica with "
+                                   "the fewest requests in flight; prefix_affinity: consistent hashing with bounded "
+                                   "load over the prompt's leading text, so requests sharing a system prompt reach "
+                                   "the replica that has it cached")
+    prefixLength: int = Field(256, ge=1, le=1_000_000,
+                              description="prefix_affinity: leading characters of the prompt (tokens for token-id "
+                                          "prompts) that are hashed")
+    loadFactor: float = Field(1.25, ge=1, le=100,
+                              description="prefix_affinity: a replica takes a request only while its requests in "
+                                          "flight stay within loadFactor × the mean over the healthy replicas")
 
 
 class IngressSpec(_Spec):
@@ -116,6 +131,23 @@ class RestApiSpec(_Spec):
     enabled: bool = False
     port: int = Field(28080, ge=1, le=65535)
     ingress: IngressSpec | None = None
+
+
+class EndpointPickerRefSpec(_Spec):
+    """An endpoint picker (the Gateway API Inference Extension's EPP) the user runs, as a Service."""
+
+    name: str = Field(..., pattern=DNS_LABEL, max_length=253, description="the endpoint picker's Service")
+    port: int = Field(9002, ge=1, le=65535, description="its ext-proc gRPC port")
+    failureMode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="what the gateway does when the picker does not answer")
+
+
+class InferencePoolSpec(_Spec):
+    """An InferencePool (inference.networking.k8s.io/v1) over the replica leaders' OpenAI HTTP port, so that a
+    Gateway with an inference extension sends requests straight to the pods."""
+
+    enabled: bool = False
+    endpointPickerRef: EndpointPickerRefSpec | None = None
 
 
 class ResourcesSpec(_Spec):
@@ -146,6 +178,7 @@ class LLMDeploymentSpec(_Spec):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     restApi: RestApiSpec = Field(default_factory=RestApiSpec)
+    inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
