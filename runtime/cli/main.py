@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     worker.add_argument("--replica", default=None, help="name reported in every response (default: hostname:port)")
+    worker.add_argument("--served-model-name", default=None,
+                        help="the name the model is served as: the vllm:* metrics' model_name label "
+                             "(default: --model; the operator passes the LLMDeployment's name)")
     worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
     router = sub.add_parser("router", help="round-robin gRPC router over replica leaders, with optional REST "

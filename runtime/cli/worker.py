@@ -70,7 +70,8 @@ def worker(args) -> int:
     try:
         asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
-                                 metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group))
+                                 metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group,
+                                 served_model_name=args.served_model_name))
     except KeyboardInterrupt:
         pass
     except TerminatedWhileLoading as stopped:

@@ -41,11 +41,14 @@ class Worker:
 
     def __init__(self, model, engine_config: EngineConfig | dict | None, port: int, host: str, replica: str | None,
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
-                 load_gate: threading.Event | None = None, rank_group=None):
+                 load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
         self.model_name = str(model)
+        # The name clients and dashboards know the model by (the metrics' model_name label); the
+        # operator passes the LLMDeployment's name.
+        self.served_model_name = served_model_name or self.model_name
         self.engine_config = engine_config
         self.host, self.port = host, port
         self.replica = replica
@@ -149,11 +152,12 @@ class TerminatedWhileLoading(Exception):
 async def serve_worker(model, engine_config: EngineConfig | dict | None = None, port: int = 50051,
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
-                       show_progress: bool = False, rank_group=None) -> None:
+                       show_progress: bool = False, rank_group=None, served_model_name: str | None = None) -> None:
     """Serve `model` on host:port until Terminate (if allowed) or cancellation; raises if the model fails to load.
-    `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group)."""
+    `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group).
+    `served_model_name`: the name the model is served as (default: `str(model)`)."""
     worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
-                     metrics_port, show_progress, rank_group=rank_group)
+                     metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -189,9 +193,10 @@ class WorkerServer:
     def __init__(self, model, engine_config: EngineConfig | dict | None = None, port: int = 0,
                  host: str = "127.0.0.1", replica: str | None = None, allow_terminate: bool = False,
                  generation_defaults: dict | None = None, metrics_port: int | None = None,
-                 show_progress: bool = False, load_gate: threading.Event | None = None):
+                 show_progress: bool = False, load_gate: threading.Event | None = None,
+                 served_model_name: str | None = None):
         self._worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
-                               metrics_port, show_progress, load_gate)
+                               metrics_port, show_progress, load_gate, served_model_name=served_model_name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -211,6 +216,10 @@ class WorkerServer:
     @property
     def replica(self) -> str:
         return self._worker.replica
+
+    @property
+    def served_model_name(self) -> str:
+        return self._worker.served_model_name
 
     @property
     def metrics(self) -> WorkerMetrics:
