@@ -272,7 +272,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
     port = spec.router.port
     command = ["kubellm", "router", "--deployment-name", owner.name,
                "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
-               "--metrics-port", str(METRICS_PORT)]
+               "--metrics-port", str(METRICS_PORT), "--policy", spec.router.policy,
+               "--prefix-length", str(spec.router.prefixLength), "--load-factor", repr(float(spec.router.loadFactor))]
     ports = [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}]
     if spec.restApi.enabled:
         command += ["--rest-port", str(spec.restApi.port)]

@@ -28,7 +28,9 @@ def deployment_from_yaml(path: str) -> tuple[str, str, dict]:
                          "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
     settings = spec.runtime_settings()
     options = {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
-               "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port}
+               "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port,
+               "policy": spec.router.policy, "prefix_length": spec.router.prefixLength,
+               "load_factor": spec.router.loadFactor}
     return name, spec.model.source, options
 
 
@@ -42,7 +44,7 @@ def serve(args) -> int:
     elif not model:
         raise ValueError("serve: give a MODEL (a local directory or known name) or -f deployment.yaml")
     for key in ("dtype", "device", "max_batch_size", "session_len", "max_num_batched_tokens", "num_kv_blocks",
-                "block_size", "kv_cache_fraction", "max_new_tokens"):
+                "block_size", "kv_cache_fraction", "max_new_tokens", "policy", "prefix_length", "load_factor"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value

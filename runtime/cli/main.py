@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch-size", type=int, default=64)
         p.add_argument("--session-len", type=int, default=None)
 
+    def routing_flags(p, defaults: bool = True):
+        """The router's policy flags (`kubellm router`, `kubellm serve`); the names of api/spec.py ROUTING_POLICIES."""
+        p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_affinity"],
+                       default="round_robin" if defaults else None,
+                       help="how each request picks a replica: round_robin (in turn, the default), least_loaded "
+                            "(fewest requests in flight), prefix_affinity (consistent hashing with bounded load over "
+                            "the prompt's leading text: a shared system prompt stays on the replica that caches it)")
+        p.add_argument("--prefix-length", type=int, default=256 if defaults else None,
+                       help="prefix_affinity: leading characters of the prompt hashed (token ids for token-id "
+                            "prompts; default 256)")
+        p.add_argument("--load-factor", type=float, default=1.25 if defaults else None,
+                       help="prefix_affinity: a replica takes a request while its requests in flight stay below "
+                            "ceil(F x the mean); >= 1, default 1.25")
+
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     gen.add_argument("prompts", nargs="+")
     engine_flags(gen)
@@ -121,13 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default="0.0.0.0")
     worker.add_argument("--port", type=int, default=50051)
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    worker.add_argument("--http-port", type=int, default=None,
+                        help="also serve OpenAI HTTP (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                             "/metrics) on this port: a Gateway's inference extension sends traffic straight here")
     worker.add_argument("--replica", default=None, help="name reported in every response (default: hostname:port)")
     worker.add_argument("--served-model-name", default=None,
                         help="the name the model is served as: the vllm:* metrics' model_name label "
                              "(default: --model; the operator passes the LLMDeployment's name)")
     worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
-    router = sub.add_parser("router", help="round-robin gRPC router over replica leaders, with optional REST "
+    router = sub.add_parser("router", help="gRPC router over replica leaders (--policy), with optional REST "
                                            "gateway (the router pod's entrypoint; no torch)")
     router.add_argument("--leaders", required=True,
                         help="host:port,host:port or dns:///NAME:PORT (re-resolved; every A record is a leader)")
@@ -143,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--wait-for-replica", type=float, default=30.0,
                         help="seconds a request waits for a healthy replica while none is (a group restarting, "
                              "a rolling update) before UNAVAILABLE")
+    routing_flags(router)
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
     serve.add_argument("model", nargs="?", help="local Hugging Face directory or a known name")
     serve.add_argument("-f", "--file", help="an LLMDeployment YAML (the Kubernetes manifest) to run locally")
@@ -163,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-fraction", type=float, default=None)
     serve.add_argument("--max-new-tokens", type=int, default=None, help="default for requests that do not set it")
     serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
+    routing_flags(serve, defaults=False)   # unset: the manifest's spec.router (-f), else the router's defaults
     status = sub.add_parser("status", help="list local deployments and whether their processes run")
     status.add_argument("--json", action="store_true")
     stop = sub.add_parser("stop", help="stop local deployments and forget them")

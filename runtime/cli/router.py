@@ -13,5 +13,6 @@ def router(args) -> int:
     asyncio.run(serve(args.leaders, port=args.port, host=args.host, deployment_name=args.deployment_name,
                       rest_port=args.rest_port, metrics_port=args.metrics_port,
                       allow_terminate=args.allow_terminate, health_interval=args.health_interval,
-                      resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica))
+                      resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica,
+                      policy=args.policy, prefix_length=args.prefix_length, load_factor=args.load_factor))
     return 0

@@ -28,6 +28,7 @@ from kubellm.api.runtime_settings import RuntimeSettings
 from kubellm.runtime.local.registry import (DeploymentError, check_name, default_name, deployment_dir, entry_pids, kill,
                                             list_deployments, read_entry, registry_dir, remove_entry, wait_dead,
                                             with_liveness, write_entry)
+from kubellm.runtime.serving.balancing import make_balancer
 from kubellm.runtime.serving.client import Client
 
 _GEN_ALIASES = ("stop", "do_sample")
@@ -165,11 +166,13 @@ class _Started:
 
 def serve(model: str, deployment_name: str | None = None, tensor_parallel: int = 1, replica_num: int = 1,
           enable_restful_api: bool = False, restful_api_port: int = 28080, *, host: str = "127.0.0.1",
-          startup_timeout: float = 600.0, **options) -> DeploymentClient:
+          startup_timeout: float = 600.0, policy: str = "round_robin", prefix_length: int = 256,
+          load_factor: float = 1.25, **options) -> DeploymentClient:
     """Start a persistent local deployment of `model` and return a client of it (DeepSpeed-MII's `mii.serve`).
 
     `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
     GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request).
+    `policy`, `prefix_length`, `load_factor`: the router's (`kubellm router --policy ...`).
     """
     name = check_name(deployment_name if deployment_name is not None else default_name(model))
     if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
@@ -177,6 +180,8 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
     engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
+    make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)   # bad values fail here, not in the router
+    routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor))]
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
 
@@ -194,13 +199,13 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
         pass
     try:
         return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
-                             host, startup_timeout, engine, gen)
+                             host, startup_timeout, engine, gen, routing)
     finally:
         lock.close()
 
 
 def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
-                  startup_timeout, engine, gen) -> DeploymentClient:
+                  startup_timeout, engine, gen, routing: list[str]) -> DeploymentClient:
     existing = read_entry(name)
     if existing is not None:
         live = with_liveness(existing)
@@ -232,7 +237,8 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
     worker_addresses = []
     entry = {"name": name, "model": model, "replicas": replica_num, "tensor_parallel": tensor_parallel,
              "created": time.time(), "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "log_dir": str(directory), "engine": engine, "generation": gen, "ready": False}
+             "log_dir": str(directory), "engine": engine, "generation": gen, "ready": False,
+             "policy": routing[1]}
     try:
         for i in range(replica_num):
             port = _free_port()
@@ -241,7 +247,8 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
                                                        replica=f"{name}-{i}", allow_terminate=True))
         router_port = _free_port()
         router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
-                       "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5"]
+                       "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5",
+                       *routing]
         if enable_restful_api:
             router_args += ["--rest-port", str(restful_api_port)]
         router = launch("router", router_args)

@@ -88,8 +88,11 @@ def _cancelled_by_caller() -> bool:
 
 @contextlib.contextmanager
 def upstream_call(replica: "Replica", call):
-    """Around awaiting an upstream `call`: a CancelledError that is not the caller's own (the call's
-    channel was closed under it) becomes UNAVAILABLE from that replica, never a silent cancel."""
+    """Around awaiting an upstream `call` (a whole stream included): counts it in the replica's
+    `in_flight` while it lasts (what least_loaded and prefix_affinity weigh), and turns a
+    CancelledError that is not the caller's own (the call's channel was closed under it) into
+    UNAVAILABLE from that replica, never a silent cancel."""
+    replica.in_flight += 1
     try:
         yield
     except asyncio.CancelledError:
@@ -98,6 +101,8 @@ def upstream_call(replica: "Replica", call):
             raise
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details=f"the connection to replica {replica.label} was closed") from None
+    finally:
+        replica.in_flight -= 1
 
 
 @dataclass(eq=False)
@@ -112,6 +117,7 @@ class Replica:
     reason: str = "not checked yet"
     slow_checks: int = 0   # consecutive health checks that timed out
     name: str = ""         # what the replica calls itself (ModelInfo.replica, e.g. llm-g0-0:50051)
+    in_flight: int = 0     # calls sent to it that have not ended (the router's own count)
 
     @property
     def label(self) -> str:

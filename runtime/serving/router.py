@@ -10,9 +10,12 @@ its replica state (the replicas themselves are replicas.py, its gRPC face router
 Leaders come from a static list (`"h1:50051,h2:50051"`) or a DNS name (`dns:///name:port`,
 re-resolved every `resolve_interval` seconds; every A record is a leader, ordered by address
 so the order is stable). Each leader is health-checked (grpc.health.v1) every
-`health_interval` seconds; only SERVING ones take requests. Requests go round-robin over the
-healthy leaders, one step per request. A unary call that fails with UNAVAILABLE (the replica
-went away) is retried on the next leader; so is a stream that fails before its first message.
+`health_interval` seconds; only SERVING ones take requests. The routing policy (balancing.py)
+orders the healthy leaders for each request: round_robin (the default: in turn, one step per
+request), least_loaded (fewest requests in flight, as the router counts them) or prefix_affinity
+(consistent hashing with bounded load over the prompt's leading text). A unary call that fails
+with UNAVAILABLE (the replica went away) is retried on the next leader in that order; so is a
+stream that fails before its first message.
 While no leader is healthy (a lone group restarting, the gap between two groups of a rolling
 update, a replaced pod not yet resolved) a request waits up to `wait_for_replica` seconds (and
 its own deadline) for one, re-resolving and checking meanwhile, and is then served; only past
@@ -23,7 +26,8 @@ are passed on; a cancelled client cancels the upstream call.
 
 gRPC requests and replies are forwarded as raw bytes: the router registers the LLM methods with
 identity (de)serializers on both sides, so the hot path never parses or re-serializes a
-protobuf. The REST gateway uses the same forwarding with typed messages (`raw=False`).
+protobuf (prefix_affinity alone parses the request, for its prompt). The REST gateway uses the
+same forwarding with typed messages (`raw=False`).
 
 The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
 replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
@@ -47,8 +51,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.balancing import make_balancer
 from kubellm.runtime.serving.gateway import build_app
 from kubellm.runtime.serving.metrics import RouterMetrics
+from kubellm.runtime.serving.reflection import add_reflection
 from kubellm.runtime.serving.replicas import (MAX_MESSAGE, SERVICE_NAME, Replica, join_host_port, parse_leaders, resolve,
                                              upstream_call)
 from kubellm.runtime.serving.router_service import RouterServicer
@@ -80,12 +86,16 @@ _SERVER_OPTIONS = [
 
 
 class Router:
-    """Round-robin over healthy replica leaders. `forward_*` are usable without gRPC (the gateway)."""
+    """Balances over healthy replica leaders by `policy` (balancing.POLICIES). `forward_*` are usable
+    without gRPC (the gateway)."""
 
     def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
                  health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
-                 wait_for_replica: float = 30.0):
+                 wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
+                 load_factor: float = 1.25):
         self.deployment_name = deployment_name
+        self.policy = policy
+        self.balancer = make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)
         # While no replica is healthy (a group restarting, a rolling update between groups, a
         # replica that has just left), a request waits this long for one before UNAVAILABLE.
         self.wait_for_replica = wait_for_replica
@@ -98,7 +108,9 @@ class Router:
         self.dns_target, self._static = parse_leaders(leaders)
         self.replicas: list[Replica] = []
         self.metrics = RouterMetrics()
-        self._counter = 0
+        # Read at each scrape from the router's own counts: nothing extra per request.
+        self.metrics.registry.gauge("kubellm_router_in_flight", "Requests sent to the replica and not ended yet.",
+                                    ("replica",), function=lambda: {(r.address,): r.in_flight for r in self.replicas})
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -134,6 +146,7 @@ class Router:
             return
         replicas = [current.pop(a) if a in current else Replica.connect(a) for a in addresses]
         self.replicas = replicas
+        self.balancer.update(replicas)
         for gone in current.values():
             log.info("leader %s left", gone.label)
             self.metrics.replicas.pop(gone.address, None)
@@ -196,14 +209,19 @@ class Router:
     def healthy_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
-    def _candidates(self) -> list[Replica]:
-        """The healthy replicas in round-robin order for one request (the first is this request's turn)."""
-        healthy = self.healthy_replicas()
-        if not healthy:
-            return []
-        start = self._counter % len(healthy)
-        self._counter += 1
-        return healthy[start:] + healthy[:start]
+    def _candidates(self, key: int | None) -> list[Replica]:
+        """The healthy replicas in the policy's order for one request (the first is its choice)."""
+        return self.balancer.order(self.healthy_replicas(), key)
+
+    def _key(self, method: str, request, raw: bool) -> int | None:
+        """What the policy hashes (prefix_affinity: the prompt's prefix), else None without a look."""
+        if not self.balancer.needs_key or method == "ModelInfo":
+            return None
+        try:
+            message = llm_pb2.GenerateRequest.FromString(request) if raw else request
+        except Exception:  # noqa: BLE001 - not ours to judge: the worker answers INVALID_ARGUMENT
+            return None
+        return self.balancer.key(message)
 
     def _no_replica(self, last: tuple[Replica, grpc.aio.AioRpcError] | None, waited: float) -> UpstreamError:
         msg = f"no healthy replica of deployment {self.deployment_name}"
@@ -246,8 +264,8 @@ class Router:
 
     # ---- forwarding (used by the gRPC servicer and by the REST gateway)
 
-    async def _attempts(self, method: str, timeout: float | None):
-        """(replica, per-call timeout) in round-robin order; every attempt after the first is a retry.
+    async def _attempts(self, method: str, timeout: float | None, key: int | None = None):
+        """(replica, per-call timeout) in the policy's order; every attempt after the first is a retry.
         When every healthy replica has been tried (or none is), waits up to `wait_for_replica` for
         one to become healthy and goes on; the caller stops at the first success."""
         start = time.monotonic()
@@ -255,7 +273,7 @@ class Router:
         hold_until = min(start + self.wait_for_replica, deadline or math.inf)
         attempt = 0
         while True:
-            for replica in self._candidates():
+            for replica in self._candidates(key):
                 if attempt:
                     self.metrics.retry(method)
                 attempt += 1
@@ -281,7 +299,7 @@ class Router:
 
         `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
         start, last = time.monotonic(), None
-        async for replica, remaining in self._attempts(method, timeout):
+        async for replica, remaining in self._attempts(method, timeout, self._key(method, request, raw)):
             stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
             call = stub(request, metadata=metadata, timeout=remaining)
             try:
@@ -300,7 +318,7 @@ class Router:
         """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
         method = "GenerateStream"
         start, last = time.monotonic(), None
-        async for replica, remaining in self._attempts(method, timeout):
+        async for replica, remaining in self._attempts(method, timeout, self._key(method, request, raw)):
             stub = replica.raw_stream if raw else replica.stub.GenerateStream
             call = stub(request, metadata=metadata, timeout=remaining)
             received = False
@@ -357,6 +375,7 @@ class Router:
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         RouterServicer(self).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_reflection(server)   # from llm_pb2's descriptors: the LLM methods themselves pass raw bytes
         self.grpc_port = server.add_insecure_port(join_host_port(host, port))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {host}:{port}")
@@ -370,8 +389,8 @@ class Router:
             app = web.Application()
             app.router.add_get("/metrics", self.metrics_handler)
             self.metrics_port = await self._serve_http(app, host, metrics_port)
-        log.info("router of %s on :%d (%d/%d leaders healthy)", self.deployment_name, self.grpc_port,
-                 len(self.healthy_replicas()), len(self.replicas))
+        log.info("router of %s on :%d (%d/%d leaders healthy, policy %s)", self.deployment_name, self.grpc_port,
+                 len(self.healthy_replicas()), len(self.replicas), self.policy)
         return self.grpc_port
 
     async def metrics_handler(self, request):
@@ -406,10 +425,12 @@ class Router:
 
 async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment_name: str = "kubellm",
                 rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
-                health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0) -> None:
+                health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0,
+                policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25) -> None:
     """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
-                    resolve_interval=resolve_interval, wait_for_replica=wait_for_replica)
+                    resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
+                    prefix_length=prefix_length, load_factor=load_factor)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.

@@ -148,6 +148,10 @@ def test_serve_validates_up_front(cache):
         kubellm.serve("/nonexistent", tensor_parallel=0)
     with pytest.raises(ValueError, match="EngineConfig.pipeline_stage_bytes"):
         kubellm.serve("/nonexistent", pipeline_parallel=2, pipeline_split="threshold")
+    with pytest.raises(ValueError, match="--policy: 'fastest' is not one of round_robin"):
+        kubellm.serve("/nonexistent", policy="fastest")
+    with pytest.raises(ValueError, match="--load-factor: must be a number >= 1"):
+        kubellm.serve("/nonexistent", policy="prefix_affinity", load_factor=0)
 
 
 def _children(pid: int) -> set[int]:
@@ -229,8 +233,11 @@ def test_cli_serve_file_and_stop(tiny_llama, cache, tmp_path):
             kvCacheFraction: 0.02
           generation:
             maxNewTokens: 6
+          router:
+            policy: prefix_affinity
+            loadFactor: 2
     """))
-    proc = _cli("serve", "-f", str(manifest), "--device", "cpu")
+    proc = _cli("serve", "-f", str(manifest), "--device", "cpu", "--prefix-length", "64")
     from kubellm.runtime.local import deployments, registry
 
     for e in deployments.list_deployments():
@@ -239,6 +246,11 @@ def test_cli_serve_file_and_stop(tiny_llama, cache, tmp_path):
     assert "tiny-yaml" in proc.stdout
     c = deployments.client("tiny-yaml")
     pids = registry.entry_pids(c.entry)
+    with open(f"/proc/{c.entry['router_pid']}/cmdline") as f:
+        router_args = f.read().split("\0")
+    # the manifest's spec.router, the command line's --prefix-length over its default
+    for flag, value in (("--policy", "prefix_affinity"), ("--load-factor", "2.0"), ("--prefix-length", "64")):
+        assert router_args[router_args.index(flag) + 1] == value
     assert c.generate("Hello")[0].generated_length == 6   # the manifest's generation default
     c.close()
     stop = _cli("stop", "tiny-yaml")
