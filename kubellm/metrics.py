@@ -170,6 +170,22 @@ class Histogram(_Metric):
             series[0][i] += 1
             series[1] += value
 
+    def observe_many(self, values: Sequence[float], *labelvalues: str) -> None:
+        """Several observations under one lock (a hot loop's batch, e.g. one engine step's)."""
+        if len(labelvalues) != len(self.labelnames):
+            self._wrong_labels(labelvalues)
+        buckets = self.buckets
+        indexes = [bisect.bisect_left(buckets, v) for v in values]
+        total = sum(values)
+        with self._lock:
+            series = self._series.get(labelvalues)
+            if series is None:
+                series = self._series[labelvalues] = self._empty()
+            counts = series[0]
+            for i in indexes:
+                counts[i] += 1
+            series[1] += total
+
     def count(self, *labelvalues: str) -> int:
         with self._lock:
             series = self._series.get(self._key(labelvalues))

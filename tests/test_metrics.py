@@ -58,6 +58,23 @@ def test_histogram_buckets_are_cumulative_and_le_is_inclusive():
     assert list(samples).count('h_bucket{le="+Inf"}') == 1
 
 
+def test_observe_many_is_observe_one_by_one():
+    values = [0.003, 0.007, 0.01, 200.0, 0.02]
+    one, many = Registry(), Registry()
+    h_one = one.histogram("h", "H.", (0.005, 0.01, 0.025), ("m",))
+    h_many = many.histogram("h", "H.", (0.005, 0.01, 0.025), ("m",))
+    for v in values:
+        h_one.observe(v, "a")
+    h_many.observe_many(values[:2], "a")
+    h_many.observe_many(values[2:], "a")
+    h_many.observe_many([], "a")
+    got, want = parse(many.render()), parse(one.render())
+    assert got.pop('h_sum{m="a"}') == pytest.approx(want.pop('h_sum{m="a"}'))   # summed in another order
+    assert got == want and h_many.count("a") == 5
+    with pytest.raises(ValueError, match="takes labels"):
+        h_many.observe_many([1.0])
+
+
 def test_label_values_and_help_are_escaped():
     r = Registry()
     r.counter("c_total", 'Help with a \\ and a\nnewline "quoted".', ("path",)).inc('a\\b"c\nd')

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
 
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.errors import EngineFullError, RequestError
 from kubellm.runtime.executor.executor import create_executor
+from kubellm.runtime.executor.load_times import LoadTimes
 from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
 from kubellm.runtime.executor.step import SeqChunk, StepBatch
 from kubellm.runtime.engine.scheduler import ScheduledSeq, Scheduler
@@ -47,24 +49,30 @@ def session_len_for(hf_config, config: EngineConfig) -> int:
 
 class LLMEngine:
     def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None, show_progress: bool = True,
-                 rank_group=None):
+                 rank_group=None, load_times: LoadTimes | None = None):
         """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
-        default a world size above 1 starts its ranks on this host."""
+        default a world size above 1 starts its ranks on this host. `load_times`: filled with where the
+        load's time goes (download, weights, warmup; a new one by default), kept as `self.load_times`."""
         from kubellm.runtime.hub.embedded import resolve_model
 
+        started = time.monotonic()
+        self.load_times = load_times if load_times is not None else LoadTimes()
         self.config = config or EngineConfig()
-        self.model_path = check_model_dir(resolve_model(model))
+        with self.load_times.phase("download"):
+            self.model_path = check_model_dir(resolve_model(model))
         self.hf_config = load_hf_config(self.model_path)
         self.session_len = session_len_for(self.hf_config, self.config)
-        self.tokenizer = Tokenizer(self.model_path)
+        with self.load_times.phase("weights"):
+            self.tokenizer = Tokenizer(self.model_path)
         self.executor = create_executor(self.model_path, self.hf_config, self.config, self.session_len,
-                                        show_progress, group=rank_group)
+                                        show_progress, group=rank_group, load_times=self.load_times)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens)
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+        self.load_times.total = time.monotonic() - started
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt, gen: GenerationConfig, request_id: str | None = None,

@@ -9,6 +9,7 @@ preempted: its blocks are freed and it is recomputed later from its tokens.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class Scheduler:
                 budget -= n
 
         # 2. Admit waiting sequences while there is room.
+        now = None
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
@@ -79,6 +81,9 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
+            if seq.first_scheduled is None:   # its queue time ends here (a preempted one keeps the first)
+                now = now or time.monotonic()
+                seq.first_scheduled = now
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
             prefills.append(ScheduledSeq(seq, n))

@@ -33,6 +33,7 @@ class Sequence:
         self.num_computed_tokens = 0   # tokens whose K/V are in the cache
         self.num_hashed_blocks = 0     # leading full blocks registered for prefix caching
         self.num_cached_prompt_tokens = 0  # prefix-cache hits at the last admission
+        self.first_scheduled: float | None = None  # time.monotonic() of its first admission (queue time)
         self.finish_reason: str | None = None
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kubellm.runtime.errors import ExecutorBrokenError
-from kubellm.runtime.serving.metrics import WorkerMetrics
+from kubellm.runtime.serving.metrics import EngineState, FinishedRequest, WorkerMetrics
 
 log = logging.getLogger("kubellm.worker")
 
@@ -95,6 +95,7 @@ class _Live:
     index: int
     arrived: float
     first_token: float | None = None
+    last_token: float | None = None
 
 
 class EngineLoop(threading.Thread):
@@ -199,13 +200,14 @@ class EngineLoop(threading.Thread):
                 future.set_exception(CallFailed(grpc.StatusCode.UNAVAILABLE, self.unavailable_message()))
         for rid, live in list(self._live.items()):
             engine.abort(rid)
+            self.metrics.request_ended_early("abort")
             live.sink.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, self.unavailable_message()))
         self._live.clear()
 
     def _publish_state(self) -> None:
-        engine = self.engine
-        self.metrics.set_engine_state(len(engine.scheduler.running), len(engine.scheduler.waiting),
-                                      float(engine.block_manager.usage))
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        self.metrics.set_engine_state(EngineState(len(scheduler.running), len(scheduler.waiting), float(blocks.usage),
+                                                  blocks.prefix_queries, blocks.prefix_hits, scheduler.num_preemptions))
 
     def _add(self, prompts, gens, sink: EventSink, arrived: float) -> list[str]:
         added = []
@@ -226,8 +228,9 @@ class EngineLoop(threading.Thread):
     def _abort(self, request_ids: list[str]) -> int:
         n = 0
         for rid in request_ids:
-            if self._live.pop(rid, None) is not None:
-                n += self.engine.abort(rid)
+            if self._live.pop(rid, None) is not None and self.engine.abort(rid):
+                n += 1
+                self.metrics.request_ended_early("abort")
         return n
 
     def _step(self) -> None:
@@ -240,24 +243,31 @@ class EngineLoop(threading.Thread):
             message = f"the engine failed while generating ({type(exc).__name__}: {exc})"
             for rid, live in list(self._live.items()):
                 self.engine.abort(rid)   # if this raises too, the thread dies (and health says so)
+                self.metrics.request_ended_early("error")
                 live.sink.put(ErrorEvent(grpc.StatusCode.INTERNAL, message))
             self._live.clear()
             return
         now = time.monotonic()
         batch: list[tuple[EventSink, object]] = []   # one wake-up of the event loop per step, not per token
+        generated, gaps = 0, []                       # metrics: one update per step, not per token
         for out in outputs:
             seq = out.seq
             live = self._live.get(seq.request_id)
             if live is None:
                 continue
-            self.metrics.add_tokens(generated=len(out.new_token_ids))
-            if live.first_token is None and out.new_token_ids:
-                live.first_token = now
-                self.metrics.observe_ttft(now - live.arrived)
+            if out.new_token_ids:
+                generated += len(out.new_token_ids)
+                if live.first_token is None:
+                    live.first_token = now
+                    self.metrics.first_token(now - live.arrived, seq.num_prompt_tokens)
+                else:
+                    gaps.append(now - live.last_token)
+                live.last_token = now
             if out.finished:
                 del self._live[seq.request_id]
-                if seq.num_generated > 1 and live.first_token is not None:
-                    self.metrics.observe_tpot((now - live.first_token) / (seq.num_generated - 1))
+                self.metrics.request_finished(FinishedRequest(
+                    seq.finish_reason or "stop", live.arrived, seq.first_scheduled or live.arrived,
+                    live.first_token or now, now, seq.num_prompt_tokens, seq.num_generated))
                 batch.append((live.sink, TokenEvent(
                     live.index, out.delta_text, list(out.new_token_ids), seq.num_prompt_tokens, seq.num_generated,
                     seq.finish_reason or "stop", seq.text, list(seq.generated_ids),
@@ -265,5 +275,7 @@ class EngineLoop(threading.Thread):
             elif live.sink.stream:
                 batch.append((live.sink, TokenEvent(live.index, out.delta_text, list(out.new_token_ids),
                                                 seq.num_prompt_tokens, seq.num_generated)))
+        self.metrics.add_tokens(generated=generated)
+        self.metrics.inter_token_latencies(gaps)
         deliver(batch)
 

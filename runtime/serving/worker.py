@@ -33,6 +33,14 @@ from kubellm.runtime.serving.service import LLMService
 log = logging.getLogger("kubellm.worker")
 
 SERVICE_NAME = "kubellm.v1.LLM"
+# A load slower than this is logged as a WARNING naming its slowest phase: a minute is well past what a
+# cached model of a few billion parameters takes, so something (a download, a cold disk) deserves a look.
+SLOW_LOAD_SECONDS = 60.0
+SLOW_PHASE_HINTS = {
+    "download": "keep the model in a persistent cache (kubellm models pull / download) so a restart skips it",
+    "weights": "the checkpoint is read slowly: a faster or local disk helps",
+    "warmup": "CUDA graph capture and the KV cache: enforce_eager skips the capture",
+}
 
 
 
@@ -60,7 +68,7 @@ class Worker:
         self.show_progress = show_progress
         self.load_gate = load_gate   # tests: the model starts loading only once this is set
         self.rank_group = rank_group  # callable joining the ranks on other hosts (see cli/worker.py)
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(model_name=self.served_model_name)
         self.engine_loop: EngineLoop | None = None
         self.stopping = False
         self.load_error: BaseException | None = None
@@ -97,22 +105,41 @@ class Worker:
         log.info("worker %s listening on %s:%d; loading %s", self.replica, self.host, self.port, self.model_name)
         loop.create_task(self._load())
 
-    async def _load(self) -> None:
+    def _build_engine(self):
+        """The engine, its load timed by phase (rank 0's; a multi-host group's joining counts as weights)."""
         from kubellm.runtime.engine.engine import LLMEngine
+        from kubellm.runtime.executor.load_times import LoadTimes
 
+        times = LoadTimes()
+        started = time.monotonic()
+        with times.phase("weights"):
+            group = self.rank_group() if self.rank_group else None
+        engine = LLMEngine(self.model, self.engine_config, self.show_progress, rank_group=group, load_times=times)
+        times.total = time.monotonic() - started
+        return engine
+
+    def _report_load(self, engine) -> None:
+        times = engine.load_times
+        self.metrics.set_load_times(times.total, times.phases)
+        self.metrics.engine_loaded(engine.config.block_size, engine.block_manager.num_blocks,
+                                   engine.config.enable_prefix_caching, engine.session_len)
+        log.info("model %s loaded in %s: %s, %s on %s, %d KV blocks of %d tokens", self.model_name,
+                 times.describe(), engine.model_path, engine.runner.dtype, engine.runner.device,
+                 engine.block_manager.num_blocks, engine.config.block_size)
+        if times.total > SLOW_LOAD_SECONDS:
+            log.warning("model %s took %.0f s to load (over %.0f s); most of it in %s (%.0f s): %s", self.model_name,
+                        times.total, SLOW_LOAD_SECONDS, times.slowest, times.phases[times.slowest],
+                        SLOW_PHASE_HINTS[times.slowest])
+
+    async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             if self.load_gate is not None:
                 while not await loop.run_in_executor(None, self.load_gate.wait, 0.1):
                     if self.stopping:
                         return
-            started = time.monotonic()
-            engine = await loop.run_in_executor(None, lambda: LLMEngine(
-                self.model, self.engine_config, self.show_progress,
-                rank_group=self.rank_group() if self.rank_group else None))
-            log.info("model %s loaded in %.1f s (%s, %s on %s, %d KV blocks of %d tokens)", self.model_name,
-                     time.monotonic() - started, engine.model_path, engine.runner.dtype, engine.runner.device,
-                     engine.block_manager.num_blocks, engine.config.block_size)
+            engine = await loop.run_in_executor(None, self._build_engine)
+            self._report_load(engine)
         except Exception as exc:  # noqa: BLE001 - reported through health and every request
             detail = str(exc) if isinstance(exc, ValueError) else traceback.format_exc()  # bad config: no trace
             log.error("the model failed to load: %s", detail)

@@ -154,6 +154,38 @@ def test_max_batch_size_limits_running_sequences():
     assert_all_done(sched, seqs)
 
 
+@pytest.mark.parametrize("num_blocks, batch", [(200, 2), (6, 8)], ids=["batch-limited", "preempting"])
+def test_first_scheduled_marks_the_first_admission_and_survives_preemption(num_blocks, batch):
+    """The end of a request's queue time (vllm:request_queue_time_seconds): set when it is first
+    admitted to a step, never before, and kept when a preempted sequence is admitted again."""
+    sched = make_sched(num_blocks=num_blocks, batch=batch, budget=32)
+    d = Driver(sched)
+    seqs = [make_seq(5, 10, base=100 * i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    first: dict[int, float] = {}
+    while sched.has_work():
+        before = {id(s): s.first_scheduled for s in seqs}
+        items = d.step()
+        ran = {id(it.seq) for it in items}
+        for s in seqs:
+            if id(s) not in first:
+                assert (s.first_scheduled is not None) == (id(s) in ran), "set exactly at the first admission"
+                assert before[id(s)] is None
+                if s.first_scheduled is not None:
+                    first[id(s)] = s.first_scheduled
+            else:
+                assert s.first_scheduled == first[id(s)]
+        assert len(d.steps) < 300
+    times = [first[id(s)] for s in seqs]
+    assert times == sorted(times) and len(first) == len(seqs)
+    if num_blocks == 6:
+        assert sched.num_preemptions > 0
+    else:
+        assert times[0] < times[-1]   # the last waited for a batch slot
+    assert_all_done(sched, seqs)
+
+
 # ---------------------------------------------------------------- Dynamic SplitFuse
 
 
