@@ -246,6 +246,16 @@ class Condition(_Spec):
     observedGeneration: int | None = None
 
 
+class GroupStatus(_Spec):
+    """When one replica group's current pods got where they are, and how long its model took to load."""
+
+    index: int = Field(..., ge=0)
+    scheduledAt: str = Field("", description="the last of its pods was scheduled (PodScheduled)")
+    loadStartedAt: str = Field("", description="the last of its worker containers started: the model load began")
+    readyAt: str = Field("", description="the last of its pods became Ready: the group serves")
+    loadSeconds: float | None = Field(None, description="readyAt - loadStartedAt")
+
+
 class LLMDeploymentStatus(_Spec):
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] = "Pending"
     replicas: int = 0
@@ -256,4 +266,8 @@ class LLMDeploymentStatus(_Spec):
     endpoint: str = ""
     restEndpoint: str = ""
     observedGeneration: int = 0
+    groups: list[GroupStatus] = Field(default_factory=list, max_length=1000,
+                                      description="per replica group: time to ready (RFC 3339 times of its pods)")
+    lastLoadSeconds: float | None = Field(None, description="the model load of the group that became ready last "
+                                                            "(`kubectl get llmd -o wide`)")
     conditions: list[Condition] = Field(default_factory=list)

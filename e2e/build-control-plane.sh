@@ -6,7 +6,9 @@
 #   coredns (cluster DNS of the real node: kubernetes, health, ready)  (github.com/coredns/coredns)
 #   kwok                                                               (sigs.k8s.io/kwok)
 #   helm                                                               (helm.sh/helm/v3)
-# into ${KUBELLM_E2E_CACHE:-~/.cache/kubellm/e2e}/<K8S_VERSION>/bin (never inside the repo).
+#   grpcurl (reflection and JSON calls against workers and routers)     (github.com/fullstorydev/grpcurl)
+# into ${KUBELLM_E2E_CACHE:-~/.cache/kubellm/e2e}/<K8S_VERSION>/bin (never inside the repo), and the
+# InferencePool CRD (config/crd/bases of sigs.k8s.io/gateway-api-inference-extension) into .../crds.
 #
 # Idempotent: a binary whose stamp file matches the wanted version is reused, so a second run
 # takes well under a second. Needs only Go and access to the Go module proxy (no Docker, no GitHub).
@@ -21,12 +23,12 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Environment wins over versions.env.
-for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION; do
+for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION; do
   declare "_env_$var=${!var-}"
 done
 # shellcheck source=versions.env
 source "$here/versions.env"
-for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION; do
+for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION; do
   envname="_env_$var"
   if [[ -n "${!envname}" ]]; then declare "$var=${!envname}"; fi
 done
@@ -51,7 +53,7 @@ for arg in "$@"; do
 done
 
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
-all_bins=("${k8s_bins[@]}" etcd kwok helm coredns)
+all_bins=("${k8s_bins[@]}" etcd kwok helm coredns grpcurl)
 
 stamp_of() {
   case "$1" in
@@ -60,6 +62,7 @@ stamp_of() {
     kwok) echo "sigs.k8s.io/kwok@$KWOK_VERSION" ;;
     helm) echo "helm.sh/helm/v3@$HELM_VERSION" ;;
     coredns) echo "github.com/coredns/coredns@$COREDNS_VERSION" ;;
+    grpcurl) echo "github.com/fullstorydev/grpcurl@$GRPCURL_VERSION" ;;
   esac
 }
 current() {  # current <binary>: present, executable, and built from the wanted version
@@ -83,7 +86,7 @@ mkdir -p "$bin" "$src"
 exec 9>"$root/.lock"
 flock 9   # one build per cache directory at a time
 exec > >(tee -a "$log") 2>&1
-echo "=== $(date -u +%FT%TZ) build-control-plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, coredns $COREDNS_VERSION"
+echo "=== $(date -u +%FT%TZ) build-control-plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, coredns $COREDNS_VERSION, grpcurl $GRPCURL_VERSION"
 echo "    cache: $root  ($(go version))"
 
 export CGO_ENABLED=0
@@ -222,7 +225,7 @@ GO
 fi
 if [[ $mode == download ]]; then echo "=== modules downloaded in $((SECONDS - start_all)) s"; exit 0; fi
 
-# --- kwok and helm: plain `go install pkg@version` with GOBIN in the cache.
+# --- kwok, helm and grpcurl: plain `go install pkg@version` with GOBIN in the cache.
 gobin_install() {  # gobin_install <name> <pkg@version> <ldflags>
   local name="$1" pkg="$2" flags="$3" t=$SECONDS out
   out="$(mktemp -d "$root/out.XXXXXX")"
@@ -246,8 +249,24 @@ if ! current kwok || [[ ! -f "$bin/kwok-stages.yaml" ]]; then
 fi
 current helm || gobin_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+current grpcurl || gobin_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION" \
+  "-s -w -X main.version=$GRPCURL_VERSION"
+
+# --- The Gateway API Inference Extension's InferencePool CRD: a file of its Go module (the module proxy
+#     serves exact versions), kept like a binary: stamped with its version, fetched again when that changes.
+gie_module="sigs.k8s.io/gateway-api-inference-extension@$GIE_VERSION"
+gie_crd="$root/crds/inference.networking.k8s.io_inferencepools.yaml"
+if [[ $force == 1 || ! -f "$gie_crd" || "$(cat "$root/crds/.gie.stamp" 2>/dev/null)" != "$gie_module" ]]; then
+  echo "--- fetching the InferencePool CRD ($gie_module)"
+  gie_dir="$(cd "$root" && GOFLAGS=-mod=mod go mod download -json "$gie_module" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -n "$gie_dir" ]] || { echo "error: go mod download $gie_module failed" >&2; exit 1; }
+  install -D -m 644 "$gie_dir/config/crd/bases/$(basename "$gie_crd")" "$gie_crd"
+  echo "$gie_module" > "$root/crds/.gie.stamp"
+fi
 
 echo "=== done in $((SECONDS - start_all)) s; binaries in $bin:"
 for b in "${all_bins[@]}"; do
   printf '  %-26s %s  (%s)\n' "$b" "$bin/$b" "$(du -h "$bin/$b" | cut -f1)"
 done
+printf '  %-26s %s  (%s)\n' "InferencePool CRD" "$gie_crd" "$gie_module"

@@ -91,6 +91,21 @@ def default_bin_dir() -> Path:
     return cache_dir() / versions()["K8S_VERSION"] / "bin"
 
 
+GIE_CRD_FILE = "inference.networking.k8s.io_inferencepools.yaml"
+GIE_CRD_NAME = "inferencepools.inference.networking.k8s.io"
+
+
+def inference_pool_crd(bin_dir: Path | None = None) -> Path | None:
+    """The InferencePool CRD that build-control-plane.sh took from the Gateway API Inference Extension's Go
+    module (``<cache>/<K8S_VERSION>/crds``), or None when it is missing or from another GIE_VERSION."""
+    crds = (Path(bin_dir) if bin_dir else default_bin_dir()).parent / "crds"
+    stamp = crds / ".gie.stamp"
+    want = f"sigs.k8s.io/gateway-api-inference-extension@{versions().get('GIE_VERSION', '')}"
+    if (crds / GIE_CRD_FILE).is_file() and stamp.is_file() and stamp.read_text().strip() == want:
+        return crds / GIE_CRD_FILE
+    return None
+
+
 def build_command() -> str:
     return f"bash {os.path.relpath(BUILD_SCRIPT)}" if Path.cwd() in BUILD_SCRIPT.parents else f"bash {BUILD_SCRIPT}"
 
@@ -379,6 +394,17 @@ class LocalCluster:
         self.kubectl("apply", "-f", "-", input=json.dumps(node))
         if wait:
             self.wait_for(lambda: self._node_ready(name), f"node {name} Ready", timeout=60)
+
+    def install_inference_pool_crd(self) -> None:
+        """Apply the real InferencePool CRD (see inference_pool_crd) and wait until it is served."""
+        path = inference_pool_crd(self.bin_dir)
+        if path is None:
+            raise ClusterError(f"the InferencePool CRD is not in the cache; fetch it with: {build_command()}")
+        self.kubectl("apply", "--server-side", "-f", str(path))
+        self.kubectl("wait", "--for=condition=Established", f"crd/{GIE_CRD_NAME}", "--timeout=60s")
+
+    def remove_inference_pool_crd(self) -> None:
+        self.kubectl("delete", "crd", GIE_CRD_NAME, "--ignore-not-found", "--timeout=120s")
 
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
         """Create a namespace and wait for its ``default`` service account (pods need it)."""

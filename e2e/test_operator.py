@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,3 +221,72 @@ def test_cluster_full_is_reported_as_unschedulable(cluster, operator, ns):
     status = wait_status(cluster, operator, ns, "full", lambda s: s.get("phase") == "Pending", "Pending", timeout=60)
     progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
     assert progressing["reason"] == "Unschedulable" and "nvidia.com/gpu" in progressing["message"]
+
+
+def condition(status, type_) -> dict:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def test_inference_pool_follows_its_crd_and_selects_exactly_the_leaders(cluster, operator, ns):
+    """Without the GIE CRD the deployment is Ready and a condition says why there is no pool; once the real
+    CRD (from the Go module, e2e/build-control-plane.sh) is installed, the next refresh creates the pool, the
+    API server accepts it, and its selector matches the rank-0 pods of every group and nothing else; turning
+    it off deletes it. Each group's time to ready is in the status, `-o wide` and the ModelLoaded Events."""
+    crd_file = sys.modules["kubellm_e2e_cluster"].inference_pool_crd(cluster.bin_dir)
+    if crd_file is None:
+        pytest.skip("the InferencePool CRD is not fetched; run: bash e2e/build-control-plane.sh")
+    cluster.remove_inference_pool_crd()
+    picker = {"name": "pool-epp", "port": 9002}
+    apply(cluster, ns, deployment("pool", tensorParallel=2, gpusPerPod=1, replicas=2,
+                                  inferencePool={"enabled": True, "endpointPickerRef": picker}))
+    apply(cluster, ns, deployment("other", replicas=1))   # a neighbour whose leader must not be selected
+    try:
+        status = wait_status(cluster, operator, ns, "pool", lambda s: s.get("phase") == "Ready"
+                             and condition(s, "InferencePoolReady").get("reason") == "CRDNotInstalled", "Ready, no CRD")
+        assert condition(status, "InferencePoolReady")["status"] == "False"
+        assert "inferencepools.inference.networking.k8s.io" in condition(status, "InferencePoolReady")["message"]
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Available"] == "True"
+
+        # Time to ready: per group, from the pods the API server holds.
+        assert [g["index"] for g in status["groups"]] == [0, 1]
+        for group in status["groups"]:
+            assert group["scheduledAt"] <= group["loadStartedAt"] <= group["readyAt"], group
+            assert group["loadSeconds"] >= 0
+        assert status["lastLoadSeconds"] == max(status["groups"], key=lambda g: g["readyAt"])["loadSeconds"]
+        wide = cluster.kubectl("get", "llmd", "pool", "-n", ns, "-o", "wide").stdout.splitlines()
+        assert "LOAD-SECONDS" in wide[0].split()
+        assert wide[1].split()[wide[0].split().index("LOAD-SECONDS")] == f"{status['lastLoadSeconds']:g}", wide
+        cluster.wait_for(lambda: sum(e["reason"] == "ModelLoaded" for e in get(
+            cluster, ns, "events", "--field-selector", "involvedObject.name=pool")["items"]) >= 1, "ModelLoaded", 30)
+
+        cluster.install_inference_pool_crd()
+        status = wait_status(cluster, operator, ns, "pool",
+                             lambda s: condition(s, "InferencePoolReady").get("status") == "True", "pool created")
+        assert status["phase"] == "Ready" and "pool-epp:9002" in condition(status, "InferencePoolReady")["message"]
+        pool = get(cluster, ns, "inferencepool", "pool")
+        assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+        assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+        assert pool["spec"]["endpointPickerRef"] == {"group": "", "kind": "Service", "name": "pool-epp",
+                                                     "port": {"number": 9002}, "failureMode": "FailClose"}
+        assert pool["metadata"]["ownerReferences"][0]["name"] == "pool"
+        match = ",".join(f"{k}={v}" for k, v in pool["spec"]["selector"]["matchLabels"].items())
+        selected = sorted(p["metadata"]["name"] for p in get(cluster, ns, "pods", "-l", match)["items"])
+        every = get(cluster, ns, "pods")["items"]
+        leaders = sorted(p["metadata"]["name"] for p in every
+                         if p["metadata"]["labels"].get("app.kubernetes.io/instance") == "pool"
+                         and p["metadata"]["labels"].get("apps.kubernetes.io/pod-index") == "0")
+        assert selected == leaders == ["pool-g0-0", "pool-g1-0"], (selected, [p["metadata"]["name"] for p in every])
+        assert len(every) > len(selected) + 2   # rank-1 pods, routers and the neighbour's pods are there, unselected
+        for p in get(cluster, ns, "pods", "-l", match)["items"]:
+            assert p["metadata"]["labels"]["inference.networking.k8s.io/engine-type"] == "vllm"
+            [worker] = p["spec"]["containers"]
+            assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in worker["ports"]
+            assert worker["command"][worker["command"].index("--served-model-name") + 1] == "pool"
+
+        apply(cluster, ns, deployment("pool", tensorParallel=2, gpusPerPod=1, replicas=2))
+        cluster.wait_for(lambda: not get(cluster, ns, "inferencepools")["items"], "the pool deleted", timeout=60)
+        status = wait_status(cluster, operator, ns, "pool", lambda s: not condition(s, "InferencePoolReady"),
+                             "no pool condition")
+        assert status["phase"] == "Ready"
+    finally:
+        cluster.remove_inference_pool_crd()

@@ -81,6 +81,9 @@ PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready", "description": "replica groups serving / desired"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "description": "in-cluster gRPC address"},
+    # -o wide only: how long the model took to load, the figure a slow start is judged by.
+    {"name": "Load-Seconds", "type": "number", "jsonPath": ".status.lastLoadSeconds", "priority": 1,
+     "description": "the last ready replica group's model load, from its worker's start to Ready"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

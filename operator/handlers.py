@@ -9,9 +9,13 @@ Deletion needs no handler: every child has an owner reference and is garbage-col
 
 Events on the LLMDeployment (`kubectl describe llmd`), posted here deliberately (kopf's own posting
 is limited to errors): Created, Updated, Applied (children re-applied on resume), Scaled,
-GroupRestarted and GroupReady (a group's restart or rolling update, begun and done), each phase
-change (Ready, Progressing, Degraded, Unschedulable, InsufficientGPUs; `status.phase_event`) and
-InvalidSpec.
+GroupRestarted and GroupReady (a group's restart or rolling update, begun and done), ModelLoaded and
+SlowModelLoad (a group whole: how long its load took and, where its metrics answer, where the time
+went; `load_time.load_events`), each phase change (Ready, Progressing, Degraded, Unschedulable,
+InsufficientGPUs; `status.phase_event`) and InvalidSpec.
+
+With spec.inferencePool.enabled an InferencePool selects the leaders; without its CRD in the cluster the
+InferencePoolReady condition says so, everything else reconciles, and each refresh tries again.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ from pydantic import ValidationError
 
 from kubellm.operator import resources as R
 from kubellm.operator.kube import Kube
+from kubellm.operator.load_metrics import read_load_phases
+from kubellm.operator.load_time import group_timing, load_events, slow_load_after
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import READY_PODS, RESTARTING, compute_status, group_states, phase_event
+from kubellm.operator.status import (POOL_APPLIED, POOL_APPLY_FAILED, POOL_CONDITION, POOL_CRD_MISSING, READY_PODS,
+                                     RESTARTING, GroupState, compute_status, group_states, inference_pool_condition,
+                                     phase_event)
 from kubellm.operator.supervision import FAILURE, ROLLOUT, RestartGroup, SupervisionPlan, supervision_plan
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
@@ -88,6 +96,7 @@ def reconcile(body, spec, status, patch, reason, **_):
     children = R.children(owner, desired, router_image=ROUTER_IMAGE)
     written = sum(kube().apply(child) for child in children)
     removed = remove_extra_groups(owner, desired)
+    pool = sync_inference_pool(owner, desired)
     if reason == "create":
         kopf.event(body, type="Normal", reason="Created",
                    message=f"created {written} children for {desired.replicas} replica groups "
@@ -104,7 +113,7 @@ def reconcile(body, spec, status, patch, reason, **_):
     if previous is not None and previous != desired.replicas:
         kopf.event(body, type="Normal", reason="Scaled", message=f"replicas {previous} -> {desired.replicas}"
                    + (f" (removed groups {removed})" if removed else ""))
-    refresh(body, patch, owner, desired)
+    refresh(body, patch, owner, desired, pool)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
@@ -151,10 +160,44 @@ def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
     return sorted(removed)
 
 
+def sync_inference_pool(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[str, str]:
+    """Apply the InferencePool, or delete ours when spec.inferencePool is off: (outcome, detail), the
+    outcome one of status.POOL_*, or "" when there is nothing to report. Never raises for a missing CRD
+    or a refused apply: the deployment serves through its router without a pool."""
+    k = kube()
+    if not k.served(R.INFERENCE_POOL_API, R.INFERENCE_POOL_KIND):
+        return (POOL_CRD_MISSING if spec.inferencePool.enabled else ""), ""
+    manifest = R.inference_pool(owner, spec)
+    if manifest is None:
+        live = k.get("inference.networking.k8s.io/v1", "InferencePool", R.inference_pool_name(owner), owner.namespace)
+        if live and any(ref.get("uid") == owner.uid for ref in live["metadata"].get("ownerReferences") or []):
+            k.delete("inference.networking.k8s.io/v1", "InferencePool", R.inference_pool_name(owner), owner.namespace)
+        return "", ""
+    try:
+        k.apply(manifest)
+    except ApiException as err:
+        log.warning("InferencePool %s/%s: %s %s", owner.namespace, owner.name, err.status, err.reason)
+        return POOL_APPLY_FAILED, f"{err.status} {err.reason}: {(err.body or '')[:300]}"
+    return POOL_APPLIED, ""
+
+
 RESTART_REASONS = {FAILURE: "a rank failed or was replaced", ROLLOUT: "the spec changed (rolling update)"}
 
 
-def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan) -> None:
+def post_load_events(body, spec: LLMDeploymentSpec, group: GroupState) -> None:
+    """ModelLoaded (and SlowModelLoad) for a group that just became whole, with its leader's load phases
+    when its metrics port answers within a second."""
+    timing = group_timing(group)
+    if timing.load_seconds is None:
+        return
+    leader = next((p for p in group.pods if p["metadata"].get("labels", {}).get(R.POD_INDEX_LABEL) == "0"), None)
+    phases, unavailable = read_load_phases(leader) if leader else ({}, "no rank-0 pod")
+    for type_, reason, message in load_events(timing, phases or None, slow_load_after(spec.startupTimeoutSeconds),
+                                              unavailable):
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+
+def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDeploymentSpec | None = None) -> None:
     """Carry out the supervision plan's actions, in order (deletes, StatefulSet marks, Events)."""
     k = kube()
     for action in plan.actions:
@@ -172,6 +215,9 @@ def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan) -> None:
                            message=f"replica group {action.index}: all {action.pods} pods ready again after the "
                                    f"{'rolling update' if action.completed == ROLLOUT else 'restart'}")
             _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting="")
+            group = next((g for g in plan.groups if g.index == action.index), None)
+            if spec is not None and group is not None:
+                post_load_events(body, spec, group)
 
 
 def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
@@ -187,12 +233,14 @@ def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) ->
     k.writes += 1
 
 
-def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
+def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[str, str] | None = None) -> None:
+    """`pool`: what reconcile's sync_inference_pool came to; without it (a timer tick) the pool is synced
+    again only while the last status says it is not there (its CRD was missing, or the apply failed)."""
     k = kube()
     statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
     pods = k.list("v1", "Pod", owner.namespace, R.selector(owner, "worker"))
     plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec)))
-    apply_supervision(body, owner, plan)
+    apply_supervision(body, owner, plan, spec)
     router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
     router_ready = bool((router.get("status") or {}).get("availableReplicas"))
     failure = ""
@@ -202,9 +250,14 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec) -> None:
             failure = (f"each pod needs {spec.gpus_per_pod} nvidia.com/gpu but the largest schedulable node offers "
                        f"{largest}; set gpusPerPod lower (more pods per group) or add larger GPU nodes")
     old = dict(body.get("status") or {})
-    selector = ",".join(f"{k_}={v}" for k_, v in R.selector(owner, "worker", **{R.POD_INDEX_LABEL: "0"}).items())
+    if pool is None and spec.inferencePool.enabled:
+        last = next((c for c in old.get("conditions") or [] if c.get("type") == POOL_CONDITION), None)
+        pool = ((POOL_APPLIED, "") if last and last.get("status") == "True"
+                else sync_inference_pool(owner, spec))
+    selector = ",".join(f"{k_}={v}" for k_, v in R.leader_selector(owner).items())
     new = compute_status(spec, list(plan.groups), router_ready, body["metadata"].get("generation", 0), old,
-                         R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure)
+                         R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure,
+                         inference_pool_condition(spec, *(pool or ("", "")), R.inference_pool_name(owner)))
     METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
         return

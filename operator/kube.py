@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 FIELD_MANAGER = "kubellm-operator"
 APPLIED_HASH = "kubellm.io/applied-hash"
@@ -71,6 +72,15 @@ class Kube:
 
     def resource(self, api_version: str, kind: str):
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def served(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves `kind` (a CRD may not be installed). Discovery is cached; a kind it
+        lacks is looked up afresh, so a CRD installed later is found on the next call."""
+        try:
+            self.resource(api_version, kind)
+            return True
+        except ResourceNotFoundError:
+            return False
 
     def get(self, api_version: str, kind: str, name: str, namespace: str) -> dict | None:
         try:

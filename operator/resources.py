@@ -3,8 +3,9 @@
 Nothing here talks to the API server; the handlers apply what these return with server-side
 apply. Per replica there is one StatefulSet (the ranks of one tensor/pipeline-parallel group)
 with its headless Service; a headless `-leaders` Service selects the ready rank-0 pods, which
-the router Deployment round-robins over; a ClusterIP Service fronts the router; optionally an
-Ingress for the REST gateway; a ConfigMap with the engine configuration; one PDB for workers.
+the router Deployment balances over; a ClusterIP Service fronts the router; optionally an
+Ingress for the REST gateway; a ConfigMap with the engine configuration; one PDB for workers;
+optionally an InferencePool (Gateway API Inference Extension) over the leaders' OpenAI HTTP port.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ GRPC_PORT_NAME = "grpc"
 REST_PORT_NAME = "http"
 MASTER_PORT = 29500
 METRICS_PORT, METRICS_PORT_NAME = 9090, "metrics"  # Prometheus /metrics of workers and routers (PodMonitor)
+# The leader's own OpenAI HTTP API (and /metrics): an InferencePool's target port, vLLM's default port.
+HTTP_PORT, HTTP_PORT_NAME = 8000, "http"
 MODELS_MOUNT = "/models"
 # Every container runs with a read-only root filesystem; /tmp (an emptyDir) is its one scratch space and
 # HOME points there, so what writes under ~ (Triton's and CUDA's kernel caches, ~/.cache) writes there.
@@ -28,6 +31,11 @@ POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by 
 SPEC_HASH = "kubellm.io/spec-hash"
 GROUP_LABEL = "kubellm.io/group"
 MANAGED_BY = "kubellm-operator"
+# An endpoint picker reads each pod's metrics by the names of the engine this label names; workers export
+# vLLM's. GIE's picker reads the first label, llm-d's router the second (the first as its fallback).
+ENGINE_TYPE_LABELS = {"inference.networking.k8s.io/engine-type": "vllm", "llm-d.ai/engine-type": "vllm"}
+INFERENCE_POOL_API, INFERENCE_POOL_KIND = "inference.networking.k8s.io/v1", "InferencePool"
+INFERENCE_POOL_CRD = "inferencepools.inference.networking.k8s.io"
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,9 @@ def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> di
 
 
 def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
-    """Changes exactly when the worker pods must be replaced (everything but replicas and router)."""
-    relevant = spec.model_dump(mode="json", exclude={"replicas", "router"})
+    """Changes exactly when the worker pods must be replaced (everything but replicas, router and the
+    InferencePool, which only selects the pods)."""
+    relevant = spec.model_dump(mode="json", exclude={"replicas", "router", "inferencePool"})
     relevant["restApi"] = None  # served by the router, not the workers
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -197,11 +206,14 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
     ]
     container = {
         "name": "worker", "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["kubellm", *spec.runtime_settings().worker_args(model_path(spec), CONFIG_MOUNT, port=port,
-                                                                     metrics_port=METRICS_PORT)],
+        # Requests' `model` and the metrics' model_name are the deployment's name, as vLLM's --served-model-name.
+        "command": ["kubellm", *spec.runtime_settings().worker_args(
+            model_path(spec), CONFIG_MOUNT, port=port, metrics_port=METRICS_PORT, http_port=HTTP_PORT,
+            served_model_name=owner.name)],
         "env": env,
         "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT},
-                  {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}],
+                  {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT},
+                  {"name": HTTP_PORT_NAME, "containerPort": HTTP_PORT}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -238,7 +250,7 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
             "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": selector(owner, "worker", **group_labels)},
             "template": {
-                "metadata": {"labels": labels(owner, "worker", **group_labels),
+                "metadata": {"labels": labels(owner, "worker", **group_labels, **ENGINE_TYPE_LABELS),
                              "annotations": {SPEC_HASH: worker_spec_hash(spec)}},
                 "spec": pod_spec,
             },
@@ -257,12 +269,37 @@ def group_service(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dict:
                                {"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port}]}}
 
 
+def leader_selector(owner: Owner) -> dict[str, str]:
+    """The rank-0 pods of every replica group: the leaders, which serve requests (gRPC and HTTP)."""
+    return selector(owner, "worker", **{POD_INDEX_LABEL: "0"})
+
+
 def leaders_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
     """Headless over the ready rank-0 pods: the router resolves it to find replica leaders."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, leaders_name(owner), "worker"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": False,
-                     "selector": selector(owner, "worker", **{POD_INDEX_LABEL: "0"}),
-                     "ports": [{"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port}]}}
+                     "selector": leader_selector(owner),
+                     "ports": [{"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port},
+                               {"name": HTTP_PORT_NAME, "port": HTTP_PORT, "targetPort": HTTP_PORT}]}}
+
+
+def inference_pool_name(owner: Owner) -> str:
+    return owner.name
+
+
+def inference_pool(owner: Owner, spec: LLMDeploymentSpec) -> dict | None:
+    """The InferencePool (inference.networking.k8s.io/v1) over the leaders' OpenAI HTTP port, or None when
+    spec.inferencePool is off. A Gateway's HTTPRoute sends requests to it; its endpoint picker (when named)
+    chooses the pod, reading the leaders' vllm: metrics."""
+    if not spec.inferencePool.enabled:
+        return None
+    body: dict = {"selector": {"matchLabels": leader_selector(owner)}, "targetPorts": [{"number": HTTP_PORT}]}
+    picker = spec.inferencePool.endpointPickerRef
+    if picker:
+        body["endpointPickerRef"] = {"kind": "Service", "name": picker.name, "port": {"number": picker.port},
+                                     "failureMode": picker.failureMode}
+    return {"apiVersion": INFERENCE_POOL_API, "kind": INFERENCE_POOL_KIND,
+            "metadata": metadata(owner, inference_pool_name(owner), "inference-pool"), "spec": body}
 
 
 # -- router, service, ingress -----------------------------------------------------------------

@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from kubellm.operator.resources import GROUP_LABEL, SPEC_HASH
+from kubellm.operator.load_time import group_timing, last_load_seconds
+from kubellm.operator.resources import GROUP_LABEL, HTTP_PORT, INFERENCE_POOL_CRD, SPEC_HASH
 from kubellm.api.spec import LLMDeploymentSpec
 
 READY_PODS = "kubellm.io/ready-pods"   # StatefulSet annotation: pod uids of the group when it was last Ready
 RESTARTING = "kubellm.io/restarting"   # StatefulSet annotation: the operator is restarting the whole group
+POOL_CONDITION = "InferencePoolReady"
+# What applying the InferencePool came to (handlers.sync_inference_pool): the condition's reason.
+POOL_APPLIED, POOL_CRD_MISSING, POOL_APPLY_FAILED = "PoolApplied", "CRDNotInstalled", "ApplyFailed"
+GIE_CRDS = "https://github.com/kubernetes-sigs/gateway-api-inference-extension/config/crd?ref=v1.6.0"
 
 
 @dataclass
@@ -115,9 +120,28 @@ def _condition(old: list[dict], type_: str, ok: bool, reason: str, message: str,
             "observedGeneration": generation}
 
 
+def inference_pool_condition(spec: LLMDeploymentSpec, outcome: str, pool: str, detail: str = "") -> tuple[bool, str, str] | None:
+    """(ok, reason, message) of the InferencePoolReady condition, from what applying the pool came to; None
+    while spec.inferencePool is off (no condition). Never a phase: a deployment without its pool still serves
+    through its router."""
+    if not spec.inferencePool.enabled:
+        return None
+    if outcome == POOL_CRD_MISSING:
+        return False, outcome, (f"the InferencePool CRD ({INFERENCE_POOL_CRD}) is not installed, so there is no pool "
+                                f"{pool}; install the Gateway API Inference Extension's CRDs (kubectl apply -k "
+                                f"'{GIE_CRDS}') and the next refresh creates it; the router serves meanwhile")
+    if outcome == POOL_APPLY_FAILED:
+        return False, outcome, f"InferencePool {pool} could not be applied: {detail}"
+    picker = spec.inferencePool.endpointPickerRef
+    return True, outcome, (f"InferencePool {pool} selects the replica leaders (rank-0 pods) on port {HTTP_PORT}; "
+                           + (f"endpoint picker {picker.name}:{picker.port} ({picker.failureMode})" if picker
+                              else "no endpoint picker (set inferencePool.endpointPickerRef)"))
+
+
 def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_ready: bool, generation: int,
-                   old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "") -> dict:
-    """The whole `.status`, derived from observed children only."""
+                   old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "",
+                   pool: tuple[bool, str, str] | None = None) -> dict:
+    """The whole `.status`, derived from observed children only; `pool`: inference_pool_condition's."""
     ready = sum(g.serving for g in groups)   # like a Deployment's readyReplicas: any revision
     updated = sum(g.updated for g in groups)
     # A planned rollout restart is progress; a lost rank (restarting or not yet noticed) is degradation.
@@ -138,10 +162,14 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
     else:
         phase, reason, message = "Progressing", "ReplicasStarting", f"{ready}/{spec.replicas} replicas ready"
     conditions = old.get("conditions") or []
+    timings = [group_timing(g) for g in groups]
+    extra = [_condition(conditions, POOL_CONDITION, *pool, generation)] if pool else []
     return {
         "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "ready": f"{ready}/{spec.replicas}",
         "updatedReplicas": updated,
         "selector": selector, "endpoint": endpoint, "restEndpoint": rest_endpoint, "observedGeneration": generation,
+        "groups": [t.status() for t in timings],
+        "lastLoadSeconds": last_load_seconds(timings, old.get("lastLoadSeconds")),
         "conditions": [
             _condition(conditions, "Available", ready > 0 and router_ready,
                        "ReplicasAvailable" if ready else "NoReplicaReady", f"{ready}/{spec.replicas} replicas ready",
@@ -151,6 +179,7 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
             _condition(conditions, "Degraded", phase in ("Degraded", "Failed"),
                        reason if phase in ("Degraded", "Failed") else "AsExpected",
                        message if phase in ("Degraded", "Failed") else "", generation),
+            *extra,
         ],
     }
 

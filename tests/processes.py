@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -10,6 +11,16 @@ import time
 from pathlib import Path
 
 import grpc
+
+
+def e2e_binary(name: str) -> str | None:
+    """`name` on PATH, else as e2e/build-control-plane.sh builds it (${KUBELLM_E2E_CACHE:-~/.cache/kubellm/e2e}/
+    <k8s version>/bin); None where neither has it."""
+    if shutil.which(name):
+        return shutil.which(name)
+    cache = os.environ.get("KUBELLM_E2E_CACHE", os.path.expanduser("~/.cache/kubellm/e2e"))
+    found = [p for p in sorted(glob.glob(os.path.join(cache, "*", "bin", name))) if os.access(p, os.X_OK)]
+    return found[-1] if found else None
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""The REST gateway of a router (no torch): DeepSpeed-MII's `/mii/{deployment}` and OpenAI's API.
+"""The REST gateway (no torch): DeepSpeed-MII's `/mii/{deployment}` and OpenAI's API, in front of an
+upstream (serving.upstream.Upstream): the router's replicas, or a worker's own engine (serving.worker_http).
 
     POST /mii/{deployment_name}   {"prompts": [...] | "prompt": "...", "max_length": 128, ...}
                                   -> [{"generated_text", "prompt_length", "generated_length", "finish_reason"}]
@@ -6,9 +7,12 @@
                                   stop, seed, n=1, stream (server-sent events, then `data: [DONE]`)
     POST /v1/chat/completions     messages, the same options, stream
     GET  /v1/models               the deployment (and its model)
-    GET  /metrics                 the router's Prometheus metrics
+    GET  /health                  200 while the upstream can answer, else 503
+    GET  /metrics                 the upstream's Prometheus metrics
 
-Requests go through the router's own forwarding (round-robin, retries). gRPC errors map to
+On a router, requests go through its own forwarding (balancing, retries) and any `model` is accepted;
+on a worker, the route is OpenAI's only and `model` must be one it serves (404 `model_not_found`, as
+vLLM answers, naming the ones it serves; absent means the first). gRPC errors map to
 HTTP: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504;
 error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -18,16 +22,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import grpc
 from aiohttp import web
 
 from kubellm.protos.v1 import llm_pb2
-from kubellm.runtime.serving.upstream import UpstreamError
-
-if TYPE_CHECKING:  # the router serves this app (Router.start): it imports the gateway, not the reverse
-    from kubellm.runtime.serving.router import Router
+from kubellm.runtime.serving.upstream import Upstream, UpstreamError
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -43,9 +44,9 @@ _HTTP_STATUS = {
 
 class BadRequest(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> web.Response:
@@ -210,19 +211,36 @@ def _finish(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
+def checked_model(requested, served: Sequence[str] | None, default: str) -> str:
+    """The model a reply names. `served` None (a router): any, else `default`. Otherwise `requested` must
+    be one of `served` (absent: the first); anything else is vLLM's 404 naming the served ones."""
+    if served is None:
+        return requested if isinstance(requested, str) else default
+    if requested is None or requested == "":
+        return served[0]
+    if not isinstance(requested, str):
+        raise BadRequest(f"'model' must be a string, got {requested!r}", "model")
+    if requested in served:
+        return requested
+    names = " or ".join(f"`{n}`" for n in served)
+    raise BadRequest(f"The model `{requested}` does not exist; this server serves {names}", "model",
+                     status=404, kind="not_found_error", code="model_not_found")
+
+
 # --------------------------------------------------------------------------- the app
 
 
 class Gateway:
-    def __init__(self, router: Router):
-        self.router = router
+    def __init__(self, upstream: Upstream, models: Sequence[str] | None = None):
+        self.upstream = upstream
+        self.models_served = list(models) if models is not None else None   # None: any model (a router)
 
     # MII
     async def mii(self, request: web.Request) -> web.Response:
         name = request.match_info["deployment_name"]
-        if name != self.router.deployment_name:
+        if name != self.upstream.deployment_name:
             return _error(404, f"unknown deployment {name!r}; this gateway serves "
-                               f"{self.router.deployment_name!r}", "not_found_error", "deployment_name")
+                               f"{self.upstream.deployment_name!r}", "not_found_error", "deployment_name")
         body = await _json_body(request)
         if "prompts" in body:
             prompts, param = body["prompts"], "prompts"
@@ -237,7 +255,7 @@ class Gateway:
         req = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p) for p in prompts],
                                       config=_config(body, max_new_key="max_new_tokens", openai=False))
         full = _get(body, "return_full_text", bool)
-        reply = await self.router.forward_unary("Generate", req)
+        reply = await self.upstream.forward_unary("Generate", req)
         out = []
         for r in sorted(reply.responses, key=lambda r: r.index):
             text = prompts[r.index] + r.text if full and r.index < len(prompts) else r.text
@@ -248,20 +266,24 @@ class Gateway:
     # OpenAI
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
+        model = self._model(body)   # first, as vLLM: a wrong model is 404 whatever else is wrong
         if "prompt" not in body:
             raise BadRequest("'prompt' is required", "prompt")
         req = llm_pb2.GenerateRequest(prompts=_text_prompts(body["prompt"], "prompt"),
                                       config=_config(body, max_new_key="max_tokens", openai=True))
-        return await self._openai(request, body, req, chat=False)
+        return await self._openai(request, body, req, model, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
+        model = self._model(body)
         req = llm_pb2.GenerateRequest(prompts=[_conversation(body.get("messages"))],
                                       config=_config(body, max_new_key="max_tokens", openai=True))
-        return await self._openai(request, body, req, chat=True)
+        return await self._openai(request, body, req, model, chat=True)
 
-    async def _openai(self, request, body, req, *, chat: bool) -> web.StreamResponse:
-        model = body.get("model") if isinstance(body.get("model"), str) else self.router.deployment_name
+    def _model(self, body: dict) -> str:
+        return checked_model(body.get("model"), self.models_served, self.upstream.deployment_name)
+
+    async def _openai(self, request, body, req, model: str, *, chat: bool) -> web.StreamResponse:
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         req.request_id = rid
@@ -270,7 +292,7 @@ class Gateway:
             opts = body.get("stream_options") or {}
             usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
             return await self._sse(request, req, rid=rid, model=model, created=created, chat=chat, usage=usage)
-        reply = await self.router.forward_unary("Generate", req)
+        reply = await self.upstream.forward_unary("Generate", req)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for r in sorted(reply.responses, key=lambda r: r.index):
             prompt_tokens += r.prompt_length
@@ -289,7 +311,7 @@ class Gateway:
 
     async def _sse(self, request, req, *, rid, model, created, chat, usage) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
-        upstream = self.router.forward_stream(req)
+        upstream = self.upstream.forward_stream(req)
         try:
             try:  # the first message before any header: errors up to here get a proper HTTP status
                 first = await upstream.__anext__()
@@ -342,23 +364,29 @@ class Gateway:
             await upstream.aclose()
 
     async def models(self, request: web.Request) -> web.Response:
-        info = self.router.model_info
+        if self.models_served is not None:
+            return _model_list(self.models_served)
+        info = self.upstream.model_info
         if info is None:
             try:
-                info = await self.router.forward_unary("ModelInfo", llm_pb2.ModelInfoRequest(), timeout=10)
+                info = await self.upstream.forward_unary("ModelInfo", llm_pb2.ModelInfoRequest(), timeout=10)
             except UpstreamError:
                 info = None
-        names = [self.router.deployment_name]
+        names = [self.upstream.deployment_name]
         if info is not None and info.model and info.model not in names:
             names.append(info.model)
-        return web.json_response({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "kubellm"} for n in names]})
+        return _model_list(names)
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = bool(self.router.healthy_replicas())
+        ok = bool(self.upstream.healthy_replicas())
         return web.json_response({"status": "ok" if ok else "unavailable",
-                                  "healthy_replicas": len(self.router.healthy_replicas()),
-                                  "replicas": len(self.router.replicas)}, status=200 if ok else 503)
+                                  "healthy_replicas": len(self.upstream.healthy_replicas()),
+                                  "replicas": len(self.upstream.replicas)}, status=200 if ok else 503)
+
+
+def _model_list(names: Sequence[str]) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": n, "object": "model", "created": 0, "owned_by": "kubellm"} for n in names]})
 
 
 @web.middleware
@@ -366,18 +394,21 @@ async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
     except BadRequest as err:
-        return _error(err.status, err.message, err.kind, err.param)
+        return _error(err.status, err.message, err.kind, err.param, err.code)
     except UpstreamError as err:
         return _from_upstream(err)
 
 
-def build_app(router: Router) -> web.Application:
-    gw = Gateway(router)
+def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True) -> web.Application:
+    """The REST app over `upstream`. `models`: the names `model` may take (None: any, as a router);
+    `mii`: serve DeepSpeed-MII's route too (a router's only)."""
+    gw = Gateway(upstream, models)
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/mii/{deployment_name}", gw.mii)
+    if mii:
+        app.router.add_post("/mii/{deployment_name}", gw.mii)
     app.router.add_post("/v1/completions", gw.completions)
     app.router.add_post("/v1/chat/completions", gw.chat_completions)
     app.router.add_get("/v1/models", gw.models)
     app.router.add_get("/health", gw.health)
-    app.router.add_get("/metrics", router.metrics_handler)
+    app.router.add_get("/metrics", upstream.metrics_handler)
     return app

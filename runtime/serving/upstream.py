@@ -1,13 +1,23 @@
-"""What a call forwarded to the replicas ends with when it cannot be answered (no torch).
+"""What the REST gateway sends its calls to, and what such a call ends with when it cannot be answered (no torch).
 
-The router raises it; its gRPC servicer aborts the call with the code, the REST gateway turns it
-into the HTTP error of the same meaning. A module of its own so that the gateway, which the router
-serves, needs nothing from the router's module.
+Two upstreams satisfy `Upstream`: the router (its replicas, over gRPC) and a worker's own engine
+(serving.worker_upstream, in-process). A call that cannot be answered raises `UpstreamError`; the
+router's gRPC servicer aborts with its code, the gateway turns it into the HTTP error of the same
+meaning. A module of its own so that the gateway, which the router serves, needs nothing from the
+router's module.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
 import grpc
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from kubellm.protos.v1 import llm_pb2
 
 
 class UpstreamError(Exception):
@@ -17,3 +27,25 @@ class UpstreamError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class Upstream(Protocol):
+    """The calls of the REST gateway (typed messages in and out; failures raise UpstreamError)."""
+
+    @property
+    def deployment_name(self) -> str: ...   # the name the MII route and a reply without a model use
+
+    @property
+    def model_info(self) -> llm_pb2.ModelInfoResponse | None: ...   # known without a call, else None
+
+    @property
+    def replicas(self) -> Sequence: ...
+
+    def healthy_replicas(self) -> Sequence: ...   # none: /health answers 503
+
+    async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None): ...
+
+    def forward_stream(self, request: llm_pb2.GenerateRequest, metadata=(),
+                       timeout: float | None = None) -> AsyncIterator[llm_pb2.GenerateStreamResponse]: ...
+
+    async def metrics_handler(self, request: web.Request) -> web.Response: ...

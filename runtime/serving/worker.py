@@ -28,7 +28,9 @@ from kubellm.protos.v1 import llm_pb2_grpc
 from kubellm.runtime.config import EngineConfig, generation_config
 from kubellm.runtime.serving.engine_loop import EngineLoop
 from kubellm.runtime.serving.metrics import WorkerMetrics
+from kubellm.runtime.serving.reflection import add_reflection
 from kubellm.runtime.serving.service import LLMService
+from kubellm.runtime.serving.worker_http import start_http
 
 log = logging.getLogger("kubellm.worker")
 
@@ -49,7 +51,8 @@ class Worker:
 
     def __init__(self, model, engine_config: EngineConfig | dict | None, port: int, host: str, replica: str | None,
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
-                 load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None):
+                 load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None,
+                 http_port: int | None = None):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
@@ -75,6 +78,9 @@ class Worker:
         self.server: grpc.aio.Server | None = None
         self.health: health_aio.HealthServicer | None = None
         self.metrics_server = None
+        self.http_port = http_port   # OpenAI HTTP + /metrics (serving.worker_http); None: gRPC only
+        self.http_runner = None
+        self.http_upstream = None
         self.terminated: asyncio.Event | None = None
         self.ready: asyncio.Event | None = None
 
@@ -91,6 +97,7 @@ class Worker:
         llm_pb2_grpc.add_LLMServicer_to_server(LLMService(self), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_reflection(self.server)
         await self._set_health(False)
         bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
         if not bound:
@@ -102,6 +109,9 @@ class Worker:
         if self.metrics_port is not None:
             self.metrics_server = self.metrics.serve(self.metrics_port, self.host)
             self.metrics_port = self.metrics_server.server_port
+        if self.http_port is not None:
+            self.http_runner, self.http_upstream, self.http_port = await start_http(self, self.host, self.http_port)
+            log.info("worker %s serving OpenAI HTTP on port %d", self.replica, self.http_port)
         log.info("worker %s listening on %s:%d; loading %s", self.replica, self.host, self.port, self.model_name)
         loop.create_task(self._load())
 
@@ -162,10 +172,18 @@ class Worker:
         self.stopping = True
         if self.health is not None:
             await self._set_health(False)
+        # In-flight calls on either port get `grace` to finish; then the engine loop stops, which ends
+        # what is left with its UNAVAILABLE message (an SSE stream: an error event, then [DONE]).
+        draining = []
         if self.server is not None:
-            await self.server.stop(grace)
+            draining.append(self.server.stop(grace))
+        if self.http_upstream is not None:
+            draining.append(self.http_upstream.drained(grace))
+        await asyncio.gather(*draining)
         if self.engine_loop is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.stop)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -179,12 +197,15 @@ class TerminatedWhileLoading(Exception):
 async def serve_worker(model, engine_config: EngineConfig | dict | None = None, port: int = 50051,
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
-                       show_progress: bool = False, rank_group=None, served_model_name: str | None = None) -> None:
+                       show_progress: bool = False, rank_group=None, served_model_name: str | None = None,
+                       http_port: int | None = None) -> None:
     """Serve `model` on host:port until Terminate (if allowed) or cancellation; raises if the model fails to load.
     `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group).
-    `served_model_name`: the name the model is served as (default: `str(model)`)."""
+    `served_model_name`: the name the model is served as (default: `str(model)`).
+    `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http)."""
     worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
-                     metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name)
+                     metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name,
+                     http_port=http_port)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -221,9 +242,10 @@ class WorkerServer:
                  host: str = "127.0.0.1", replica: str | None = None, allow_terminate: bool = False,
                  generation_defaults: dict | None = None, metrics_port: int | None = None,
                  show_progress: bool = False, load_gate: threading.Event | None = None,
-                 served_model_name: str | None = None):
+                 served_model_name: str | None = None, http_port: int | None = None):
         self._worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
-                               metrics_port, show_progress, load_gate, served_model_name=served_model_name)
+                               metrics_port, show_progress, load_gate, served_model_name=served_model_name,
+                               http_port=http_port)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -243,6 +265,10 @@ class WorkerServer:
     @property
     def replica(self) -> str:
         return self._worker.replica
+
+    @property
+    def http_port(self) -> int | None:
+        return self._worker.http_port
 
     @property
     def served_model_name(self) -> str:

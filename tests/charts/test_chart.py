@@ -43,7 +43,7 @@ needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (on PATH or
 # -- what the operator calls --------------------------------------------------------------------
 PLURALS = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
            "ConfigMap": "configmaps", "PodDisruptionBudget": "poddisruptionbudgets", "Ingress": "ingresses",
-           "Pod": "pods"}
+           "Pod": "pods", "InferencePool": "inferencepools"}
 APPLY = ("get", "create", "patch")  # Kube.apply: read the live object; server-side apply (create when new)
 
 # Every permission the operator needs, with the call behind it; the chart's RBAC must grant exactly
@@ -62,9 +62,10 @@ FRAMEWORK = {  # kopf and Kubernetes, not our code
 def operator_calls() -> dict[tuple[str, str, str], str]:
     """(group, resource, verb) of every API call in the operator's own code, and where it is."""
     calls: dict[tuple[str, str, str], str] = {}
-    for child in R.children(R.Owner("demo", "default", "uid"), LLMDeploymentSpec.model_validate(
-            {"model": {"source": "hf://org/name"}, "tensorParallel": 2, "replicas": 2,
-             "restApi": {"enabled": True, "ingress": {"host": "llm.example.com"}}})):
+    owner, spec = R.Owner("demo", "default", "uid"), LLMDeploymentSpec.model_validate(
+        {"model": {"source": "hf://org/name"}, "tensorParallel": 2, "replicas": 2,
+         "restApi": {"enabled": True, "ingress": {"host": "llm.example.com"}}, "inferencePool": {"enabled": True}})
+    for child in [*R.children(owner, spec), R.inference_pool(owner, spec)]:  # the pool: handlers.sync_inference_pool
         for verb in APPLY:
             calls[(child["apiVersion"].rpartition("/")[0], PLURALS[child["kind"]], verb)] = "Kube.apply (children)"
     source = (ROOT / "operator" / "handlers.py").read_text()

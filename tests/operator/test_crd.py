@@ -119,8 +119,11 @@ def test_printer_columns(version, schema):
         ("READY", "string", ".status.ready"),  # "2/2", as for a Deployment
         ("PHASE", "string", ".status.phase"),
         ("ENDPOINT", "string", ".status.endpoint"),
+        ("LOAD-SECONDS", "number", ".status.lastLoadSeconds"),
         ("AGE", "date", ".metadata.creationTimestamp"),
     ]
+    # Only -o wide shows the load time; the default table stays as narrow as before.
+    assert [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")] == ["Load-Seconds"]
     for name, kind, path in columns:  # each column shows a field of that type
         if not path.startswith(".metadata"):
             assert at(schema, path)["type"] == kind, name

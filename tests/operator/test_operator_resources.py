@@ -157,6 +157,59 @@ def test_spec_hash_changes_only_when_workers_must_restart():
     assert R.worker_spec_hash(base) == R.worker_spec_hash(spec(replicas=2, router={"replicas": 3}))
     assert R.worker_spec_hash(base) != R.worker_spec_hash(spec(replicas=2, engine={"maxBatchSize": 8}))
     assert R.worker_spec_hash(base) != R.worker_spec_hash(spec(replicas=2, image="other:1"))
+    # The pool only selects the pods: turning it on or pointing it at a picker restarts no model.
+    assert R.worker_spec_hash(base) == R.worker_spec_hash(spec(replicas=2, inferencePool={
+        "enabled": True, "endpointPickerRef": {"name": "epp"}}))
+
+
+# -- InferencePool endpoints ---------------------------------------------------------------------
+def test_leaders_serve_openai_http_as_the_deployment_and_carry_the_engine_type():
+    sts = R.worker_statefulset(OWNER, spec(tensorParallel=2, gpusPerPod=1), 0)
+    [worker] = sts["spec"]["template"]["spec"]["containers"]
+    command = worker["command"]
+    assert command[command.index("--http-port") + 1] == "8000"
+    assert command[command.index("--served-model-name") + 1] == "llama"   # requests' `model`, metrics' model_name
+    assert {"name": "http", "containerPort": 8000} in worker["ports"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert labels["inference.networking.k8s.io/engine-type"] == labels["llm-d.ai/engine-type"] == "vllm"
+    # The StatefulSet's selector (immutable) does not carry them.
+    assert not set(R.ENGINE_TYPE_LABELS) & set(sts["spec"]["selector"]["matchLabels"])
+    ports = {p["name"]: p["port"] for p in R.leaders_service(OWNER, spec())["spec"]["ports"]}
+    assert ports == {"grpc": 50051, "http": 8000}
+
+
+@pytest.mark.parametrize("pool, picker", [
+    ({"enabled": True}, None),
+    ({"enabled": True, "endpointPickerRef": {"name": "llama-epp"}},
+     {"kind": "Service", "name": "llama-epp", "port": {"number": 9002}, "failureMode": "FailClose"}),
+    ({"enabled": True, "endpointPickerRef": {"name": "epp", "port": 9003, "failureMode": "FailOpen"}},
+     {"kind": "Service", "name": "epp", "port": {"number": 9003}, "failureMode": "FailOpen"}),
+])
+def test_inference_pool_selects_the_leaders_on_the_http_port(pool, picker):
+    manifest = R.inference_pool(OWNER, spec(tensorParallel=2, gpusPerPod=1, replicas=3, inferencePool=pool))
+    assert (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"]) == (
+        "inference.networking.k8s.io/v1", "InferencePool", "llama")
+    assert manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-123"
+    body = manifest["spec"]
+    assert body["targetPorts"] == [{"number": 8000}]
+    assert body.get("endpointPickerRef") == picker
+    # Exactly the rank-0 pods of this deployment's groups: a rank-1 pod's labels, another deployment's,
+    # or the router's do not match; every group's leader does.
+    match = body["selector"]["matchLabels"]
+    sts = R.worker_statefulset(OWNER, spec(tensorParallel=2, gpusPerPod=1), 2)
+    leader = {**sts["spec"]["template"]["metadata"]["labels"], R.POD_INDEX_LABEL: "0"}
+    assert match.items() <= leader.items()
+    assert not match.items() <= {**leader, R.POD_INDEX_LABEL: "1"}.items()
+    other = R.worker_statefulset(R.Owner("other", "team-a", "u2"), spec(), 0)["spec"]["template"]["metadata"]["labels"]
+    assert not match.items() <= {**other, R.POD_INDEX_LABEL: "0"}.items()
+    assert match == R.leaders_service(OWNER, spec())["spec"]["selector"]
+
+
+def test_no_inference_pool_unless_enabled():
+    assert R.inference_pool(OWNER, spec()) is None
+    assert R.inference_pool(OWNER, spec(inferencePool={"enabled": False, "endpointPickerRef": {"name": "e"}})) is None
+    # Applied on its own path (its CRD may be missing), never among the children.
+    assert not by_kind(R.children(OWNER, spec(inferencePool={"enabled": True})), "InferencePool")
 
 
 def test_engine_configmap_carries_engine_and_generation_settings():

@@ -1,8 +1,11 @@
 """Status derivation from observed children (pure functions, no API server)."""
 
+import pytest
+
 from kubellm.operator import resources as R
-from kubellm.api.spec import LLMDeploymentSpec
-from kubellm.operator.status import READY_PODS, RESTARTING, compute_status, group_states
+from kubellm.api.spec import InferencePoolSpec, LLMDeploymentSpec
+from kubellm.operator.status import (READY_PODS, RESTARTING, compute_status, group_states,
+                                     inference_pool_condition)
 
 SPEC = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "tensorParallel": 2, "gpusPerPod": 1,
                                          "replicas": 2})
@@ -149,3 +152,62 @@ def test_pods_a_group_restart_deletes():
     for pods_per_group, pods, cause, want in cases:
         got = [p["metadata"]["name"] for p in pods_to_delete(group(pods_per_group, pods), cause)]
         assert got == want, (pods_per_group, cause, got)
+
+
+# -- InferencePool condition ---------------------------------------------------------------------
+POOL_SPEC = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "inferencePool": {
+    "enabled": True, "endpointPickerRef": {"name": "epp", "failureMode": "FailOpen"}}})
+
+
+@pytest.mark.parametrize("pool_spec, outcome, detail, want_ok, want_reason, words", [
+    (POOL_SPEC, "PoolApplied", "", True, "PoolApplied", ["InferencePool x", "port 8000", "epp:9002 (FailOpen)"]),
+    (SPEC.model_copy(update={"inferencePool": InferencePoolSpec(enabled=True)}), "PoolApplied", "", True,
+     "PoolApplied", ["no endpoint picker", "inferencePool.endpointPickerRef"]),
+    (POOL_SPEC, "CRDNotInstalled", "", False, "CRDNotInstalled",
+     ["inferencepools.inference.networking.k8s.io", "kubectl apply -k", "gateway-api-inference-extension",
+      "next refresh"]),
+    (POOL_SPEC, "ApplyFailed", "403 Forbidden", False, "ApplyFailed", ["could not be applied: 403 Forbidden"]),
+])
+def test_inference_pool_condition(pool_spec, outcome, detail, want_ok, want_reason, words):
+    ok, reason, message = inference_pool_condition(pool_spec, outcome, "x", detail)
+    assert (ok, reason) == (want_ok, want_reason)
+    assert all(w in message for w in words), message
+
+
+def test_no_pool_condition_while_disabled_and_a_missing_crd_never_fails_the_deployment():
+    assert inference_pool_condition(SPEC, "CRDNotInstalled", "x") is None
+    pods = [pod(g, o) for g in (0, 1) for o in (0, 1)]
+    missing = inference_pool_condition(POOL_SPEC, "CRDNotInstalled", "x")
+    status = compute_status(SPEC, group_states(SPEC, [], pods, HASH), True, 3, {}, "ep", "", "sel", pool=missing)
+    assert status["phase"] == "Ready" and conditions(status)["InferencePoolReady"] == ("False", "CRDNotInstalled")
+    plain, _ = status_of(pods)
+    assert "InferencePoolReady" not in conditions(plain)
+    # Once the CRD is there the same status flips the condition, and only it.
+    applied = compute_status(SPEC, group_states(SPEC, [], pods, HASH), True, 3, status, "ep", "", "sel",
+                             pool=inference_pool_condition(POOL_SPEC, "PoolApplied", "x"))
+    assert conditions(applied)["InferencePoolReady"] == ("True", "PoolApplied")
+    assert {k: v for k, v in applied.items() if k != "conditions"} == {k: v for k, v in status.items() if k != "conditions"}
+
+
+def test_status_records_each_groups_time_to_ready():
+    def timed(group, ordinal, started, ready_at):
+        p = pod(group, ordinal)
+        p["status"]["conditions"] = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T10:00:00Z"},
+                                     {"type": "Ready", "status": "True", "lastTransitionTime": ready_at}]
+        p["status"]["containerStatuses"] = [{"name": "worker", "restartCount": 0,
+                                             "state": {"running": {"startedAt": started}}}]
+        return p
+    pods = [timed(0, 0, "2026-01-01T10:00:05Z", "2026-01-01T10:00:45Z"), timed(0, 1, "2026-01-01T10:00:06Z", "2026-01-01T10:00:40Z"),
+            timed(1, 0, "2026-01-01T10:00:05Z", "2026-01-01T10:01:05Z"), timed(1, 1, "2026-01-01T10:00:05Z", "2026-01-01T10:01:00Z")]
+    status, _ = status_of(pods)
+    assert status["groups"] == [
+        {"index": 0, "scheduledAt": "2026-01-01T10:00:00Z", "loadStartedAt": "2026-01-01T10:00:06Z",
+         "readyAt": "2026-01-01T10:00:45Z", "loadSeconds": 39.0},
+        {"index": 1, "scheduledAt": "2026-01-01T10:00:00Z", "loadStartedAt": "2026-01-01T10:00:05Z",
+         "readyAt": "2026-01-01T10:01:05Z", "loadSeconds": 60.0}]
+    assert status["lastLoadSeconds"] == 60.0   # group 1 became ready last
+    # Group 1 restarting (its pods gone): its entry empties; the last load shown is the serving group's.
+    later, _ = status_of(pods[:2], old=status)
+    assert later["groups"][1] == {"index": 1, "scheduledAt": "", "loadStartedAt": "", "readyAt": ""}
+    assert later["lastLoadSeconds"] == 39.0
+    assert status_of([pod(0, 0, ready=False)], old={"lastLoadSeconds": 12.0})[0]["lastLoadSeconds"] == 12.0

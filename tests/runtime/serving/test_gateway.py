@@ -1,0 +1,36 @@
+"""The REST gateway's pure decisions (serving/gateway.py): which model a reply names, or the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubellm.runtime.serving.gateway import BadRequest, checked_model
+
+WORKER = ["tiny-chat", "/models/tiny"]   # a worker: its served name first, then the model's own name
+
+
+@pytest.mark.parametrize("requested, served, want", [
+    ("anything", None, "anything"),        # a router accepts any model and echoes it
+    (None, None, "deployment"),            # ... and names the deployment when none is given
+    (42, None, "deployment"),
+    ("tiny-chat", WORKER, "tiny-chat"),
+    ("/models/tiny", WORKER, "/models/tiny"),
+    (None, WORKER, "tiny-chat"),           # absent: the served name (vLLM accepts a request without one)
+    ("", WORKER, "tiny-chat"),
+])
+def test_accepted(requested, served, want):
+    assert checked_model(requested, served, "deployment") == want
+
+
+@pytest.mark.parametrize("requested, status, code, words", [
+    ("gpt-4o", 404, "model_not_found", ["The model `gpt-4o` does not exist", "`tiny-chat` or `/models/tiny`"]),
+    ("Tiny-Chat", 404, "model_not_found", ["`Tiny-Chat`"]),   # names are exact, as vLLM's
+    (7, 400, None, ["'model' must be a string"]),
+    (["tiny-chat"], 400, None, ["'model' must be a string"]),
+])
+def test_refused(requested, status, code, words):
+    with pytest.raises(BadRequest) as caught:
+        checked_model(requested, WORKER, "deployment")
+    err = caught.value
+    assert (err.status, err.code, err.param) == (status, code, "model")
+    assert all(w in err.message for w in words), err.message
