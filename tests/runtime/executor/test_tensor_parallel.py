@@ -47,6 +47,10 @@ def test_tp2_greedy_tokens_match_one_process_and_weights_are_sharded(tiny_model)
     engine = _engine(tiny_model, 2)
     try:
         assert engine.block_manager.num_blocks == 96
+        # Rank 0's load timing: starting rank 1 and its own shard are weights; agreeing on the KV cache is warmup.
+        times = engine.load_times
+        assert times.phases["weights"] > 0 and times.phases["warmup"] > 0
+        assert max(times.phases.values()) <= sum(times.phases.values()) <= times.total
         assert _generate(engine) == expected
         per_rank = [param_bytes(engine.runner.model), *engine.executor.worker_param_bytes]
         assert len(per_rank) == 2
