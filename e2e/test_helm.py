@@ -31,7 +31,8 @@ SA_USER = f"system:serviceaccount:{SYSTEM}:kubellm"
 # Our children, by the verbs with which they are server-side applied. An apply that creates an
 # object is audited as `patch` but also authorized as `create`.
 CHILDREN = {("apps", "statefulsets"), ("apps", "deployments"), ("", "services"), ("", "configmaps"),
-            ("policy", "poddisruptionbudgets"), ("networking.k8s.io", "ingresses")}
+            ("policy", "poddisruptionbudgets"), ("networking.k8s.io", "ingresses"),
+            ("inference.networking.k8s.io", "inferencepools")}
 # Authorized but never a request of its own: OwnerReferencesPermissionEnforcement checks it when a
 # child names its LLMDeployment as owner with blockOwnerDeletion.
 IMPLIED = {(group, resource, "create") for group, resource in CHILDREN} | {
@@ -197,6 +198,18 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
             "updatedReplicas") == 2 and operator_metrics(metrics_port).get(
             'kubellm_operator_group_restarts_total{cause="rollout"}', 0) >= 2, "both groups rolled", 90)
         wait_phase(cluster, op, "team-x", "mistral")
+        # The InferencePool: created once its (real) CRD is there, deleted when the spec turns it off.
+        if sys.modules["kubellm_e2e_cluster"].inference_pool_crd(cluster.bin_dir) is None:
+            pytest.fail("the InferencePool CRD is not fetched; run: bash e2e/build-control-plane.sh")
+        cluster.install_inference_pool_crd()
+        try:
+            for enabled in (True, False):
+                cluster.kubectl("patch", "llmd", "mistral", "-n", "team-x", "--type=merge",
+                                "-p", json.dumps({"spec": {"inferencePool": {"enabled": enabled}}}))
+                cluster.wait_for(lambda: bool(get(cluster, "inferencepools", namespace="team-x")["items"]) == enabled,
+                                 f"the InferencePool {'created' if enabled else 'deleted'}", 60)
+        finally:
+            cluster.remove_inference_pool_crd()
         cluster.kubectl("scale", "llmd", "mistral", "-n", "team-x", "--replicas=1")
         cluster.wait_for(lambda: len(get(cluster, "statefulsets", namespace="team-x")["items"]) == 1,
                          "group 1 removed", 60)
