@@ -3,7 +3,8 @@ running the images built from docker/*.Dockerfile, queried as a user would.
 
 One release goes through its life in order (the tests share it and run in file order):
 install and `helm test`; the CPU example (SmolLM2, 2 replicas, REST on) served through
-`kubectl port-forward` to every client; what a person sees; pod security; the network pinned to
+`kubectl port-forward` to every client; its leaders as InferencePool endpoints (OpenAI HTTP on 8000,
+the real GIE CRD); what a person sees; pod security; the network pinned to
 the machine; a rank pod killed under load; a rolling update under load that also proves
 `spec.generation` reaches the pods; an `hf://` model fetched by the init container from a local
 mirror (a test fixture) and served by one pod and by a tensor-parallel group of two pods; that
@@ -264,6 +265,58 @@ def test_cpu_example_serves_every_client(smollm2):
         images.setdefault(component, set()).update(x["image"] for x in pod["spec"]["containers"])
     assert images == {"router": {f"ghcr.io/kubellm/router:{app_version()}"},
                       "worker": {f"ghcr.io/kubellm/runtime:{app_version()}-cpu"}}, images
+
+
+def test_leaders_are_inference_pool_endpoints_serving_openai_http(smollm2):
+    """With the real InferencePool CRD installed, the operator's pool selects exactly the two leaders; each
+    serves OpenAI HTTP on port 8000 to the host (/v1/models, a completion through the `openai` client) and
+    vllm: metrics there. The status holds each group's time to ready, and the ModelLoaded Events the load
+    phases the operator (in its pod) read from the leaders' metrics port."""
+    import urllib.request
+
+    import openai
+
+    c = smollm2
+    if sys.modules["kubellm_e2e_cluster"].inference_pool_crd(c.bin_dir) is None:
+        pytest.fail("the InferencePool CRD is not fetched; run: bash e2e/build-control-plane.sh")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    c.install_inference_pool_crd()
+    try:
+        c.kubectl("patch", "llmd", "smollm2", "-n", NS, "--type=merge",
+                  "-p", json.dumps({"spec": {"inferencePool": {"enabled": True}}}))
+        pool = c.wait_for(lambda: (get(c, "inferencepools")["items"] or [None])[0], "the InferencePool", timeout=60)
+        c.wait_for(lambda: any(x["type"] == "InferencePoolReady" and x["status"] == "True"
+                               for x in get(c, "llmd", "smollm2")["status"]["conditions"]), "InferencePoolReady", 30)
+        assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+        match = ",".join(f"{k}={v}" for k, v in pool["spec"]["selector"]["matchLabels"].items())
+        pods = get(c, "pods", "-l", match)["items"]
+        assert sorted(p["metadata"]["name"] for p in pods) == ["smollm2-g0-0", "smollm2-g1-0"], pods
+        for pod in pods:
+            base = f"http://{pod['status']['podIP']}:8000"
+            with direct.open(f"{base}/v1/models", timeout=30) as reply:
+                assert json.loads(reply.read())["data"][0]["id"] == "smollm2"
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="-", timeout=120, max_retries=0)
+            completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4)
+            assert completion.model == "smollm2" and completion.choices[0].text and completion.usage.completion_tokens == 4
+            with direct.open(f"{base}/metrics", timeout=30) as reply:
+                metrics = reply.read().decode()
+            assert re.search(r'^vllm:num_requests_running\{[^}]*model_name="smollm2"[^}]*\} \d', metrics, re.M), metrics[:2000]
+
+        status = get(c, "llmd", "smollm2")["status"]
+        assert [g["index"] for g in status["groups"]] == [0, 1]
+        assert all(g["loadSeconds"] > 0 and g["scheduledAt"] <= g["loadStartedAt"] < g["readyAt"]
+                   for g in status["groups"]), status["groups"]
+        FIGURES["model_load_s"] = status["lastLoadSeconds"]
+        wide = c.kubectl("get", "llmd", "smollm2", "-n", NS, "-o", "wide").stdout.splitlines()
+        assert wide[1].split()[wide[0].split().index("LOAD-SECONDS")] == f"{status['lastLoadSeconds']:g}", wide
+        loaded = [e["message"] for e in get(c, "events", "--field-selector", "involvedObject.name=smollm2")["items"]
+                  if e["reason"] == "ModelLoaded"]
+        print(f"\nModelLoaded: {loaded}")
+        assert loaded and all(re.search(r"weights \d+\.\d s", m) for m in loaded), loaded
+    finally:
+        c.kubectl("patch", "llmd", "smollm2", "-n", NS, "--type=merge",
+                  "-p", json.dumps({"spec": {"inferencePool": {"enabled": False}}}), check=False)
+        c.remove_inference_pool_crd()
 
 
 def test_what_a_person_sees(smollm2):
