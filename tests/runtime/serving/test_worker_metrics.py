@@ -161,7 +161,7 @@ def test_kv_cache_usage_rises_with_the_context(worker, client):
     peaks = {}
     for name, length in (("short", 4), ("long", 160)):
         prompt = unique_ids(300 if name == "short" else 340, length)
-        busy = in_thread(lambda: client.generate([prompt], max_new_tokens=16, ignore_eos=True))
+        busy = in_thread(lambda prompt=prompt: client.generate([prompt], max_new_tokens=16, ignore_eos=True))
         usage = [v(s, "vllm:kv_cache_usage_perc") for s in sample_while(worker, busy) if
                  v(s, "vllm:num_requests_running") == 1]
         assert usage, f"no scrape saw the {name} request running"
