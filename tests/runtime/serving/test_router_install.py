@@ -119,6 +119,16 @@ def test_the_router_venv_has_no_torch_and_none_of_what_the_image_drops(router_ve
     _run([router_venv / "bin" / "kubellm", "router", "--help"], "kubellm router --help (venv)")
 
 
+def test_the_proto_and_reflection_ship_with_the_package(router_venv):
+    """What a Go or Java client generates its stubs from (docs/grpc.md), in a real (non-editable) install;
+    and grpcio-reflection, which the router extra brings for `grpcurl list`."""
+    proto = _site_packages(router_venv) / "kubellm" / "protos" / "kubellm" / "v1" / "llm.proto"
+    assert proto.read_text() == (ROOT / "protos" / "kubellm" / "v1" / "llm.proto").read_text()
+    found = _run([router_venv / "bin" / "python", "-c", "import importlib.resources as r, grpc_reflection; "
+                  "print(r.files('kubellm.protos').joinpath('kubellm/v1/llm.proto').is_file())"], "the proto found")
+    assert found.stdout.strip() == "True"
+
+
 CLIENT = """
 import json, sys, urllib.request
 from kubellm.runtime.serving.client import Client
