@@ -104,6 +104,10 @@ def sweep(address: str, direct: str | None, concurrency: list[int], requests_per
 
 def command(args) -> int:
     """`kubellm bench serve`: needs a client only (no torch)."""
+    if args.workload == "shared-prefix":
+        from kubellm.bench.shared_prefix import command as shared_prefix
+
+        return shared_prefix(args)
     print(sweep(args.target, args.direct, [int(c) for c in args.concurrency.split(",")], args.requests_per_stream,
                 args.max_new))
     return 0

@@ -56,3 +56,31 @@ def run_engine(engine, work: Workload) -> float:
     elapsed = time.perf_counter() - start
     assert [s.num_generated for s in seqs] == work.max_new_tokens
     return elapsed
+
+
+# --------------------------------------------------------------------------- shared-prefix (bench serve)
+
+
+@dataclass
+class SharedPrefixWorkload:
+    """A few long system prompts shared by many requests, each with a short user turn of its own."""
+    system_prompts: list[str]
+    requests: list[tuple[int, str]]   # (index of its system prompt, the whole prompt text)
+
+
+def make_shared_prefix_workload(num_system_prompts: int, system_words: int, user_words: int, num_requests: int,
+                                seed: int) -> SharedPrefixWorkload:
+    """Text only (the benchmark's client has no tokenizer); each request's system prompt drawn uniformly,
+    so that no fixed order lines prompts up with replicas by chance."""
+    for name, value in (("system prompts", num_system_prompts), ("system words", system_words),
+                        ("user words", user_words), ("requests", num_requests)):
+        if value < 1:
+            raise ValueError(f"shared-prefix workload: {name} must be >= 1 (got {value})")
+    rng = random.Random(seed)
+    systems = [" ".join(rng.choice(WORDS) for _ in range(system_words)) for _ in range(num_system_prompts)]
+    requests = []
+    for _ in range(num_requests):
+        i = rng.randrange(num_system_prompts)
+        user = " ".join(rng.choice(WORDS) for _ in range(user_words))
+        requests.append((i, f"{systems[i]}\n\nUser: {user}\nAssistant:"))
+    return SharedPrefixWorkload(systems, requests)

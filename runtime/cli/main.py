@@ -118,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="offline: that shape with random bf16 weights instead of --model (nothing downloaded), "
                             "plus batch-1 decode tokens/s against the memory-bandwidth roofline")
     bench.add_argument("--enforce-eager", action="store_true", help="offline: no CUDA graphs for decode steps")
+    bench.add_argument("--workload", choices=["short", "shared-prefix"], default="short",
+                       help="serve: short (six short prompts, --target vs --direct) or shared-prefix (long system "
+                            "prompts shared by many requests: the routing policies side by side on 2 workers)")
+    bench.add_argument("--workers", default=None,
+                       help="serve shared-prefix: two running workers' gRPC addresses (default: start two of --model)")
+    bench.add_argument("--worker-metrics", default=None,
+                       help="serve shared-prefix: those workers' metrics host:port, for the prefix-cache hit rates")
+    bench.add_argument("--policies", default=None, help="serve shared-prefix: comma-separated (default: all three)")
+    bench.add_argument("--system-prompts", type=int, default=8, help="serve shared-prefix: distinct system prompts")
+    bench.add_argument("--system-words", type=int, default=256, help="serve shared-prefix: words per system prompt")
+    bench.add_argument("--user-words", type=int, default=12, help="serve shared-prefix: words per user turn")
+    bench.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="serve shared-prefix: KV blocks per started worker (size it so one worker cannot hold "
+                            "every system prompt but two can)")
+    bench.add_argument("--block-size", type=int, default=None, help="serve shared-prefix: tokens per KV block")
+    bench.add_argument("--device", default=None, help="serve shared-prefix: the started workers' device")
+    bench.add_argument("--worker-threads", type=int, default=None,
+                       help="serve shared-prefix: CPU threads per started worker (OMP_NUM_THREADS)")
+    bench.add_argument("--prefix-length", type=int, default=256, help="serve shared-prefix: the routers' --prefix-length")
+    bench.add_argument("--load-factor", type=float, default=1.25, help="serve shared-prefix: the routers' --load-factor")
     bench.add_argument("--json", action="store_true")
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")
     operator.add_argument("--namespace", default=None, help="watch these namespaces only, comma-separated (default: the whole cluster)")

@@ -180,7 +180,7 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
     engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
-    make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)   # bad values fail here, not in the router
+    make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)   # bad values fail here, not later
     routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor))]
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")

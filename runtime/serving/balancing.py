@@ -40,12 +40,6 @@ class Balanced(Protocol):
     in_flight: int
 
 
-def rotate(items: Sequence, turn: int) -> list:
-    """`items` starting at position `turn` (mod its length), wrapping around."""
-    start = turn % len(items)
-    return [*items[start:], *items[:start]]
-
-
 def bounded_capacity(total_in_flight: int, replicas: int, load_factor: float) -> int:
     """CHWBL's bound: a replica takes one more request while its in-flight count is below this.
     With load_factor >= 1 the capacities add up to more than the requests, so one always has room."""
@@ -123,11 +117,12 @@ class RoundRobin:
     def key(self, request) -> int | None:
         return None
 
-    def order(self, healthy: Sequence[Balanced], key: int | None = None) -> list:
+    def order(self, healthy: list, key: int | None = None) -> list:
         if not healthy:
             return []
+        start = self._turn % len(healthy)
         self._turn += 1
-        return rotate(healthy, self._turn - 1)
+        return healthy[start:] + healthy[:start]
 
 
 class LeastLoaded(RoundRobin):

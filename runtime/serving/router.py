@@ -96,6 +96,7 @@ class Router:
         self.deployment_name = deployment_name
         self.policy = policy
         self.balancer = make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)
+        self._order = self.balancer.order   # bound once: round robin's hot path costs what it did
         # While no replica is healthy (a group restarting, a rolling update between groups, a
         # replica that has just left), a request waits this long for one before UNAVAILABLE.
         self.wait_for_replica = wait_for_replica
@@ -211,11 +212,11 @@ class Router:
 
     def _candidates(self, key: int | None) -> list[Replica]:
         """The healthy replicas in the policy's order for one request (the first is its choice)."""
-        return self.balancer.order(self.healthy_replicas(), key)
+        return self._order([r for r in self.replicas if r.healthy], key)
 
     def _key(self, method: str, request, raw: bool) -> int | None:
         """What the policy hashes (prefix_affinity: the prompt's prefix), else None without a look."""
-        if not self.balancer.needs_key or method == "ModelInfo":
+        if method == "ModelInfo":
             return None
         try:
             message = llm_pb2.GenerateRequest.FromString(request) if raw else request
@@ -299,7 +300,8 @@ class Router:
 
         `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
         start, last = time.monotonic(), None
-        async for replica, remaining in self._attempts(method, timeout, self._key(method, request, raw)):
+        key = self._key(method, request, raw) if self.balancer.needs_key else None
+        async for replica, remaining in self._attempts(method, timeout, key):
             stub = replica.raw_unary[method] if raw else getattr(replica.stub, method)
             call = stub(request, metadata=metadata, timeout=remaining)
             try:
@@ -318,7 +320,8 @@ class Router:
         """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
         method = "GenerateStream"
         start, last = time.monotonic(), None
-        async for replica, remaining in self._attempts(method, timeout, self._key(method, request, raw)):
+        key = self._key(method, request, raw) if self.balancer.needs_key else None
+        async for replica, remaining in self._attempts(method, timeout, key):
             stub = replica.raw_stream if raw else replica.stub.GenerateStream
             call = stub(request, metadata=metadata, timeout=remaining)
             received = False

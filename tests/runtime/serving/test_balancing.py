@@ -7,10 +7,9 @@ import random
 from dataclasses import dataclass
 
 import pytest
-
 from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.balancing import (POLICIES, HashRing, LeastLoaded, PrefixAffinity, RoundRobin,
-                                               bounded_capacity, hash64, make_balancer, prompt_prefix, rotate)
+                                               bounded_capacity, hash64, make_balancer, prompt_prefix)
 
 
 @dataclass(eq=False)
@@ -35,16 +34,6 @@ def text_request(text: str) -> llm_pb2.GenerateRequest:
 
 
 # --------------------------------------------------------------------------- small pieces
-
-
-@pytest.mark.parametrize("items, turn, expected", [
-    ([0, 1, 2], 0, [0, 1, 2]),
-    ([0, 1, 2], 1, [1, 2, 0]),
-    ([0, 1, 2], 5, [2, 0, 1]),
-    ([7], 3, [7]),
-])
-def test_rotate(items, turn, expected):
-    assert rotate(items, turn) == expected
 
 
 @pytest.mark.parametrize("total, n, factor, capacity", [

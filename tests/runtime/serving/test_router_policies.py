@@ -8,11 +8,11 @@ import time
 
 import grpc
 import pytest
+from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.balancing import POLICIES
 from test_router import Cluster
 
 from kubellm.metrics import parse
-from kubellm.protos.v1 import llm_pb2
-from kubellm.runtime.serving.balancing import POLICIES
 
 pytestmark = pytest.mark.multiprocess
 
