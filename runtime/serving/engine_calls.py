@@ -30,11 +30,11 @@ class EngineCalls:
     def engine_loop(self) -> EngineLoop:
         """The running engine loop, or CallFailed(UNAVAILABLE) saying why there is none."""
         w = self.worker
+        if w.stopping:   # new calls only: those in flight keep their engine loop until it stops
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, "this worker is shutting down; retry on another replica")
         if w.engine_loop is None:
             if w.load_error is not None:
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"the model failed to load: {w.load_error}")
-            if w.stopping:
-                raise CallFailed(grpc.StatusCode.UNAVAILABLE, "this worker is shutting down; retry on another replica")
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         if w.engine_loop.error is not None or not w.engine_loop.is_alive():
             raise CallFailed(grpc.StatusCode.UNAVAILABLE, w.engine_loop.unavailable_message())

@@ -52,10 +52,10 @@ class WorkerUpstream:
 
     def healthy_replicas(self) -> tuple:
         try:
-            self.calls.engine_loop()
+            self.calls.engine_loop()   # loaded, alive, not stopping
         except CallFailed:
             return ()
-        return () if self.worker.stopping else self.replicas
+        return self.replicas
 
     async def forward_unary(self, method: str, request, metadata=(), timeout: float | None = None):
         self.in_flight += 1

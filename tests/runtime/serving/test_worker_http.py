@@ -192,6 +192,25 @@ def test_health_503_while_loading_then_200(tiny_llama):
         server.stop()
 
 
+def test_a_broken_engine_is_503_on_requests_and_health(tiny_llama):
+    """A rank that died breaks the engine: the request and /health say so (what a Gateway's health check and
+    endpoint picker act on), as gRPC's UNAVAILABLE and NOT_SERVING do."""
+    def break_executor(engine):
+        from kubellm.runtime.errors import ExecutorBrokenError
+
+        def execute(batch, sampling):
+            raise ExecutorBrokenError("parallel rank 1 (pid 1) died (signal 9); the group is broken")
+        engine.executor.execute = execute
+
+    with WorkerServer(tiny_llama, ENGINE, http_port=0) as server:
+        server.wait_ready().call_engine(break_executor)
+        assert _get(server.http_port, "/health")[0] == 200
+        status, body = _post(server.http_port, "/v1/completions", {"prompt": "Hello", "max_tokens": 3})
+        assert status == 503 and "parallel rank 1" in body["error"]["message"], body
+        assert body["error"]["code"] == "unavailable"
+        assert _get(server.http_port, "/health")[0] == 503
+
+
 def test_stopping_ends_an_inflight_stream_with_the_workers_unavailable_message(tiny_llama):
     server = WorkerServer(tiny_llama, ENGINE, http_port=0).start()
     server.wait_ready()
@@ -205,6 +224,11 @@ def test_stopping_ends_an_inflight_stream_with_the_workers_unavailable_message(t
             stopper = threading.Thread(target=server.stop)
             started = time.monotonic()
             stopper.start()
+            time.sleep(0.3)
+            # Draining: new requests are turned away at once (a Gateway retries them elsewhere), health too.
+            status, body = _post(server.http_port, "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+            assert status == 503 and "shutting down" in body["error"]["message"], body
+            assert _get(server.http_port, "/health")[0] == 503
             with pytest.raises(openai.APIError) as caught:
                 for _ in stream:
                     pass
