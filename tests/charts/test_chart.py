@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import e2e_binary
 
 from kubellm.operator import crd
 from kubellm.operator import resources as R
@@ -27,15 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubellm"
 
 
-def find_helm() -> str | None:
-    if shutil.which("helm"):
-        return shutil.which("helm")
-    cache = os.environ.get("KUBELLM_E2E_CACHE", os.path.expanduser("~/.cache/kubellm/e2e"))
-    found = [path for path in sorted(glob.glob(os.path.join(cache, "*", "bin", "helm"))) if os.access(path, os.X_OK)]
-    return found[-1] if found else None
-
-
-HELM = find_helm()
+HELM = e2e_binary("helm")
 needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (on PATH or built by e2e/build-control-plane.sh); "
                                                      "the e2e suite runs helm for real")
 
