@@ -17,6 +17,10 @@ WORKER_CONTAINER = "worker"
 SLOW_LOAD_SECONDS = 120.0
 # kubellm_model_load_phase_seconds{phase}: the worker's own account of its load, in the order it happens.
 PHASES = {"download": "downloading the model", "weights": "reading the weights", "warmup": "warming up"}
+TOTAL = "total"   # kubellm_model_load_seconds: the worker's whole load
+# What the time from the container's start to Ready holds beside the worker's load: the process starting
+# (imports) and the readiness probe's period.
+STARTUP = "starting the worker process and passing its readiness probe"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,14 @@ def _phases_text(phases: dict[str, float]) -> str:
     return ", ".join(f"{name} {phases[name]:.1f} s" for name in PHASES if name in phases)
 
 
+def _where(phases: dict[str, float], total: float | None) -> str:
+    if not phases:
+        return ""
+    if total is None:
+        return f" ({_phases_text(phases)})"
+    return f" (the worker's own load {total:.1f} s: {_phases_text(phases)}; the rest is the process starting and readiness)"
+
+
 def load_events(timing: GroupTiming, phases: dict[str, float] | None, slow_after: float,
                 unavailable: str = "") -> list[tuple[str, str, str]]:
     """The Events (type, reason, message) a group posts when it becomes whole: ModelLoaded, and a
@@ -102,14 +114,18 @@ def load_events(timing: GroupTiming, phases: dict[str, float] | None, slow_after
     seconds = timing.load_seconds
     if seconds is None:
         return []
+    total = (phases or {}).get(TOTAL)
     phases = {name: value for name, value in (phases or {}).items() if name in PHASES}
-    where = f" ({_phases_text(phases)})" if phases else ""
     events = [("Normal", "ModelLoaded", f"replica group {timing.index}: the model loaded in {seconds:.0f} s, from "
-                                        f"its worker's start to Ready{where}")]
+                                        f"its worker's start to Ready{_where(phases, total)}")]
     if seconds > slow_after:
         if phases:
-            longest = max((name for name in PHASES if name in phases), key=lambda name: phases[name])
-            why = (f"most of it {PHASES[longest]} ({phases[longest]:.1f} s of {_phases_text(phases)})")
+            # Beside the phases, what the worker's own total leaves of the time: its start and readiness.
+            spans = {PHASES[name]: phases[name] for name in PHASES if name in phases}
+            if total is not None:
+                spans[STARTUP] = max(0.0, seconds - total)
+            longest = max(spans, key=spans.get)
+            why = f"most of it {longest} ({spans[longest]:.1f} s; {_phases_text(phases)})"
         else:
             why = (f"its load phases could not be read ({unavailable or 'no metrics'}); the worker's log "
                    "says where the time went")

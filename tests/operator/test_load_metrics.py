@@ -21,8 +21,8 @@ POD = {"status": {"podIP": "127.0.0.1"}}
 
 
 def test_parse_load_phases():
-    assert parse_load_phases(EXPOSITION) == {"download": 0.25, "weights": 12.5, "warmup": 3.0}
-    assert parse_load_phases("kubellm_model_load_seconds 4\n") == {}
+    assert parse_load_phases(EXPOSITION) == {"download": 0.25, "weights": 12.5, "warmup": 3.0, "total": 15.75}
+    assert parse_load_phases("kubellm_model_load_seconds 4\n") == {}   # no phases: nothing to say
 
 
 @pytest.fixture
@@ -32,6 +32,7 @@ def worker_metrics():
     gauge = registry.gauge("kubellm_model_load_phase_seconds", "Seconds each load phase took.", ("model_name", "phase"))
     for phase, seconds in (("download", 0.0), ("weights", 7.5), ("warmup", 1.25)):
         gauge.set(seconds, "llama", phase)
+    registry.gauge("kubellm_model_load_seconds", "Seconds of the whole load.").set(8.75)
     state = {"render": registry.render, "delay": 0.0}
 
     def render():
@@ -46,7 +47,7 @@ def worker_metrics():
 
 def test_reads_the_phases_from_the_pods_metrics_port(worker_metrics):
     port, _ = worker_metrics
-    assert read_load_phases(POD, port=port) == ({"download": 0.0, "weights": 7.5, "warmup": 1.25}, "")
+    assert read_load_phases(POD, port=port) == ({"download": 0.0, "weights": 7.5, "warmup": 1.25, "total": 8.75}, "")
 
 
 def test_a_slow_silent_or_absent_endpoint_only_means_no_phases(worker_metrics):
@@ -61,3 +62,12 @@ def test_a_slow_silent_or_absent_endpoint_only_means_no_phases(worker_metrics):
     phases, why = read_load_phases(POD, port=free_port())
     assert phases == {} and "refused" in why.lower()
     assert read_load_phases({"status": {}}) == ({}, "the pod has no IP")
+
+
+def test_parses_what_the_worker_writes():
+    """The worker's own metrics (serving/metrics.py) under the names the operator reads: they cannot drift apart."""
+    from kubellm.runtime.serving.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics("smollm2")
+    metrics.set_load_times(4.25, {"download": 0.0, "weights": 3.2, "warmup": 1.05})
+    assert parse_load_phases(metrics.render()) == {"download": 0.0, "weights": 3.2, "warmup": 1.05, "total": 4.25}

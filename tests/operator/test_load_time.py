@@ -83,7 +83,22 @@ PHASES = {"download": 3.0, "weights": 150.2, "warmup": 20.5}
         ("Normal", "ModelLoaded", "replica group 0: the model loaded in 180 s, from its worker's start to Ready "
                                   "(download 3.0 s, weights 150.2 s, warmup 20.5 s)"),
         ("Warning", "SlowModelLoad", "replica group 0: the model took 180 s to load (slow: over 120 s); most of it "
-                                     "reading the weights (150.2 s of download 3.0 s, weights 150.2 s, warmup 20.5 s)")]),
+                                     "reading the weights (150.2 s; download 3.0 s, weights 150.2 s, warmup 20.5 s)")]),
+    # with the worker's own total: the rest of the time is its process starting, which can be what was slow
+    (GroupTiming(0, T0, "2026-01-01T10:00:00Z", "2026-01-01T10:03:00Z"), {**PHASES, "total": 173.7}, "", [
+        ("Normal", "ModelLoaded", "replica group 0: the model loaded in 180 s, from its worker's start to Ready "
+                                  "(the worker's own load 173.7 s: download 3.0 s, weights 150.2 s, warmup 20.5 s; "
+                                  "the rest is the process starting and readiness)"),
+        ("Warning", "SlowModelLoad", "replica group 0: the model took 180 s to load (slow: over 120 s); most of it "
+                                     "reading the weights (150.2 s; download 3.0 s, weights 150.2 s, warmup 20.5 s)")]),
+    (GroupTiming(0, T0, "2026-01-01T10:00:00Z", "2026-01-01T10:03:00Z"),
+     {"download": 0.0, "weights": 20.0, "warmup": 5.0, "total": 25.0}, "", [
+        ("Normal", "ModelLoaded", "replica group 0: the model loaded in 180 s, from its worker's start to Ready "
+                                  "(the worker's own load 25.0 s: download 0.0 s, weights 20.0 s, warmup 5.0 s; "
+                                  "the rest is the process starting and readiness)"),
+        ("Warning", "SlowModelLoad", "replica group 0: the model took 180 s to load (slow: over 120 s); most of it "
+                                     "starting the worker process and passing its readiness probe (155.0 s; "
+                                     "download 0.0 s, weights 20.0 s, warmup 5.0 s)")]),
     # slow without metrics: says why there are no phases and where to look
     (GroupTiming(0, T0, "2026-01-01T10:00:00Z", "2026-01-01T10:03:00Z"), {}, "http://10.0.0.1:9090/metrics: timed out", [
         ("Normal", "ModelLoaded", "replica group 0: the model loaded in 180 s, from its worker's start to Ready"),
