@@ -199,15 +199,16 @@ def run_requests(address: str, work: SharedPrefixWorkload, concurrency: int, max
     return run
 
 
-def policy_overhead_us(policy: str, work: SharedPrefixWorkload, leaders: list[str], prefix_length: int,
-                       load_factor: float, repeat: int = 20) -> float:
+def policy_overhead_us(policy: str, work: SharedPrefixWorkload, leaders: list[str], names: list[str],
+                       prefix_length: int, load_factor: float, repeat: int = 20) -> float:
     """p50 microseconds of the router's own choice for one request, on its raw bytes: `Router._key`
     (the parse and hash, prefix_affinity only) and `Router._candidates` (the policy's order), as
     forward_stream runs them, over replicas with a few requests in flight."""
     from kubellm.runtime.serving.router import Router
 
     router = Router(",".join(leaders), policy=policy, prefix_length=prefix_length, load_factor=load_factor)
-    router.replicas = [SimpleNamespace(address=a, healthy=True, in_flight=i % 3) for i, a in enumerate(leaders)]
+    router.replicas = [SimpleNamespace(address=a, name=n, healthy=True, in_flight=i % 3)
+                       for i, (a, n) in enumerate(zip(leaders, names))]
     router.balancer.update(router.replicas)
     raw = [llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p)],
                                    config=llm_pb2.GenerationConfig(max_new_tokens=16)).SerializeToString()
@@ -220,6 +221,27 @@ def policy_overhead_us(policy: str, work: SharedPrefixWorkload, leaders: list[st
             router._candidates(router._key("GenerateStream", request, True) if router.balancer.needs_key else None)
             samples.append(clock() - start)
     return statistics.median(samples) / 1e3
+
+
+def replica_names(addresses: list[str]) -> list[str]:
+    """What each worker calls itself (ModelInfo): prefix_affinity's ring places replicas by name."""
+    names = []
+    for address in addresses:
+        with Client(address) as client:
+            names.append(client.model_info(timeout=10).replica)
+    return names
+
+
+def prefix_split(work: SharedPrefixWorkload, replicas: list, prefix_length: int) -> list[int]:
+    """How many system prompts each replica owns on prefix_affinity's ring (the bound aside): with few
+    prompts the split is uneven by chance, and a replica owning more than its cache holds thrashes."""
+    from kubellm.runtime.serving.balancing import PrefixAffinity
+
+    balancer = PrefixAffinity(prefix_length)
+    balancer.update(replicas)
+    owners = [balancer.order(replicas, balancer.key(llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p)])))[0]
+              for p in work.system_prompts]
+    return [sum(o is r for o in owners) for r in replicas]
 
 
 def _prefix_cache(before: list[dict], after: list[dict]) -> list[tuple[float, float]]:
@@ -243,6 +265,8 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
         workers, worker_metrics = [w.address for w in started], [w.metrics for w in started]
     results = []
     try:
+        names = replica_names(workers)
+        idle = [SimpleNamespace(address=a, name=n, in_flight=0) for a, n in zip(workers, names)]
         for n, policy in enumerate(policies):
             # Each policy its own system prompts (seed + n): what one left in the caches helps no other.
             work = make_shared_prefix_workload(num_system_prompts, system_words, user_words, num_requests,
@@ -266,7 +290,8 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
                 else float("nan"),
                 "prefix_cache": (cache := _prefix_cache(before, after)),
                 "hit_rate": [hits / queries if queries else float("nan") for hits, queries in cache],
-                "choose_us_p50": policy_overhead_us(policy, work, workers, prefix_length, load_factor),
+                "choose_us_p50": policy_overhead_us(policy, work, workers, names, prefix_length, load_factor),
+                "ring_split": prefix_split(work, idle, prefix_length),
             })
     finally:
         for w in started:
@@ -288,9 +313,11 @@ def format_shared_prefix(result: dict) -> str:
               f"{'prefix-cache hits per replica':>30} {'choose p50':>10}")]
     for r in result["policies"]:
         hits = " / ".join(f"{100 * h:.0f}%" for h in r["hit_rate"]) or "n/a"
+        split = f"  (ring: {' / '.join(map(str, r['ring_split']))} system prompts)" \
+            if r["policy"] == "prefix_affinity" else ""
         lines.append(f"{r['policy']:16} {r['requests']:4d} {r['errors']:4d} {r['ttft_p50_ms']:7.0f}ms "
                      f"{r['ttft_p99_ms']:6.0f}ms {r['tok_s']:7.1f} {r['replicas_per_prefix']:11.2f} {hits:>30} "
-                     f"{r['choose_us_p50']:8.1f}us")
+                     f"{r['choose_us_p50']:8.1f}us{split}")
     by = {r["policy"]: r for r in result["policies"]}
     if "round_robin" in by and "prefix_affinity" in by:
         rr, pa = by["round_robin"], by["prefix_affinity"]

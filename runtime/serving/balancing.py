@@ -1,12 +1,13 @@
 """How the router orders the replicas for one request: the routing policies, as pure decisions (no grpc).
 
     balancer = make_balancer("prefix_affinity", prefix_length=256, load_factor=1.25)
-    balancer.update(replicas)                        # whenever the set of leaders changes
+    balancer.update(replicas)                        # whenever the leaders or their names change
     key = balancer.key(request)                      # a kubellm.v1 GenerateRequest; None if not needed
     attempts = balancer.order(healthy, key)          # first = the choice, then the retries in order
 
-A replica is anything with `address` (its identity on the hash ring) and `in_flight` (requests the
-router has sent it that have not ended: the router counts them itself, it never asks a worker).
+A replica is anything with `address`, `name` (what it calls itself; "" while unknown) and `in_flight`
+(requests the router has sent it that have not ended: the router counts them itself, it never asks
+a worker).
 
 - round_robin: in turn over the healthy replicas, one step per request (DeepSpeed-MII's 0,1,0,1).
 - least_loaded: fewest in flight first; ties in turn, so idle replicas still alternate.
@@ -16,7 +17,9 @@ router has sent it that have not ended: the router counts them itself, it never 
   cache. Walking the ring from the key, the first healthy replica with fewer in flight than
   ceil(load_factor * (total in flight + 1) / healthy replicas) takes it: the bound stops a popular
   prefix from flooding one replica. The ring holds every known replica (healthy or not) with
-  `VIRTUAL_NODES` points each, so a replica leaving or failing moves only its own keys.
+  `VIRTUAL_NODES` points each, so a replica leaving or failing moves only its own keys. A replica's
+  place on the ring is its name (a pod's stable hostname:port) when known and unique, else its
+  address: a restarted pod with a new IP takes back its own keys, and routers agree on the ring.
 
 Every order holds every healthy replica once, so a failed attempt before the first token is retried
 on the next one, whatever the policy.
@@ -37,7 +40,14 @@ VIRTUAL_NODES = 100   # ring points per replica: enough that 2-10 replicas share
 
 class Balanced(Protocol):
     address: str
+    name: str
     in_flight: int
+
+
+def ring_ids(replicas: Sequence[Balanced]) -> dict[str, str]:
+    """address -> place on the ring: the replica's name where it is known and no other replica has it."""
+    names = [getattr(r, "name", "") for r in replicas]
+    return {r.address: name if name and names.count(name) == 1 else r.address for r, name in zip(replicas, names)}
 
 
 def bounded_capacity(total_in_flight: int, replicas: int, load_factor: float) -> int:
@@ -78,15 +88,15 @@ def prompt_prefix(request, prefix_length: int) -> bytes | None:
 
 
 class HashRing:
-    """`VIRTUAL_NODES` points per replica address on a 64-bit ring; `walk(key)` gives the addresses in
-    the order met going clockwise from the key, each once."""
+    """`VIRTUAL_NODES` points per replica id on a 64-bit ring; `walk(key)` gives the ids in the order
+    met going clockwise from the key, each once."""
 
-    def __init__(self, addresses: Sequence[str], virtual_nodes: int = VIRTUAL_NODES):
-        points = sorted((hash64(f"{address}#{i}".encode()), address)
-                        for address in dict.fromkeys(addresses) for i in range(virtual_nodes))
+    def __init__(self, ids: Sequence[str], virtual_nodes: int = VIRTUAL_NODES):
+        points = sorted((hash64(f"{node}#{i}".encode()), node) for node in dict.fromkeys(ids)
+                        for i in range(virtual_nodes))
         self._hashes = [h for h, _ in points]
         self._owners = [a for _, a in points]
-        self._size = len(dict.fromkeys(addresses))
+        self._size = len(dict.fromkeys(ids))
         self._walks: dict[int, tuple[str, ...]] = {}  # point index -> its walk: few keys, computed once each
 
     def walk(self, key: int) -> tuple[str, ...]:
@@ -149,9 +159,13 @@ class PrefixAffinity(RoundRobin):
         self.load_factor = load_factor
         self.virtual_nodes = virtual_nodes
         self.ring = HashRing([], virtual_nodes)
+        self._ids: dict[str, str] = {}
 
     def update(self, replicas: Sequence[Balanced]) -> None:
-        self.ring = HashRing([r.address for r in replicas], self.virtual_nodes)
+        ids = ring_ids(replicas)
+        if ids != self._ids:   # the same replicas: keep the ring and its cached walks
+            self._ids = ids
+            self.ring = HashRing(list(ids.values()), self.virtual_nodes)
 
     def key(self, request) -> int | None:
         prefix = prompt_prefix(request, self.prefix_length)
@@ -160,9 +174,10 @@ class PrefixAffinity(RoundRobin):
     def order(self, healthy: Sequence[Balanced], key: int | None = None) -> list:
         if key is None or not healthy:   # nothing to be affine to (ModelInfo, an empty request)
             return super().order(healthy)
-        by_address = {r.address: r for r in healthy}
-        ordered = [by_address.pop(a) for a in self.ring.walk(key) if a in by_address]
-        ordered += by_address.values()   # healthy but not on the ring (update() not called with it)
+        ids = self._ids
+        by_id = {ids.get(r.address, r.address): r for r in healthy}
+        ordered = [by_id.pop(i) for i in self.ring.walk(key) if i in by_id]
+        ordered += by_id.values()   # healthy but not on the ring (update() not called with it)
         capacity = bounded_capacity(sum(r.in_flight for r in ordered), len(ordered), self.load_factor)
         for i, replica in enumerate(ordered):
             if replica.in_flight < capacity:

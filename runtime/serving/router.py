@@ -178,7 +178,9 @@ class Router:
         if ok and not replica.healthy:  # (back) in service: learn its name, which a restart may change
             with contextlib.suppress(grpc.aio.AioRpcError):
                 info = await replica.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=self.health_timeout)
-                replica.name = info.replica
+                if info.replica != replica.name:
+                    replica.name = info.replica
+                    self.balancer.update(self.replicas)   # prefix_affinity places replicas by name
         if ok != replica.healthy:
             log.info("replica %s is %s", replica.address, "healthy" if ok else f"unhealthy ({reason})")
         replica.healthy, replica.reason = ok, reason

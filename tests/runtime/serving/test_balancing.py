@@ -8,14 +8,25 @@ from dataclasses import dataclass
 
 import pytest
 from kubellm.protos.v1 import llm_pb2
-from kubellm.runtime.serving.balancing import (POLICIES, HashRing, LeastLoaded, PrefixAffinity, RoundRobin,
-                                               bounded_capacity, hash64, make_balancer, prompt_prefix)
+from kubellm.runtime.serving.balancing import (
+    POLICIES,
+    HashRing,
+    LeastLoaded,
+    PrefixAffinity,
+    RoundRobin,
+    bounded_capacity,
+    hash64,
+    make_balancer,
+    prompt_prefix,
+    ring_ids,
+)
 
 
 @dataclass(eq=False)
 class R:
     address: str
     in_flight: int = 0
+    name: str = ""
 
     def __repr__(self):
         return f"{self.address}({self.in_flight})"
@@ -131,6 +142,28 @@ def test_ring_is_consistent_when_a_replica_joins_or_leaves():
         assert more.walk(key)[0] in (owner, "10.0.0.9:50051")
     moved = sum(more.walk(k)[0] != before.walk(k)[0] for k in keys)
     assert 0 < moved < len(keys) / 3   # about 1/6 of the keys go to the newcomer
+
+
+@pytest.mark.parametrize("named, expected", [
+    ({"a:1": "g0", "b:1": "g1"}, {"a:1": "g0", "b:1": "g1"}),     # known, unique names
+    ({"a:1": "", "b:1": "g1"}, {"a:1": "a:1", "b:1": "g1"}),      # not learned yet: the address
+    ({"a:1": "g0", "b:1": "g0"}, {"a:1": "a:1", "b:1": "b:1"}),   # two claim one name: addresses
+])
+def test_ring_ids(named, expected):
+    assert ring_ids([R(address, name=name) for address, name in named.items()]) == expected
+
+
+def test_a_replica_back_at_a_new_address_takes_back_its_own_keys():
+    """A pod restarted with a new IP but its stable name: its keys come back to it, the others' stay."""
+    balancer = PrefixAffinity()
+    before = [R("10.0.0.1:50051", name="llm-g0-0:50051"), R("10.0.0.2:50051", name="llm-g1-0:50051")]
+    after = [R("10.0.0.9:50051", name="llm-g0-0:50051"), before[1]]
+    keys = [balancer.key(text_request(f"system prompt {i}")) for i in range(40)]
+    balancer.update(before)
+    owners = [balancer.order(before, k)[0].name for k in keys]
+    balancer.update(after)
+    assert [balancer.order(after, k)[0].name for k in keys] == owners
+    assert {"llm-g0-0:50051", "llm-g1-0:50051"} == set(owners)
 
 
 # --------------------------------------------------------------------------- the policies
