@@ -96,7 +96,9 @@ def reconcile(body, spec, status, patch, reason, **_):
     children = R.children(owner, desired, router_image=ROUTER_IMAGE)
     written = sum(kube().apply(child) for child in children)
     removed = remove_extra_groups(owner, desired)
-    pool = sync_inference_pool(owner, desired)
+    # A pool to apply, or one to delete (its condition says there was one): else not even a discovery lookup.
+    had_pool = any(c.get("type") == POOL_CONDITION for c in (status or {}).get("conditions") or [])
+    pool = sync_inference_pool(owner, desired) if desired.inferencePool.enabled or had_pool else None
     if reason == "create":
         kopf.event(body, type="Normal", reason="Created",
                    message=f"created {written} children for {desired.replicas} replica groups "
