@@ -259,3 +259,20 @@ def test_router_pods_run_the_router_image_and_workers_the_specs():
     [router] = by_kind(R.children(OWNER, cpu), "Deployment")
     assert router["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
     assert R.router_deployment(OWNER, spec())["spec"]["template"]["spec"]["containers"][0]["image"] == R.DEFAULT_IMAGE
+
+
+def test_gateway_doc_shows_what_the_operator_creates():
+    """docs/gateway.md's LLMDeployment is valid and its InferencePool is the one the builder makes of it."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    [llmd] = [b for b in blocks if b["kind"] == "LLMDeployment"]
+    [shown] = [b for b in blocks if b["kind"] == "InferencePool"]
+    owner = R.Owner(llmd["metadata"]["name"], "default", "uid")
+    built = R.inference_pool(owner, LLMDeploymentSpec.model_validate(llmd["spec"]))
+    assert shown["apiVersion"] == built["apiVersion"] and shown["metadata"]["name"] == built["metadata"]["name"]
+    assert shown["spec"] == built["spec"]
