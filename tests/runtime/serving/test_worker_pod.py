@@ -188,7 +188,7 @@ def pod(tiny_llama, tmp_path_factory):
     [worker] = pod_spec["containers"]
     port, metrics_port = free_port(), free_port()
     command = with_ports([a.replace(R.CONFIG_MOUNT, str(config_dir)) for a in worker["command"]],
-                         {"--port": port, "--metrics-port": metrics_port})
+                         {"--port": port, "--metrics-port": metrics_port, "--http-port": free_port()})
     log_path = root / "worker.log"
     procs = []
     read_only = read_only_root([scratch])   # as readOnlyRootFilesystem, where this machine allows it
@@ -293,7 +293,8 @@ def test_the_rendered_two_pod_group_logs_each_ranks_load_and_serves_as_one_proce
         env = pod_environment(worker, scratch)
         env.update(POD_INDEX=str(index), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         command = with_ports([a.replace(R.CONFIG_MOUNT, str(config_dir)) for a in worker["command"]],
-                             {"--port": ports[index], "--metrics-port": free_port()})
+                             {"--port": ports[index], "--metrics-port": free_port(),
+                              "--http-port": free_port()})
         logs.append(tmp_path / f"pod-{index}.log")
         with open(logs[-1], "wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *command[1:]], stdout=log,
