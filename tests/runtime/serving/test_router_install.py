@@ -162,7 +162,8 @@ def test_router_and_client_from_the_venv_serve_a_real_worker(router_venv, tiny_l
         procs.append(subprocess.Popen([router_venv / "bin" / "kubellm", "router", "--leaders",
                                        f"127.0.0.1:{worker_port}", "--host", "127.0.0.1", "--port", str(router_port),
                                        "--rest-port", str(rest_port), "--deployment-name", "tiny",
-                                       "--health-interval", "0.3"], stdout=log, stderr=subprocess.STDOUT, env=ENV,
+                                       "--health-interval", "0.3", "--policy", "prefix_affinity"],  # parses requests
+                                      stdout=log, stderr=subprocess.STDOUT, env=ENV,
                                       cwd=tmp_path))
         wait_serving(f"127.0.0.1:{worker_port}")
         wait_serving(f"127.0.0.1:{router_port}", timeout=30)  # SERVING once it sees the healthy worker
