@@ -1,7 +1,8 @@
 """The router: one gRPC endpoint in front of a deployment's replica leaders (no torch).
 
-One class, about 420 lines: resolving, health, balancing, the hold and retry rules and forwarding share
-its replica state (the replicas themselves are replicas.py, its gRPC face router_service.py).
+One class, about 450 lines: resolving, health, the hold and retry rules and forwarding share its
+replica state (the replicas themselves are replicas.py, the routing policies balancing.py, its gRPC
+face router_service.py).
 
     router = Router("dns:///llm-leaders.ns.svc.cluster.local:50051", deployment_name="llm")
     port = await router.start(port=50051, rest_port=28080)   # gRPC (+ REST gateway and /metrics)
