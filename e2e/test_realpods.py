@@ -243,6 +243,16 @@ def router_metrics(port: int) -> str:
         return reply.read().decode()
 
 
+def reflection_client():
+    """grpcurl (built by e2e/build-control-plane.sh) as tests/processes.py's grpcurl_runner."""
+    from processes import e2e_binary, grpcurl_runner
+
+    path = e2e_binary("grpcurl")
+    if path is None:
+        pytest.fail("no grpcurl; run: bash e2e/build-control-plane.sh")
+    return grpcurl_runner(path)
+
+
 def test_cpu_example_serves_every_client(smollm2):
     c = smollm2
     with port_forward(c, "svc/smollm2", 50051, 28080) as ports:
@@ -258,6 +268,13 @@ def test_cpu_example_serves_every_client(smollm2):
             replicas = [client.generate("Hello", max_new_tokens=2)[0].replica for _ in range(6)]
         assert len(set(replicas)) == 2 and all(replicas[i] != replicas[i + 1] for i in range(5)), replicas
         assert all(r.startswith("smollm2-g") for r in replicas), replicas
+        # A client in any language: grpcurl learns the API from the router Service's own reflection.
+        grpcurl = reflection_client()
+        assert {"kubellm.v1.LLM", "grpc.health.v1.Health"} <= set(grpcurl(grpc_address, "list").split())
+        assert "rpc GenerateStream" in grpcurl(grpc_address, "describe", "kubellm.v1.LLM")
+        body = json.dumps({"prompts": [{"text": "Hello"}], "config": {"maxNewTokens": 2, "temperature": 0}})
+        reply = json.loads(grpcurl(grpc_address, "kubellm.v1.LLM/Generate", data=body))
+        assert reply["responses"][0]["generated_length"] == 2 and reply["replica"].startswith("smollm2-g"), reply
     # Served by the router image (no torch) in front of the CPU runtime image.
     images: dict[str, set[str]] = {}
     for pod in get(c, "pods", "-l", "app.kubernetes.io/instance=smollm2")["items"]:

@@ -178,6 +178,10 @@ def sync_inference_pool(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[str, s
     try:
         k.apply(manifest)
     except ApiException as err:
+        if err.status == 404:   # the kind itself is gone (its CRD deleted since discovery was cached)
+            k.rediscover()
+            if not k.served(R.INFERENCE_POOL_API, R.INFERENCE_POOL_KIND):
+                return POOL_CRD_MISSING, ""
         log.warning("InferencePool %s/%s: %s %s", owner.namespace, owner.name, err.status, err.reason)
         return POOL_APPLY_FAILED, f"{err.status} {err.reason}: {(err.body or '')[:300]}"
     return POOL_APPLIED, ""

@@ -82,6 +82,10 @@ class Kube:
         except ResourceNotFoundError:
             return False
 
+    def rediscover(self) -> None:
+        """Drop the cached discovery: a kind it holds may have gone (its CRD deleted)."""
+        self.dynamic.resources.invalidate_cache()
+
     def get(self, api_version: str, kind: str, name: str, namespace: str) -> dict | None:
         try:
             return self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()

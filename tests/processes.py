@@ -23,6 +23,17 @@ def e2e_binary(name: str) -> str | None:
     return found[-1] if found else None
 
 
+def grpcurl_runner(path: str):
+    """run(address, *words, data=None) -> stdout of `grpcurl -plaintext [-d DATA] ADDRESS WORDS...`
+    (list / describe SYMBOL / a method), asserting it succeeded."""
+    def run(address: str, *words: str, data: str | None = None) -> str:
+        cmd = [path, "-plaintext", *(["-d", data] if data is not None else []), address, *words]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
+        return result.stdout
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,5 +1,5 @@
 """A worker's calls on its engine thread, shared by its two faces: the gRPC servicer (service.py) and the
-OpenAI HTTP port (worker_upstream.py, through the REST gateway).
+OpenAI HTTP port (worker_http.py, through the REST gateway).
 
 Each call posts its prompts to the engine thread and awaits their events. A call that ends for any reason
 — finished, client gone, deadline expired, task cancelled — aborts whatever of its requests is still in

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from processes import e2e_binary, free_port, wait_serving
+from processes import e2e_binary, free_port, grpcurl_runner, wait_serving
 
 pytest.importorskip("torch")
 
@@ -36,14 +36,7 @@ def grpcurl():
         if os.environ.get("KUBELLM_E2E_REQUIRED", "") not in ("", "0"):
             pytest.fail(f"KUBELLM_E2E_REQUIRED is set but {reason}", pytrace=False)
         pytest.skip(reason)
-
-    def run(address: str, *words: str, data: str | None = None) -> str:
-        """grpcurl -plaintext [-d DATA] ADDRESS WORDS... (list / describe SYMBOL / a method); its stdout."""
-        cmd = [path, "-plaintext", *(["-d", data] if data is not None else []), address, *words]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
-        return result.stdout
-    return run
+    return grpcurl_runner(path)
 
 
 @pytest.fixture(scope="module")
