@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch-size", type=int, default=64)
         p.add_argument("--session-len", type=int, default=None)
 
+    def drain_flag(p, what: str) -> None:
+        """--drain-timeout (the operator passes spec.drain.timeoutSeconds)."""
+        p.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="S",
+                       help=f"on SIGTERM: stop taking new requests (UNAVAILABLE) and let {what} finish, up to S "
+                            "seconds, then exit (default 30)")
+
     def routing_flags(p, defaults: bool = True):
         """The router's policy flags (`kubellm router`, `kubellm serve`); the names of api/spec.py ROUTING_POLICIES."""
         p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_affinity"],
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: --model; the operator passes the LLMDeployment's name)")
     worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
+    drain_flag(worker, "the requests it is running")
     router = sub.add_parser("router", help="gRPC router over replica leaders (--policy), with optional REST "
                                            "gateway (the router pod's entrypoint; no torch)")
     router.add_argument("--leaders", required=True,
@@ -181,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a request waits for a healthy replica while none is (a group restarting, "
                              "a rolling update) before UNAVAILABLE")
     routing_flags(router)
+    drain_flag(router, "the calls it is forwarding")
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
     serve.add_argument("model", nargs="?", help="local Hugging Face directory or a known name")
     serve.add_argument("-f", "--file", help="an LLMDeployment YAML (the Kubernetes manifest) to run locally")
@@ -207,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop local deployments and forget them")
     stop.add_argument("names", nargs="+")
     return parser
+
+
+def seconds(value: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: give 0 or more seconds (e.g. 30)")
+    return number
 
 
 def _exit_on_sigterm() -> None:

@@ -14,5 +14,6 @@ def router(args) -> int:
                       rest_port=args.rest_port, metrics_port=args.metrics_port,
                       allow_terminate=args.allow_terminate, health_interval=args.health_interval,
                       resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica,
-                      policy=args.policy, prefix_length=args.prefix_length, load_factor=args.load_factor))
+                      policy=args.policy, prefix_length=args.prefix_length, load_factor=args.load_factor,
+                      drain_timeout=args.drain_timeout))
     return 0

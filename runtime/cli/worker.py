@@ -71,7 +71,8 @@ def worker(args) -> int:
         asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
                                  metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group,
-                                 served_model_name=args.served_model_name, http_port=args.http_port))
+                                 served_model_name=args.served_model_name, http_port=args.http_port,
+                                 drain_timeout=args.drain_timeout))
     except KeyboardInterrupt:
         pass
     except TerminatedWhileLoading as stopped:

@@ -59,6 +59,7 @@ class EngineCalls:
         rids: list[str] = []
         engine_loop = None
         finished = False
+        self.worker.in_flight += 1   # a draining worker waits for it
         try:
             engine_loop, sink, rids = await self._submit(request, stream=False)
             results: dict[int, TokenEvent] = {}
@@ -76,6 +77,7 @@ class EngineCalls:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             raise self._failed(exc) from exc
         finally:
+            self.worker.in_flight -= 1
             if not finished and rids and engine_loop is not None:
                 engine_loop.abort(rids)
 
@@ -84,6 +86,7 @@ class EngineCalls:
         rids: list[str] = []
         engine_loop = None
         finished = False
+        self.worker.in_flight += 1
         try:
             engine_loop, sink, rids = await self._submit(request, stream=True)
             done = 0
@@ -102,6 +105,7 @@ class EngineCalls:
         except Exception as exc:  # noqa: BLE001
             raise self._failed(exc) from exc
         finally:
+            self.worker.in_flight -= 1
             if not finished and rids and engine_loop is not None:
                 engine_loop.abort(rids)
 

@@ -111,6 +111,7 @@ class EngineLoop(threading.Thread):
         self._live: dict[str, _Live] = {}
         self.error: BaseException | None = None   # set if the thread died
         self.on_death = None                       # callback(exc), called from the engine thread
+        self.stop_message = ""                     # what requests cut by stop() are told (the worker sets it)
 
     # -- called from any thread -------------------------------------------------------------------
     def _post(self, fn) -> concurrent.futures.Future:
@@ -127,7 +128,7 @@ class EngineLoop(threading.Thread):
         if self.error is not None:
             return (f"the engine of this worker stopped ({type(self.error).__name__}: {self.error}); "
                     "retry on another replica")
-        return "this worker is shutting down; retry on another replica"
+        return self.stop_message or "this worker is shutting down; retry on another replica"
 
     def add(self, prompts: list, gens: list, sink: EventSink) -> concurrent.futures.Future:
         """Queue a batch (all or nothing); the future holds the request ids."""

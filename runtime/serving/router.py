@@ -32,6 +32,10 @@ same forwarding with typed messages (`raw=False`).
 
 The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
 replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
+
+On SIGTERM the router drains (`drain_and_stop`): readiness goes NOT_SERVING at once (liveness stays
+SERVING), new calls are refused with UNAVAILABLE (a client retrying through the Service reaches
+another router), and the calls it is forwarding finish, up to `drain_timeout` seconds; then it exits.
 `/metrics` (Prometheus text) is on the REST port when the gateway is enabled, else on
 `metrics_port`.
 """
@@ -93,8 +97,11 @@ class Router:
     def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
                  health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
                  wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
-                 load_factor: float = 1.25):
+                 load_factor: float = 1.25, drain_timeout: float = 30.0):
         self.deployment_name = deployment_name
+        self.drain_timeout = drain_timeout
+        self._draining = False
+        self._active = 0   # forward_* calls not ended yet (holding, retrying or streaming): what a drain waits for
         self.policy = policy
         self.balancer = make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)
         self._order = self.balancer.order   # bound once: round robin's hot path costs what it did
@@ -197,7 +204,7 @@ class Router:
         await self._publish_health()
 
     async def _publish_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.healthy_replicas()
+        status = (health_pb2.HealthCheckResponse.SERVING if self.healthy_replicas() and not self._draining
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
@@ -302,6 +309,21 @@ class Router:
         """Send `request` to `method` ("Generate", "ModelInfo") of the next healthy replica.
 
         `raw`: `request` and the reply are serialized bytes (the gRPC front end), else messages."""
+        self._admit()
+        try:
+            return await self._forward_unary(method, request, metadata, timeout, raw)
+        finally:
+            self._active -= 1
+
+    def _admit(self) -> None:
+        """Count a new call in, or refuse it while draining (another router of the Service takes its retry)."""
+        if self._draining:
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                f"this router of deployment {self.deployment_name} is shutting down; retry "
+                                "(the Service sends it to another router)")
+        self._active += 1
+
+    async def _forward_unary(self, method: str, request, metadata, timeout: float | None, raw: bool):
         start, last = time.monotonic(), None
         key = self._key(method, request, raw) if self.balancer.needs_key else None
         async for replica, remaining in self._attempts(method, timeout, key):
@@ -322,38 +344,42 @@ class Router:
     async def forward_stream(self, request, metadata=(), timeout: float | None = None, *, raw: bool = False):
         """Async iterator over GenerateStream messages (bytes if `raw`) of the next healthy replica."""
         method = "GenerateStream"
-        start, last = time.monotonic(), None
-        key = self._key(method, request, raw) if self.balancer.needs_key else None
-        async for replica, remaining in self._attempts(method, timeout, key):
-            stub = replica.raw_stream if raw else replica.stub.GenerateStream
-            call = stub(request, metadata=metadata, timeout=remaining)
-            received = False
-            try:
-                with upstream_call(replica, call):
-                    # call.read() rather than `async for`: one async generator less per message.
-                    message = await call.read()
-                    while message is not grpc.aio.EOF:
-                        received = True
-                        yield message
+        self._admit()
+        try:
+            start, last = time.monotonic(), None
+            key = self._key(method, request, raw) if self.balancer.needs_key else None
+            async for replica, remaining in self._attempts(method, timeout, key):
+                stub = replica.raw_stream if raw else replica.stub.GenerateStream
+                call = stub(request, metadata=metadata, timeout=remaining)
+                received = False
+                try:
+                    with upstream_call(replica, call):
+                        # call.read() rather than `async for`: one async generator less per message.
                         message = await call.read()
-            except grpc.aio.AioRpcError as err:
-                if received and err.code() in _CUT:
-                    self.metrics.request(replica.address, method, err.code())
-                    if err.code() == grpc.StatusCode.UNAVAILABLE:
-                        await self._mark_down(replica, err)
-                    raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
-                                        f"replica {replica.label} of deployment {self.deployment_name} "
-                                        f"failed mid-stream ({err.code().name}: {err.details()}); "
-                                        f"the response is incomplete") from None
-                # Before the first message nothing reached the client, so another replica may answer.
-                last = await self._retry_or_raise(replica, method, err, retryable=not received)
-                continue
-            finally:
-                if not call.done():
-                    call.cancel()  # the client went away (or stopped reading): stop the replica's work
-            self._succeeded(replica, method, start)
-            return
-        raise self._no_replica(last, time.monotonic() - start)
+                        while message is not grpc.aio.EOF:
+                            received = True
+                            yield message
+                            message = await call.read()
+                except grpc.aio.AioRpcError as err:
+                    if received and err.code() in _CUT:
+                        self.metrics.request(replica.address, method, err.code())
+                        if err.code() == grpc.StatusCode.UNAVAILABLE:
+                            await self._mark_down(replica, err)
+                        raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                            f"replica {replica.label} of deployment {self.deployment_name} "
+                                            f"failed mid-stream ({err.code().name}: {err.details()}); "
+                                            f"the response is incomplete") from None
+                    # Before the first message nothing reached the client, so another replica may answer.
+                    last = await self._retry_or_raise(replica, method, err, retryable=not received)
+                    continue
+                finally:
+                    if not call.done():
+                        call.cancel()  # the client went away (or stopped reading): stop the replica's work
+                self._succeeded(replica, method, start)
+                return
+            raise self._no_replica(last, time.monotonic() - start)
+        finally:
+            self._active -= 1
 
     async def terminate(self) -> bool:
         """Terminate every replica, then stop the router (only if allowed)."""
@@ -410,6 +436,28 @@ class Router:
         self._http_runners.append(runner)
         return runner.addresses[0][1]   # the bound (host, port, ...) of its one site: port 0 resolved
 
+    async def drain_and_stop(self, timeout: float | None = None) -> bool:
+        """SIGTERM: readiness NOT_SERVING and new calls refused at once; the calls in flight finish up to
+        `timeout` s (default `drain_timeout`), then the router stops. True if they all finished."""
+        if self._draining or self._stopping:
+            return True
+        timeout = self.drain_timeout if timeout is None else timeout
+        self._draining = True
+        await self._publish_health()
+        started = time.monotonic()
+        if self._active:
+            log.info("router of %s draining %d requests (up to %.0f s)", self.deployment_name, self._active, timeout)
+        while self._active and time.monotonic() - started < timeout:
+            await asyncio.sleep(0.02)
+        drained = not self._active
+        if not drained:
+            log.warning("router of %s drain timeout (%.0f s): cutting %d requests", self.deployment_name, timeout,
+                        self._active)
+        elif time.monotonic() - started > 0.05:
+            log.info("router of %s drained in %.1f s", self.deployment_name, time.monotonic() - started)
+        await self.stop(grace=1.0)
+        return drained
+
     async def stop(self, grace: float | None = None) -> None:
         if self._stopping:
             return
@@ -432,11 +480,13 @@ class Router:
 async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment_name: str = "kubellm",
                 rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
                 health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0,
-                policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25) -> None:
-    """Run a router until SIGTERM/SIGINT or an allowed Terminate (the `kubellm router` command)."""
+                policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25,
+                drain_timeout: float = 30.0) -> None:
+    """Run a router until SIGTERM/SIGINT (it drains, up to `drain_timeout` s) or an allowed Terminate (the
+    `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
-                    prefix_length=prefix_length, load_factor=load_factor)
+                    prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.
@@ -445,7 +495,7 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.stop(grace=5.0)))
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.drain_and_stop()))
         except (NotImplementedError, RuntimeError):
             pass
     await router.wait_for_termination()

@@ -43,7 +43,9 @@ SLOW_PHASE_HINTS = {
     "weights": "the checkpoint is read slowly: a faster or local disk helps",
     "warmup": "CUDA graph capture and the KV cache: enforce_eager skips the capture",
 }
-
+# How long a terminated worker lets its requests in flight finish (`kubellm worker --drain-timeout`); the
+# pod's terminationGracePeriodSeconds covers it (operator/resources.py, spec.drain.timeoutSeconds).
+DRAIN_TIMEOUT = 30.0
 
 
 class Worker:
@@ -52,7 +54,7 @@ class Worker:
     def __init__(self, model, engine_config: EngineConfig | dict | None, port: int, host: str, replica: str | None,
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
                  load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None,
-                 http_port: int | None = None):
+                 http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
@@ -74,6 +76,8 @@ class Worker:
         self.metrics = WorkerMetrics(model_name=self.served_model_name)
         self.engine_loop: EngineLoop | None = None
         self.stopping = False
+        self.drain_timeout = drain_timeout
+        self.in_flight = 0   # engine calls (gRPC and HTTP) not ended yet: what a drain waits for
         self.load_error: BaseException | None = None
         self.server: grpc.aio.Server | None = None
         self.health: health_aio.HealthServicer | None = None
@@ -168,20 +172,44 @@ class Worker:
         log.info("worker %s serving on port %d", self.replica, self.port)
         self.ready.set()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def drain(self, timeout: float) -> bool:
+        """Let the calls in flight finish, up to `timeout` s; True if they all did. New calls are already
+        refused (`stopping`: UNAVAILABLE, so the router retries them on another replica)."""
+        started = time.monotonic()
+        def busy() -> int:
+            return self.in_flight + (self.http_upstream.in_flight if self.http_upstream is not None else 0)
+        if not busy():
+            return True
+        log.info("worker %s draining %d requests (up to %.0f s)", self.replica, self.in_flight, timeout)
+        while busy() and time.monotonic() - started < timeout:
+            await asyncio.sleep(0.02)
+        if busy():
+            log.warning("worker %s drain timeout (%.0f s): cutting %d requests", self.replica, timeout, self.in_flight)
+            return False
+        log.info("worker %s drained in %.1f s", self.replica, time.monotonic() - started)
+        return True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop: health NOT_SERVING and new calls refused at once, the calls in flight
+        finish up to `grace` s (default: the drain timeout); then the engine loop stops, which ends what
+        is left with UNAVAILABLE naming this worker (an SSE stream: an error event, then [DONE])."""
         self.stopping = True
         if self.health is not None:
             await self._set_health(False)
-        # In-flight calls on either port get `grace` to finish; then the engine loop stops, which ends
-        # what is left with its UNAVAILABLE message (an SSE stream: an error event, then [DONE]).
-        draining = []
-        if self.server is not None:
-            draining.append(self.server.stop(grace))
-        if self.http_upstream is not None:
-            draining.append(self.http_upstream.drained(grace))
-        await asyncio.gather(*draining)
+        timeout = self.drain_timeout if grace is None else grace
+        if self.engine_loop is not None:
+            self.engine_loop.stop_message = (f"worker {self.replica} is shutting down and its drain timeout "
+                                             f"({timeout:g} s) ran out: the response is incomplete")
+        await self.drain(timeout)
         if self.engine_loop is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.stop)
+        # The last replies and the cut calls' statuses reach their clients; then the ports close.
+        closing = []
+        if self.server is not None:
+            closing.append(self.server.stop(1.0))
+        if self.http_upstream is not None:
+            closing.append(self.http_upstream.drained(1.0))
+        await asyncio.gather(*closing)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.metrics_server is not None:
@@ -198,14 +226,15 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
                        show_progress: bool = False, rank_group=None, served_model_name: str | None = None,
-                       http_port: int | None = None) -> None:
-    """Serve `model` on host:port until Terminate (if allowed) or cancellation; raises if the model fails to load.
+                       http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+    """Serve `model` on host:port until Terminate (if allowed), SIGTERM or cancellation; raises if the model fails
+    to load. On SIGTERM it drains: new calls refused, those in flight finish up to `drain_timeout` s.
     `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group).
     `served_model_name`: the name the model is served as (default: `str(model)`).
     `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http)."""
     worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                      metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name,
-                     http_port=http_port)
+                     http_port=http_port, drain_timeout=drain_timeout)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -242,10 +271,10 @@ class WorkerServer:
                  host: str = "127.0.0.1", replica: str | None = None, allow_terminate: bool = False,
                  generation_defaults: dict | None = None, metrics_port: int | None = None,
                  show_progress: bool = False, load_gate: threading.Event | None = None,
-                 served_model_name: str | None = None, http_port: int | None = None):
+                 served_model_name: str | None = None, http_port: int | None = None, drain_timeout: float = 1.0):
         self._worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                                metrics_port, show_progress, load_gate, served_model_name=served_model_name,
-                               http_port=http_port)
+                               http_port=http_port, drain_timeout=drain_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -297,7 +326,7 @@ class WorkerServer:
             started.set()
             try:
                 loop.run_until_complete(self._worker.terminated.wait())
-                loop.run_until_complete(self._worker.stop(grace=1.0))
+                loop.run_until_complete(self._worker.stop())
             finally:
                 loop.close()
                 self._stopped.set()
