@@ -36,8 +36,9 @@ class RuntimeSettings:
     def worker_args(self, model: str, config_dir: str, *, port: int, host: str | None = None,
                     metrics_port: int | None = None, http_port: int | None = None,
                     served_model_name: str | None = None, replica: str | None = None,
-                    allow_terminate: bool = False) -> list[str]:
+                    allow_terminate: bool = False, drain_timeout: float | None = None) -> list[str]:
         """`kubellm worker ...` arguments (after the program name) reading `files()` from `config_dir`.
+        `drain_timeout`: seconds the requests in flight get to finish after SIGTERM (spec.drain.timeoutSeconds).
         `http_port`: the worker's own OpenAI HTTP API and /metrics (an InferencePool's target port);
         `served_model_name`: the name requests' `model` field and the metrics' model_name label use."""
         args = ["worker", "--model", model, "--config", f"{config_dir}/{ENGINE_FILE}",
@@ -58,6 +59,8 @@ class RuntimeSettings:
             args += ["--replica", replica]
         if allow_terminate:
             args.append("--allow-terminate")
+        if drain_timeout is not None:
+            args += ["--drain-timeout", f"{drain_timeout:g}"]
         if self.engine.get("device", "auto") != "auto":
             args += ["--device", str(self.engine["device"])]
         return args

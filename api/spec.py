@@ -150,6 +150,19 @@ class InferencePoolSpec(_Spec):
     endpointPickerRef: EndpointPickerRefSpec | None = None
 
 
+class DrainSpec(_Spec):
+    """How a worker or router pod stops (scale-down, a rolling update, a deleted pod) without losing requests."""
+
+    preStopSeconds: int = Field(5, ge=0, le=3600,
+                                description="the pod waits this long (a preStop sleep) before its process gets SIGTERM, "
+                                            "so that it leaves the Services' endpoints (and the router's leader list) "
+                                            "before it stops taking requests")
+    timeoutSeconds: int = Field(30, ge=0, le=86_400,
+                                description="after SIGTERM, how long the requests in flight may run to finish "
+                                            "(`kubellm worker --drain-timeout`); the pod's "
+                                            "terminationGracePeriodSeconds covers preStopSeconds + this + a margin")
+
+
 class ResourcesSpec(_Spec):
     requests: dict[str, int | str] = Field(default_factory=dict)
     limits: dict[str, int | str] = Field(default_factory=dict)
@@ -179,6 +192,7 @@ class LLMDeploymentSpec(_Spec):
     router: RouterSpec = Field(default_factory=RouterSpec)
     restApi: RestApiSpec = Field(default_factory=RestApiSpec)
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
+    drain: DrainSpec = Field(default_factory=DrainSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=64)

@@ -111,6 +111,30 @@ def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- drain ------------------------------------------------------------------------------------
+# Seconds past preStop + the drain timeout before the kubelet kills the process: its ports' last replies
+# and the exit itself (the worker's engine thread, the router's channels).
+DRAIN_MARGIN_SECONDS = 5
+
+
+def drain_lifecycle(spec: LLMDeploymentSpec) -> dict:
+    """A worker's or router's container `lifecycle`: a preStop sleep (Kubernetes' own, no shell needed), so
+    that the pod leaves its Services' endpoints, and the router's leader list, before SIGTERM makes the
+    process drain; none when spec.drain.preStopSeconds is 0."""
+    seconds = spec.drain.preStopSeconds
+    return {"preStop": {"sleep": {"seconds": seconds}}} if seconds else {}
+
+
+def termination_grace_seconds(spec: LLMDeploymentSpec) -> int:
+    """The pod's terminationGracePeriodSeconds: the preStop sleep and the drain timeout both fit in it."""
+    return spec.drain.preStopSeconds + spec.drain.timeoutSeconds + DRAIN_MARGIN_SECONDS
+
+
+def _with_lifecycle(container: dict, spec: LLMDeploymentSpec) -> dict:
+    lifecycle = drain_lifecycle(spec)
+    return {**container, "lifecycle": lifecycle} if lifecycle else container
+
+
 # -- workers ----------------------------------------------------------------------------------
 def model_path(spec: LLMDeploymentSpec) -> str:
     """Where the worker finds the model inside its container."""
@@ -209,7 +233,7 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
         # Requests' `model` and the metrics' model_name are the deployment's name, as vLLM's --served-model-name.
         "command": ["kubellm", *spec.runtime_settings().worker_args(
             model_path(spec), CONFIG_MOUNT, port=port, metrics_port=METRICS_PORT, http_port=HTTP_PORT,
-            served_model_name=owner.name)],
+            served_model_name=owner.name, drain_timeout=spec.drain.timeoutSeconds)],
         "env": env,
         "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT},
@@ -226,9 +250,9 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
     pod_spec = {
         "securityContext": pod_security_context(),
         "initContainers": init_containers,
-        "containers": [container],
+        "containers": [_with_lifecycle(container, spec)],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "automountServiceAccountToken": False,
     }
     if spec.nodeSelector:
@@ -310,7 +334,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
     command = ["kubellm", "router", "--deployment-name", owner.name,
                "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
                "--metrics-port", str(METRICS_PORT), "--policy", spec.router.policy,
-               "--prefix-length", str(spec.router.prefixLength), "--load-factor", repr(float(spec.router.loadFactor))]
+               "--prefix-length", str(spec.router.prefixLength), "--load-factor", repr(float(spec.router.loadFactor)),
+               "--drain-timeout", str(spec.drain.timeoutSeconds)]
     ports = [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}]
     if spec.restApi.enabled:
         command += ["--rest-port", str(spec.restApi.port)]
@@ -325,7 +350,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
                 "spec": {
                     "securityContext": pod_security_context(),
                     "automountServiceAccountToken": False,
-                    "containers": [{
+                    "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+                    "containers": [_with_lifecycle({
                         "name": "router", "image": image or spec.image or DEFAULT_IMAGE,
                         "imagePullPolicy": spec.imagePullPolicy,
                         "command": command, "ports": ports, "env": scratch_env(),
@@ -335,7 +361,7 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
                         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
                         # "" turns NOT_SERVING while no worker is healthy (readiness); liveness is the process.
                         "livenessProbe": {"grpc": {"port": port, "service": "liveness"}, "periodSeconds": 15},
-                    }],
+                    }, spec)],
                     "volumes": [scratch_volume()],
                 },
             },
