@@ -194,6 +194,13 @@ class LLMDeploymentSpec(_Spec):
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
     drain: DrainSpec = Field(default_factory=DrainSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
+    maxGroupRestarts: int | None = Field(None, ge=0, le=10_000,
+                                         description="how many times the operator may restart a replica group "
+                                                     "after a failure within groupRestartWindowSeconds; past it the "
+                                                     "group is left Failed (condition GroupFailed quotes the failed "
+                                                     "rank's log). Unset: no limit")
+    groupRestartWindowSeconds: int = Field(3600, ge=60, le=2_592_000,
+                                           description="the window maxGroupRestarts counts restarts in")
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
     affinity: dict[str, Any] = Field(default_factory=dict)

@@ -290,3 +290,63 @@ def test_inference_pool_follows_its_crd_and_selects_exactly_the_leaders(cluster,
         assert status["phase"] == "Ready"
     finally:
         cluster.remove_inference_pool_crd()
+
+
+def test_a_group_that_keeps_failing_is_left_failed_with_its_rank_named(cluster, operator, ns):
+    """maxGroupRestarts 2: group 0's rank 1 is lost three times; the first two losses restart the group, the
+    third leaves it Failed (no more restarts) with a GroupFailed condition naming the group and rank, which
+    says why its log could not be read (kwok pods have none). Group 1 keeps serving throughout. A spec
+    change resets the budget and the group serves again. The pods carry LeaderWorkerSet's variables."""
+    apply(cluster, ns, deployment("flaky", tensorParallel=2, gpusPerPod=1, replicas=2, maxGroupRestarts=2))
+    wait_status(cluster, operator, ns, "flaky", lambda s: s.get("phase") == "Ready", "Ready")
+    for pod in pods_of(cluster, ns, "flaky", 0):
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["LWS_LEADER_ADDRESS"]["value"] == f"flaky-g0-0.flaky-g0.{ns}"
+        assert env["LWS_GROUP_SIZE"]["value"] == "2"
+        assert env["LWS_WORKER_INDEX"]["valueFrom"] == env["POD_INDEX"]["valueFrom"]
+    assert sorted(p["metadata"]["labels"]["apps.kubernetes.io/pod-index"] for p in pods_of(cluster, ns, "flaky", 0)) \
+        == ["0", "1"]
+    group1 = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 1)}
+
+    def recorded(group):
+        sts = get(cluster, ns, "statefulset", f"flaky-g{group}")
+        annotations = sts["metadata"].get("annotations") or {}
+        uids = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", group)}
+        record = {item.partition(":")[0] for item in annotations.get("kubellm.io/ready-pods", "").split(",") if item}
+        return annotations if len(uids) == 2 and record == uids and not annotations.get("kubellm.io/restarting") \
+            else None
+
+    for attempt in (1, 2):
+        before = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)}
+        cluster.wait_for(lambda: recorded(0), "group 0 recorded", 30)
+        cluster.kubectl("delete", "pod", "-n", ns, "flaky-g0-1", "--wait=false")
+        annotations = cluster.wait_for(lambda: (lambda a: a if a and not before & {
+            p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)} else None)(recorded(0)),
+            f"group 0 restarted ({attempt}) and whole again", 60, interval=0.3)
+        assert len(annotations["kubellm.io/failure-restarts"].partition(":")[2].split(",")) == attempt
+        assert llmd_status(cluster, ns, "flaky")["readyReplicas"] >= 1
+
+    cluster.kubectl("delete", "pod", "-n", ns, "flaky-g0-1", "--wait=false")
+    status = wait_status(cluster, operator, ns, "flaky", lambda s: condition(s, "GroupFailed").get("status") == "True",
+                         "GroupFailed", timeout=60)
+    failed = condition(status, "GroupFailed")
+    assert failed["reason"] == "TooManyRestarts", failed
+    assert "replica group 0, rank pod flaky-g0-1" in failed["message"] and "2 restarts" in failed["message"], failed
+    assert "its log could not be read: " in failed["message"], failed   # kwok nodes run no kubelet to ask
+    left = {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)}
+    time.sleep(4)   # four operator ticks: the group is left alone
+    status = llmd_status(cluster, ns, "flaky")
+    assert {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)} == left
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1, status
+    assert condition(status, "Available")["status"] == "True"
+    assert {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 1)} == group1, "group 1 was touched"
+    events = [e for e in get(cluster, ns, "events")["items"] if e["reason"] == "GroupFailed"]
+    assert len(events) == 1 and events[0]["type"] == "Warning" and "flaky-g0-1" in events[0]["message"], events
+
+    # The user fixes something: a new spec restarts the group with a fresh budget.
+    apply(cluster, ns, deployment("flaky", tensorParallel=2, gpusPerPod=1, replicas=2, maxGroupRestarts=2,
+                                  engine={"maxBatchSize": 8}))
+    status = wait_status(cluster, operator, ns, "flaky", lambda s: s.get("phase") == "Ready"
+                         and s.get("updatedReplicas") == 2 and condition(s, "GroupFailed").get("status") == "False",
+                         "Ready on the new spec", timeout=120)
+    assert not {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)} & left

@@ -9,7 +9,8 @@ Deletion needs no handler: every child has an owner reference and is garbage-col
 
 Events on the LLMDeployment (`kubectl describe llmd`), posted here deliberately (kopf's own posting
 is limited to errors): Created, Updated, Applied (children re-applied on resume), Scaled,
-GroupRestarted and GroupReady (a group's restart or rolling update, begun and done), ModelLoaded and
+GroupRestarted and GroupReady (a group's restart or rolling update, begun and done), GroupFailed (a
+group left Failed, its restart budget spent) and RankCrashLooping (both quoting the rank's log), ModelLoaded and
 SlowModelLoad (a group whole: how long its load took and, where its metrics answer, where the time
 went; `load_time.load_events`), each phase change (Ready, Progressing, Degraded, Unschedulable,
 InsufficientGPUs; `status.phase_event`) and InvalidSpec.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -34,10 +36,12 @@ from kubellm.operator.load_metrics import read_load_phases
 from kubellm.operator.load_time import group_timing, load_events, slow_load_after
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import (POOL_APPLIED, POOL_APPLY_FAILED, POOL_CONDITION, POOL_CRD_MISSING, READY_PODS,
-                                     RESTARTING, GroupState, compute_status, group_states, inference_pool_condition,
-                                     phase_event)
-from kubellm.operator.supervision import FAILURE, ROLLOUT, RestartGroup, SupervisionPlan, supervision_plan
+from kubellm.operator.status import (CRASH_LOOP, FAILED, FAILURE_RESTARTS, POOL_APPLIED, POOL_APPLY_FAILED,
+                                     POOL_CONDITION, POOL_CRD_MISSING, READY_PODS, RESTARTING, GroupState,
+                                     compute_status, group_states, inference_pool_condition, phase_event,
+                                     rank_failure_message, restart_count)
+from kubellm.operator.supervision import (FAILURE, ROLLOUT, Budget, LeaveFailed, RankFailure, RestartGroup,
+                                          SupervisionPlan, supervision_plan)
 
 INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
@@ -203,14 +207,62 @@ def post_load_events(body, spec: LLMDeploymentSpec, group: GroupState) -> None:
         kopf.event(body, type=type_, reason=reason, message=message)
 
 
-def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDeploymentSpec | None = None) -> None:
-    """Carry out the supervision plan's actions, in order (deletes, StatefulSet marks, Events)."""
+# Logs read for failed ranks, by (pod uid, container restarts): each crash is read once, not every tick.
+_logs: dict[tuple[str, int], tuple[str, str, bool]] = {}
+MAX_LOGS_CACHED = 512
+
+
+def rank_log(owner: R.Owner, pod: dict) -> tuple[str, str, bool, bool]:
+    """(log, error, previous, fresh) of a failed rank's worker container: the previous (crashed) instance
+    for a restarted container; fresh when it was read now rather than remembered."""
+    key = (pod["metadata"]["uid"] or pod["metadata"]["name"], restart_count(pod))
+    if key in _logs:
+        return (*_logs[key], False)
+    k, previous = kube(), key[1] > 0
+    text, error = k.pod_log(pod["metadata"]["name"], owner.namespace, previous=previous)
+    if error and previous:   # no previous instance kept (e.g. the pod was recreated): the current one
+        text, error, previous = (*k.pod_log(pod["metadata"]["name"], owner.namespace), False)
+    if len(_logs) >= MAX_LOGS_CACHED:
+        _logs.clear()
+    _logs[key] = (text, error, previous)
+    return text, error, previous, True
+
+
+def failure_messages(body, owner: R.Owner, spec: LLMDeploymentSpec, failures: tuple[RankFailure, ...]) -> list[tuple[int, str, str]]:
+    """(group index, reason, message) for the GroupFailed condition, each quoting its rank's log; a rank
+    newly seen crash-looping posts a RankCrashLooping Event."""
+    out = []
+    for f in failures:
+        name = f.pod["metadata"]["name"] if f.pod else ""
+        log_text, error, previous, fresh = rank_log(owner, f.pod) if f.pod else ("", "", False, False)
+        message = rank_failure_message(f.index, name, f.reason, f.restarts, spec.groupRestartWindowSeconds,
+                                       log_text, error, previous)
+        if fresh and f.reason == CRASH_LOOP:
+            kopf.event(body, type="Warning", reason="RankCrashLooping", message=_event_text(message))
+        out.append((f.index, f.reason, message))
+    return out
+
+
+def _event_text(message: str, limit: int = 1024) -> str:
+    """An Event's message, bounded: the head (who failed) and the tail (the last log lines)."""
+    return message if len(message) <= limit else f"{message[:400]} … {message[-(limit - 405):]}"
+
+
+def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDeploymentSpec | None = None,
+                      messages: dict[int, str] | None = None) -> None:
+    """Carry out the supervision plan's actions, in order (deletes, StatefulSet marks, Events); `messages`:
+    each reported group's failure message (failure_messages), for the GroupFailed Event."""
     k = kube()
     for action in plan.actions:
-        if isinstance(action, RestartGroup):
+        if isinstance(action, LeaveFailed):
+            _annotate(owner, action.index, {FAILED: action.rank or "?"})
+            kopf.event(body, type="Warning", reason="GroupFailed", message=_event_text(
+                (messages or {}).get(action.index) or f"replica group {action.index}: restart budget spent"))
+        elif isinstance(action, RestartGroup):
             for pod in action.delete_pods:
                 k.delete("v1", "Pod", pod, owner.namespace)
-            _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting=action.cause)
+            _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting=action.cause,
+                        restarts=action.restarts)
             METRICS.restarted(action.cause)
             kopf.event(body, type="Warning" if action.cause == FAILURE else "Normal", reason="GroupRestarted",
                        message=f"replica group {action.index}: {RESTART_REASONS[action.cause]}; "
@@ -226,13 +278,22 @@ def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDepl
                 post_load_events(body, spec, group)
 
 
-def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str) -> None:
-    """Record on the group's StatefulSet which pods made it whole, and whether it is restarting."""
+def _mark_group(owner: R.Owner, index: int, ready_pods: str, restarting: str, restarts: str | None = None) -> None:
+    """Record on the group's StatefulSet which pods made it whole, and whether it is restarting (which
+    ends its Failed mark); `restarts`: its new FAILURE_RESTARTS record (None: kept)."""
+    annotations = {READY_PODS: ready_pods or None, RESTARTING: restarting or None, FAILED: None}
+    if restarts is not None:
+        annotations[FAILURE_RESTARTS] = restarts or None
+    _annotate(owner, index, annotations)
+
+
+def _annotate(owner: R.Owner, index: int, annotations: dict[str, str | None]) -> None:
+    """Merge these annotations into the group's StatefulSet (None removes one)."""
     k = kube()
     try:
         k.resource("apps/v1", "StatefulSet").patch(
             name=R.group_name(owner, index), namespace=owner.namespace, content_type="application/merge-patch+json",
-            body={"metadata": {"annotations": {READY_PODS: ready_pods or None, RESTARTING: restarting or None}}})
+            body={"metadata": {"annotations": annotations}})
     except ApiException as err:
         if err.status != 404:  # the group (or its namespace) is being deleted: nothing to record
             raise
@@ -245,8 +306,10 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[st
     k = kube()
     statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
     pods = k.list("v1", "Pod", owner.namespace, R.selector(owner, "worker"))
-    plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec)))
-    apply_supervision(body, owner, plan, spec)
+    plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec)), Budget.of(spec),
+                            int(time.time()))
+    failures = failure_messages(body, owner, spec, plan.failures)
+    apply_supervision(body, owner, plan, spec, {i: m for i, _, m in failures})
     router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
     router_ready = bool((router.get("status") or {}).get("availableReplicas"))
     failure = ""
@@ -263,7 +326,7 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[st
     selector = ",".join(f"{k_}={v}" for k_, v in R.leader_selector(owner).items())
     new = compute_status(spec, list(plan.groups), router_ready, body["metadata"].get("generation", 0), old,
                          R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure,
-                         inference_pool_condition(spec, *(pool or ("", "")), R.inference_pool_name(owner)))
+                         inference_pool_condition(spec, *(pool or ("", "")), R.inference_pool_name(owner)), failures)
     METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
         return

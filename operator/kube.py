@@ -23,6 +23,8 @@ APPLIED_HASH = "kubellm.io/applied-hash"
 # Node GPU capacity changes when nodes are added or removed, rarely: one list serves every
 # LLMDeployment's refresh for this long (instead of a list per object every timer tick).
 NODE_CAPACITY_TTL = 30.0
+# A failed rank's log, quoted in the GroupFailed condition: its last lines, bounded, read within seconds.
+LOG_TAIL_LINES, LOG_LIMIT_BYTES, LOG_TIMEOUT = 20, 4096, 3.0
 
 log = logging.getLogger("kubellm.operator")
 
@@ -123,6 +125,27 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise
+
+    def pod_log(self, name: str, namespace: str, container: str = "worker", previous: bool = False,
+                tail_lines: int = LOG_TAIL_LINES, limit_bytes: int = LOG_LIMIT_BYTES,
+                timeout: float = LOG_TIMEOUT) -> tuple[str, str]:
+        """(the container's last log lines, "") or ("", why they could not be read), through `pods/log`;
+        `previous`: the container instance that exited (a restarted one). Never raises, and gives up
+        after `timeout` seconds: a log is a diagnosis, never worth a stuck reconcile."""
+        try:
+            text = self.core.read_namespaced_pod_log(
+                name, namespace, container=container, previous=previous, tail_lines=tail_lines,
+                limit_bytes=limit_bytes, _request_timeout=timeout)
+            return (text if isinstance(text, str) else str(text)), ""
+        except ApiException as err:
+            detail = err.body if isinstance(err.body, str) else ""
+            try:
+                detail = json.loads(detail).get("message", detail)
+            except (ValueError, AttributeError):
+                pass
+            return "", f"{err.status} {err.reason}{': ' + detail[:300] if detail else ''}"
+        except Exception as err:  # noqa: BLE001 - a timeout, a refused connection: say so, never crash
+            return "", f"{type(err).__name__}: {str(err)[:300]}"
 
     def max_node_gpus(self) -> int:
         """The most `nvidia.com/gpu` any schedulable node offers (0 when none does), at most

@@ -104,9 +104,10 @@ def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> di
 
 
 def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
-    """Changes exactly when the worker pods must be replaced (everything but replicas, router and the
-    InferencePool, which only selects the pods)."""
-    relevant = spec.model_dump(mode="json", exclude={"replicas", "router", "inferencePool"})
+    """Changes exactly when the worker pods must be replaced (everything but replicas, router, the
+    InferencePool, which only selects the pods, and the operator's restart budget)."""
+    relevant = spec.model_dump(mode="json", exclude={"replicas", "router", "inferencePool", "maxGroupRestarts",
+                                                     "groupRestartWindowSeconds"})
     relevant["restApi"] = None  # served by the router, not the workers
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -224,6 +225,11 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
         {"name": "MASTER_ADDR", "value": f"{name}-0.{service_host(owner, name)}"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "KUBELLM_DEPLOYMENT", "value": owner.name},
+        # LeaderWorkerSet's names and values (sigs.k8s.io/lws: <leader hostname>.<subdomain>.<namespace>, the
+        # pods in the group, this pod's index in it), so tools written for LWS groups run unchanged.
+        {"name": "LWS_LEADER_ADDRESS", "value": f"{name}-0.{name}.{owner.namespace}"},
+        {"name": "LWS_GROUP_SIZE", "value": str(spec.pods_per_group)},
+        {"name": "LWS_WORKER_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
         *scratch_env(),
         # The worker reads local files only (the model is in the image or on /models): never the Hub.
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf-home"}, {"name": "HF_HUB_OFFLINE", "value": "1"},

@@ -11,6 +11,14 @@ from kubellm.api.spec import LLMDeploymentSpec
 
 READY_PODS = "kubellm.io/ready-pods"   # StatefulSet annotation: pod uids of the group when it was last Ready
 RESTARTING = "kubellm.io/restarting"   # StatefulSet annotation: the operator is restarting the whole group
+# StatefulSet annotation: the group's restarts after a failure, "<worker spec hash>:<epoch s>,<epoch s>,..."; a
+# record for another spec hash counts nothing (the user changed the spec: the budget starts again).
+FAILURE_RESTARTS = "kubellm.io/failure-restarts"
+FAILED = "kubellm.io/failed"           # StatefulSet annotation: the rank (pod) the group was left Failed for
+GROUP_FAILED = "GroupFailed"           # the condition naming failed ranks and quoting their logs
+TOO_MANY_RESTARTS, CRASH_LOOP = "TooManyRestarts", "CrashLoopBackOff"   # its reasons
+MAX_FAILED_MESSAGE = 8192   # characters of the GroupFailed condition's message (each rank's log is bounded too)
+CRASH_RESTARTS = 3   # container restarts (since the group was last whole) that report a rank as crash-looping
 POOL_CONDITION = "InferencePoolReady"
 # What applying the InferencePool came to (handlers.sync_inference_pool): the condition's reason.
 POOL_APPLIED, POOL_CRD_MISSING, POOL_APPLY_FAILED = "PoolApplied", "CRDNotInstalled", "ApplyFailed"
@@ -25,6 +33,8 @@ class GroupState:
     spec_hash: str = ""
     recorded_ready: str = ""    # READY_PODS annotation of its StatefulSet
     restarting: str = ""        # RESTARTING annotation of its StatefulSet: "", "failure" or "rollout"
+    restarts: tuple[int, ...] = ()   # FAILURE_RESTARTS of its StatefulSet for this spec hash: epoch seconds
+    failed: str = ""            # FAILED annotation of its StatefulSet
 
     @property
     def ready_record(self) -> str:
@@ -59,6 +69,39 @@ class GroupState:
         return restarted or not recorded.keys() <= current.keys() or any(
             p["status"].get("phase") == "Failed" for p in self.pods)
 
+    def _recorded(self) -> dict[str, int]:
+        return dict(_uid_and_restarts(item) for item in self.recorded_ready.split(",")) if self.recorded_ready else {}
+
+    @property
+    def failed_rank(self) -> dict | None:
+        """The pod that broke the group: Failed, crash-looping, restarted since the group was whole, or new in
+        place of a recorded one; None when none can be named."""
+        live = [p for p in self.pods if not p["metadata"].get("deletionTimestamp")]
+        recorded = self._recorded()
+        return next((p for p in live if p["status"].get("phase") == "Failed"), None) or next(
+            (p for p in live if waiting_reason(p) == CRASH_LOOP), None) or next(
+            (p for p in live if p["metadata"]["uid"] in recorded and _restarts(p) > recorded[p["metadata"]["uid"]]),
+            None) or next((p for p in live if p["metadata"]["uid"] not in recorded), None) or self._missing_rank()
+
+    def _missing_rank(self) -> dict | None:
+        """A rank whose pod is gone and not yet replaced, named after its StatefulSet ordinal (<group>-<i>)
+        from a sibling's name; uid "" (it has no pod)."""
+        names = {p["metadata"]["name"] for p in self.pods}
+        prefix = next((n.rpartition("-")[0] for n in names), "")
+        missing = [f"{prefix}-{i}" for i in range(self.expected_pods) if f"{prefix}-{i}" not in names]
+        return {"metadata": {"name": missing[0], "uid": ""}, "status": {}} if prefix and missing else None
+
+    @property
+    def crash_looping(self) -> dict | None:
+        """A rank of a group that is not serving whose container is in CrashLoopBackOff, or has restarted
+        CRASH_RESTARTS times since the group was last whole (or since it was created)."""
+        if self.serving:
+            return None
+        recorded = self._recorded()
+        return next((p for p in self.pods if not p["metadata"].get("deletionTimestamp") and (
+            waiting_reason(p) == CRASH_LOOP
+            or _restarts(p) - recorded.get(p["metadata"]["uid"], 0) >= CRASH_RESTARTS)), None)
+
     @property
     def unschedulable(self) -> str:
         for p in self.pods:
@@ -76,6 +119,31 @@ def pods_to_delete(group: GroupState, cause: str) -> list[dict]:
     if cause == "failure" and group.expected_pods == 1:
         return []
     return [p for p in group.pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def waiting_reason(pod: dict) -> str:
+    """Why the pod's worker container waits (e.g. CrashLoopBackOff), "" when it does not."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name", "worker") == "worker":
+            return ((cs.get("state") or {}).get("waiting") or {}).get("reason") or ""
+    return ""
+
+
+def restart_record(spec_hash: str, times: tuple[int, ...]) -> str:
+    """The FAILURE_RESTARTS annotation of these restarts under this spec."""
+    return f"{spec_hash}:{','.join(map(str, times))}" if times else ""
+
+
+def _restart_times(annotation: str, spec_hash: str) -> tuple[int, ...]:
+    recorded_hash, _, times = (annotation or "").partition(":")
+    if recorded_hash != spec_hash:
+        return ()
+    return tuple(int(t) for t in times.split(",") if t.strip().isdigit())
+
+
+def restart_count(pod: dict) -> int:
+    """The pod's container restarts, all containers together."""
+    return _restarts(pod)
 
 
 def _restarts(pod: dict) -> int:
@@ -100,6 +168,8 @@ def group_states(spec: LLMDeploymentSpec, statefulsets: list[dict], pods: list[d
             annotations = sts["metadata"].get("annotations") or {}
             groups[index].recorded_ready = annotations.get(READY_PODS, "")
             groups[index].restarting = annotations.get(RESTARTING, "")
+            groups[index].restarts = _restart_times(annotations.get(FAILURE_RESTARTS, ""), spec_hash)
+            groups[index].failed = annotations.get(FAILED, "")
     for pod in pods:
         index = int(pod["metadata"]["labels"].get(GROUP_LABEL, -1))
         if index in groups:
@@ -138,18 +208,44 @@ def inference_pool_condition(spec: LLMDeploymentSpec, outcome: str, pool: str, d
                               else "no endpoint picker (set inferencePool.endpointPickerRef)"))
 
 
+def rank_failure_message(index: int, rank: str, reason: str, restarts: int, window: int, log: str, error: str,
+                         previous: bool) -> str:
+    """One failed rank in the GroupFailed condition: which group and pod, why, and its worker container's
+    last log lines (or why they could not be read)."""
+    who = f"replica group {index}, rank pod {rank or '(none left to name)'}"
+    if reason == TOO_MANY_RESTARTS:
+        what = (f"{who} failed again after {restarts} restarts within {window}s (maxGroupRestarts): the group is left "
+                "Failed and not restarted again; fix the cause and change the spec (or raise maxGroupRestarts)")
+    else:
+        what = f"{who} is crash-looping (CrashLoopBackOff or repeated container restarts) before the group is whole"
+    if not rank:
+        return what
+    if error:
+        return f"{what}; its log could not be read: {error}"
+    which = "previous (crashed) container" if previous else "container"
+    return f"{what}; last log lines of its worker {which}:\n{log.rstrip() or '(empty)'}"
+
+
 def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_ready: bool, generation: int,
                    old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "",
-                   pool: tuple[bool, str, str] | None = None) -> dict:
-    """The whole `.status`, derived from observed children only; `pool`: inference_pool_condition's."""
-    ready = sum(g.serving for g in groups)   # like a Deployment's readyReplicas: any revision
+                   pool: tuple[bool, str, str] | None = None,
+                   failures: list[tuple[int, str, str]] | tuple = ()) -> dict:
+    """The whole `.status`, derived from observed children only; `pool`: inference_pool_condition's;
+    `failures`: (group index, reason, rank_failure_message) of the ranks the supervision plan reports."""
+    ready = sum(g.serving and not g.failed for g in groups)   # like a Deployment's readyReplicas: any revision
     updated = sum(g.updated for g in groups)
     # A planned rollout restart is progress; a lost rank (restarting or not yet noticed) is degradation.
     degraded = [g.index for g in groups if not g.serving and (
         g.restarting == "failure" or (g.recorded_ready and not g.restarting))]
     unschedulable = next((g.unschedulable for g in groups if g.unschedulable), "")
+    spent = sorted({i for i, why, _ in failures if why == TOO_MANY_RESTARTS})
     if failure:
         phase, reason, message = "Failed", "InsufficientGPUs", failure
+    elif spent:
+        phase, reason = ("Failed", TOO_MANY_RESTARTS) if not ready else ("Degraded", GROUP_FAILED)
+        message = (f"replica groups {spent} are left Failed after too many restarts (maxGroupRestarts "
+                   f"{spec.maxGroupRestarts} within {spec.groupRestartWindowSeconds}s); {ready}/{spec.replicas} "
+                   f"replicas ready; see condition {GROUP_FAILED}")
     elif ready == updated == spec.replicas and router_ready:
         phase, reason, message = "Ready", "AllReplicasReady", f"{ready}/{spec.replicas} replicas ready"
     elif degraded:
@@ -164,6 +260,11 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
     conditions = old.get("conditions") or []
     timings = [group_timing(g) for g in groups]
     extra = [_condition(conditions, POOL_CONDITION, *pool, generation)] if pool else []
+    if failures:
+        extra.append(_condition(conditions, GROUP_FAILED, True, failures[0][1],
+                                "\n\n".join(m for _, _, m in failures)[:MAX_FAILED_MESSAGE], generation))
+    elif any(c.get("type") == GROUP_FAILED for c in conditions):
+        extra.append(_condition(conditions, GROUP_FAILED, False, "NoFailedRank", "", generation))
     return {
         "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "ready": f"{ready}/{spec.replicas}",
         "updatedReplicas": updated,
@@ -199,7 +300,10 @@ def phase_event(old_phase: str | None, new: dict) -> tuple[str, str, str] | None
     if phase == "Progressing":
         return "Normal", "Progressing", f"{why or new['ready'] + ' replicas ready'}{was}"
     if phase == "Degraded":
-        return "Warning", "Degraded", f"{why}{was}"
+        return "Warning", "Degraded", f"{why[:1024]}{was}"
     if phase == "Pending":
         return "Warning", "Unschedulable", why
-    return "Warning", "InsufficientGPUs" if phase == "Failed" else phase, why
+    if phase == "Failed":
+        reason = next((c["reason"] for c in new["conditions"] if c["type"] == "Degraded"), "InsufficientGPUs")
+        return "Warning", reason, why[:1024]
+    return "Warning", phase, why

@@ -68,6 +68,8 @@ def operator_calls() -> dict[tuple[str, str, str], str]:
         calls[(api_version.rpartition("/")[0], PLURALS[kind], "patch")] = f"handlers.py: patch {kind}"
     if "k.max_node_gpus()" in source and "list_node()" in (ROOT / "operator" / "kube.py").read_text():
         calls[("", "nodes", "list")] = "Kube.max_node_gpus"
+    if "k.pod_log(" in source and "read_namespaced_pod_log(" in (ROOT / "operator" / "kube.py").read_text():
+        calls[("", "pods/log", "get")] = "Kube.pod_log (a failed rank's log, for the GroupFailed condition)"
     return calls
 
 
@@ -80,7 +82,7 @@ def test_operator_calls_are_found():
     # A few calls the regexes must keep finding, or this test proves nothing.
     for call in [("apps", "statefulsets", "delete"), ("", "pods", "delete"), ("", "pods", "list"),
                  ("apps", "statefulsets", "patch"), ("", "nodes", "list"), ("apps", "deployments", "get"),
-                 ("networking.k8s.io", "ingresses", "create")]:
+                 ("networking.k8s.io", "ingresses", "create"), ("", "pods/log", "get")]:
         assert call in calls, call
     # Every way handlers.py talks to the API server is one the regexes understand.
     source = (ROOT / "operator" / "handlers.py").read_text()

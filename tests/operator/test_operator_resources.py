@@ -56,6 +56,25 @@ def test_group_statefulset_shape():
     assert R.worker_statefulset(OWNER, s, 1)["spec"]["selector"]["matchLabels"][R.GROUP_LABEL] == "1"
 
 
+@pytest.mark.parametrize("fields, size", [({"tensorParallel": 4, "gpusPerPod": 2}, "2"), ({"tensorParallel": 2}, "1")])
+def test_worker_pods_carry_leaderworkerset_env(fields, size):
+    """LWS's names and values: LWS_LEADER_ADDRESS <leader hostname>.<subdomain>.<namespace> (rank 0 in the group's
+    headless Service), LWS_GROUP_SIZE the pods in the group, LWS_WORKER_INDEX this pod's index (its pod-index label,
+    like POD_INDEX); kubellm's own variables stay."""
+    [worker] = R.worker_statefulset(OWNER, spec(replicas=2, **fields), 1)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["LWS_LEADER_ADDRESS"]["value"] == "llama-g1-0.llama-g1.team-a"
+    assert env["LWS_GROUP_SIZE"]["value"] == size
+    assert env["LWS_WORKER_INDEX"]["valueFrom"] == env["POD_INDEX"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": f"metadata.labels['{R.POD_INDEX_LABEL}']"}}
+    assert env["MASTER_ADDR"]["value"].startswith(env["LWS_LEADER_ADDRESS"]["value"] + ".")
+
+
+def test_the_restart_budget_does_not_replace_pods():
+    """maxGroupRestarts is the operator's alone: changing it must not roll every group."""
+    assert R.worker_spec_hash(spec()) == R.worker_spec_hash(spec(maxGroupRestarts=3, groupRestartWindowSeconds=600))
+
+
 SECURITY_SPECS = [
     {"restApi": {"enabled": True}},
     {"model": {"source": "hf://org/gated", "tokenSecret": "hf-token", "endpoint": "http://mirror:8080"},

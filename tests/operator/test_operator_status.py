@@ -4,8 +4,9 @@ import pytest
 
 from kubellm.operator import resources as R
 from kubellm.api.spec import InferencePoolSpec, LLMDeploymentSpec
-from kubellm.operator.status import (READY_PODS, RESTARTING, compute_status, group_states,
-                                     inference_pool_condition)
+from kubellm.operator.status import (CRASH_LOOP, FAILED, GROUP_FAILED, READY_PODS, RESTARTING, TOO_MANY_RESTARTS,
+                                     compute_status, group_states, inference_pool_condition, phase_event,
+                                     rank_failure_message)
 
 SPEC = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "tensorParallel": 2, "gpusPerPod": 1,
                                          "replicas": 2})
@@ -211,3 +212,51 @@ def test_status_records_each_groups_time_to_ready():
     assert later["groups"][1] == {"index": 1, "scheduledAt": "", "loadStartedAt": "", "readyAt": ""}
     assert later["lastLoadSeconds"] == 39.0
     assert status_of([pod(0, 0, ready=False)], old={"lastLoadSeconds": 12.0})[0]["lastLoadSeconds"] == 12.0
+
+
+def _failed_message(reason=TOO_MANY_RESTARTS, log="loading /models/x\nFileNotFoundError: /models/x\n", error=""):
+    return rank_failure_message(1, "x-g1-1", reason, 2, 3600, log, error, previous=True)
+
+
+def test_a_group_left_failed_degrades_the_deployment_and_quotes_the_rank():
+    """One group spent its budget, the other serves: Degraded (not Failed), Available, GroupFailed names the
+    group and rank and quotes the log."""
+    statefulsets = [sts(1, **{READY_PODS: f"u10{HASH[:2]}:0,u11{HASH[:2]}:0", FAILED: "x-g1-1"})]
+    pods = [pod(0, 0), pod(0, 1), pod(1, 0), pod(1, 1, restarts=1)]
+    groups = group_states(SPEC, statefulsets, pods, HASH)
+    status = compute_status(SPEC, groups, True, 3, {}, "ep", "", "sel",
+                            failures=[(1, TOO_MANY_RESTARTS, _failed_message())])
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1
+    assert conditions(status)["Available"] == ("True", "ReplicasAvailable")
+    assert conditions(status)["Degraded"] == ("True", GROUP_FAILED)
+    assert conditions(status)[GROUP_FAILED] == ("True", TOO_MANY_RESTARTS)
+    message = next(c["message"] for c in status["conditions"] if c["type"] == GROUP_FAILED)
+    assert "replica group 1, rank pod x-g1-1" in message and "FileNotFoundError: /models/x" in message
+    assert "previous (crashed) container" in message and "maxGroupRestarts" in message
+    # No group serving: the deployment is Failed, and its Event says why.
+    groups[0].failed = "x-g0-0"
+    failed = compute_status(SPEC, groups, True, 3, status, "ep", "", "sel",
+                            failures=[(0, TOO_MANY_RESTARTS, "g0"), (1, TOO_MANY_RESTARTS, "g1")])
+    assert failed["phase"] == "Failed" and conditions(failed)["Degraded"] == ("True", TOO_MANY_RESTARTS)
+    assert phase_event("Degraded", failed)[:2] == ("Warning", TOO_MANY_RESTARTS)
+    # Fixed (the failures are gone): the condition stays, False, so that a watcher sees it clear.
+    fixed = compute_status(SPEC, group_states(SPEC, [], pods[:3] + [pod(1, 1)], HASH), True, 4, failed, "ep", "", "sel")
+    assert fixed["phase"] == "Ready" and conditions(fixed)[GROUP_FAILED] == ("False", "NoFailedRank")
+
+
+def test_a_crash_looping_rank_is_reported_without_changing_the_phase():
+    status = compute_status(SPEC, group_states(SPEC, [], [pod(0, 0, ready=False)], HASH), True, 1, {}, "ep", "", "sel",
+                            failures=[(0, CRASH_LOOP, _failed_message(CRASH_LOOP))])
+    assert status["phase"] == "Progressing"
+    assert conditions(status)[GROUP_FAILED] == ("True", CRASH_LOOP)
+
+
+@pytest.mark.parametrize("log, error, words", [
+    ("", "500 Internal Server Error: no kubelet", ["could not be read: 500 Internal Server Error: no kubelet"]),
+    ("", "", ["(empty)"]),
+    ("line 1\nline 2\n", "", ["last log lines", "line 1\nline 2"]),
+])
+def test_rank_failure_message_says_why_a_log_is_missing(log, error, words):
+    message = _failed_message(log=log, error=error)
+    assert all(w in message for w in words), message
+    assert rank_failure_message(0, "", CRASH_LOOP, 0, 60, "", "", False).endswith("before the group is whole")

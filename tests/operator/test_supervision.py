@@ -11,8 +11,10 @@ import pytest
 
 from kubellm.api.spec import LLMDeploymentSpec
 from kubellm.operator import resources as R
-from kubellm.operator.status import READY_PODS, RESTARTING, group_states
-from kubellm.operator.supervision import FAILURE, ROLLOUT, RecordWhole, RestartGroup, supervision_plan
+from kubellm.operator.status import (CRASH_LOOP, FAILED, FAILURE_RESTARTS, READY_PODS, RESTARTING, TOO_MANY_RESTARTS,
+                                     group_states)
+from kubellm.operator.supervision import (FAILURE, ROLLOUT, Budget, LeaveFailed, RecordWhole, RestartGroup,
+                                          supervision_plan)
 
 TWO_BY_TWO = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "tensorParallel": 2, "gpusPerPod": 1,
                                                "replicas": 2})
@@ -144,3 +146,82 @@ def test_the_planned_groups_are_what_the_status_sees():
     recorded, rolling = plan.groups
     assert (recorded.recorded_ready, recorded.restarting) == (whole(A0, A1), "")
     assert (rolling.recorded_ready, rolling.restarting, len(rolling.pods)) == (whole(OB0, OB1), ROLLOUT, 2)
+
+
+# -- the restart budget (spec.maxGroupRestarts within spec.groupRestartWindowSeconds)
+NOW, WINDOW = 1_000_000, 3600
+BUDGET_2 = Budget(max_restarts=2, window=WINDOW)
+
+
+def crashing(group, ordinal, *, uid=None, restarts=1, crash_loop=True):
+    """A rank whose worker container crashed and waits to be started again."""
+    p = pod(group, ordinal, uid=uid, ready=False, restarts=restarts)
+    p["status"]["containerStatuses"] = [{"name": "worker", "restartCount": restarts, "state": {
+        "waiting": {"reason": "CrashLoopBackOff"} if crash_loop else {"reason": "ContainerCreating"}}}]
+    return p
+
+
+def budget_sts(group, ready_pods, restarts=(), spec_hash=NEW, failed="", restarting=""):
+    s = sts(group, ready_pods, restarting)
+    if restarts:
+        s["metadata"]["annotations"][FAILURE_RESTARTS] = f"{spec_hash}:{','.join(map(str, restarts))}"
+    if failed:
+        s["metadata"]["annotations"][FAILED] = failed
+    return s
+
+
+A1_RESTARTED = pod(0, 1, restarts=1)
+BUDGET_TABLE = [
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 60]), sts(1, whole(B0, B1))], [A0, A1_RESTARTED, B0, B1],
+                 [RestartGroup(0, FAILURE, names(A0, A1), whole(A0, A1), f"{NEW}:{NOW - 60},{NOW}")], [],
+                 id="budget not spent: restart, and record the restart"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 600, NOW - 60]), sts(1, whole(B0, B1))],
+                 [A0, A1_RESTARTED, B0, B1], [LeaveFailed(0, "x-g0-1", 2)], [(0, TOO_MANY_RESTARTS, "x-g0-1")],
+                 id="budget spent within the window: left Failed, naming the rank, no restart"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 600, NOW - 60], failed="x-g0-1"), sts(1, whole(B0, B1))],
+                 [A0, A1_RESTARTED, B0, B1], [], [(0, TOO_MANY_RESTARTS, "x-g0-1")],
+                 id="a group already left Failed: nothing to do, still reported"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - WINDOW - 5, NOW - 60]), sts(1, whole(B0, B1))],
+                 [A0, A1_RESTARTED, B0, B1],
+                 [RestartGroup(0, FAILURE, names(A0, A1), whole(A0, A1), f"{NEW}:{NOW - 60},{NOW}")], [],
+                 id="restarts older than the window do not count (and are dropped)"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 600, NOW - 60], spec_hash=OLD, failed="x-g0-1"),
+                            sts(1, whole(B0, B1))], [A0, A1_RESTARTED, B0, B1],
+                 [RestartGroup(0, FAILURE, names(A0, A1), whole(A0, A1), f"{NEW}:{NOW}")], [],
+                 id="a spec change resets the count: the Failed group starts again"),
+    pytest.param(Budget(max_restarts=0, window=WINDOW), RECORDED, [A0, B0, B1], [LeaveFailed(0, "x-g0-1", 0)],
+                 [(0, TOO_MANY_RESTARTS, "x-g0-1")],
+                 id="maxGroupRestarts 0: the first failure is final; a rank gone is named by its ordinal"),
+    pytest.param(Budget(max_restarts=0, window=WINDOW), RECORDED, [B0, B1], [LeaveFailed(0, "", 0)],
+                 [(0, TOO_MANY_RESTARTS, None)], id="no pod of the group left: the rank cannot be named"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 600, NOW - 60], failed="x-g0-1"), sts(1, whole(B0, B1))],
+                 [pod(0, 0, failed=True), A1, B0, B1], [], [(0, TOO_MANY_RESTARTS, "x-g0-0")],
+                 id="marked once: another rank failing later is reported, not marked again"),
+    pytest.param(BUDGET_2, [budget_sts(0, whole(A0, A1), [NOW - 60], restarting=FAILURE), sts(1, whole(B0, B1))],
+                 [pod(0, 0, uid="n00", ready=False), crashing(0, 1, uid="n01"), B0, B1], [],
+                 [(0, CRASH_LOOP, "x-g0-1")],
+                 id="a restarted group's rank in CrashLoopBackOff: reported before the budget is spent"),
+    pytest.param(Budget(), [], [pod(0, 0, ready=False), crashing(0, 1, restarts=3, crash_loop=False)], [],
+                 [(0, CRASH_LOOP, "x-g0-1")], id="a new group's rank restarted 3 times without the group whole: reported"),
+    pytest.param(Budget(), [], [pod(0, 0, ready=False), crashing(0, 1, restarts=2, crash_loop=False)], [], [],
+                 id="two restarts while forming: not yet reported"),
+]
+
+
+@pytest.mark.parametrize("budget, statefulsets, pods, expected, failures", BUDGET_TABLE)
+def test_restart_budget(budget, statefulsets, pods, expected, failures):
+    groups = group_states(TWO_BY_TWO, statefulsets, pods, NEW)
+    plan = supervision_plan(groups, budget, NOW)
+    assert list(plan.actions) == expected
+    assert [(f.index, f.reason, f.pod["metadata"]["name"] if f.pod else None) for f in plan.failures] == failures
+
+
+def test_a_failed_group_is_not_serving_and_blocks_nothing_it_should_not():
+    """Left Failed, a group counts as down in the status even if a replacement pod is Ready, and the
+    other group keeps its record."""
+    statefulsets = [budget_sts(0, whole(A0, A1), [NOW - 60]), sts(1, whole(B0, B1))]
+    plan = supervision_plan(group_states(TWO_BY_TWO, statefulsets, [A0, pod(0, 1, uid="n01"), B0, B1], NEW),
+                            Budget(1, WINDOW), NOW)
+    assert plan.actions == (LeaveFailed(0, "x-g0-1", 1),)
+    failed, serving = plan.groups
+    assert failed.failed == "x-g0-1" and serving.serving and not serving.failed
