@@ -446,12 +446,12 @@ class Router:
         await self._publish_health()
         started = time.monotonic()
         if self._active:
-            log.info("router of %s draining %d requests (up to %.0f s)", self.deployment_name, self._active, timeout)
+            log.info("router of %s draining %d requests (up to %g s)", self.deployment_name, self._active, timeout)
         while self._active and time.monotonic() - started < timeout:
             await asyncio.sleep(0.02)
         drained = not self._active
         if not drained:
-            log.warning("router of %s drain timeout (%.0f s): cutting %d requests", self.deployment_name, timeout,
+            log.warning("router of %s drain timeout (%g s): cutting %d requests", self.deployment_name, timeout,
                         self._active)
         elif time.monotonic() - started > 0.05:
             log.info("router of %s drained in %.1f s", self.deployment_name, time.monotonic() - started)

@@ -180,11 +180,11 @@ class Worker:
             return self.in_flight + (self.http_upstream.in_flight if self.http_upstream is not None else 0)
         if not busy():
             return True
-        log.info("worker %s draining %d requests (up to %.0f s)", self.replica, self.in_flight, timeout)
+        log.info("worker %s draining %d requests (up to %g s)", self.replica, self.in_flight, timeout)
         while busy() and time.monotonic() - started < timeout:
             await asyncio.sleep(0.02)
         if busy():
-            log.warning("worker %s drain timeout (%.0f s): cutting %d requests", self.replica, timeout, self.in_flight)
+            log.warning("worker %s drain timeout (%g s): cutting %d requests", self.replica, timeout, self.in_flight)
             return False
         log.info("worker %s drained in %.1f s", self.replica, time.monotonic() - started)
         return True
