@@ -342,6 +342,8 @@ def test_a_group_that_keeps_failing_is_left_failed_with_its_rank_named(cluster, 
     assert {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 1)} == group1, "group 1 was touched"
     events = [e for e in get(cluster, ns, "events")["items"] if e["reason"] == "GroupFailed"]
     assert len(events) == 1 and events[0]["type"] == "Warning" and "flaky-g0-1" in events[0]["message"], events
+    restarted = [e["message"] for e in get(cluster, ns, "events")["items"] if e["reason"] == "GroupRestarted"]
+    assert any("restart 2 of maxGroupRestarts 2" in m for m in restarted), restarted
 
     # The user fixes something: a new spec restarts the group with a fresh budget.
     apply(cluster, ns, deployment("flaky", tensorParallel=2, gpusPerPod=1, replicas=2, maxGroupRestarts=2,

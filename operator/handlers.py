@@ -264,9 +264,12 @@ def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDepl
             _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting=action.cause,
                         restarts=action.restarts)
             METRICS.restarted(action.cause)
+            budget = (f" (restart {len(action.restarts.partition(':')[2].split(','))} of maxGroupRestarts "
+                      f"{spec.maxGroupRestarts} within {spec.groupRestartWindowSeconds}s)"
+                      if action.restarts and spec is not None else "")
             kopf.event(body, type="Warning" if action.cause == FAILURE else "Normal", reason="GroupRestarted",
                        message=f"replica group {action.index}: {RESTART_REASONS[action.cause]}; "
-                               "restarting all its ranks")
+                               f"restarting all its ranks{budget}")
         else:
             if action.completed:
                 kopf.event(body, type="Normal", reason="GroupReady",

@@ -105,12 +105,14 @@ def supervision_plan(groups: list[GroupState], budget: Budget = Budget(), now: i
         # Broken before serving: with a fast node a replaced rank may already be Ready again.
         if group.broken and budget.max_restarts is not None:
             recent = budget.recent(group.restarts, now)
-            if len(recent) >= budget.max_restarts:
+            # Once Failed, it stays so as the window passes: only a new spec (its restarts count nothing)
+            # or a budget above the restarts recorded lets it start again.
+            if len(recent) >= budget.max_restarts or (group.failed and len(group.restarts) >= budget.max_restarts):
                 rank = group.failed_rank
-                failures.append(RankFailure(group.index, rank, TOO_MANY_RESTARTS, len(recent)))
+                failures.append(RankFailure(group.index, rank, TOO_MANY_RESTARTS, len(group.restarts)))
                 name = rank["metadata"]["name"] if rank else ""
                 if not group.failed:   # once: the Event and the mark name the rank that failed first
-                    actions.append(LeaveFailed(group.index, name, len(recent)))
+                    actions.append(LeaveFailed(group.index, name, len(group.restarts)))
                     group = dataclasses.replace(group, failed=name or "?")
                 after.append(group)
                 continue
