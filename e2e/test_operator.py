@@ -173,6 +173,8 @@ def test_spec_change_rolls_groups_one_at_a_time(cluster, operator, ns):
     ({"unknownField": 1}, "unknownField"),
     ({"model": {"source": "ftp://somewhere/model"}}, "spec.model.source"),
     ({"tensorParallel": 4, "gpusPerPod": 3}, "gpusPerPod"),
+    ({"maxGroupRestarts": -1}, "spec.maxGroupRestarts"),
+    ({"groupRestartWindowSeconds": 10}, "spec.groupRestartWindowSeconds"),
 ])
 def test_invalid_resources_are_rejected_by_the_api_server(cluster, operator, ns, spec, field):
     body = deployment("bad")
