@@ -260,7 +260,7 @@ def serve_metrics(render: Callable[[], str], port: int, host: str = "0.0.0.0",
 
 
 def parse(text: str) -> dict[str, float]:
-    """Samples of an exposition text as {'name{labels}': value} (for tests and benchmarks)."""
+    """Samples of an exposition text as {'name{labels}': value} (tests, benchmarks, the operator reading a worker)."""
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

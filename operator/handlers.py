@@ -175,6 +175,7 @@ def sync_inference_pool(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[str, s
         return (POOL_CRD_MISSING if spec.inferencePool.enabled else ""), ""
     manifest = R.inference_pool(owner, spec)
     if manifest is None:
+        # Literal kinds, not R.INFERENCE_POOL_*: tests/charts/test_chart.py finds the RBAC the operator needs by them.
         live = k.get("inference.networking.k8s.io/v1", "InferencePool", R.inference_pool_name(owner), owner.namespace)
         if live and any(ref.get("uid") == owner.uid for ref in live["metadata"].get("ownerReferences") or []):
             k.delete("inference.networking.k8s.io/v1", "InferencePool", R.inference_pool_name(owner), owner.namespace)
@@ -264,9 +265,8 @@ def apply_supervision(body, owner: R.Owner, plan: SupervisionPlan, spec: LLMDepl
             _mark_group(owner, action.index, ready_pods=action.ready_pods, restarting=action.cause,
                         restarts=action.restarts)
             METRICS.restarted(action.cause)
-            budget = (f" (restart {len(action.restarts.partition(':')[2].split(','))} of maxGroupRestarts "
-                      f"{spec.maxGroupRestarts} within {spec.groupRestartWindowSeconds}s)"
-                      if action.restarts and spec is not None else "")
+            budget = (f" (restart {action.spent} of maxGroupRestarts {spec.maxGroupRestarts} within "
+                      f"{spec.groupRestartWindowSeconds}s)" if action.spent and spec is not None else "")
             kopf.event(body, type="Warning" if action.cause == FAILURE else "Normal", reason="GroupRestarted",
                        message=f"replica group {action.index}: {RESTART_REASONS[action.cause]}; "
                                f"restarting all its ranks{budget}")

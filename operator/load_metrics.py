@@ -6,30 +6,34 @@ nodes) the Event says so instead.
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.request
 
+from kubellm.metrics import parse
 from kubellm.operator.load_time import PHASES, TOTAL
 from kubellm.operator.resources import METRICS_PORT
 
 TIMEOUT_SECONDS = 1.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # pod IPs: never through an HTTP proxy
-_PHASE_SAMPLE = re.compile(r'^kubellm_model_load_phase_seconds\{([^}]*)\}\s+([-+0-9.eE]+|NaN)\s*$', re.M)
 _PHASE_LABEL = re.compile(r'(?:^|,)\s*phase="([^"]*)"')
-_TOTAL_SAMPLE = re.compile(r'^kubellm_model_load_seconds(?:\{[^}]*\})?\s+([-+0-9.eE]+)\s*$', re.M)
 
 
 def parse_load_phases(text: str) -> dict[str, float]:
     """{phase: seconds} of the known phases in a Prometheus text exposition, and under TOTAL the worker's
     whole load (kubellm_model_load_seconds) when it is there."""
     phases: dict[str, float] = {}
-    for labels, value in _PHASE_SAMPLE.findall(text):
-        match = _PHASE_LABEL.search(labels)
-        if match and match.group(1) in PHASES and value != "NaN":
-            phases[match.group(1)] = float(value)
-    total = _TOTAL_SAMPLE.search(text)
-    if phases and total:
-        phases[TOTAL] = float(total.group(1))
+    total = None
+    for sample, value in parse(text).items():
+        name, _, labels = sample.partition("{")
+        if name == "kubellm_model_load_phase_seconds":
+            match = _PHASE_LABEL.search(labels)
+            if match and match.group(1) in PHASES and not math.isnan(value):
+                phases[match.group(1)] = value
+        elif name == "kubellm_model_load_seconds":
+            total = value
+    if phases and total is not None:
+        phases[TOTAL] = total
     return phases
 
 

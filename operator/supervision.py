@@ -29,6 +29,11 @@ class RestartGroup:
     ready_pods: str                  # READY_PODS kept on the StatefulSet meanwhile
     restarts: str | None = None      # the new FAILURE_RESTARTS annotation; None: leave it as it is
 
+    @property
+    def spent(self) -> int:
+        """Restarts within the budget's window, this one included, as `restarts` records them (0: unbounded)."""
+        return len(self.restarts.partition(":")[2].split(",")) if self.restarts else 0
+
 
 @dataclass(frozen=True)
 class RecordWhole:

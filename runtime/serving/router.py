@@ -57,6 +57,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.balancing import make_balancer
+from kubellm.runtime.serving.draining import drain
 from kubellm.runtime.serving.gateway import build_app
 from kubellm.runtime.serving.metrics import RouterMetrics
 from kubellm.runtime.serving.reflection import add_reflection
@@ -444,17 +445,7 @@ class Router:
         timeout = self.drain_timeout if timeout is None else timeout
         self._draining = True
         await self._publish_health()
-        started = time.monotonic()
-        if self._active:
-            log.info("router of %s draining %d requests (up to %g s)", self.deployment_name, self._active, timeout)
-        while self._active and time.monotonic() - started < timeout:
-            await asyncio.sleep(0.02)
-        drained = not self._active
-        if not drained:
-            log.warning("router of %s drain timeout (%g s): cutting %d requests", self.deployment_name, timeout,
-                        self._active)
-        elif time.monotonic() - started > 0.05:
-            log.info("router of %s drained in %.1f s", self.deployment_name, time.monotonic() - started)
+        drained = await drain(lambda: self._active, timeout, f"router of {self.deployment_name}", log)
         await self.stop(grace=1.0)
         return drained
 

@@ -26,6 +26,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from kubellm.protos.v1 import llm_pb2_grpc
 from kubellm.runtime.config import EngineConfig, generation_config
+from kubellm.runtime.serving.draining import drain, until_idle
 from kubellm.runtime.serving.engine_loop import EngineLoop
 from kubellm.runtime.serving.metrics import WorkerMetrics
 from kubellm.runtime.serving.reflection import add_reflection
@@ -175,19 +176,7 @@ class Worker:
     async def drain(self, timeout: float) -> bool:
         """Let the calls in flight finish, up to `timeout` s; True if they all did. New calls are already
         refused (`stopping`: UNAVAILABLE, so the router retries them on another replica)."""
-        started = time.monotonic()
-        def busy() -> int:
-            return self.in_flight + (self.http_upstream.in_flight if self.http_upstream is not None else 0)
-        if not busy():
-            return True
-        log.info("worker %s draining %d requests (up to %g s)", self.replica, self.in_flight, timeout)
-        while busy() and time.monotonic() - started < timeout:
-            await asyncio.sleep(0.02)
-        if busy():
-            log.warning("worker %s drain timeout (%g s): cutting %d requests", self.replica, timeout, self.in_flight)
-            return False
-        log.info("worker %s drained in %.1f s", self.replica, time.monotonic() - started)
-        return True
+        return await drain(lambda: self.in_flight, timeout, f"worker {self.replica}", log)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain, then stop: health NOT_SERVING and new calls refused at once, the calls in flight
@@ -208,7 +197,7 @@ class Worker:
         if self.server is not None:
             closing.append(self.server.stop(1.0))
         if self.http_upstream is not None:
-            closing.append(self.http_upstream.drained(1.0))
+            closing.append(until_idle(lambda: self.http_upstream.in_flight, 1.0))   # its last bytes written
         await asyncio.gather(*closing)
         if self.http_runner is not None:
             await self.http_runner.cleanup()

@@ -37,7 +37,7 @@ class WorkerUpstream:
         self.worker = worker   # serving.worker.Worker
         self.calls = EngineCalls(worker)
         self.replicas = (worker,)
-        self.in_flight = 0   # calls not yet ended: what a stopping worker waits for (drained)
+        self.in_flight = 0   # HTTP calls not yet ended: a stopping worker waits for their last bytes
 
     @property
     def deployment_name(self) -> str:
@@ -94,13 +94,6 @@ class WorkerUpstream:
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.worker.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
-
-    async def drained(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for the calls in flight to end; True if they all did."""
-        end = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < end:
-            await asyncio.sleep(0.02)
-        return not self.in_flight
 
 
 async def start_http(worker, host: str, port: int) -> tuple[web.AppRunner, WorkerUpstream, int]:
