@@ -20,6 +20,7 @@ error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -56,7 +57,10 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
 
 def _from_upstream(err: UpstreamError) -> web.Response:
     status, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
-    return _error(status, err.details, kind, code=err.code.name.lower())
+    response = _error(status, err.details, kind, code=err.code.name.lower())
+    if err.retry_after is not None:   # whole seconds, as HTTP says (rounded up: never sooner than asked)
+        response.headers["Retry-After"] = str(math.ceil(err.retry_after))
+    return response
 
 
 async def _json_body(request: web.Request) -> dict:
@@ -378,10 +382,13 @@ class Gateway:
         return _model_list(names)
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = bool(self.upstream.healthy_replicas())
-        return web.json_response({"status": "ok" if ok else "unavailable",
-                                  "healthy_replicas": len(self.upstream.healthy_replicas()),
-                                  "replicas": len(self.upstream.replicas)}, status=200 if ok else 503)
+        healthy = len(self.upstream.healthy_replicas())
+        # A scale-from-zero router takes (holds) requests with no replica; a worker's upstream never does.
+        scaled_to_zero = bool(getattr(self.upstream, "scaled_to_zero", False))
+        ok = bool(healthy) or scaled_to_zero
+        return web.json_response({"status": "ok" if ok else "unavailable", "healthy_replicas": healthy,
+                                  "replicas": len(self.upstream.replicas), "scaled_to_zero": scaled_to_zero},
+                                 status=200 if ok else 503)
 
 
 def _model_list(names: Sequence[str]) -> web.Response:

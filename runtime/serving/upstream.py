@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 
 class UpstreamError(Exception):
-    """A request could not be answered: a gRPC status code and a message for the caller."""
+    """A request could not be answered: a gRPC status code and a message for the caller; `retry_after`:
+    seconds the caller should wait before retrying, where known (REST: a `Retry-After` header)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, *, retry_after: float | None = None):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after = retry_after
 
 
 class Upstream(Protocol):
