@@ -163,6 +163,31 @@ class DrainSpec(_Spec):
                                             "terminationGracePeriodSeconds covers preStopSeconds + this + a margin")
 
 
+class AutoscalingSpec(_Spec):
+    """The built-in autoscaler: the operator reads the routers' own counts of requests in flight and held, and
+    sets `replicas` through the scale subresource. No Prometheus, HPA or KEDA needed (for those, leave this
+    unset: docs/operations.md)."""
+
+    minReplicas: int = Field(1, ge=0, le=1000,
+                             description="fewest replica groups; 0 scales to zero when idle: the router stays up and "
+                                         "holds requests while the first group starts")
+    maxReplicas: int = Field(..., ge=1, le=1000, description="most replica groups")
+    targetInFlightPerReplica: float = Field(
+        8, gt=0, le=100_000, description="requests in flight per replica group the autoscaler aims at: those the "
+                                         "routers have sent to a group (running or queued in its engine) plus those "
+                                         "they hold waiting for a group; replicas = ceil(in flight / target)")
+    scaleUpDelaySeconds: int = Field(15, ge=0, le=3600,
+                                     description="the load must have called for more replicas for this long "
+                                                 "(the lowest recommendation over the window wins); from zero, a "
+                                                 "waiting request scales up at once")
+    scaleDownDelaySeconds: int = Field(300, ge=0, le=86_400,
+                                       description="the load must have called for fewer replicas for this long "
+                                                   "(the highest recommendation over the window wins)")
+    scaleFromZeroTimeoutSeconds: int = Field(
+        600, ge=1, le=86_400, description="how long the router holds a request while no group is ready (the first "
+                                          "group's start and model load); past it, UNAVAILABLE / 503 with Retry-After")
+
+
 class ResourcesSpec(_Spec):
     requests: dict[str, int | str] = Field(default_factory=dict)
     limits: dict[str, int | str] = Field(default_factory=dict)
@@ -174,7 +199,11 @@ class LLMDeploymentSpec(_Spec):
     model: ModelSpec
     tensorParallel: int = Field(1, ge=1, le=64, description="ranks that split each layer")
     pipelineParallel: int = Field(1, ge=1, le=64, description="stages the layers are split into")
-    replicas: int = Field(1, ge=0, le=1000, description="independent model copies (parallel groups)")
+    # No schema default: a defaulted replicas could not be told from a hand-set one (CEL_RULES). Unset, it is
+    # autoscaling.minReplicas with autoscaling, else 1 (`_resolve_replicas`).
+    replicas: int | None = Field(None, ge=0, le=1000,
+                                 description="independent model copies (parallel groups); default 1. With autoscaling "
+                                             "the autoscaler sets it (through the scale subresource): leave it unset")
     gpusPerPod: int | None = Field(None, ge=1, le=64,
                                    description="GPUs (ranks) per pod; default: the whole group in one pod")
     device: Literal["gpu", "cpu"] = Field("gpu", description="gpu: each rank gets one nvidia.com/gpu; cpu: no GPU "
@@ -191,6 +220,7 @@ class LLMDeploymentSpec(_Spec):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     restApi: RestApiSpec = Field(default_factory=RestApiSpec)
+    autoscaling: AutoscalingSpec | None = None
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
     drain: DrainSpec = Field(default_factory=DrainSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
@@ -209,8 +239,19 @@ class LLMDeploymentSpec(_Spec):
     @model_validator(mode="after")
     def _cross_field(self):
         for rule in CEL_RULES:
-            if not rule.python(self):
+            if rule.python is not None and not rule.python(self):
                 raise ValueError(f"{rule.field}: {rule.message}")
+        return self._resolve_replicas()
+
+    def _resolve_replicas(self):
+        """`replicas` as the operator runs it: unset, the autoscaler's floor (or 1); with autoscaling, within
+        minReplicas..maxReplicas (a hand or HPA write outside them, or a narrowed range, is brought back)."""
+        scaling = self.autoscaling
+        if scaling is None:
+            self.replicas = 1 if self.replicas is None else self.replicas
+        else:
+            wanted = scaling.minReplicas if self.replicas is None else self.replicas
+            self.replicas = min(max(wanted, scaling.minReplicas), scaling.maxReplicas)
         return self
 
     def runtime_settings(self) -> RuntimeSettings:
@@ -235,8 +276,10 @@ class LLMDeploymentSpec(_Spec):
 class CelRule:
     """One cross-field rule, in CEL for the API server and in Python for the operator."""
 
-    def __init__(self, cel: str, message: str, field: str, python):
-        self.cel, self.message, self.field, self.python = cel, message, field, python
+    def __init__(self, cel: str, message: str, field: str, python, *, transition: bool = False):
+        # transition: the rule reads oldSelf (optionalOldSelf, so it runs on create too); the operator sees only
+        # the stored object, so there is no Python twin (python=None).
+        self.cel, self.message, self.field, self.python, self.transition = cel, message, field, python, transition
 
 
 CEL_RULES = [
@@ -252,6 +295,16 @@ CEL_RULES = [
     CelRule("!has(self.model.tokenSecret) || self.model.source.startsWith('hf://')",
             "model.tokenSecret only applies to hf:// sources", "spec.model.tokenSecret",
             lambda s: s.model.tokenSecret is None or s.model.kind == "hf"),
+    # The autoscaler writes replicas through /scale, so replicas beside autoscaling is refused only where it is
+    # hand-set: on create, or in the same write that turns autoscaling on.
+    CelRule("!has(self.autoscaling) || !has(self.replicas) || (oldSelf.hasValue() && has(oldSelf.value().autoscaling))",
+            "replicas and autoscaling are exclusive: remove spec.replicas (the autoscaler sets it within "
+            "autoscaling.minReplicas..maxReplicas), or remove spec.autoscaling to set replicas by hand",
+            "spec.replicas", None, transition=True),
+    CelRule("!has(self.autoscaling) || !has(self.autoscaling.minReplicas) || "
+            "self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
+            "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", "spec.autoscaling.minReplicas",
+            lambda s: s.autoscaling is None or s.autoscaling.minReplicas <= s.autoscaling.maxReplicas),
     CelRule("!has(self.model.cachePVC) || self.model.source.startsWith('hf://')",
             "model.cachePVC only applies to hf:// sources", "spec.model.cachePVC",
             lambda s: s.model.cachePVC is None or s.model.kind == "hf"),
@@ -278,7 +331,7 @@ class GroupStatus(_Spec):
 
 
 class LLMDeploymentStatus(_Spec):
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] = "Pending"
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed", "ScaledToZero"] = "Pending"
     replicas: int = 0
     readyReplicas: int = 0
     ready: str = Field("", description="readyReplicas/replicas, as `kubectl get` shows it (e.g. 2/2)")

@@ -354,3 +354,49 @@ def test_a_group_that_keeps_failing_is_left_failed_with_its_rank_named(cluster, 
                          and s.get("updatedReplicas") == 2 and condition(s, "GroupFailed").get("status") == "False",
                          "Ready on the new spec", timeout=120)
     assert not {p["metadata"]["uid"] for p in pods_of(cluster, ns, "flaky", 0)} & left
+
+
+def spec_of(cluster, ns, name) -> dict:
+    return get(cluster, ns, "llmd", name)["spec"]
+
+
+def test_autoscaling_is_exclusive_with_a_hand_set_replicas(cluster, operator, ns):
+    """The transition rule on the real API server: replicas beside autoscaling is refused where a user sets it
+    (on create, or when turning autoscaling on), and accepted where the autoscaler (or `kubectl scale`) writes it."""
+    both = cluster.kubectl("apply", "-n", ns, "-f", "-", check=False,
+                           input=yaml.safe_dump(deployment("both", replicas=2, autoscaling={"maxReplicas": 3})))
+    assert both.returncode != 0 and "spec.replicas" in both.stderr and "exclusive" in both.stderr, both.stderr
+    assert "remove spec.replicas" in both.stderr
+
+    apply(cluster, ns, deployment("hand", replicas=2))
+    turned_on = cluster.kubectl("patch", "llmd", "hand", "-n", ns, "--type=merge", "-p",
+                                json.dumps({"spec": {"autoscaling": {"maxReplicas": 4}}}), check=False)
+    assert turned_on.returncode != 0 and "exclusive" in turned_on.stderr, turned_on.stderr
+    # Turning it on while removing replicas is the way (the message says so).
+    cluster.kubectl("patch", "llmd", "hand", "-n", ns, "--type=json", "-p", json.dumps([
+        {"op": "remove", "path": "/spec/replicas"}, {"op": "add", "path": "/spec/autoscaling",
+                                                     "value": {"minReplicas": 1, "maxReplicas": 4}}]))
+
+    # Autoscaling alone: the operator writes replicas (the floor, 2) through /scale and creates the groups.
+    apply(cluster, ns, deployment("auto", autoscaling={"minReplicas": 2, "maxReplicas": 3}))
+    cluster.wait_for(lambda: spec_of(cluster, ns, "auto").get("replicas") == 2, "replicas set through /scale", 60)
+    wait_status(cluster, operator, ns, "auto", lambda s: s.get("readyReplicas") == 2, "2 groups", timeout=90)
+    # kwok's pod IPs answer nothing: the load is unknown, which is no reason to scale, and the condition says so.
+    status = wait_status(cluster, operator, ns, "auto", lambda s: condition(s, "ScalingActive").get("reason")
+                         == "LoadUnknown", "ScalingActive LoadUnknown", timeout=60)
+    assert condition(status, "ScalingActive")["status"] == "False" and "metrics" in condition(status, "ScalingActive")[
+        "message"]
+    cluster.kubectl("scale", "llmd", "auto", "-n", ns, "--replicas=9")     # accepted by the API server...
+    cluster.wait_for(lambda: spec_of(cluster, ns, "auto").get("replicas") == 3, "brought back to maxReplicas", 60)
+    assert "Autoscaled" in {e["reason"] for e in get(cluster, ns, "events")["items"]}
+
+
+def test_scale_to_zero_keeps_the_router_and_reports_it(cluster, operator, ns):
+    apply(cluster, ns, deployment("idle", autoscaling={"minReplicas": 0, "maxReplicas": 2}))
+    status = wait_status(cluster, operator, ns, "idle", lambda s: s.get("phase") == "ScaledToZero", "ScaledToZero")
+    assert condition(status, "ScaledToZero")["status"] == "True", status
+    assert get(cluster, ns, "statefulsets")["items"] == []
+    router = get(cluster, ns, "deployment", "idle-router")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--scale-from-zero" in router and router[router.index("--wait-for-replica") + 1] == "600"
+    row = cluster.kubectl("get", "llmd", "idle", "-n", ns).stdout.splitlines()[1].split()
+    assert row[4:6] == ["0/0", "ScaledToZero"], row

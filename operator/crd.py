@@ -41,6 +41,8 @@ def spec_schema() -> dict:
         entry = {"rule": rule.cel, "message": rule.message}
         if rule.field.startswith("spec.") and rule.field != "spec.":
             entry["fieldPath"] = rule.field[len("spec"):]
+        if rule.transition:
+            entry["optionalOldSelf"] = True
         validations.append(entry)
     schema["x-kubernetes-validations"] = validations
     return ordered(schema)

@@ -31,12 +31,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubellm.operator import resources as R
+from kubellm.operator.autoscaler import Decision, History, decide
+from kubellm.operator.groups import choose_groups
 from kubellm.operator.kube import Kube
 from kubellm.operator.load_metrics import read_load_phases
 from kubellm.operator.load_time import group_timing, load_events, slow_load_after
 from kubellm.operator.metrics import OperatorMetrics
+from kubellm.operator.router_load import read_router_load
 from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
-from kubellm.operator.status import (CRASH_LOOP, FAILED, FAILURE_RESTARTS, POOL_APPLIED, POOL_APPLY_FAILED,
+from kubellm.operator.status import (CRASH_LOOP, scaling_condition, FAILED, FAILURE_RESTARTS, POOL_APPLIED, POOL_APPLY_FAILED,
                                      POOL_CONDITION, POOL_CRD_MISSING, READY_PODS, RESTARTING, GroupState,
                                      compute_status, group_states, inference_pool_condition, phase_event,
                                      rank_failure_message, restart_count)
@@ -97,9 +100,10 @@ def reconcile(body, spec, status, patch, reason, **_):
         patch.status.update(phase="Failed", observedGeneration=body["metadata"].get("generation", 0))
         kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
         raise
-    children = R.children(owner, desired, router_image=ROUTER_IMAGE)
+    keep, remove = plan_groups(owner, desired)
+    children = R.children(owner, desired, router_image=ROUTER_IMAGE, groups=keep)
     written = sum(kube().apply(child) for child in children)
-    removed = remove_extra_groups(owner, desired)
+    removed = remove_groups(owner, remove)
     # A pool to apply, or one to delete (its condition says there was one): else not even a discovery lookup.
     had_pool = any(c.get("type") == POOL_CONDITION for c in (status or {}).get("conditions") or [])
     pool = sync_inference_pool(owner, desired) if desired.inferencePool.enabled or had_pool else None
@@ -128,7 +132,40 @@ def observe(body, spec, patch, **_):
         desired = parse_spec(spec)
     except kopf.PermanentError:
         return
-    refresh(body, patch, R.Owner.from_body(body), desired)
+    owner = R.Owner.from_body(body)
+    refresh(body, patch, owner, desired, scaling=autoscale(body, owner, desired))
+
+
+# The built-in autoscaler's recommendations (by uid): kept in memory, so a restarted operator waits a whole
+# delay window again before it scales, which errs on the side of not scaling.
+_histories: dict[str, History] = {}
+_last_scaled: dict[str, str] = {}
+
+
+def autoscale(body, owner: R.Owner, spec: LLMDeploymentSpec) -> Decision | None:
+    """spec.autoscaling: read the routers' load, decide (autoscaler.decide) and set replicas through the scale
+    subresource, whose write comes back as a spec update that reconcile applies. None without autoscaling."""
+    if spec.autoscaling is None:
+        _histories.pop(owner.uid, None)
+        return None
+    k = kube()
+    load = read_router_load(k.list("v1", "Pod", owner.namespace, R.selector(owner, "router")))
+    decision = decide(spec.autoscaling, spec.replicas, _histories.setdefault(owner.uid, History()), load.total(),
+                      time.monotonic())
+    if load.routers == 0:
+        decision = dataclasses.replace(decision, message=f"{decision.message}: "
+                                                         f"{load.errors[0] if load.errors else 'no router pod runs'}")
+    stored = (body.get("spec") or {}).get("replicas")
+    if decision.replicas != stored:
+        k.scale(GROUP, VERSION, PLURAL, owner.name, owner.namespace, decision.replicas)
+        a = spec.autoscaling
+        message = decision.message if decision.replicas != spec.replicas else (
+            f"spec.replicas {'unset' if stored is None else stored} -> {decision.replicas}: autoscaling keeps it "
+            f"within minReplicas..maxReplicas ({a.minReplicas}..{a.maxReplicas})")
+        METRICS.autoscaled(decision.reason)
+        _last_scaled[owner.uid] = message
+        kopf.event(body, type="Normal", reason="Autoscaled", message=message)
+    return decision
 
 
 def _timers_without_finalizer(registry) -> None:
@@ -152,18 +189,41 @@ _timers_without_finalizer(kopf.get_default_registry())
 def forget(event, name, namespace, **_):
     if event.get("type") == "DELETED":
         METRICS.phase(namespace, name, None)
-        _announced.pop(((event.get("object") or {}).get("metadata") or {}).get("uid", ""), None)
+        uid = ((event.get("object") or {}).get("metadata") or {}).get("uid", "")
+        for memory in (_announced, _histories, _last_scaled):
+            memory.pop(uid, None)
 
 
-def remove_extra_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> list[int]:
-    k, removed = kube(), []
-    for sts in k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker")):
-        index = int(sts["metadata"]["labels"][R.GROUP_LABEL])
-        if index >= spec.replicas:
-            k.delete("apps/v1", "StatefulSet", sts["metadata"]["name"], owner.namespace)
-            k.delete("v1", "Service", R.group_name(owner, index), owner.namespace)
-            removed.append(index)
-    return sorted(removed)
+def live_groups(statefulsets: list[dict]) -> list[int]:
+    """The group indices whose StatefulSets exist and are not being deleted."""
+    return sorted(int(s["metadata"]["labels"][R.GROUP_LABEL]) for s in statefulsets
+                  if not s["metadata"].get("deletionTimestamp"))
+
+
+def plan_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[list[int], list[int]]:
+    """(groups to keep or create, groups to remove): a scale-down removes the groups that serve least, by the
+    routers' requests in flight to each leader (groups.choose_groups)."""
+    k = kube()
+    statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
+    existing = live_groups(statefulsets)
+    if len(existing) <= spec.replicas:
+        return choose_groups(existing, spec.replicas)
+    serving = {int(s["metadata"]["labels"][R.GROUP_LABEL]) for s in statefulsets
+               if (s.get("status") or {}).get("readyReplicas", 0) >= spec.pods_per_group}
+    leaders = {p["status"]["podIP"]: int(p["metadata"]["labels"][R.GROUP_LABEL])
+               for p in k.list("v1", "Pod", owner.namespace, R.leader_selector(owner))
+               if (p.get("status") or {}).get("podIP") and R.GROUP_LABEL in p["metadata"].get("labels", {})}
+    load = read_router_load(k.list("v1", "Pod", owner.namespace, R.selector(owner, "router")))
+    return choose_groups(existing, spec.replicas, load.by_group(leaders), serving)
+
+
+def remove_groups(owner: R.Owner, indices: list[int]) -> list[int]:
+    """Delete these replica groups (StatefulSet and headless Service); their pods drain (spec.drain)."""
+    k = kube()
+    for index in indices:
+        k.delete("apps/v1", "StatefulSet", R.group_name(owner, index), owner.namespace)
+        k.delete("v1", "Service", R.group_name(owner, index), owner.namespace)
+    return indices
 
 
 def sync_inference_pool(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[str, str]:
@@ -303,14 +363,17 @@ def _annotate(owner: R.Owner, index: int, annotations: dict[str, str | None]) ->
     k.writes += 1
 
 
-def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[str, str] | None = None) -> None:
+def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[str, str] | None = None,
+            scaling: Decision | None = None) -> None:
     """`pool`: what reconcile's sync_inference_pool came to; without it (a timer tick) the pool is synced
-    again only while the last status says it is not there (its CRD was missing, or the apply failed)."""
+    again only while the last status says it is not there (its CRD was missing, or the apply failed);
+    `scaling`: the autoscaler's decision of this tick, for the ScalingActive condition."""
     k = kube()
     statefulsets = k.list("apps/v1", "StatefulSet", owner.namespace, R.selector(owner, "worker"))
     pods = k.list("v1", "Pod", owner.namespace, R.selector(owner, "worker"))
-    plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec)), Budget.of(spec),
-                            int(time.time()))
+    indices, _ = choose_groups(live_groups(statefulsets), spec.replicas)
+    plan = supervision_plan(group_states(spec, statefulsets, pods, R.worker_spec_hash(spec), indices),
+                            Budget.of(spec), int(time.time()))
     failures = failure_messages(body, owner, spec, plan.failures)
     apply_supervision(body, owner, plan, spec, {i: m for i, _, m in failures})
     router = k.get("apps/v1", "Deployment", R.router_name(owner), owner.namespace) or {}
@@ -329,7 +392,8 @@ def refresh(body, patch, owner: R.Owner, spec: LLMDeploymentSpec, pool: tuple[st
     selector = ",".join(f"{k_}={v}" for k_, v in R.leader_selector(owner).items())
     new = compute_status(spec, list(plan.groups), router_ready, body["metadata"].get("generation", 0), old,
                          R.grpc_endpoint(owner, spec), R.rest_endpoint(owner, spec), selector, failure,
-                         inference_pool_condition(spec, *(pool or ("", "")), R.inference_pool_name(owner)), failures)
+                         inference_pool_condition(spec, *(pool or ("", "")), R.inference_pool_name(owner)), failures,
+                         scaling_condition(spec, scaling, _last_scaled.get(owner.uid, "")))
     METRICS.phase(owner.namespace, owner.name, new["phase"])
     if all(old.get(key) == value for key, value in new.items()):
         return

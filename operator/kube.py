@@ -69,6 +69,7 @@ class Kube:
             api_client = client.ApiClient()
         self.dynamic = DynamicClient(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
         self.writes = 0  # applies and deletes actually sent, for tests and metrics
         self.node_gpus = NodeGpuCapacity(lambda: self.core.list_node().items)
 
@@ -125,6 +126,12 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise
+
+    def scale(self, group: str, version: str, plural: str, name: str, namespace: str, replicas: int) -> None:
+        """Set spec.replicas through the scale subresource, as an HPA or `kubectl scale` does (the autoscaler)."""
+        self.custom.patch_namespaced_custom_object_scale(group, version, namespace, plural, name,
+                                                         body={"spec": {"replicas": replicas}})
+        self.writes += 1
 
     def pod_log(self, name: str, namespace: str, container: str = "worker", previous: bool = False,
                 tail_lines: int = LOG_TAIL_LINES, limit_bytes: int = LOG_LIMIT_BYTES,

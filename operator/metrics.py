@@ -4,6 +4,7 @@ and the phase of every LLMDeployment it watches.
     kubellm_operator_reconciles_total{reason}        create / update / resume handler runs
     kubellm_operator_writes_total                    applies, deletes and patches of children sent
     kubellm_operator_group_restarts_total{cause}     failure / rollout
+    kubellm_operator_autoscaled_total{reason}        the built-in autoscaler's changes: ScaledUp, ScaledDown, ...
     kubellm_operator_llmdeployments{phase}           watched LLMDeployments by status.phase
 
 Served on KUBELLM_OPERATOR_METRICS_PORT (the chart's ServiceMonitor scrapes it).
@@ -18,7 +19,7 @@ from typing import Callable
 
 from kubellm.metrics import Registry, serve_metrics
 
-PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed", "ScaledToZero")
 
 
 class OperatorMetrics:
@@ -31,11 +32,16 @@ class OperatorMetrics:
         r.counter("kubellm_operator_writes_total", "Writes of children sent to the API server.", function=writes)
         self._group_restarts = r.counter("kubellm_operator_group_restarts_total",
                                          "Replica groups restarted, by cause.", ("cause",))
+        self._autoscaled = r.counter("kubellm_operator_autoscaled_total",
+                                     "Replica counts the built-in autoscaler changed, by reason.", ("reason",))
         r.gauge("kubellm_operator_llmdeployments", "Watched LLMDeployments by phase.", ("phase",),
                 function=self._by_phase)
 
     def reconciled(self, reason: str) -> None:
         self._reconciles.inc(str(reason))
+
+    def autoscaled(self, reason: str) -> None:
+        self._autoscaled.inc(reason)
 
     def restarted(self, cause: str) -> None:
         self._group_restarts.inc(cause)

@@ -104,10 +104,10 @@ def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> di
 
 
 def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
-    """Changes exactly when the worker pods must be replaced (everything but replicas, router, the
-    InferencePool, which only selects the pods, and the operator's restart budget)."""
-    relevant = spec.model_dump(mode="json", exclude={"replicas", "router", "inferencePool", "maxGroupRestarts",
-                                                     "groupRestartWindowSeconds"})
+    """Changes exactly when the worker pods must be replaced (everything but replicas and the autoscaler that
+    sets them, router, the InferencePool, which only selects the pods, and the operator's restart budget)."""
+    relevant = spec.model_dump(mode="json", exclude={"replicas", "autoscaling", "router", "inferencePool",
+                                                     "maxGroupRestarts", "groupRestartWindowSeconds"})
     relevant["restApi"] = None  # served by the router, not the workers
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -341,7 +341,11 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
                "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
                "--metrics-port", str(METRICS_PORT), "--policy", spec.router.policy,
                "--prefix-length", str(spec.router.prefixLength), "--load-factor", repr(float(spec.router.loadFactor)),
-               "--drain-timeout", str(spec.drain.timeoutSeconds)]
+               "--drain-timeout", str(spec.drain.timeoutSeconds), "--model-name", spec.model.display]
+    if spec.autoscaling and spec.autoscaling.minReplicas == 0:
+        # Scale from zero: the router stays ready with no replica and holds requests while the first group
+        # starts; the ones it holds are the autoscaler's signal (kubellm_router_requests_waiting).
+        command += ["--scale-from-zero", "--wait-for-replica", str(spec.autoscaling.scaleFromZeroTimeoutSeconds)]
     ports = [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT}]
     if spec.restApi.enabled:
         command += ["--rest-port", str(spec.restApi.port)]
@@ -416,11 +420,12 @@ def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner, "worker")}}}
 
 
-def children(owner: Owner, spec: LLMDeploymentSpec, router_image: str | None = None) -> list[dict]:
+def children(owner: Owner, spec: LLMDeploymentSpec, router_image: str | None = None,
+             groups: list[int] | None = None) -> list[dict]:
     """Every child manifest, in apply order (config before the pods that mount it); `router_image`: see
-    router_deployment."""
+    router_deployment; `groups`: the replica group indices (groups.choose_groups; default 0..replicas-1)."""
     objs = [engine_configmap(owner, spec)]
-    for i in range(spec.replicas):
+    for i in (range(spec.replicas) if groups is None else groups):
         objs += [group_service(owner, spec, i), worker_statefulset(owner, spec, i)]
     objs += [leaders_service(owner, spec), router_deployment(owner, spec, router_image), router_service(owner, spec),
              worker_pdb(owner, spec)]

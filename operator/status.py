@@ -160,8 +160,11 @@ def pod_ready(pod: dict) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
-def group_states(spec: LLMDeploymentSpec, statefulsets: list[dict], pods: list[dict], spec_hash: str) -> list[GroupState]:
-    groups = {i: GroupState(i, expected_pods=spec.pods_per_group, spec_hash=spec_hash) for i in range(spec.replicas)}
+def group_states(spec: LLMDeploymentSpec, statefulsets: list[dict], pods: list[dict], spec_hash: str,
+                 indices: list[int] | None = None) -> list[GroupState]:
+    """`indices`: the groups the deployment keeps (groups.choose_groups; default 0..replicas-1)."""
+    groups = {i: GroupState(i, expected_pods=spec.pods_per_group, spec_hash=spec_hash)
+              for i in (range(spec.replicas) if indices is None else indices)}
     for sts in statefulsets:
         index = int(sts["metadata"]["labels"][GROUP_LABEL])
         if index in groups:
@@ -226,12 +229,31 @@ def rank_failure_message(index: int, rank: str, reason: str, restarts: int, wind
     return f"{what}; last log lines of its worker {which}:\n{log.rstrip() or '(empty)'}"
 
 
+SCALING_CONDITION, SCALED_TO_ZERO = "ScalingActive", "ScaledToZero"
+
+
+def scaling_condition(spec: LLMDeploymentSpec, decision, last_scaled: str = "") -> tuple[bool, str, str] | None:
+    """(ok, reason, message) of the ScalingActive condition from the autoscaler's decision (autoscaler.Decision)
+    of this tick; None without one (no autoscaling, or a reconcile rather than a tick: the last one stays). The
+    message names no live counts, so an unchanged state writes no status."""
+    if spec.autoscaling is None or decision is None:
+        return None
+    a = spec.autoscaling
+    if decision.reason == "LoadUnknown":
+        return False, decision.reason, decision.message
+    message = (f"replicas {decision.replicas} within {a.minReplicas}..{a.maxReplicas}, target "
+               f"{a.targetInFlightPerReplica:g} requests in flight per replica")
+    return True, "ReadingRouterLoad", message + (f"; last change: {last_scaled}" if last_scaled else "")
+
+
 def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_ready: bool, generation: int,
                    old: dict, endpoint: str, rest_endpoint: str, selector: str, failure: str = "",
                    pool: tuple[bool, str, str] | None = None,
-                   failures: list[tuple[int, str, str]] | tuple = ()) -> dict:
+                   failures: list[tuple[int, str, str]] | tuple = (),
+                   scaling: tuple[bool, str, str] | None = None) -> dict:
     """The whole `.status`, derived from observed children only; `pool`: inference_pool_condition's;
-    `failures`: (group index, reason, rank_failure_message) of the ranks the supervision plan reports."""
+    `failures`: (group index, reason, rank_failure_message) of the ranks the supervision plan reports;
+    `scaling`: scaling_condition's."""
     ready = sum(g.serving and not g.failed for g in groups)   # like a Deployment's readyReplicas: any revision
     updated = sum(g.updated for g in groups)
     # A planned rollout restart is progress; a lost rank (restarting or not yet noticed) is degradation.
@@ -246,6 +268,10 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
         message = (f"replica groups {spent} are left Failed after too many restarts (maxGroupRestarts "
                    f"{spec.maxGroupRestarts} within {spec.groupRestartWindowSeconds}s); {ready}/{spec.replicas} "
                    f"replicas ready; see condition {GROUP_FAILED}")
+    elif spec.replicas == 0:
+        phase, reason = "ScaledToZero", "ScaledToZero"
+        message = ("0 replicas: idle; the router holds the next request and the autoscaler starts a group for it"
+                   if spec.autoscaling and spec.autoscaling.minReplicas == 0 else "0 replicas (spec.replicas)")
     elif ready == updated == spec.replicas and router_ready:
         phase, reason, message = "Ready", "AllReplicasReady", f"{ready}/{spec.replicas} replicas ready"
     elif degraded:
@@ -265,6 +291,15 @@ def compute_status(spec: LLMDeploymentSpec, groups: list[GroupState], router_rea
                                 "\n\n".join(m for _, _, m in failures)[:MAX_FAILED_MESSAGE], generation))
     elif any(c.get("type") == GROUP_FAILED for c in conditions):
         extra.append(_condition(conditions, GROUP_FAILED, False, "NoFailedRank", "", generation))
+    if spec.autoscaling is not None:
+        kept = next((c for c in conditions if c.get("type") == SCALING_CONDITION), None)
+        if scaling is not None:
+            extra.append(_condition(conditions, SCALING_CONDITION, *scaling, generation))
+        elif kept is not None:
+            extra.append(kept)
+        extra.append(_condition(conditions, SCALED_TO_ZERO, spec.replicas == 0,
+                                "NoReplicas" if spec.replicas == 0 else "Serving",
+                                message if spec.replicas == 0 else f"{spec.replicas} replicas", generation))
     return {
         "phase": phase, "replicas": spec.replicas, "readyReplicas": ready, "ready": f"{ready}/{spec.replicas}",
         "updatedReplicas": updated,
@@ -303,6 +338,8 @@ def phase_event(old_phase: str | None, new: dict) -> tuple[str, str, str] | None
         return "Warning", "Degraded", f"{why[:1024]}{was}"
     if phase == "Pending":
         return "Warning", "Unschedulable", why
+    if phase == "ScaledToZero":
+        return "Normal", "ScaledToZero", f"0 replicas{was}"
     if phase == "Failed":
         reason = next((c["reason"] for c in new["conditions"] if c["type"] == "Degraded"), "InsufficientGPUs")
         return "Warning", reason, why[:1024]

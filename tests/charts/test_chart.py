@@ -68,6 +68,8 @@ def operator_calls() -> dict[tuple[str, str, str], str]:
         calls[(api_version.rpartition("/")[0], PLURALS[kind], "patch")] = f"handlers.py: patch {kind}"
     if "k.max_node_gpus()" in source and "list_node()" in (ROOT / "operator" / "kube.py").read_text():
         calls[("", "nodes", "list")] = "Kube.max_node_gpus"
+    if "k.scale(" in source and "patch_namespaced_custom_object_scale(" in (ROOT / "operator" / "kube.py").read_text():
+        calls[("kubellm.io", "llmdeployments/scale", "patch")] = "Kube.scale (the built-in autoscaler)"
     if "k.pod_log(" in source and "read_namespaced_pod_log(" in (ROOT / "operator" / "kube.py").read_text():
         calls[("", "pods/log", "get")] = "Kube.pod_log (a failed rank's log, for the GroupFailed condition)"
     return calls

@@ -183,7 +183,9 @@ def test_maps_and_lists(spec_schema):
 
 def test_defaults_and_bounds(spec_schema):
     replicas = spec_schema["properties"]["replicas"]
-    assert (replicas["type"], replicas["minimum"], replicas["default"]) == ("integer", 0, 1)
+    # No schema default: the exclusivity rule with autoscaling must tell a hand-set replicas from none.
+    assert (replicas["type"], replicas["minimum"], "default" in replicas) == ("integer", 0, False)
+    assert spec.LLMDeploymentSpec.model_validate({"model": {"source": "smollm2-135m"}}).replicas == 1
     tp = spec_schema["properties"]["tensorParallel"]
     assert (tp["minimum"], tp["maximum"], tp["default"]) == (1, 64, 1)
     assert at(spec_schema, "router.port")["default"] == 50051
@@ -203,6 +205,7 @@ def test_server_defaults_equal_the_operator_defaults(spec_schema):
     minimal = {"model": {"source": "hf://org/name"}}
     defaulted = apply_defaults(copy.deepcopy(minimal), spec_schema)
     expected = spec.LLMDeploymentSpec.model_validate(minimal).model_dump(exclude_none=True)
+    expected.pop("replicas")   # resolved by the operator (1 without autoscaling); no schema default on purpose
     for empty in ("resources", "nodeSelector", "tolerations", "affinity"):
         expected.pop(empty)
         defaulted.pop(empty, None)
@@ -265,6 +268,9 @@ INVALID = {
     "token for a pvc": ({"model": {"source": "pvc://weights/llama", "tokenSecret": "hf"}}, "tokenSecret"),
     "REST on the gRPC port": ({"model": SOURCE, "restApi": {"enabled": True, "port": 50051}}, "restApi.port"),
     "zero tensor parallel": ({"model": SOURCE, "tensorParallel": 0}, "tensorParallel"),
+    "autoscaling min above max": ({"model": SOURCE, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+                                  "autoscaling.minReplicas"),
+    "autoscaling without max": ({"model": SOURCE, "autoscaling": {"minReplicas": 0}}, "autoscaling"),
 }
 VALID = [
     {"model": SOURCE},
@@ -275,7 +281,21 @@ VALID = [
      "resources": {"requests": {"cpu": "4", "memory": "32Gi"}}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
     {"model": {"source": "/opt/models/tiny"}, "engine": {"dtype": "bfloat16", "kvCacheFraction": 0.5}},
     {"model": {"source": "smollm2-135m"}, "generation": {"temperature": 0.7, "topP": 0.9}},
+    {"model": {"source": "smollm2-135m"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}},
 ]
+
+
+@pytest.mark.parametrize("replicas, autoscaling, expected", [
+    (None, None, 1), (3, None, 3), (0, None, 0),
+    (None, {"maxReplicas": 4}, 1),                       # unset: the floor (minReplicas defaults to 1)
+    (None, {"minReplicas": 0, "maxReplicas": 4}, 0),
+    (2, {"minReplicas": 0, "maxReplicas": 4}, 2),        # what the autoscaler wrote
+    (9, {"minReplicas": 1, "maxReplicas": 4}, 4),        # a write beyond the range, or a narrowed range
+])
+def test_replicas_as_the_operator_runs_them(replicas, autoscaling, expected):
+    body = {"model": SOURCE, **({"replicas": replicas} if replicas is not None else {}),
+            **({"autoscaling": autoscaling} if autoscaling else {})}
+    assert spec.LLMDeploymentSpec.model_validate(body).replicas == expected
 
 
 def draft4(schema):
@@ -284,12 +304,13 @@ def draft4(schema):
 
 
 def cel_failures(spec_schema, body):
-    """Fields named by the CEL rules that `body` (defaulted, as the API server sees it) breaks."""
+    """Fields named by the CEL rules that `body` (defaulted, as the API server sees it) breaks. Transition rules
+    (oldSelf) have no Python twin: the real API server checks them (e2e/test_autoscaling.py)."""
     celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CRD's CEL rules")
     env = celpy.Environment()
     activation = {"self": celpy.json_to_cel(apply_defaults(copy.deepcopy(body), spec_schema))}
     return ["spec" + entry["fieldPath"] for entry in spec_schema["x-kubernetes-validations"]
-            if not env.program(env.compile(entry["rule"])).evaluate(activation)]
+            if not entry.get("optionalOldSelf") and not env.program(env.compile(entry["rule"])).evaluate(activation)]
 
 
 @pytest.mark.parametrize("body, field", INVALID.values(), ids=INVALID.keys())

@@ -260,3 +260,32 @@ def test_rank_failure_message_says_why_a_log_is_missing(log, error, words):
     message = _failed_message(log=log, error=error)
     assert all(w in message for w in words), message
     assert rank_failure_message(0, "", CRASH_LOOP, 0, 60, "", "", False).endswith("before the group is whole")
+
+
+# -- autoscaling --------------------------------------------------------------------------------
+AUTO = LLMDeploymentSpec.model_validate({"model": {"source": "/m"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}})
+
+
+def test_zero_replicas_is_scaled_to_zero_and_says_how_it_wakes():
+    from kubellm.operator.autoscaler import Decision
+    from kubellm.operator.status import SCALED_TO_ZERO, SCALING_CONDITION, scaling_condition
+    steady = scaling_condition(AUTO, Decision(0, "Steady", "0 in flight, 0 waiting: 0 replicas"))
+    status = compute_status(AUTO, group_states(AUTO, [], [], HASH, []), True, 1, {}, "ep", "", "sel", scaling=steady)
+    assert (status["phase"], status["ready"]) == ("ScaledToZero", "0/0")
+    conds = conditions(status)
+    assert conds[SCALED_TO_ZERO] == ("True", "NoReplicas") and conds[SCALING_CONDITION] == ("True", "ReadingRouterLoad")
+    assert "holds the next request" in next(c["message"] for c in status["conditions"] if c["type"] == SCALED_TO_ZERO)
+    assert phase_event("Ready", status) == ("Normal", "ScaledToZero", "0 replicas (was Ready)")
+    # a reconcile (no decision this tick) keeps the last ScalingActive condition as it was
+    again = compute_status(AUTO, [], True, 1, status, "ep", "", "sel")
+    assert conditions(again)[SCALING_CONDITION] == ("True", "ReadingRouterLoad")
+    # the load unreadable: ScalingActive False, the reason given
+    unknown = scaling_condition(AUTO, Decision(0, "LoadUnknown", "could not read: http://10.0.0.1:9090/metrics: refused"))
+    assert unknown[:2] == (False, "LoadUnknown") and "refused" in unknown[2]
+
+
+def test_groups_kept_after_a_scale_down_may_have_gaps():
+    spec = SPEC.model_copy(update={"replicas": 2})
+    groups = group_states(spec, [sts(0), sts(2)], [pod(0, o) for o in (0, 1)] + [pod(2, o) for o in (0, 1)], HASH, [0, 2])
+    assert [g.index for g in groups] == [0, 2] and all(g.serving for g in groups)
+    assert compute_status(spec, groups, True, 1, {}, "ep", "", "sel")["phase"] == "Ready"
