@@ -186,7 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between DNS resolutions")
     router.add_argument("--wait-for-replica", type=float, default=30.0,
                         help="seconds a request waits for a healthy replica while none is (a group restarting, "
-                             "a rolling update) before UNAVAILABLE")
+                             "a rolling update, a deployment scaled to zero) before UNAVAILABLE with a retry-after")
+    router.add_argument("--scale-from-zero", action="store_true",
+                        help="the deployment may be scaled to 0 replicas: readiness stays SERVING with no healthy "
+                             "replica (the router holds requests while the first group starts, and counts them in "
+                             "kubellm_router_requests_waiting); ModelInfo and /v1/models answer from the router")
+    router.add_argument("--max-waiting", type=count, default=1024, metavar="N",
+                        help="at most N requests held at once waiting for a healthy replica; past it a new one "
+                             "fails at once with UNAVAILABLE (default 1024; 0 holds none)")
+    router.add_argument("--model-name", default="", metavar="NAME",
+                        help="the model the deployment serves (e.g. its spec.model.source): what ModelInfo and "
+                             "/v1/models name before any replica has answered (default: --deployment-name)")
     routing_flags(router)
     drain_flag(router, "the calls it is forwarding")
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
@@ -225,6 +235,17 @@ def seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
     if not number >= 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r}: give 0 or more seconds (e.g. 30)")
+    return number
+
+
+def count(value: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give 0 or more (e.g. 1024)")
     return number
 
 

@@ -15,5 +15,6 @@ def router(args) -> int:
                       allow_terminate=args.allow_terminate, health_interval=args.health_interval,
                       resolve_interval=args.resolve_interval, wait_for_replica=args.wait_for_replica,
                       policy=args.policy, prefix_length=args.prefix_length, load_factor=args.load_factor,
-                      drain_timeout=args.drain_timeout))
+                      drain_timeout=args.drain_timeout, scale_from_zero=args.scale_from_zero,
+                      max_waiting=args.max_waiting, model_name=args.model_name))
     return 0

@@ -1,6 +1,6 @@
 """The router: one gRPC endpoint in front of a deployment's replica leaders (no torch).
 
-One class, about 450 lines: resolving, health, the hold and retry rules and forwarding share its
+One class, about 550 lines: resolving, health, the hold and retry rules and forwarding share its
 replica state (the replicas themselves are replicas.py, the routing policies balancing.py, its gRPC
 face router_service.py).
 
@@ -18,12 +18,22 @@ request), least_loaded (fewest requests in flight, as the router counts them) or
 with UNAVAILABLE (the replica went away) is retried on the next leader in that order; so is a
 stream that fails before its first message.
 While no leader is healthy (a lone group restarting, the gap between two groups of a rolling
-update, a replaced pod not yet resolved) a request waits up to `wait_for_replica` seconds (and
-its own deadline) for one, re-resolving and checking meanwhile, and is then served; only past
-that does it fail with UNAVAILABLE. A stream cut after its first message ends with UNAVAILABLE
-naming the replica (its own name, learned from ModelInfo, and its address). Other errors
-(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged. Metadata and deadlines
-are passed on; a cancelled client cancels the upstream call.
+update, a replaced pod not yet resolved, a deployment scaled to zero) a request is held up to
+`wait_for_replica` seconds (and its own deadline) for one, re-resolving and checking meanwhile, and
+is then served; only past that does it fail with UNAVAILABLE ("no healthy replica ... (scaled to zero,
+or its replicas are starting or restarting); retry later"), telling the client to retry after
+RETRY_AFTER (5 s: `retry-after` trailing metadata on gRPC, a `Retry-After` header on REST). At most
+`max_waiting` calls are held at once; past that a new call fails at once, UNAVAILABLE, naming the
+bound. `kubellm_router_requests_waiting` counts the calls held, from the moment each is held until
+it gets a replica or fails: with `kubellm_router_in_flight`, what an autoscaler reads to scale the
+deployment from zero.
+With `scale_from_zero` (`--scale-from-zero`: the deployment's autoscaler may take it to 0 replicas)
+the router's readiness stays SERVING while no replica is healthy, so that its Service keeps its
+endpoints and the router holds the calls while the first group starts; ModelInfo then answers at
+once from the router itself (the last ModelInfo a replica gave, else `model_name` with `replica=""`).
+A stream cut after its first message ends with UNAVAILABLE naming the replica (its own name, learned
+from ModelInfo, and its address). Other errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass
+through unchanged. Metadata and deadlines are passed on; a cancelled client cancels the upstream call.
 
 gRPC requests and replies are forwarded as raw bytes: the router registers the LLM methods with
 identity (de)serializers on both sides, so the hot path never parses or re-serializes a
@@ -31,7 +41,8 @@ protobuf (prefix_affinity alone parses the request, for its prompt). The REST ga
 same forwarding with typed messages (`raw=False`).
 
 The router's own grpc.health.v1: "" and "kubellm.v1.LLM" are SERVING while at least one
-replica is (readiness); "liveness" is SERVING while the process runs (liveness probes).
+replica is, or always with `scale_from_zero` (readiness; never while draining); "liveness" is SERVING
+while the process runs (liveness probes).
 
 On SIGTERM the router drains (`drain_and_stop`): readiness goes NOT_SERVING at once (liveness stays
 SERVING), new calls are refused with UNAVAILABLE (a client retrying through the Service reaches
@@ -80,6 +91,9 @@ _CUT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.
 
 SLOW_CHECKS_TO_FAIL = 3
 LEAVING_GRACE = 60.0  # seconds a leader that left the Service keeps its calls in flight
+# What a call that found no replica tells its client to wait before retrying (Retry-After): a replica
+# takes seconds to minutes to start, and the retried call is itself held, so a short pause is enough.
+RETRY_AFTER = 5.0
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -98,8 +112,18 @@ class Router:
     def __init__(self, leaders, deployment_name: str = "kubellm", *, allow_terminate: bool = False,
                  health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
                  wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
-                 load_factor: float = 1.25, drain_timeout: float = 30.0):
+                 load_factor: float = 1.25, drain_timeout: float = 30.0, scale_from_zero: bool = False,
+                 max_waiting: int = 1024, model_name: str = ""):
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(f"max_waiting (--max-waiting) {max_waiting!r}: give a whole number, 0 or more "
+                             "(the calls held at once while no replica is healthy; 0 holds none)")
         self.deployment_name = deployment_name
+        self.model_name = model_name   # what the deployment serves: ModelInfo's answer before any replica gave one
+        # Readiness stays SERVING with no healthy replica: the deployment may be scaled to zero, and the
+        # calls this router holds are what makes its autoscaler start a group.
+        self.scale_from_zero = scale_from_zero
+        self.max_waiting = max_waiting
+        self._waiting = 0   # calls held for a healthy replica now (kubellm_router_requests_waiting)
         self.drain_timeout = drain_timeout
         self._draining = False
         self._active = 0   # forward_* calls not ended yet (holding, retrying or streaming): what a drain waits for
@@ -121,6 +145,10 @@ class Router:
         # Read at each scrape from the router's own counts: nothing extra per request.
         self.metrics.registry.gauge("kubellm_router_in_flight", "Requests sent to the replica and not ended yet.",
                                     ("replica",), function=lambda: {(r.address,): r.in_flight for r in self.replicas})
+        # With in_flight, what an autoscaler reads to scale a deployment from zero.
+        self.metrics.registry.gauge("kubellm_router_requests_waiting",
+                                    "Requests held waiting for a healthy replica (scale from zero, restarts).",
+                                    function=lambda: self._waiting)
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -187,6 +215,7 @@ class Router:
         if ok and not replica.healthy:  # (back) in service: learn its name, which a restart may change
             with contextlib.suppress(grpc.aio.AioRpcError):
                 info = await replica.stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=self.health_timeout)
+                self.model_info = info   # what ModelInfo answers once the deployment is at zero again
                 if info.replica != replica.name:
                     replica.name = info.replica
                     self.balancer.update(self.replicas)   # prefix_affinity places replicas by name
@@ -205,8 +234,8 @@ class Router:
         await self._publish_health()
 
     async def _publish_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.healthy_replicas() and not self._draining
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        ready = (self.scale_from_zero or self.healthy_replicas()) and not self._draining
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
 
@@ -220,6 +249,18 @@ class Router:
 
     def healthy_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
+
+    @property
+    def scaled_to_zero(self) -> bool:
+        """No healthy replica, yet taking calls (holding them): a scale-from-zero router (REST /health: 200)."""
+        return self.scale_from_zero and not self._draining and not self.healthy_replicas()
+
+    def own_model_info(self) -> llm_pb2.ModelInfoResponse:
+        """ModelInfo answered by the router itself (no replica to ask): the last one a replica gave, else
+        the deployment's model with no replica."""
+        if self.model_info is not None:
+            return self.model_info
+        return llm_pb2.ModelInfoResponse(model=self.model_name or self.deployment_name, replica="")
 
     def _candidates(self, key: int | None) -> list[Replica]:
         """The healthy replicas in the policy's order for one request (the first is its choice)."""
@@ -241,7 +282,21 @@ class Router:
             msg += f" after waiting {waited:.0f} s"
         if last is not None:
             msg += f" (last error from replica {last[0].label}: {last[1].details()})"
-        return UpstreamError(grpc.StatusCode.UNAVAILABLE, msg)
+        msg += ": it has no ready replica (scaled to zero, or its replicas are starting or restarting); retry later"
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE, msg, retry_after=RETRY_AFTER)
+
+    async def _hold(self, until: float) -> bool:
+        """Hold a call until a replica is healthy or `until` passes (True if one is), counted in
+        `_waiting` all along; refused at once past `max_waiting` calls held."""
+        if self._waiting >= self.max_waiting:
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                f"{self.max_waiting} requests already waiting for a replica of deployment "
+                                f"{self.deployment_name} (max_waiting); retry later", retry_after=RETRY_AFTER)
+        self._waiting += 1
+        try:
+            return await self._await_healthy(until)
+        finally:
+            self._waiting -= 1
 
     async def _await_healthy(self, until: float) -> bool:
         """Wait until some replica is healthy or `until` passes; True if one is. One waiter at a
@@ -278,8 +333,9 @@ class Router:
 
     async def _attempts(self, method: str, timeout: float | None, key: int | None = None):
         """(replica, per-call timeout) in the policy's order; every attempt after the first is a retry.
-        When every healthy replica has been tried (or none is), waits up to `wait_for_replica` for
-        one to become healthy and goes on; the caller stops at the first success."""
+        When every healthy replica has been tried (or none is), holds the call (`_hold`) up to
+        `wait_for_replica` for one to become healthy and goes on; the caller stops at the first success.
+        A scale-from-zero router's ModelInfo is never held: it ends here, for the router to answer."""
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         hold_until = min(start + self.wait_for_replica, deadline or math.inf)
@@ -290,8 +346,12 @@ class Router:
                     self.metrics.retry(method)
                 attempt += 1
                 yield replica, self._remaining(deadline)
-            if not await self._await_healthy(hold_until):
-                return
+            # Every healthy replica tried (or none is): held, only now (the hot path never gets here).
+            if not self.healthy_replicas():
+                if method == "ModelInfo" and self.scale_from_zero:
+                    return   # the router answers it itself (_forward_unary)
+                if not await self._hold(hold_until):
+                    return
 
     async def _retry_or_raise(self, replica: Replica, method: str, err: grpc.aio.AioRpcError, retryable: bool):
         """Record a failed call; return (replica, err) when the next replica should be tried, else raise."""
@@ -340,6 +400,9 @@ class Router:
             if method == "ModelInfo":
                 self.model_info = llm_pb2.ModelInfoResponse.FromString(response) if raw else response
             return response
+        if method == "ModelInfo" and self.scale_from_zero:   # never held: the router knows the answer
+            info = self.own_model_info()
+            return info.SerializeToString() if raw else info
         raise self._no_replica(last, time.monotonic() - start)
 
     async def forward_stream(self, request, metadata=(), timeout: float | None = None, *, raw: bool = False):
@@ -472,12 +535,14 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
                 rest_port: int | None = None, metrics_port: int | None = None, allow_terminate: bool = False,
                 health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0,
                 policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25,
-                drain_timeout: float = 30.0) -> None:
+                drain_timeout: float = 30.0, scale_from_zero: bool = False, max_waiting: int = 1024,
+                model_name: str = "") -> None:
     """Run a router until SIGTERM/SIGINT (it drains, up to `drain_timeout` s) or an allowed Terminate (the
     `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
-                    prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout)
+                    prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout,
+                    scale_from_zero=scale_from_zero, max_waiting=max_waiting, model_name=model_name)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.

@@ -7,6 +7,8 @@ metadata (less the transport's own keys) and deadline go along.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from kubellm.protos.v1 import llm_pb2
@@ -20,6 +22,12 @@ _HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-
 def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((m.key, m.value) for m in (metadata or ())
                  if not m.key.startswith((":", "grpc-")) and m.key not in _HOP_BY_HOP)
+
+
+async def _abort(context, err: UpstreamError):
+    """End the call with `err`'s code and message; its retry-after (seconds) as trailing metadata."""
+    trailing = () if err.retry_after is None else (("retry-after", str(math.ceil(err.retry_after))),)
+    await context.abort(err.code, err.details, trailing_metadata=trailing)
 
 
 class RouterServicer:
@@ -49,7 +57,7 @@ class RouterServicer:
             return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
                                                    context.time_remaining(), raw=True)
         except UpstreamError as err:
-            await context.abort(err.code, err.details)
+            await _abort(context, err)
 
     async def Generate(self, request: bytes, context) -> bytes:
         return await self._unary("Generate", request, context)
@@ -64,7 +72,7 @@ class RouterServicer:
             async for message in stream:
                 yield message
         except UpstreamError as err:
-            await context.abort(err.code, err.details)
+            await _abort(context, err)
         finally:
             await stream.aclose()
 
@@ -72,4 +80,4 @@ class RouterServicer:
         try:
             return llm_pb2.TerminateResponse(accepted=await self.router.terminate())
         except UpstreamError as err:
-            await context.abort(err.code, err.details)
+            await _abort(context, err)
