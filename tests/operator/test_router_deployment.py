@@ -32,3 +32,22 @@ def test_a_policy_change_rolls_the_router_not_the_workers():
                                                 "router": {"policy": "prefix_affinity"}})
     assert R.worker_spec_hash(base) == R.worker_spec_hash(changed)
     assert R.router_deployment(OWNER, base) != R.router_deployment(OWNER, changed)
+
+
+@pytest.mark.parametrize("autoscaling, from_zero, hold", [
+    (None, False, 30.0),                                              # the router's default hold
+    ({"minReplicas": 1, "maxReplicas": 3}, False, 30.0),
+    ({"minReplicas": 0, "maxReplicas": 3, "scaleFromZeroTimeoutSeconds": 120}, True, 120.0),
+])
+def test_scale_from_zero_keeps_the_router_ready_and_holding(autoscaling, from_zero, hold):
+    spec = LLMDeploymentSpec.model_validate({"model": {"source": "hf://org/name"},
+                                             **({"autoscaling": autoscaling} if autoscaling else {})})
+    args = build_parser().parse_args(R.router_deployment(OWNER, spec)["spec"]["template"]["spec"]["containers"][0][
+        "command"][1:])
+    assert (args.scale_from_zero, args.wait_for_replica, args.model_name) == (from_zero, hold, "org/name")
+
+
+def test_autoscaling_changes_no_worker_pod():
+    base = LLMDeploymentSpec.model_validate({"model": {"source": "smollm2-135m"}})
+    scaled = LLMDeploymentSpec.model_validate({"model": {"source": "smollm2-135m"}, "autoscaling": {"maxReplicas": 5}})
+    assert R.worker_spec_hash(base) == R.worker_spec_hash(scaled)
