@@ -216,6 +216,13 @@ def test_operator_with_the_chart_token_reconciles_the_readme_example(cluster, sy
         cluster.wait_for(lambda: len(get(cluster, "statefulsets", namespace="team-x")["items"]) == 1,
                          "group 1 removed", 60)
         wait_phase(cluster, op, "team-x", "mistral")
+        # The built-in autoscaler sets replicas through /scale (here the floor: kwok's router pods answer no
+        # metrics, and an unknown load scales nothing).
+        cluster.kubectl("patch", "llmd", "mistral", "-n", "team-x", "--type=json", "-p", json.dumps([
+            {"op": "remove", "path": "/spec/replicas"},
+            {"op": "add", "path": "/spec/autoscaling", "value": {"minReplicas": 1, "maxReplicas": 2}}]))
+        cluster.wait_for(lambda: get(cluster, "llmd", "mistral", namespace="team-x")["spec"].get("replicas") == 1,
+                         "replicas written by the autoscaler", 60)
 
         metrics = operator_metrics(metrics_port)
         assert metrics['kubellm_operator_llmdeployments{phase="Ready"}'] == 1

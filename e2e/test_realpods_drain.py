@@ -110,8 +110,11 @@ def test_scale_down_under_load_loses_nothing(drained):
             time.sleep(5)
             t_scale = time.monotonic()
             c.kubectl("scale", "llmd", "smollm2", "-n", NS, "--replicas=1")
-            c.wait_for(lambda: list(worker_pods(c)) == ["smollm2-g0-0"] or None, "group 1 gone", timeout=180,
-                       interval=0.5)
+            # The operator removes the group with the fewest requests in flight (the routers' counts), which
+            # under an even load may be either one.
+            c.wait_for(lambda: len(worker_pods(c)) == 1 or None, "one group gone", timeout=180, interval=0.5)
             time.sleep(3)
-    counts(load, "scale_2_to_1", leaving=("smollm2-g1", t_scale))
+    kept = next(iter(worker_pods(c)))
+    left = "smollm2-g1" if kept == "smollm2-g0-0" else "smollm2-g0"
+    counts(load, "scale_2_to_1", leaving=(left, t_scale))
     assert phase(c, "smollm2") == "Ready"
