@@ -253,3 +253,41 @@ def test_router_drains_on_sigterm(procs, tiny_llama, tmp_path):
     assert router.wait(30) == 0
     assert drained_count(run_log(procs), "router of tiny") >= 1
     assert w0.poll() is None   # the workers are not the router's to stop
+
+
+def test_a_two_pod_group_drains_as_one_when_both_pods_get_sigterm(procs, tiny_llama, tmp_path):
+    """A rolling update or scale-down deletes every pod of a group at once: the follower pod keeps its rank
+    running while rank 0 drains (a stream needs every rank), and exits when rank 0 has gone."""
+    import os
+
+    config = tmp_path / "engine-tp2.json"
+    config.write_text(json.dumps({"num_kv_blocks": 1024, "block_size": 4, "max_batch_size": 8, "device": "cpu",
+                                  "tensor_parallel": 2}))
+    master_port, ports = free_port(), [free_port(), free_port()]
+    pods = []
+    for index in (1, 0):
+        env = {**os.environ, "POD_INDEX": str(index), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
+               "KUBELLM_GPUS_PER_POD": "1"}
+        log = open(tmp_path / f"pod-{index}.log", "wb")
+        pods.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", "worker", "--model",
+                                      str(tiny_llama), "--config", str(config), "--host", "127.0.0.1", "--port",
+                                      str(ports[index]), "--replica", "g0", "--drain-timeout", "60"],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env))
+    follower, leader = pods
+    try:
+        wait_serving(f"127.0.0.1:{ports[0]}", timeout=120)
+        streams = Streams(f"127.0.0.1:{ports[0]}", 2, tokens=200)
+        streams.wait_first()
+        for pod in (follower, leader):   # as the kubelet does, each pod its own SIGTERM
+            pod.send_signal(signal.SIGTERM)
+        assert until_not_serving(f"127.0.0.1:{ports[0]}") < 1.0
+        assert streams.outcomes() == [("OK", 200, "length", "g0")] * 2
+        assert leader.wait(30) == 0
+        follower.wait(30)   # it goes with rank 0 (its exit code says the group ended, not a failure of its own)
+        text = (tmp_path / "pod-1.log").read_text(errors="replace")
+        assert "SIGTERM; following rank 0 while it drains" in text, text[-2000:]
+    finally:
+        for pod in pods:
+            if pod.poll() is None:
+                pod.kill()
+            pod.wait(10)
