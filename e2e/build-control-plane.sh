@@ -8,7 +8,9 @@
 #   helm                                                               (helm.sh/helm/v3)
 #   grpcurl (reflection and JSON calls against workers and routers)     (github.com/fullstorydev/grpcurl)
 # into ${KUBELLM_E2E_CACHE:-~/.cache/kubellm/e2e}/<K8S_VERSION>/bin (never inside the repo), and the
-# InferencePool CRD (config/crd/bases of sigs.k8s.io/gateway-api-inference-extension) into .../crds.
+# InferencePool CRD (config/crd/bases of sigs.k8s.io/gateway-api-inference-extension) and KEDA's
+# ScaledObject and (Cluster)TriggerAuthentication CRDs (config/crd/bases of github.com/kedacore/keda/v2)
+# into .../crds.
 #
 # Idempotent: a binary whose stamp file matches the wanted version is reused, so a second run
 # takes well under a second. Needs only Go and access to the Go module proxy (no Docker, no GitHub).
@@ -23,12 +25,12 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Environment wins over versions.env.
-for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION; do
+for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION KEDA_VERSION; do
   declare "_env_$var=${!var-}"
 done
 # shellcheck source=versions.env
 source "$here/versions.env"
-for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION; do
+for var in K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION COREDNS_VERSION GRPCURL_VERSION GIE_VERSION KEDA_VERSION; do
   envname="_env_$var"
   if [[ -n "${!envname}" ]]; then declare "$var=${!envname}"; fi
 done
@@ -265,8 +267,24 @@ if [[ $force == 1 || ! -f "$gie_crd" || "$(cat "$root/crds/.gie.stamp" 2>/dev/nu
   echo "$gie_module" > "$root/crds/.gie.stamp"
 fi
 
+# --- KEDA's CRDs, the same way (files of its Go module, no build): what a ScaledObject recipe is
+#     validated against. ScaledJob (a Job template, 650 KB) and the eventing CRDs are not needed.
+keda_module="github.com/kedacore/keda/v2@$KEDA_VERSION"
+keda_crds=(keda.sh_scaledobjects.yaml keda.sh_triggerauthentications.yaml keda.sh_clustertriggerauthentications.yaml)
+keda_current=1
+for f in "${keda_crds[@]}"; do [[ -f "$root/crds/$f" ]] || keda_current=0; done
+if [[ $force == 1 || $keda_current == 0 || "$(cat "$root/crds/.keda.stamp" 2>/dev/null)" != "$keda_module" ]]; then
+  echo "--- fetching the KEDA CRDs ($keda_module)"
+  keda_dir="$(cd "$root" && GOFLAGS=-mod=mod go mod download -json "$keda_module" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -n "$keda_dir" ]] || { echo "error: go mod download $keda_module failed" >&2; exit 1; }
+  for f in "${keda_crds[@]}"; do install -D -m 644 "$keda_dir/config/crd/bases/$f" "$root/crds/$f"; done
+  echo "$keda_module" > "$root/crds/.keda.stamp"
+fi
+
 echo "=== done in $((SECONDS - start_all)) s; binaries in $bin:"
 for b in "${all_bins[@]}"; do
   printf '  %-26s %s  (%s)\n' "$b" "$bin/$b" "$(du -h "$bin/$b" | cut -f1)"
 done
 printf '  %-26s %s  (%s)\n' "InferencePool CRD" "$gie_crd" "$gie_module"
+printf '  %-26s %s  (%s)\n' "KEDA CRDs" "$root/crds/keda.sh_*.yaml" "$keda_module"

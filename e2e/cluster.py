@@ -106,6 +106,26 @@ def inference_pool_crd(bin_dir: Path | None = None) -> Path | None:
     return None
 
 
+KEDA_CRD_FILES = {  # what build-control-plane.sh keeps of KEDA's config/crd/bases: file -> CRD name
+    "keda.sh_scaledobjects.yaml": "scaledobjects.keda.sh",
+    "keda.sh_triggerauthentications.yaml": "triggerauthentications.keda.sh",
+    "keda.sh_clustertriggerauthentications.yaml": "clustertriggerauthentications.keda.sh",
+}
+
+
+def keda_crds(bin_dir: Path | None = None) -> list[Path] | None:
+    """KEDA's ScaledObject and (Cluster)TriggerAuthentication CRDs that build-control-plane.sh took from the
+    Go module github.com/kedacore/keda/v2 (``<cache>/<K8S_VERSION>/crds``), or None when one is missing or
+    they are from another KEDA_VERSION."""
+    crds = (Path(bin_dir) if bin_dir else default_bin_dir()).parent / "crds"
+    stamp = crds / ".keda.stamp"
+    want = f"github.com/kedacore/keda/v2@{versions().get('KEDA_VERSION', '')}"
+    paths = [crds / name for name in KEDA_CRD_FILES]
+    if all(p.is_file() for p in paths) and stamp.is_file() and stamp.read_text().strip() == want:
+        return paths
+    return None
+
+
 def build_command() -> str:
     return f"bash {os.path.relpath(BUILD_SCRIPT)}" if Path.cwd() in BUILD_SCRIPT.parents else f"bash {BUILD_SCRIPT}"
 
@@ -405,6 +425,19 @@ class LocalCluster:
 
     def remove_inference_pool_crd(self) -> None:
         self.kubectl("delete", "crd", GIE_CRD_NAME, "--ignore-not-found", "--timeout=120s")
+
+    def install_keda_crds(self) -> None:
+        """Apply KEDA's real CRDs (see keda_crds), not its operator: enough for the API server to validate
+        ScaledObjects against KEDA's schema; wait until they are served."""
+        paths = keda_crds(self.bin_dir)
+        if paths is None:
+            raise ClusterError(f"the KEDA CRDs are not in the cache; fetch them with: {build_command()}")
+        self.kubectl("apply", "--server-side", *(f"--filename={p}" for p in paths))
+        self.kubectl("wait", "--for=condition=Established", *(f"crd/{n}" for n in KEDA_CRD_FILES.values()),
+                     "--timeout=60s")
+
+    def remove_keda_crds(self) -> None:
+        self.kubectl("delete", "crd", *KEDA_CRD_FILES.values(), "--ignore-not-found", "--timeout=120s")
 
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
         """Create a namespace and wait for its ``default`` service account (pods need it)."""
