@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,14 @@ def _explain(err: ValidationError, what: str) -> ConfigError:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value):
+        # Before the bounds: `nan >= 0` is False and `inf` passes `ge=0`, so neither says what is wrong.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number; NaN and infinity are refused")
+        return value
 
     @classmethod
     def build(cls, **options):
@@ -80,6 +89,17 @@ class EngineConfig(_Strict):
     enforce_eager: bool = Field(
         False, description="run decode steps eagerly instead of replaying CUDA graphs captured per batch-size "
         "bucket (GPU only; CPU is always eager)")
+    # What one request may ask for (docs/grpc.md, "Request limits"): past these it is refused with the limit named.
+    max_prompts_per_request: int = Field(
+        256, ge=1, description="most prompts in one request (a batch); each is its own sequence in the engine")
+    max_logprobs: int = Field(
+        20, ge=0, description="most top alternatives a request's logprobs may ask for (vLLM's max_logprobs)")
+    max_stop_words: int = Field(
+        256, ge=0, description="most stop words in one request; each is searched for after every token")
+    max_bad_words: int = Field(
+        64, ge=0, description="most bad words in one request; each is searched for in the whole vocabulary")
+    max_word_chars: int = Field(
+        256, ge=1, description="most characters in one stop word or bad word")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +125,9 @@ class EngineConfig(_Strict):
         return self.kv_cache_fraction
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class GenerationConfig(_Strict):
     """Per-request sampling and stopping options (LMDeploy's GenerationConfig)."""
 
@@ -121,7 +144,12 @@ class GenerationConfig(_Strict):
     stop_words: list[str] = Field(default_factory=list, description="generation stops at any of these; the text is cut before it")
     bad_words: list[str] = Field(default_factory=list, description="these never appear in the output")
     skip_special_tokens: bool = True
-    logprobs: int | None = Field(None, ge=0, le=20, description="return the chosen token's logprob (and this many top alternatives)")
+    logprobs: int | None = Field(None, ge=0, description="return the chosen token's logprob (and this many top "
+                                 "alternatives, at most the engine's max_logprobs)")
+    # True where a server's caller set max_new_tokens (protocol.py): it must then fit beside the prompt in
+    # session_len, as vLLM's server refuses prompt + max_tokens > max_model_len. Elsewhere (the Python API, as in
+    # LMDeploy's pipeline and vLLM's LLM; a deployment's default) the engine cuts it to what session_len leaves.
+    _max_new_tokens_must_fit: bool = PrivateAttr(False)
 
     @model_validator(mode="before")
     @classmethod
@@ -142,14 +170,38 @@ class GenerationConfig(_Strict):
 
     @field_validator("stop_words", "bad_words")
     @classmethod
-    def _no_empty_words(cls, words):
+    def _words(cls, words):
         if any(not w for w in words):
             raise ValueError("must not contain empty strings; remove them")
+        for i, word in enumerate(words):   # a Python str (or JSON's "\\ud800") may hold a lone surrogate
+            try:
+                word.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"word {i} holds a lone surrogate (U+{ord(word[err.start]):04X}) at character "
+                                 f"{err.start}, which is not Unicode text; send valid UTF-8") from None
         return words
+
+    @field_validator("temperature", "top_p", "repetition_penalty")
+    @classmethod
+    def _fits_float32(cls, value):
+        # The sampler computes in float32: a larger value would become infinity there.
+        if value > FLOAT32_MAX:
+            raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest number)")
+        return value
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def max_new_tokens_must_fit(self) -> bool:
+        return self._max_new_tokens_must_fit
+
+    def with_max_new_tokens_required(self) -> GenerationConfig:
+        """A copy whose max_new_tokens is a caller's demand: refused, not cut, where session_len has no room."""
+        copy = self.model_copy()
+        copy._max_new_tokens_must_fit = True
+        return copy
 
 
 def generation_config(*layers: GenerationConfig | dict | None, **options) -> GenerationConfig:
@@ -170,3 +222,45 @@ def generation_config(*layers: GenerationConfig | dict | None, **options) -> Gen
     if do_sample is not None:
         merged["temperature"] = (merged.get("temperature") or 1.0) if do_sample else 0.0
     return GenerationConfig.build(**merged)
+
+
+# -- request limits ------------------------------------------------------------------------------------
+# What one request may ask of an engine, checked against EngineConfig's limits before it reaches the engine's
+# step loop, so that no request can crash it, hang it or starve the others. Each check is pure and returns
+# the problem (naming the field, the limit and the fix) or None; the caller raises it as a RequestError.
+
+def prompt_count_problem(count: int, limits: EngineConfig) -> str | None:
+    if count > limits.max_prompts_per_request:
+        return (f"prompts: {count} prompts in one request, more than max_prompts_per_request "
+                f"({limits.max_prompts_per_request}); split them over several requests or raise "
+                "max_prompts_per_request")
+    return None
+
+
+def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | None:
+    """What of `gen` exceeds the engine's limits on logprobs and stop/bad words."""
+    if gen.logprobs is not None and gen.logprobs > limits.max_logprobs:
+        return (f"logprobs: {gen.logprobs} top alternatives asked, more than max_logprobs ({limits.max_logprobs}); "
+                f"ask for at most {limits.max_logprobs} or raise max_logprobs")
+    for name, words, most in (("stop_words", gen.stop_words, limits.max_stop_words),
+                              ("bad_words", gen.bad_words, limits.max_bad_words)):
+        if len(words) > most:
+            return (f"{name}: {len(words)} words, more than max_{name} ({most}); pass at most {most} "
+                    f"or raise max_{name}")
+        for i, word in enumerate(words):
+            if len(word) > limits.max_word_chars:
+                return (f"{name}[{i}]: {len(word)} characters, more than max_word_chars ({limits.max_word_chars}); "
+                        "shorten it or raise max_word_chars")
+    return None
+
+
+def max_new_tokens_problem(prompt_len: int, gen: GenerationConfig, session_len: int,
+                           field: str = "prompt") -> str | None:
+    """A max_new_tokens that a server's caller set must fit beside the prompt in session_len (see
+    GenerationConfig.max_new_tokens_must_fit); any other is cut by the engine to what session_len leaves."""
+    if not gen.max_new_tokens_must_fit or prompt_len + gen.max_new_tokens <= session_len:
+        return None
+    room = session_len - prompt_len
+    return (f"max_new_tokens: {field} is {prompt_len} tokens and max_new_tokens is {gen.max_new_tokens}, "
+            f"{prompt_len + gen.max_new_tokens} in all, more than session_len ({session_len}); ask for at most "
+            f"{room} new tokens (leave max_new_tokens unset to get up to that many), or shorten the prompt")

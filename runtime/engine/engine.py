@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 from kubellm.runtime.engine.block_manager import BlockManager
-from kubellm.runtime.config import EngineConfig, GenerationConfig
+from kubellm.runtime.config import (EngineConfig, GenerationConfig, generation_problem, max_new_tokens_problem,
+                                    prompt_count_problem)
 from kubellm.runtime.errors import EngineFullError, RequestError
 from kubellm.runtime.executor.executor import create_executor
 from kubellm.runtime.executor.load_times import LoadTimes
@@ -80,15 +81,19 @@ class LLMEngine:
         """Validate and queue one request. Raises RequestError / EngineFullError, never crashes the engine."""
         if len(self.scheduler.waiting) >= self.config.max_queue_size:
             raise EngineFullError(f"the engine queue is full ({self.config.max_queue_size} waiting); retry later")
-        prompt_ids = self.tokenizer.encode_prompt(prompt, field)
+        if problem := generation_problem(gen, self.config):   # before any work: the limits bound that work
+            raise RequestError(problem)
+        prompt_ids = self.tokenizer.encode_prompt(prompt, field, max_tokens=self.session_len - 1)
         max_tokens = self._generation_limit(len(prompt_ids), gen, field)
         seed = gen.random_seed if gen.random_seed is not None else self._seed_rng.getrandbits(32)
         seq = Sequence(prompt_ids, gen, max_tokens, seed, request_id)
         if seq.request_id in self._requests:
             raise RequestError(f"request_id: {seq.request_id!r} is already in flight; use a unique id")
+        banned: set[int] = set()   # each id once: the sampler handles every banned id at every step
         for word in gen.bad_words:
-            seq.banned_ids.extend(self.tokenizer.ids_containing(word))
+            banned.update(self.tokenizer.ids_containing(word))
             seq.bad_word_ids.extend(ids for ids in self.tokenizer.word_ids(word) if len(ids) > 1)
+        seq.banned_ids = sorted(banned)
         self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens)
         self._requests[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -98,6 +103,8 @@ class LLMEngine:
         if prompt_len >= self.session_len:
             raise RequestError(f"{field}: the prompt is {prompt_len} tokens but session_len is {self.session_len}, "
                                "leaving no room to generate; shorten the prompt or raise session_len")
+        if problem := max_new_tokens_problem(prompt_len, gen, self.session_len, field):
+            raise RequestError(problem)
         limit = min(gen.max_new_tokens, self.session_len - prompt_len)
         if gen.max_length is not None:
             if gen.max_length <= prompt_len:
@@ -190,16 +197,18 @@ class LLMEngine:
     # -- convenience --------------------------------------------------------------------------
     def generate(self, prompts: list, gens: list[GenerationConfig]) -> list[Sequence]:
         """Run a batch to completion; sequences come back in prompt order."""
+        if problem := prompt_count_problem(len(prompts), self.config):
+            raise RequestError(problem)
         seqs = []
         try:
             for i, (prompt, gen) in enumerate(zip(prompts, gens)):
                 seqs.append(self.add_request(prompt, gen, field=f"prompts[{i}]"))
-        except Exception:
-            for seq in seqs:  # all or nothing: a bad prompt leaves no orphans running
+            while any(not s.is_finished for s in seqs):
+                self.step()
+        except BaseException:
+            for seq in seqs:  # all or nothing: a bad prompt or a failed step leaves no orphans to fail the next call
                 self.abort(seq.request_id)
             raise
-        while any(not s.is_finished for s in seqs):
-            self.step()
         return seqs
 
     def destroy(self) -> None:

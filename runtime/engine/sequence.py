@@ -16,6 +16,9 @@ class Status(enum.Enum):
 
 
 _ids = itertools.count()
+# A temperature above 0 but below this is raised to it (vLLM's _MAX_TEMP): logits divided by 1e-45 become
+# infinite in float32, and the softmax of infinities is NaN.
+MIN_TEMPERATURE = 0.01
 
 
 class Sequence:
@@ -72,7 +75,8 @@ class Sequence:
         if generated < gen.min_new_tokens and not gen.ignore_eos:
             banned = banned + list(eos_ids)
         # history: the sequence's own list, read during this step only (no copy)
-        return SamplingParams(gen.temperature, gen.greedy, gen.top_k, gen.top_p, self.seed, generated, banned,
+        temperature = max(gen.temperature, MIN_TEMPERATURE) if gen.temperature else 0.0
+        return SamplingParams(temperature, gen.greedy, gen.top_k, gen.top_p, self.seed, generated, banned,
                               gen.repetition_penalty, tokens, gen.logprobs)
 
     def reset_for_recompute(self) -> None:

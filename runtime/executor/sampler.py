@@ -15,6 +15,9 @@ from kubellm.kernels.dispatch import top_k_top_p_filter
 from kubellm.runtime.executor.step import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
+# A top_k at or above the vocabulary keeps every token (vLLM clamps it to the vocabulary too). Any larger k is
+# clamped to this, so that a Python int of any size fits the int64 tensor and the Triton kernel's int32.
+_TOP_K_ALL = 2 ** 31 - 1
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ class SamplingBatch:
         return cls(
             temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device),
             greedy=torch.tensor(greedy, device=device),
-            top_k=torch.tensor([p.top_k for p in params], device=device),
+            top_k=torch.tensor([min(p.top_k, _TOP_K_ALL) for p in params], device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             seeds=torch.tensor([p.seed for p in params], device=device, dtype=torch.int64),
             steps=torch.tensor([p.step for p in params], device=device, dtype=torch.int64),
@@ -108,7 +111,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     out = SampleOutput(token_ids.tolist())
     if raw_logprobs is not None:
         out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
-        if batch.top_logprobs:
-            values, ids = raw_logprobs.topk(batch.top_logprobs, dim=-1)
+        if batch.top_logprobs:   # never more alternatives than the vocabulary has
+            values, ids = raw_logprobs.topk(min(batch.top_logprobs, raw_logprobs.shape[1]), dim=-1)
             out.top_logprobs = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     return out

@@ -42,7 +42,7 @@ class EngineCalls:
 
     async def _submit(self, request: llm_pb2.GenerateRequest, stream: bool):
         engine_loop = self.engine_loop()
-        prompts, gens = protocol.prompts_and_configs(request, self.worker.generation_defaults)
+        prompts, gens = protocol.prompts_and_configs(request, self.worker.generation_defaults, engine_loop.engine.config)
         sink = EventSink(asyncio.get_running_loop(), stream)
         rids = await asyncio.wrap_future(engine_loop.add(prompts, gens, sink))
         return engine_loop, sink, rids

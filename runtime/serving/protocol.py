@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from kubellm.protos.v1 import llm_pb2
-from kubellm.runtime.config import ConfigError, generation_config
+from kubellm.runtime.config import ConfigError, EngineConfig, generation_config, prompt_count_problem
 from kubellm.runtime.errors import EngineFullError, RequestError
 from kubellm.runtime.serving.engine_loop import CallFailed, TokenEvent
 
@@ -41,13 +41,21 @@ def gen_options_from_proto(config: llm_pb2.GenerationConfig) -> dict:
     return options
 
 
-def prompts_and_configs(request: llm_pb2.GenerateRequest, generation_defaults: dict) -> tuple[list, list]:
-    """A request's prompts and one GenerationConfig each (the deployment's defaults under the request's fields)."""
+def prompts_and_configs(request: llm_pb2.GenerateRequest, generation_defaults: dict,
+                        limits: EngineConfig | None = None) -> tuple[list, list]:
+    """A request's prompts and one GenerationConfig each (the deployment's defaults under the request's fields).
+    `limits`: the engine's, for the prompt count (checked before any prompt is copied out of the request)."""
     if not request.prompts:
         raise RequestError("prompts: empty list; pass at least one prompt")
+    if limits is not None and (problem := prompt_count_problem(len(request.prompts), limits)):
+        raise RequestError(problem)
     prompts = [prompt_from_proto(p, i) for i, p in enumerate(request.prompts)]
     options = gen_options_from_proto(request.config) if request.HasField("config") else {}
     gen = generation_config(generation_defaults, options)
+    if "max_new_tokens" in options:
+        # The caller's ask, refused where it does not fit beside the prompt (vLLM's server refuses prompt +
+        # max_tokens > max_model_len); the deployment's default, like vLLM's, is cut to what session_len leaves.
+        gen = gen.with_max_new_tokens_required()
     return prompts, [gen] * len(prompts)
 
 

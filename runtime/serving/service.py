@@ -1,13 +1,19 @@
 """The kubellm.v1.LLM servicer: each RPC is one of the worker's engine calls (engine_calls.py), whose
 failures end the RPC with their status; Terminate stops the worker when it is allowed to.
+
+`add_to_server` registers it as the generated `add_LLMServicer_to_server` does, except that a request which
+does not parse (bad UTF-8 in a string field, a corrupt wire format: the router forwards bytes unparsed) ends
+INVALID_ARGUMENT saying so, where grpcio would end it UNKNOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
 from kubellm.runtime.serving.engine_calls import EngineCalls
@@ -16,18 +22,42 @@ from kubellm.runtime.serving.engine_loop import CallFailed
 log = logging.getLogger("kubellm.worker")
 
 
+@dataclass
+class Unparsed:
+    """What a request that did not parse becomes: the servicer ends its call INVALID_ARGUMENT."""
+
+    message: str
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:   # protobuf checks proto3 strings are UTF-8 (surrogates included)
+            return Unparsed(f"the request is not a valid {message_type.DESCRIPTOR.full_name} ({err}); "
+                            "send a protobuf message of that type, with UTF-8 strings")
+    return parse
+
+
+async def _refuse_unparsed(request, context) -> None:
+    if isinstance(request, Unparsed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
 class LLMService(llm_pb2_grpc.LLMServicer):
     def __init__(self, worker):
         self.worker = worker   # the worker's state (serving.worker.Worker): its engine loop, defaults, metrics
         self.calls = EngineCalls(worker)
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
+        await _refuse_unparsed(request, context)
         try:
             return await self.calls.generate(request)
         except CallFailed as err:
             await context.abort(err.code, err.message)
 
     async def GenerateStream(self, request, context):  # noqa: N802
+        await _refuse_unparsed(request, context)
         stream = self.calls.generate_stream(request)
         try:
             async for message in stream:
@@ -38,12 +68,14 @@ class LLMService(llm_pb2_grpc.LLMServicer):
             await stream.aclose()
 
     async def ModelInfo(self, request, context):  # noqa: N802
+        await _refuse_unparsed(request, context)
         try:
             return self.calls.model_info()
         except CallFailed as err:
             await context.abort(err.code, err.message)
 
     async def Terminate(self, request, context):  # noqa: N802
+        await _refuse_unparsed(request, context)
         if not self.worker.allow_terminate:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "Terminate is disabled on this worker; start it with allow_terminate=True "
@@ -51,3 +83,23 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         log.info("Terminate accepted; shutting down")
         asyncio.get_running_loop().call_later(0.05, self.worker.terminated.set)
         return llm_pb2.TerminateResponse(accepted=True)
+
+
+def add_to_server(service: LLMService, server) -> None:
+    """Serve `service` as kubellm.v1.LLM on `server`, with requests that do not parse refused (see above)."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            service.Generate, request_deserializer=_parser(llm_pb2.GenerateRequest),
+            response_serializer=llm_pb2.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            service.GenerateStream, request_deserializer=_parser(llm_pb2.GenerateRequest),
+            response_serializer=llm_pb2.GenerateStreamResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.ModelInfo, request_deserializer=_parser(llm_pb2.ModelInfoRequest),
+            response_serializer=llm_pb2.ModelInfoResponse.SerializeToString),
+        "Terminate": grpc.unary_unary_rpc_method_handler(
+            service.Terminate, request_deserializer=_parser(llm_pb2.TerminateRequest),
+            response_serializer=llm_pb2.TerminateResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kubellm.v1.LLM", handlers),))
+    server.add_registered_method_handlers("kubellm.v1.LLM", handlers)

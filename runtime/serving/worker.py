@@ -24,13 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from kubellm.protos.v1 import llm_pb2_grpc
 from kubellm.runtime.config import EngineConfig, generation_config
 from kubellm.runtime.serving.draining import drain, until_idle
 from kubellm.runtime.serving.engine_loop import EngineLoop
 from kubellm.runtime.serving.metrics import WorkerMetrics
 from kubellm.runtime.serving.reflection import add_reflection
-from kubellm.runtime.serving.service import LLMService
+from kubellm.runtime.serving.service import LLMService, add_to_server
 from kubellm.runtime.serving.worker_http import start_http
 
 log = logging.getLogger("kubellm.worker")
@@ -99,7 +98,7 @@ class Worker:
         self.terminated = asyncio.Event()
         self.ready = asyncio.Event()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        llm_pb2_grpc.add_LLMServicer_to_server(LLMService(self), self.server)
+        add_to_server(LLMService(self), self.server)   # a request that does not parse: INVALID_ARGUMENT
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         add_reflection(self.server)

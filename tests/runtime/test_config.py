@@ -22,7 +22,7 @@ from kubellm.runtime.config import ConfigError, EngineConfig, GenerationConfig, 
         ({"top_k": -1}, "top_k"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"max_length": 1}, "max_length"),
-        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),   # the cap (max_logprobs) is the engine's: test_request_limits.py
         ({"stop_words": ["ok", ""]}, "stop_words"),
         ({"max_new_tokens": "many"}, "max_new_tokens"),
     ],
