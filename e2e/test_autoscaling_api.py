@@ -173,15 +173,12 @@ def test_the_scale_subresource_selects_the_leaders_and_kubectl_scale_adds_a_grou
     assert len(selected_pods(cluster, ns, "app.kubernetes.io/instance=scaled")) > 4   # 4 ranks + the router
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec.replicas has no schema default since f5fc7bc (spec.autoscaling), and the API server answers GET /scale "
-    "of an object without the specReplicasPath field with a 500 (the spec replicas field \".spec.replicas\" does "
-    "not exist): an HPA then reports FailedGetScale. docs/operations.md says to set spec.replicas; remove this "
-    "mark once the operator or the CRD gives an unset replicas a value /scale can read"))
 def test_a_deployment_that_leaves_replicas_out_has_a_scale_subresource(cluster, operator, ns):
     """What HPA, KEDA and `kubectl scale --current-replicas` read first: an LLMDeployment without spec.replicas
-    (the usual minimal spec, which runs 1 group) should answer /scale with 1, not an error."""
+    (the usual minimal spec, which runs 1 group) answers /scale with 1, not an error: the operator writes the
+    replicas it runs (the API server answers GET /scale of an object without the field with a 500)."""
     apply(cluster, ns, deployment("plain"))
+    cluster.wait_for(lambda: get(cluster, ns, "llmd", "plain")["spec"].get("replicas") == 1, "replicas written", 30)
     scale = scale_of(cluster, ns, "plain")
     assert scale["spec"]["replicas"] == 1, scale
     cluster.kubectl("scale", "llmd/plain", "-n", ns, "--current-replicas=1", "--replicas=2")
