@@ -104,7 +104,8 @@ def reconcile(body, spec, status, patch, reason, **_):
         # Unset replicas (no schema default, so the CEL rule can tell a hand-set one): written as it runs, because
         # the API server answers GET /scale (what an HPA, KEDA and `kubectl scale --current-replicas` read first)
         # with a 500 while the field is missing.
-        kube().scale(GROUP, VERSION, PLURAL, owner.name, owner.namespace, desired.replicas)
+        k = kube()
+        k.scale(GROUP, VERSION, PLURAL, owner.name, owner.namespace, desired.replicas)
     keep, remove = plan_groups(owner, desired)
     children = R.children(owner, desired, router_image=ROUTER_IMAGE, groups=keep)
     written = sum(kube().apply(child) for child in children)
