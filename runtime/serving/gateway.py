@@ -9,12 +9,18 @@ upstream (serving.upstream.Upstream): the router's replicas, or a worker's own e
     GET  /v1/models               the deployment (and its model)
     GET  /health                  200 while the upstream can answer, else 503
     GET  /metrics                 the upstream's Prometheus metrics
+    GET  /openapi.json            an OpenAPI 3.1 document of these routes (serving/openapi.py)
 
 On a router, requests go through its own forwarding (balancing, retries) and any `model` is accepted;
 on a worker, the route is OpenAI's only and `model` must be one it serves (404 `model_not_found`, as
 vLLM answers, naming the ones it serves; absent means the first). gRPC errors map to
 HTTP: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504;
 error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+
+Limits (serving/limits.py, docs/limits.md): a body past `max_request_bytes` is 413 before it is read; past
+the per-key rate limit a generation request is 429 with `Retry-After`; a body that is not UTF-8, not JSON,
+nested too deeply, or holds a non-finite number or a lone surrogate is 400; so are more prompts than
+`max_prompts_per_request` and a `max_tokens` that cannot fit in the model's session_len.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import grpc
 from aiohttp import web
 
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.limits import Limits, caller_key, rate_limited_message, too_large_message
+from kubellm.runtime.serving.openapi import openapi_document
 from kubellm.runtime.serving.upstream import Upstream, UpstreamError
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
@@ -63,18 +72,51 @@ def _from_upstream(err: UpstreamError) -> web.Response:
     return response
 
 
-async def _json_body(request: web.Request) -> dict:
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):   # 1e400: Python's json makes it infinity
+        raise ValueError(f"the number {text[:40]} is beyond a double's range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")   # Python's json accepts NaN, Infinity
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """A request body -> its JSON object, or BadRequest saying what is wrong with it (pure: no request)."""
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON") from None
+        text = raw.decode("utf-8")   # JSON is UTF-8 (RFC 8259), whatever charset a client claims
+    except UnicodeDecodeError as err:
+        raise BadRequest(f"the request body is not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+                         "send JSON encoded as UTF-8") from None
+    try:
+        body = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply; no request field nests more than a few "
+                         "levels") from None
+    except ValueError as err:   # JSONDecodeError, a non-finite number, an integer of thousands of digits
+        raise BadRequest(f"the request body is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     try:
         json.dumps(body, ensure_ascii=False).encode()
-    except (UnicodeEncodeError, ValueError):
-        raise BadRequest("the request body has invalid text (a lone surrogate?)") from None
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise BadRequest("the request body has invalid text (a lone surrogate, such as \\ud800, is not "
+                         "Unicode text); send valid UTF-8") from None
     return body
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:   # a chunked body (no Content-Length) past client_max_size
+        raise _too_large(None, request.app[LIMITS].max_request_bytes) from None
+    return parse_json_body(raw)
+
+
+def _too_large(size: int | None, limit: int) -> BadRequest:
+    return BadRequest(too_large_message(size, limit), status=413, code="request_too_large")
 
 
 # --------------------------------------------------------------------------- options
@@ -115,7 +157,9 @@ def _stop_words(body: dict, key: str) -> list[str]:
     raise BadRequest(f"'{key}' must be a string or a list of strings", key)
 
 
-def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.GenerationConfig:
+def _config(body: dict, *, max_new_key: str, openai: bool, session_len: int = 0) -> llm_pb2.GenerationConfig:
+    """The request's options. `session_len` (0: unknown): a max_tokens that could not fit beside even a
+    one-token prompt is refused here; the worker checks prompt + max_tokens exactly."""
     cfg = llm_pb2.GenerationConfig()
     num = (int, float)
     max_new = _get(body, max_new_key, int, lo=1)
@@ -124,6 +168,10 @@ def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.Generation
     if max_new is not None:
         if max_new >= 2**31:
             raise BadRequest(f"'{max_new_key}' is out of range, got {max_new!r}", max_new_key)
+        if session_len and max_new >= session_len:
+            raise BadRequest(f"'{max_new_key}' is {max_new}, but the model's session_len is {session_len} tokens "
+                             f"(prompt + {max_new_key}); ask for at most {session_len - 1} (fewer, by the prompt's "
+                             f"length), or leave it unset", max_new_key)
         cfg.max_new_tokens = max_new
     elif openai and max_new_key == "max_tokens" and "messages" not in body:
         cfg.max_new_tokens = 16  # OpenAI's default for /v1/completions
@@ -164,7 +212,15 @@ def _config(body: dict, *, max_new_key: str, openai: bool) -> llm_pb2.Generation
     return cfg
 
 
-def _text_prompts(value, param: str) -> list[llm_pb2.Prompt]:
+def check_prompt_count(count: int, param: str, most: int) -> None:
+    if count > most:
+        raise BadRequest(f"'{param}': {count} prompts in one request, more than max_prompts_per_request ({most}); "
+                         "split them over several requests", param)
+
+
+def _text_prompts(value, param: str, most: int) -> list[llm_pb2.Prompt]:
+    if isinstance(value, list) and value and not isinstance(value[0], int):   # a batch (not one prompt's ids)
+        check_prompt_count(len(value), param, most)   # before any Prompt is built
     try:
         return _text_prompts_unchecked(value, param)
     except (ValueError, TypeError, OverflowError) as err:
@@ -235,9 +291,16 @@ def checked_model(requested, served: Sequence[str] | None, default: str) -> str:
 
 
 class Gateway:
-    def __init__(self, upstream: Upstream, models: Sequence[str] | None = None):
+    def __init__(self, upstream: Upstream, models: Sequence[str] | None = None, limits: Limits | None = None):
         self.upstream = upstream
         self.models_served = list(models) if models is not None else None   # None: any model (a router)
+        self.limits = limits or Limits()
+
+    @property
+    def session_len(self) -> int:
+        """The model's session_len where the upstream has said it (ModelInfo), else 0 (unknown)."""
+        info = self.upstream.model_info
+        return int(info.session_len) if info is not None else 0
 
     # MII
     async def mii(self, request: web.Request) -> web.Response:
@@ -254,10 +317,13 @@ class Gateway:
             raise BadRequest("give 'prompts' (a list of strings) or 'prompt'", "prompts")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(prompts, list):
+            check_prompt_count(len(prompts), param, self.limits.max_prompts_per_request)
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise BadRequest(f"'{param}' must be a string or a non-empty list of strings", param)
         req = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p) for p in prompts],
-                                      config=_config(body, max_new_key="max_new_tokens", openai=False))
+                                      config=_config(body, max_new_key="max_new_tokens", openai=False,
+                                                     session_len=self.session_len))
         full = _get(body, "return_full_text", bool)
         reply = await self.upstream.forward_unary("Generate", req)
         out = []
@@ -273,15 +339,18 @@ class Gateway:
         model = self._model(body)   # first, as vLLM: a wrong model is 404 whatever else is wrong
         if "prompt" not in body:
             raise BadRequest("'prompt' is required", "prompt")
-        req = llm_pb2.GenerateRequest(prompts=_text_prompts(body["prompt"], "prompt"),
-                                      config=_config(body, max_new_key="max_tokens", openai=True))
+        req = llm_pb2.GenerateRequest(prompts=_text_prompts(body["prompt"], "prompt",
+                                                            self.limits.max_prompts_per_request),
+                                      config=_config(body, max_new_key="max_tokens", openai=True,
+                                                     session_len=self.session_len))
         return await self._openai(request, body, req, model, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         model = self._model(body)
         req = llm_pb2.GenerateRequest(prompts=[_conversation(body.get("messages"))],
-                                      config=_config(body, max_new_key="max_tokens", openai=True))
+                                      config=_config(body, max_new_key="max_tokens", openai=True,
+                                                     session_len=self.session_len))
         return await self._openai(request, body, req, model, chat=True)
 
     def _model(self, body: dict) -> str:
@@ -396,6 +465,37 @@ def _model_list(names: Sequence[str]) -> web.Response:
         {"id": n, "object": "model", "created": 0, "owned_by": "kubellm"} for n in names]})
 
 
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+LIMITS = web.AppKey("kubellm.limits", Limits)
+OPENAPI = web.AppKey("kubellm.openapi", dict)
+# What a rate limit counts: the requests that generate (what costs the GPU), not probes, scrapes or model lists.
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/mii/")
+
+
+def _limits_middleware(limits: Limits):
+    """413 for a declared body past max_request_bytes (before it is read), 429 past the caller's rate limit."""
+    limiter = limits.rate_limiter()
+
+    @web.middleware
+    async def limited(request: web.Request, handler):
+        size = request.content_length
+        if size is not None and size > limits.max_request_bytes:
+            raise _too_large(size, limits.max_request_bytes)
+        if limiter is not None and request.method == "POST" and request.path.startswith(_GENERATION_PATHS):
+            # The auth middleware (before this one) names the caller's key; without auth, its address.
+            key = caller_key(request.get("kubellm.key_id"), request.remote)
+            wait = limiter.wait_time(key)
+            if wait is not None:
+                response = _error(429, rate_limited_message(limits, wait), "requests", code="rate_limit_exceeded")
+                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return response
+        return await handler(request)
+    return limited
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
@@ -406,11 +506,17 @@ async def _errors(request: web.Request, handler):
         return _from_upstream(err)
 
 
-def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True) -> web.Application:
+def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True,
+              limits: Limits | None = None) -> web.Application:
     """The REST app over `upstream`. `models`: the names `model` may take (None: any, as a router);
-    `mii`: serve DeepSpeed-MII's route too (a router's only)."""
-    gw = Gateway(upstream, models)
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    `mii`: serve DeepSpeed-MII's route too (a router's only); `limits`: the body size, rate and prompt limits
+    (default: Limits(), 1 MiB bodies and no rate limit)."""
+    limits = limits or Limits()
+    gw = Gateway(upstream, models, limits)
+    app = web.Application(middlewares=[_errors, _limits_middleware(limits)],
+                          client_max_size=limits.max_request_bytes)
+    app[LIMITS] = limits
+    app[OPENAPI] = openapi_document(upstream.deployment_name, mii=mii)
     if mii:
         app.router.add_post("/mii/{deployment_name}", gw.mii)
     app.router.add_post("/v1/completions", gw.completions)
@@ -418,4 +524,5 @@ def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: b
     app.router.add_get("/v1/models", gw.models)
     app.router.add_get("/health", gw.health)
     app.router.add_get("/metrics", upstream.metrics_handler)
+    app.router.add_get("/openapi.json", _openapi)
     return app
