@@ -86,6 +86,9 @@ class EngineConfig(_Strict):
     load_format: Literal["safetensors", "random"] = Field(
         "safetensors", description="random: seeded random weights of config.json's shapes, nothing read "
         "(benchmarks of models that are not downloaded)")
+    model_impl: Literal["auto", "kubellm", "transformers"] = Field(
+        "auto", description="auto: kubellm's own model file where the architecture has one, else transformers' "
+        "modeling code on kubellm's paged KV cache; kubellm / transformers: only that one (vLLM's --model-impl)")
     enforce_eager: bool = Field(
         False, description="run decode steps eagerly instead of replaying CUDA graphs captured per batch-size "
         "bucket (GPU only; CPU is always eager)")
