@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on SIGTERM: stop taking new requests (UNAVAILABLE) and let {what} finish, up to S "
                             "seconds, then exit (default 30)")
 
+    def tls_flags(p, what: str) -> None:
+        """--tls-cert / --tls-key (`kubellm router`, `kubellm serve`): a PEM certificate chain and its key."""
+        p.add_argument("--tls-cert", default=None, metavar="FILE",
+                       help=f"PEM certificate chain (e.g. tls.crt of a kubernetes.io/tls Secret): {what}")
+        p.add_argument("--tls-key", default=None, metavar="FILE", help="the private key of --tls-cert (tls.key)")
+
     def routing_flags(p, defaults: bool = True):
         """The router's policy flags (`kubellm router`, `kubellm serve`); the names of api/spec.py ROUTING_POLICIES."""
         p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_affinity"],
@@ -197,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--model-name", default="", metavar="NAME",
                         help="the model the deployment serves (e.g. its spec.model.source): what ModelInfo and "
                              "/v1/models name before any replica has answered (default: --deployment-name)")
+    router.add_argument("--api-keys-dir", default=None, metavar="DIR",
+                        help="require an API key (REST 'Authorization: Bearer KEY', gRPC 'authorization' metadata) "
+                             "from the files in DIR (a mounted Secret: one key or several per file, one a line; "
+                             "re-read when it changes); $KUBELLM_API_KEY (comma-separated) adds keys. Keys are never "
+                             "flags: ps shows flags")
+    tls_flags(router, "the gRPC port serves TLS and the REST port HTTPS (the metrics port, with /readyz and "
+                      "/livez, stays plain HTTP)")
     routing_flags(router)
     drain_flag(router, "the calls it is forwarding")
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
@@ -219,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-fraction", type=float, default=None)
     serve.add_argument("--max-new-tokens", type=int, default=None, help="default for requests that do not set it")
     serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require this API key on the router (REST and gRPC); default $KUBELLM_API_KEY, which "
+                            "is better: a flag shows in ps while this command runs. The router gets it through "
+                            "its environment, and the registry records only that a key is needed")
+    tls_flags(serve, "the router serves TLS (gRPC) and HTTPS (REST); kubellm.client(NAME) trusts this certificate")
     routing_flags(serve, defaults=False)   # unset: the manifest's spec.router (-f), else the router's defaults
     status = sub.add_parser("status", help="list local deployments and whether their processes run")
     status.add_argument("--json", action="store_true")

@@ -8,10 +8,19 @@
     client.close()
 
 Errors of the server come back as `ClientError` with the gRPC status name and the server's message.
+
+A router that asks for an API key gets it from `api_key=` (default: $KUBELLM_API_KEY, its first key if it
+lists several) as `authorization: Bearer <key>` metadata on every call; without a valid one, ClientError
+UNAUTHENTICATED. `tls=True` speaks TLS with the system's roots, `ca_file=` with a CA bundle (a self-signed
+certificate is its own CA):
+
+    client = Client("llm.example.com:443", api_key="sk-...", tls=True)
+    client = Client("127.0.0.1:50051", api_key="sk-...", ca_file="tls.crt")
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,6 +28,9 @@ import grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
 from kubellm.runtime.response import Response
+from kubellm.runtime.serving.tls import channel_credentials
+
+API_KEY_ENV = "KUBELLM_API_KEY"
 
 # Options that map one-to-one onto the proto's GenerationConfig.
 _SCALAR_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
@@ -109,13 +121,33 @@ def build_config(options: dict) -> llm_pb2.GenerationConfig:
     return config
 
 
-class Client:
-    """A connection to a worker or router at `address` ("host:port")."""
+def resolve_api_key(api_key: str | None) -> str | None:
+    """`api_key`, else $KUBELLM_API_KEY (its first key if it lists several, comma-separated); None: none."""
+    if api_key is None:
+        api_key = next((k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()), None)
+    if api_key is None:
+        return None
+    if not isinstance(api_key, str) or not api_key.strip() or any(c in api_key for c in "\r\n\0"):
+        raise ValueError("api_key: give the key as a non-empty string on one line (or set $KUBELLM_API_KEY)")
+    return api_key.strip()
 
-    def __init__(self, address: str, timeout: float | None = None, options: list | None = None):
+
+class Client:
+    """A connection to a worker or router at `address` ("host:port"); `api_key` (default $KUBELLM_API_KEY)
+    sent on every call; `tls` (system roots) or `ca_file` (implies TLS) for a router serving TLS."""
+
+    def __init__(self, address: str, timeout: float | None = None, options: list | None = None, *,
+                 api_key: str | None = None, tls: bool = False, ca_file: str | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=options or [])
+        api_key = resolve_api_key(api_key)
+        self.tls = bool(tls or ca_file)
+        # One tuple for every call: the key goes nowhere else (not in repr, not in errors).
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        if self.tls:
+            self._channel = grpc.secure_channel(address, channel_credentials(ca_file), options=options or [])
+        else:
+            self._channel = grpc.insecure_channel(address, options=options or [])
         self._stub = llm_pb2_grpc.LLMStub(self._channel)
 
     def _request(self, prompts, options) -> llm_pb2.GenerateRequest:
@@ -124,9 +156,9 @@ class Client:
     def generate(self, prompts, timeout: float | None = None, **gen_options) -> list[Response]:
         request = self._request(prompts, gen_options)
         try:
-            reply = self._stub.Generate(request, timeout=timeout or self.timeout)
+            reply = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise _error(err) from None
+            raise self._error(err) from None
         return [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
                          list(r.token_ids), list(r.logprobs) if r.logprobs else None, replica=reply.replica)
                 for r in reply.responses]
@@ -136,29 +168,39 @@ class Client:
     def stream(self, prompts, timeout: float | None = None, **gen_options) -> Iterator[Response]:
         """Deltas for all prompts as they are generated (`index` says whose); stopping early cancels the call."""
         request = self._request(prompts, gen_options)
-        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for d in call:
                 yield Response(d.text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
                                list(d.token_ids), replica=d.replica)
         except grpc.RpcError as err:
-            raise _error(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()   # a no-op if the stream ended; frees the server's requests if the caller stopped
 
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         try:
-            r = self._stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=timeout or self.timeout)
+            r = self._stub.ModelInfo(llm_pb2.ModelInfoRequest(), timeout=timeout or self.timeout,
+                                     metadata=self._metadata)
         except grpc.RpcError as err:
-            raise _error(err) from None
+            raise self._error(err) from None
         return ModelInfo(r.model, r.architecture, r.tensor_parallel, r.pipeline_parallel, r.max_batch_size,
                          r.session_len, r.replica, r.version)
 
     def terminate_server(self, timeout: float | None = None) -> bool:
         try:
-            return self._stub.Terminate(llm_pb2.TerminateRequest(), timeout=timeout or self.timeout).accepted
+            return self._stub.Terminate(llm_pb2.TerminateRequest(), timeout=timeout or self.timeout,
+                                        metadata=self._metadata).accepted
         except grpc.RpcError as err:
-            raise _error(err) from None
+            raise self._error(err) from None
+
+    def _error(self, err: grpc.RpcError) -> ClientError:
+        error = _error(err)
+        if error.code == "UNAUTHENTICATED":   # say which side to fix: no key sent, or one the server refuses
+            hint = (f"this client sent no key: give Client(api_key=...) or set ${API_KEY_ENV}"
+                    if self._metadata is None else "this client's key was refused")
+            return ClientError(error.code, f"{error.message} ({hint})")
+        return error
 
     def close(self) -> None:
         self._channel.close()

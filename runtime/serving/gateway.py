@@ -16,6 +16,8 @@ on a worker, the route is OpenAI's only and `model` must be one it serves (404 `
 vLLM answers, naming the ones it serves; absent means the first). gRPC errors map to
 HTTP: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504;
 error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+With API keys (serving/auth.py) every route but /health, /metrics and /openapi.json needs
+`Authorization: Bearer <key>`, else 401 `invalid_api_key`.
 
 Limits (serving/limits.py, docs/limits.md): a body past `max_request_bytes` is 413 before it is read; past
 the per-key rate limit a generation request is 429 with `Retry-After`; a body that is not UTF-8, not JSON,
@@ -35,6 +37,7 @@ import grpc
 from aiohttp import web
 
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.auth import ApiKeys, rest_middleware
 from kubellm.runtime.serving.limits import Limits, caller_key, rate_limited_message, too_large_message
 from kubellm.runtime.serving.openapi import openapi_document
 from kubellm.runtime.serving.upstream import Upstream, UpstreamError
@@ -507,13 +510,16 @@ async def _errors(request: web.Request, handler):
 
 
 def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True,
-              limits: Limits | None = None) -> web.Application:
+              limits: Limits | None = None, api_keys: ApiKeys | None = None) -> web.Application:
     """The REST app over `upstream`. `models`: the names `model` may take (None: any, as a router);
     `mii`: serve DeepSpeed-MII's route too (a router's only); `limits`: the body size, rate and prompt limits
-    (default: Limits(), 1 MiB bodies and no rate limit)."""
+    (default: Limits(), 1 MiB bodies and no rate limit); `api_keys`: `Authorization: Bearer` required but on
+    /health, /metrics and /openapi.json (None: no key asked for)."""
     limits = limits or Limits()
     gw = Gateway(upstream, models, limits)
-    app = web.Application(middlewares=[_errors, _limits_middleware(limits)],
+    # The key first: an unauthenticated request is answered 401 before its body, size or rate count.
+    auth = [rest_middleware(api_keys)] if api_keys is not None else []
+    app = web.Application(middlewares=[*auth, _errors, _limits_middleware(limits)],
                           client_max_size=limits.max_request_bytes)
     app[LIMITS] = limits
     app[OPENAPI] = openapi_document(upstream.deployment_name, mii=mii)

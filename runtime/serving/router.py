@@ -47,8 +47,15 @@ while the process runs (liveness probes).
 On SIGTERM the router drains (`drain_and_stop`): readiness goes NOT_SERVING at once (liveness stays
 SERVING), new calls are refused with UNAVAILABLE (a client retrying through the Service reaches
 another router), and the calls it is forwarding finish, up to `drain_timeout` seconds; then it exits.
-`/metrics` (Prometheus text) is on the REST port when the gateway is enabled, else on
-`metrics_port`.
+`/metrics` (Prometheus text) is on the REST port when the gateway is enabled, and on `metrics_port`;
+the metrics port, always plain HTTP, also answers `/readyz` (200 while "" is SERVING, else 503) and
+`/livez` (200 while the process runs): probes for a router whose gRPC port speaks TLS, which the
+kubelet's gRPC probe cannot.
+
+With `api_keys` (auth.ApiKeys: `--api-keys-dir`, $KUBELLM_API_KEY) the LLM methods need
+`authorization: Bearer <key>` metadata and REST the same header (health, reflection, /health and
+/metrics stay open); the key is never passed on to a replica. With `tls` (tls.ServerTls: `--tls-cert`,
+`--tls-key`) the gRPC port serves TLS and the REST port HTTPS. docs/security.md.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.auth import ApiKeys, GrpcApiKeys
 from kubellm.runtime.serving.balancing import make_balancer
 from kubellm.runtime.serving.draining import drain
 from kubellm.runtime.serving.gateway import build_app
@@ -75,6 +83,7 @@ from kubellm.runtime.serving.reflection import add_reflection
 from kubellm.runtime.serving.replicas import (MAX_MESSAGE, SERVICE_NAME, Replica, join_host_port, parse_leaders, resolve,
                                              upstream_call)
 from kubellm.runtime.serving.router_service import RouterServicer
+from kubellm.runtime.serving.tls import ServerTls
 from kubellm.runtime.serving.upstream import UpstreamError
 
 log = logging.getLogger("kubellm.router")
@@ -113,12 +122,15 @@ class Router:
                  health_interval: float = 2.0, health_timeout: float = 1.0, resolve_interval: float = 5.0,
                  wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
                  load_factor: float = 1.25, drain_timeout: float = 30.0, scale_from_zero: bool = False,
-                 max_waiting: int = 1024, model_name: str = ""):
+                 max_waiting: int = 1024, model_name: str = "", api_keys: ApiKeys | None = None,
+                 tls: ServerTls | None = None):
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting (--max-waiting) {max_waiting!r}: give a whole number, 0 or more "
                              "(the calls held at once while no replica is healthy; 0 holds none)")
         self.deployment_name = deployment_name
         self.model_name = model_name   # what the deployment serves: ModelInfo's answer before any replica gave one
+        self.api_keys = api_keys   # None: no key asked for
+        self.tls = tls             # None: plaintext gRPC and HTTP
         # Readiness stays SERVING with no healthy replica: the deployment may be scaled to zero, and the
         # calls this router holds are what makes its autoscaler start a group.
         self.scale_from_zero = scale_from_zero
@@ -233,9 +245,14 @@ class Router:
         await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
         await self._publish_health()
 
+    @property
+    def ready(self) -> bool:
+        """What readiness ("" and kubellm.v1.LLM health, /readyz) says: a replica to send to, or holding calls
+        for one (scale from zero), and not draining."""
+        return bool(self.scale_from_zero or self.healthy_replicas()) and not self._draining
+
     async def _publish_health(self) -> None:
-        ready = (self.scale_from_zero or self.healthy_replicas()) and not self._draining
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
 
@@ -468,34 +485,49 @@ class Router:
         """Resolve and check the leaders once, then serve gRPC on `port` (0 picks one); returns it."""
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.refresh()
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        interceptors = [GrpcApiKeys(self.api_keys)] if self.api_keys is not None else []
+        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
         RouterServicer(self).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_reflection(server)   # from llm_pb2's descriptors: the LLM methods themselves pass raw bytes
-        self.grpc_port = server.add_insecure_port(join_host_port(host, port))
+        address = join_host_port(host, port)
+        self.grpc_port = (server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls is not None
+                          else server.add_insecure_port(address))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {host}:{port}")
         await server.start()
         self._server = server
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         if rest_port is not None:
-            self.rest_port = await self._serve_http(build_app(self), host, rest_port)
+            self.rest_port = await self._serve_http(build_app(self, api_keys=self.api_keys), host, rest_port,
+                                                    tls=self.tls)
             self.metrics_port = self.rest_port
         if metrics_port is not None:
             app = web.Application()
             app.router.add_get("/metrics", self.metrics_handler)
-            self.metrics_port = await self._serve_http(app, host, metrics_port)
-        log.info("router of %s on :%d (%d/%d leaders healthy, policy %s)", self.deployment_name, self.grpc_port,
-                 len(self.healthy_replicas()), len(self.replicas), self.policy)
+            app.router.add_get("/readyz", self.readyz)
+            app.router.add_get("/livez", self.livez)
+            self.metrics_port = await self._serve_http(app, host, metrics_port)   # plain HTTP: probes, Prometheus
+        log.info("router of %s on :%d (%d/%d leaders healthy, policy %s, API keys %s, %s)", self.deployment_name,
+                 self.grpc_port, len(self.healthy_replicas()), len(self.replicas), self.policy,
+                 "required" if self.api_keys is not None else "off", "TLS" if self.tls is not None else "plaintext")
         return self.grpc_port
 
     async def metrics_handler(self, request):
         return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def _serve_http(self, app, host: str, port: int) -> int:
+    async def readyz(self, request):
+        """The metrics port's readiness probe: the "" health as HTTP (a TLS gRPC port cannot be probed by gRPC)."""
+        ok = self.ready
+        return web.Response(text="ok\n" if ok else "not ready\n", status=200 if ok else 503)
+
+    async def livez(self, request):
+        return web.Response(text="ok\n")
+
+    async def _serve_http(self, app, host: str, port: int, tls: ServerTls | None = None) -> int:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=tls.ssl_context() if tls is not None else None)
         await site.start()
         self._http_runners.append(runner)
         return runner.addresses[0][1]   # the bound (host, port, ...) of its one site: port 0 resolved
@@ -536,13 +568,14 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
                 health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0,
                 policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25,
                 drain_timeout: float = 30.0, scale_from_zero: bool = False, max_waiting: int = 1024,
-                model_name: str = "") -> None:
+                model_name: str = "", api_keys: ApiKeys | None = None, tls: ServerTls | None = None) -> None:
     """Run a router until SIGTERM/SIGINT (it drains, up to `drain_timeout` s) or an allowed Terminate (the
     `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
                     prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout,
-                    scale_from_zero=scale_from_zero, max_waiting=max_waiting, model_name=model_name)
+                    scale_from_zero=scale_from_zero, max_waiting=max_waiting, model_name=model_name,
+                    api_keys=api_keys, tls=tls)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.
