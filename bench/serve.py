@@ -108,6 +108,6 @@ def command(args) -> int:
         from kubellm.bench.shared_prefix import command as shared_prefix
 
         return shared_prefix(args)
-    print(sweep(args.target, args.direct, [int(c) for c in args.concurrency.split(",")], args.requests_per_stream,
+    print(sweep(args.target or "127.0.0.1:50051", args.direct, [int(c) for c in args.concurrency.split(",")], args.requests_per_stream,
                 args.max_new))
     return 0

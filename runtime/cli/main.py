@@ -26,6 +26,7 @@ COMMANDS = {
     "bench serve": "kubellm.bench.serve:command",
     "bench parallel": "kubellm.bench.parallel:command",
     "bench kernels": "kubellm.bench.kernels:command",
+    "bench fuzz": "kubellm.bench.fuzz:command",
     "operator": "kubellm.operator.cli:command",
     "worker": "kubellm.runtime.cli.worker:worker",
     "router": "kubellm.runtime.cli.router:router",
@@ -67,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"PEM certificate chain (e.g. tls.crt of a kubernetes.io/tls Secret): {what}")
         p.add_argument("--tls-key", default=None, metavar="FILE", help="the private key of --tls-cert (tls.key)")
 
+    def limits_flags(p, defaults: bool = True):
+        """What one request and one caller may cost the router (serving/limits.py; the operator passes spec.limits)."""
+        p.add_argument("--max-request-bytes", type=count, default=1 << 20 if defaults else None, metavar="N",
+                       help="largest request: a REST body past it is 413, a gRPC message RESOURCE_EXHAUSTED "
+                            "(default 1048576, 1 MiB)")
+        p.add_argument("--max-streams-per-connection", type=count, default=100 if defaults else None, metavar="N",
+                       help="concurrent gRPC calls on one HTTP/2 connection; a client's next call waits for one to "
+                            "end (default 100; REST's HTTP/1.1 takes one request at a time per connection)")
+        p.add_argument("--rate-limit", type=float, default=None, metavar="R",
+                       help="requests per second per API key (without keys: per client address) that generate, REST "
+                            "and gRPC together; past it 429 with Retry-After / RESOURCE_EXHAUSTED with retry-after "
+                            "(default: no limit)")
+        p.add_argument("--rate-limit-burst", type=count, default=None, metavar="B",
+                       help="requests a caller may send at once after being idle: the bucket's size (default: "
+                            "--rate-limit rounded up)")
+        p.add_argument("--max-prompts-per-request", type=count, default=256 if defaults else None, metavar="N",
+                       help="most prompts in one REST request, refused with 400 before they are read (default 256, "
+                            "the workers' max_prompts_per_request)")
+
     def routing_flags(p, defaults: bool = True):
         """The router's policy flags (`kubellm router`, `kubellm serve`); the names of api/spec.py ROUTING_POLICIES."""
         p.add_argument("--policy", choices=["round_robin", "least_loaded", "prefix_affinity"],
@@ -104,11 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="convert again even if cached")
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
-    bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels"],
+    bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels", "fuzz"],
                        help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct); "
+                            "fuzz: --requests generated hostile requests (REST and gRPC) against a 2-replica tiny "
+                            "deployment, checking nothing 5xx, dies, hangs or leaks; "
                             "parallel: one process vs a tensor x pipeline group; "
                             "kernels: Triton kernels vs PyTorch SDPA / references (GPU)")
-    bench.add_argument("--target", default="127.0.0.1:50051", help="serve: gRPC address of a router or worker")
+    bench.add_argument("--target", default=None,
+                       help="serve: gRPC address of a router or worker (default 127.0.0.1:50051); fuzz: a running "
+                            "local deployment's name (kubellm serve NAME --rest; default: start one)")
+    bench.add_argument("--requests", type=count, default=10_000, help="fuzz: requests to send (default 10000)")
+    bench.add_argument("--timeout", type=seconds, default=30.0,
+                       help="fuzz: each request's deadline in seconds; past it the request counts as hung (default 30)")
     bench.add_argument("--direct", default=None, help="serve: a worker address to compare with (router overhead)")
     bench.add_argument("--concurrency", default="1,16,64", help="serve: comma-separated stream counts")
     bench.add_argument("--requests-per-stream", type=int, default=4)
@@ -210,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "flags: ps shows flags")
     tls_flags(router, "the gRPC port serves TLS and the REST port HTTPS (the metrics port, with /readyz and "
                       "/livez, stays plain HTTP)")
+    limits_flags(router)
     routing_flags(router)
     drain_flag(router, "the calls it is forwarding")
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.auth import ApiKeys, rest_middleware
-from kubellm.runtime.serving.limits import Limits, caller_key, rate_limited_message, too_large_message
+from kubellm.runtime.serving.limits import Limits, RateLimiter, caller_key, rate_limited_message, too_large_message
 from kubellm.runtime.serving.openapi import openapi_document
 from kubellm.runtime.serving.upstream import Upstream, UpstreamError
 
@@ -478,9 +478,8 @@ OPENAPI = web.AppKey("kubellm.openapi", dict)
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/mii/")
 
 
-def _limits_middleware(limits: Limits):
+def _limits_middleware(limits: Limits, limiter: RateLimiter | None):
     """413 for a declared body past max_request_bytes (before it is read), 429 past the caller's rate limit."""
-    limiter = limits.rate_limiter()
 
     @web.middleware
     async def limited(request: web.Request, handler):
@@ -510,16 +509,19 @@ async def _errors(request: web.Request, handler):
 
 
 def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True,
-              limits: Limits | None = None, api_keys: ApiKeys | None = None) -> web.Application:
+              limits: Limits | None = None, api_keys: ApiKeys | None = None,
+              rate_limiter: RateLimiter | None = None) -> web.Application:
     """The REST app over `upstream`. `models`: the names `model` may take (None: any, as a router);
     `mii`: serve DeepSpeed-MII's route too (a router's only); `limits`: the body size, rate and prompt limits
-    (default: Limits(), 1 MiB bodies and no rate limit); `api_keys`: `Authorization: Bearer` required but on
+    (default: Limits(), 1 MiB bodies and no rate limit; `rate_limiter`: the buckets, shared with the router's
+    gRPC port, else the gateway's own); `api_keys`: `Authorization: Bearer` required but on
     /health, /metrics and /openapi.json (None: no key asked for)."""
     limits = limits or Limits()
     gw = Gateway(upstream, models, limits)
     # The key first: an unauthenticated request is answered 401 before its body, size or rate count.
     auth = [rest_middleware(api_keys)] if api_keys is not None else []
-    app = web.Application(middlewares=[*auth, _errors, _limits_middleware(limits)],
+    limiter = rate_limiter if rate_limiter is not None else limits.rate_limiter()
+    app = web.Application(middlewares=[*auth, _errors, _limits_middleware(limits, limiter)],
                           client_max_size=limits.max_request_bytes)
     app[LIMITS] = limits
     app[OPENAPI] = openapi_document(upstream.deployment_name, mii=mii)

@@ -131,8 +131,8 @@ class RateLimiter:
 
 
 def too_large_message(size: int | None, limit: int) -> str:
-    got = f"{size} bytes" if size is not None else "more bytes"
-    return (f"the request body is {got}, more than this gateway's limit of {limit} bytes (max_request_bytes: "
+    got = f"is {size} bytes, more than" if size is not None else "is larger than"
+    return (f"the request body {got} this gateway's limit of {limit} bytes (max_request_bytes: "
             f"spec.limits.maxRequestBytes, kubellm router --max-request-bytes); send a smaller request or raise "
             f"the limit")
 

@@ -92,8 +92,9 @@ _MII_REQUEST = {
         "prompt": {"oneOf": [{"type": "string"},
                              {"type": "array", "minItems": 1, **_BATCH, "items": {"type": "string"}}]},
         "max_new_tokens": _MAX_TOKENS,
-        "max_length": {"type": "integer", "minimum": 2, "description": "DeepSpeed-MII's limit on prompt + "
-                                                                      "generated tokens"},
+        "max_length": {"type": "integer", "minimum": 2, "examples": [64, 96],
+                       "description": "DeepSpeed-MII's limit on prompt + generated tokens: more than the prompt's "
+                                      "length (else 400), the tighter of it and max_new_tokens wins"},
         **_SAMPLING,
         "do_sample": {"type": "boolean", "description": "false: greedy"},
         "stop_words": _STOP,

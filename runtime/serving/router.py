@@ -56,6 +56,11 @@ With `api_keys` (auth.ApiKeys: `--api-keys-dir`, $KUBELLM_API_KEY) the LLM metho
 `authorization: Bearer <key>` metadata and REST the same header (health, reflection, /health and
 /metrics stay open); the key is never passed on to a replica. With `tls` (tls.ServerTls: `--tls-cert`,
 `--tls-key`) the gRPC port serves TLS and the REST port HTTPS. docs/security.md.
+
+`limits` (serving/limits.py; docs/limits.md): a gRPC request past `max_request_bytes` is refused by gRPC
+itself (RESOURCE_EXHAUSTED), a connection carries at most `max_streams_per_connection` calls at once, and with
+`rate_limit` each caller (its key's id, else its address) has one token bucket for Generate, GenerateStream
+and the REST gateway's generation routes together.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from kubellm.runtime.serving.auth import ApiKeys, GrpcApiKeys
 from kubellm.runtime.serving.balancing import make_balancer
 from kubellm.runtime.serving.draining import drain
 from kubellm.runtime.serving.gateway import build_app
+from kubellm.runtime.serving.limits import Limits
 from kubellm.runtime.serving.metrics import RouterMetrics
 from kubellm.runtime.serving.reflection import add_reflection
 from kubellm.runtime.serving.replicas import (MAX_MESSAGE, SERVICE_NAME, Replica, join_host_port, parse_leaders, resolve,
@@ -106,8 +112,15 @@ RETRY_AFTER = 5.0
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
+
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+    """The gRPC server's options: a request past max_request_bytes is refused by gRPC itself
+    (RESOURCE_EXHAUSTED) before the router reads it; past max_streams_per_connection concurrent calls on one
+    connection, the client's next call waits for one to end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    return [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.max_concurrent_streams", limits.max_streams_per_connection)]
 
 
 
@@ -123,7 +136,7 @@ class Router:
                  wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
                  load_factor: float = 1.25, drain_timeout: float = 30.0, scale_from_zero: bool = False,
                  max_waiting: int = 1024, model_name: str = "", api_keys: ApiKeys | None = None,
-                 tls: ServerTls | None = None):
+                 tls: ServerTls | None = None, limits: Limits | None = None):
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting (--max-waiting) {max_waiting!r}: give a whole number, 0 or more "
                              "(the calls held at once while no replica is healthy; 0 holds none)")
@@ -131,6 +144,9 @@ class Router:
         self.model_name = model_name   # what the deployment serves: ModelInfo's answer before any replica gave one
         self.api_keys = api_keys   # None: no key asked for
         self.tls = tls             # None: plaintext gRPC and HTTP
+        # Request size, streams per connection, the per-key rate limit (one bucket per caller for gRPC and REST).
+        self.limits = limits or Limits()
+        self.rate_limiter = self.limits.rate_limiter()
         # Readiness stays SERVING with no healthy replica: the deployment may be scaled to zero, and the
         # calls this router holds are what makes its autoscaler start a group.
         self.scale_from_zero = scale_from_zero
@@ -486,7 +502,7 @@ class Router:
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.refresh()
         interceptors = [GrpcApiKeys(self.api_keys)] if self.api_keys is not None else []
-        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
+        server = grpc.aio.server(options=server_options(self.limits), interceptors=interceptors)
         RouterServicer(self).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_reflection(server)   # from llm_pb2's descriptors: the LLM methods themselves pass raw bytes
@@ -499,7 +515,8 @@ class Router:
         self._server = server
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         if rest_port is not None:
-            self.rest_port = await self._serve_http(build_app(self, api_keys=self.api_keys), host, rest_port,
+            self.rest_port = await self._serve_http(build_app(self, api_keys=self.api_keys, limits=self.limits,
+                                                              rate_limiter=self.rate_limiter), host, rest_port,
                                                     tls=self.tls)
             self.metrics_port = self.rest_port
         if metrics_port is not None:
@@ -568,14 +585,15 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
                 health_interval: float = 2.0, resolve_interval: float = 5.0, wait_for_replica: float = 30.0,
                 policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25,
                 drain_timeout: float = 30.0, scale_from_zero: bool = False, max_waiting: int = 1024,
-                model_name: str = "", api_keys: ApiKeys | None = None, tls: ServerTls | None = None) -> None:
+                model_name: str = "", api_keys: ApiKeys | None = None, tls: ServerTls | None = None,
+                limits: Limits | None = None) -> None:
     """Run a router until SIGTERM/SIGINT (it drains, up to `drain_timeout` s) or an allowed Terminate (the
     `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
                     prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout,
                     scale_from_zero=scale_from_zero, max_waiting=max_waiting, model_name=model_name,
-                    api_keys=api_keys, tls=tls)
+                    api_keys=api_keys, tls=tls, limits=limits)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.

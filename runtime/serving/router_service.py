@@ -2,7 +2,11 @@
 
 Generate, GenerateStream and ModelInfo requests and replies stay serialized bytes end to end: the methods
 are registered with identity (de)serializers, so the hot path never parses a protobuf. The caller's
-metadata (less the transport's own keys) and deadline go along.
+metadata (less the transport's own keys and the caller's `authorization`) and deadline go along.
+
+With a rate limit (the router's `limits.rate_limit`), each Generate and GenerateStream call takes a token of
+its caller's bucket (the API key's id where auth is on, else the peer's address), shared with the REST
+gateway's requests; past it, RESOURCE_EXHAUSTED with `retry-after` (whole seconds) as trailing metadata.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import math
 import grpc
 
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.auth import current_key_id
+from kubellm.runtime.serving.limits import caller_key, rate_limited_message
 from kubellm.runtime.serving.replicas import SERVICE_NAME
 from kubellm.runtime.serving.upstream import UpstreamError
 
-# Metadata keys that belong to the transport, not to the caller.
-_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding"}
+# Metadata keys that belong to the transport, not to the caller; and the caller's API key, which is the
+# router's to check and never leaves it (a replica neither needs nor logs it).
+_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "authority", "accept-encoding", "authorization"}
 
 
 def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
@@ -52,7 +59,20 @@ class RouterServicer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
+    def _rate_limited(self, context) -> UpstreamError | None:
+        """The error of a call past its caller's rate limit, else None (the call took its token)."""
+        limiter = self.router.rate_limiter
+        if limiter is None:
+            return None
+        wait = limiter.wait_time(caller_key(current_key_id.get(), context.peer()))
+        if wait is None:
+            return None
+        return UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, rate_limited_message(self.router.limits, wait),
+                             retry_after=wait)
+
     async def _unary(self, method: str, request: bytes, context) -> bytes:
+        if method == "Generate" and (err := self._rate_limited(context)):
+            await _abort(context, err)
         try:
             return await self.router.forward_unary(method, request, _forwardable(context.invocation_metadata()),
                                                    context.time_remaining(), raw=True)
@@ -66,6 +86,8 @@ class RouterServicer:
         return await self._unary("ModelInfo", request, context)
 
     async def GenerateStream(self, request: bytes, context):
+        if err := self._rate_limited(context):
+            await _abort(context, err)
         stream = self.router.forward_stream(request, _forwardable(context.invocation_metadata()),
                                             context.time_remaining(), raw=True)
         try:
