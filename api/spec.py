@@ -8,8 +8,9 @@ server enforces them too, and in `LLMDeploymentSpec._cross_field` for the operat
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +32,10 @@ MODEL_SOURCE_PATTERN = (r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-
                         r"|/[^\s]*"
                         r"|[a-z0-9][a-z0-9.-]*)$")
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A label's key ([prefix/]name) and value, as the API server checks them in a NetworkPolicy's selectors.
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]
 
 
 class _Spec(BaseModel):
@@ -92,12 +97,16 @@ RUNTIME_NAMES = {
     "enablePrefixCaching": "enable_prefix_caching",
     "maxNewTokens": "max_new_tokens", "temperature": "temperature", "topP": "top_p", "topK": "top_k",
     "repetitionPenalty": "repetition_penalty",
+    # LimitsSpec's worker limits (the others are the router's flags: resources.router_deployment)
+    "maxPromptsPerRequest": "max_prompts_per_request", "maxLogprobs": "max_logprobs",
 }
 
 
-def _runtime_fields(section: _Spec) -> dict:
-    """A spec section by runtime names, unset optional fields left out (the runtime's defaults apply)."""
-    return {RUNTIME_NAMES[name]: value for name, value in section.model_dump().items() if value is not None}
+def _runtime_fields(section: _Spec, only: tuple[str, ...] | None = None) -> dict:
+    """A spec section by runtime names, unset optional fields left out (the runtime's defaults apply);
+    `only`: these fields of the section (the rest are not the worker's)."""
+    return {RUNTIME_NAMES[name]: value for name, value in section.model_dump().items()
+            if value is not None and (only is None or name in only)}
 
 
 # How the router picks a replica for each request (`kubellm router --policy`).
@@ -118,6 +127,12 @@ class RouterSpec(_Spec):
     loadFactor: float = Field(1.25, ge=1, le=100,
                               description="prefix_affinity: a replica takes a request only while its requests in "
                                           "flight stay within loadFactor × the mean over the healthy replicas")
+    tlsSecretName: str | None = Field(
+        None, pattern=DNS_LABEL, max_length=253,
+        description="a kubernetes.io/tls Secret (keys tls.crt, tls.key) in this namespace: the router's gRPC and "
+                    "REST ports serve TLS with it (`kubellm router --tls-cert/--tls-key`); clients then connect "
+                    "with TLS (the Python client: tls=True or a CA file). An Ingress in front of the REST port must "
+                    "then speak HTTPS to it (docs/network.md)")
 
 
 class IngressSpec(_Spec):
@@ -131,6 +146,13 @@ class RestApiSpec(_Spec):
     enabled: bool = False
     port: int = Field(28080, ge=1, le=65535)
     ingress: IngressSpec | None = None
+    apiKeySecret: str | None = Field(
+        None, pattern=DNS_LABEL, max_length=253,
+        description="a Secret in this namespace whose every key holds an API key (or several, one per line): the "
+                    "router's REST port then requires `Authorization: Bearer <key>` (401 without it, as the OpenAI "
+                    "API) and its gRPC port `authorization` metadata (UNAUTHENTICATED without it). The router "
+                    "re-reads the Secret when it changes, without a restart: a removed key stops working. Health "
+                    "and /metrics need no key")
 
 
 class EndpointPickerRefSpec(_Spec):
@@ -188,6 +210,60 @@ class AutoscalingSpec(_Spec):
                                           "group's start and model load); past it, UNAVAILABLE / 503 with Retry-After")
 
 
+class NetworkPolicySpec(_Spec):
+    """NetworkPolicies (networking.k8s.io/v1) that admit only the traffic the deployment needs: each replica
+    group's pods from that group (torch.distributed and its control port, gRPC), the workers' gRPC and HTTP
+    ports from this deployment's routers, /metrics from `metricsFrom` and the operator, the router's public
+    ports from anywhere. Enforced only where the cluster's network plugin implements NetworkPolicy
+    (docs/network.md)."""
+
+    enabled: bool = Field(True, description="create the policies; false deletes the operator's")
+    metricsFrom: dict[str, LabelValue] = Field(
+        default={}, max_length=64,
+        description="namespace labels (a namespaceSelector's matchLabels) of the namespaces whose pods may read the "
+                    "workers' and routers' /metrics (port 9090), e.g. {kubernetes.io/metadata.name: monitoring}; "
+                    "{} (the default): every namespace. The operator's own pods may always")
+    gatewayFrom: dict[str, LabelValue] | None = Field(
+        None, max_length=64,
+        description="with inferencePool.enabled: namespace labels of the namespaces whose pods (a Gateway, its "
+                    "endpoint picker) may reach the leaders' OpenAI HTTP port (8000); unset: every namespace")
+
+
+# The limits that are the worker's (EngineConfig, through RUNTIME_NAMES); LimitsSpec's others are the router's.
+WORKER_LIMITS = ("maxPromptsPerRequest", "maxLogprobs")
+
+
+class RateLimitSpec(_Spec):
+    """A token bucket per API key (per client address without keys), at the router: past it, 429 with
+    Retry-After on REST and RESOURCE_EXHAUSTED on gRPC."""
+
+    requestsPerSecond: float = Field(..., gt=0, le=1_000_000, description="the bucket's refill rate")
+    burst: int | None = Field(None, ge=1, le=1_000_000,
+                              description="the bucket's size: requests allowed at once after an idle spell; "
+                                          "default: requestsPerSecond rounded up (one second's worth)")
+
+    @property
+    def burst_or_default(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.requestsPerSecond))
+
+
+class LimitsSpec(_Spec):
+    """What one request may cost (docs/grpc.md, Request limits): past a limit the request is refused, naming it."""
+
+    maxRequestBytes: int = Field(1_048_576, ge=1024, le=1_073_741_824,
+                                 description="largest request body (REST) or message (gRPC) the router reads; "
+                                             "larger: 413 / RESOURCE_EXHAUSTED")
+    maxConcurrentStreamsPerConnection: int = Field(100, ge=1, le=100_000,
+                                                   description="HTTP/2 streams one client connection may have open "
+                                                               "at the router")
+    rateLimit: RateLimitSpec | None = Field(None, description="unset: no rate limit")
+    maxPromptsPerRequest: int = Field(256, ge=1, le=1_000_000,
+                                      description="most prompts in one request (the worker's max_prompts_per_request)")
+    maxLogprobs: int = Field(20, ge=0, le=1_000_000,
+                             description="most top alternatives a request's logprobs may ask for (vLLM's "
+                                         "max_logprobs)")
+
+
 class ResourcesSpec(_Spec):
     requests: dict[str, int | str] = Field(default_factory=dict)
     limits: dict[str, int | str] = Field(default_factory=dict)
@@ -223,6 +299,8 @@ class LLMDeploymentSpec(_Spec):
     autoscaling: AutoscalingSpec | None = None
     inferencePool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
     drain: DrainSpec = Field(default_factory=DrainSpec)
+    networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86_400, description="longest a model load may take")
     maxGroupRestarts: int | None = Field(None, ge=0, le=10_000,
                                          description="how many times the operator may restart a replica group "
@@ -256,7 +334,8 @@ class LLMDeploymentSpec(_Spec):
 
     def runtime_settings(self) -> RuntimeSettings:
         """What every worker of this deployment runs with: engine options and generation defaults."""
-        engine = {**_runtime_fields(self.engine), "tensor_parallel": self.tensorParallel,
+        engine = {**_runtime_fields(self.engine), **_runtime_fields(self.limits, WORKER_LIMITS),
+                  "tensor_parallel": self.tensorParallel,
                   "pipeline_parallel": self.pipelineParallel, "device": "cpu" if self.device == "cpu" else "auto"}
         return RuntimeSettings(engine=engine, generation=_runtime_fields(self.generation))
 
@@ -308,6 +387,18 @@ CEL_RULES = [
     CelRule("!has(self.model.cachePVC) || self.model.source.startsWith('hf://')",
             "model.cachePVC only applies to hf:// sources", "spec.model.cachePVC",
             lambda s: s.model.cachePVC is None or s.model.kind == "hf"),
+    CelRule("!has(self.networkPolicy) || !has(self.networkPolicy.gatewayFrom) || "
+            "(has(self.inferencePool) && self.inferencePool.enabled)",
+            "networkPolicy.gatewayFrom admits a Gateway to the leaders' HTTP port, which only an InferencePool "
+            "publishes: set inferencePool.enabled: true, or remove gatewayFrom", "spec.networkPolicy.gatewayFrom",
+            lambda s: s.networkPolicy.gatewayFrom is None or s.inferencePool.enabled),
+    *(CelRule(f"!has(self.networkPolicy) || !has(self.networkPolicy.{name}) || "
+              f"self.networkPolicy.{name}.all(k, size(k) <= 317 && k.matches('{LABEL_KEY}'))",
+              f"networkPolicy.{name}: every key must be a label key ([prefix/]name, e.g. "
+              "kubernetes.io/metadata.name)", f"spec.networkPolicy.{name}",
+              lambda s, name=name: all(len(k) <= 317 and re.fullmatch(LABEL_KEY, k)
+                                       for k in getattr(s.networkPolicy, name) or {}))
+      for name in ("metricsFrom", "gatewayFrom")),
 ]
 
 

@@ -32,7 +32,7 @@ SA_USER = f"system:serviceaccount:{SYSTEM}:kubellm"
 # object is audited as `patch` but also authorized as `create`.
 CHILDREN = {("apps", "statefulsets"), ("apps", "deployments"), ("", "services"), ("", "configmaps"),
             ("policy", "poddisruptionbudgets"), ("networking.k8s.io", "ingresses"),
-            ("inference.networking.k8s.io", "inferencepools")}
+            ("inference.networking.k8s.io", "inferencepools"), ("networking.k8s.io", "networkpolicies")}
 # Authorized but never a request of its own: OwnerReferencesPermissionEnforcement checks it when a
 # child names its LLMDeployment as owner with blockOwnerDeletion.
 IMPLIED = {(group, resource, "create") for group, resource in CHILDREN} | {

@@ -400,3 +400,83 @@ def test_scale_to_zero_keeps_the_router_and_reports_it(cluster, operator, ns):
     assert "--scale-from-zero" in router and router[router.index("--wait-for-replica") + 1] == "600"
     row = cluster.kubectl("get", "llmd", "idle", "-n", ns).stdout.splitlines()[1].split()
     assert row[4:6] == ["0/0", "ScaledToZero"], row
+
+
+# -- NetworkPolicies (spec.networkPolicy) ---------------------------------------------------------
+def policies(cluster, ns, name) -> dict[str, dict]:
+    return {p["metadata"]["name"]: p for p in get(cluster, ns, "networkpolicies", "-l",
+                                                  f"app.kubernetes.io/instance={name}")["items"]}
+
+
+def selected_by(cluster, ns, policy: dict) -> list[str]:
+    """What `kubectl get pods -l <the policy's podSelector>` lists: the pods the policy applies to."""
+    match = ",".join(f"{k}={v}" for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    return sorted(p["metadata"]["name"] for p in get(cluster, ns, "pods", "-l", match)["items"])
+
+
+def test_network_policies_select_the_pods_meant_and_follow_the_groups(cluster, operator, ns):
+    """The API server accepts the operator's policies; each one's podSelector selects exactly its pods (a
+    neighbour deployment's pods in the namespace are never selected); a scale-down deletes the removed group's
+    policy; turning spec.networkPolicy off deletes them all and on again brings them back. (Whether traffic
+    is then filtered is the network plugin's business: docs/network.md.)"""
+    body = dict(tensorParallel=2, gpusPerPod=1, replicas=2, restApi={"enabled": True},
+                networkPolicy={"metricsFrom": {"kubernetes.io/metadata.name": "monitoring"}})
+    apply(cluster, ns, deployment("fenced", **body))
+    apply(cluster, ns, deployment("fenced-other", replicas=1))      # a neighbour with policies of its own
+    wait_status(cluster, operator, ns, "fenced", lambda s: s.get("phase") == "Ready", "Ready")
+    wait_status(cluster, operator, ns, "fenced-other", lambda s: s.get("phase") == "Ready", "neighbour Ready")
+    cluster.wait_for(lambda: any(p["status"].get("phase") == "Running" for p in get(
+        cluster, ns, "pods", "-l", "app.kubernetes.io/instance=fenced,app.kubernetes.io/component=router")["items"]),
+        "router pod", 60)
+    found = policies(cluster, ns, "fenced")
+    assert sorted(found) == ["fenced-g0", "fenced-g1", "fenced-router", "fenced-workers"], sorted(found)
+    routers = sorted(p["metadata"]["name"] for p in get(cluster, ns, "pods", "-l",
+                                                        "app.kubernetes.io/instance=fenced,app.kubernetes.io/component=router")["items"])
+    assert len(routers) == 1
+    assert selected_by(cluster, ns, found["fenced-g0"]) == ["fenced-g0-0", "fenced-g0-1"]
+    assert selected_by(cluster, ns, found["fenced-g1"]) == ["fenced-g1-0", "fenced-g1-1"]
+    assert selected_by(cluster, ns, found["fenced-workers"]) == ["fenced-g0-0", "fenced-g0-1", "fenced-g1-0",
+                                                                  "fenced-g1-1"]
+    assert selected_by(cluster, ns, found["fenced-router"]) == routers
+    # The peers as the API server stored them: a group from itself; gRPC from this deployment's routers only.
+    assert found["fenced-g0"]["spec"]["ingress"] == [{"from": [{"podSelector": found["fenced-g0"]["spec"]["podSelector"]}]}]
+    [from_router] = [r for r in found["fenced-workers"]["spec"]["ingress"] if {"port": 50051, "protocol": "TCP"} in r["ports"]]
+    [router_peer] = from_router["from"]
+    match = ",".join(f"{k}={v}" for k, v in router_peer["podSelector"]["matchLabels"].items())
+    assert sorted(p["metadata"]["name"] for p in get(cluster, ns, "pods", "-l", match)["items"]) == routers
+    [metrics] = [r for r in found["fenced-workers"]["spec"]["ingress"] if r["ports"] == [{"port": 9090, "protocol": "TCP"}]]
+    assert metrics["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    for policy in found.values():
+        assert policy["metadata"]["ownerReferences"][0]["name"] == "fenced" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert sorted(policies(cluster, ns, "fenced-other")) == ["fenced-other-g0", "fenced-other-router",
+                                                             "fenced-other-workers"]
+
+    cluster.kubectl("scale", "llmd", "fenced", "-n", ns, "--replicas=1")
+    cluster.wait_for(lambda: len(get(cluster, ns, "statefulsets", "-l", "app.kubernetes.io/instance=fenced")["items"])
+                     == 1, "one group left", 60)
+    [kept] = [s["metadata"]["name"] for s in get(cluster, ns, "statefulsets", "-l", "app.kubernetes.io/instance=fenced")["items"]]
+    cluster.wait_for(lambda: sorted(policies(cluster, ns, "fenced")) == sorted([kept, "fenced-router", "fenced-workers"]),
+                     "the removed group's policy deleted with it", 30)
+
+    apply(cluster, ns, deployment("fenced", **{**body, "replicas": 1, "networkPolicy": {"enabled": False}}))
+    cluster.wait_for(lambda: not policies(cluster, ns, "fenced"), "every policy of the deployment deleted", 30)
+    assert len(policies(cluster, ns, "fenced-other")) == 3, "the neighbour's policies are its own"
+    wait_status(cluster, operator, ns, "fenced", lambda s: s.get("phase") == "Ready", "Ready without policies")
+    apply(cluster, ns, deployment("fenced", **{**body, "replicas": 1}))
+    cluster.wait_for(lambda: sorted(policies(cluster, ns, "fenced")) == sorted([kept, "fenced-router", "fenced-workers"]),
+                     "the policies back", 30)
+
+
+@pytest.mark.parametrize("spec, field, says", [
+    ({"networkPolicy": {"gatewayFrom": {"gateway": "true"}}}, "spec.networkPolicy.gatewayFrom", "inferencePool.enabled"),
+    ({"networkPolicy": {"metricsFrom": {"not a key": "x"}}}, "spec.networkPolicy.metricsFrom", "label key"),
+    ({"networkPolicy": {"metricsFrom": {"team": "not a value"}}}, "spec.networkPolicy.metricsFrom", "should match"),
+    ({"restApi": {"apiKeySecret": "Not_A_Name"}}, "spec.restApi.apiKeySecret", "should match"),
+    ({"limits": {"maxRequestBytes": 10}}, "spec.limits.maxRequestBytes", "1024"),
+    ({"limits": {"rateLimit": {"burst": 2}}}, "spec.limits.rateLimit.requestsPerSecond", "Required"),
+])
+def test_security_fields_are_checked_by_the_api_server(cluster, operator, ns, spec, field, says):
+    body = deployment("bad")
+    body["spec"].update(spec)
+    result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(body), check=False)
+    assert result.returncode != 0 and field in result.stderr and says in result.stderr, result.stderr

@@ -1,7 +1,8 @@
 """kopf handlers: thin glue between LLMDeployment events and the builders, apply path and status.
 
-- create / update / resume: apply every child (skipping unchanged ones), remove groups above
-  `replicas`, then refresh.
+- create / update / resume: apply every child (skipping unchanged ones; the NetworkPolicies among
+  them), remove groups above `replicas` (each with its NetworkPolicy), delete the deployment's
+  NetworkPolicies when spec.networkPolicy is off, then refresh.
 - a timer refreshes every few seconds: restarts a group whose rank died (torch.distributed
   cannot re-admit one rank), rolls groups to a new spec one at a time while the others keep
   serving, and writes `.status` from what it observed, only when it changed.
@@ -30,6 +31,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from kubellm.operator import network_policy as NP
 from kubellm.operator import resources as R
 from kubellm.operator.autoscaler import Decision, History, decide
 from kubellm.operator.groups import choose_groups
@@ -50,6 +52,9 @@ INTERVAL = float(os.environ.get("KUBELLM_OPERATOR_INTERVAL", "5"))
 RUNTIME_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE") or DEFAULT_IMAGE
 # The router pods' image (the chart's routerImage: kubellm[router], no torch); unset, they run the workers'.
 ROUTER_IMAGE = os.environ.get("KUBELLM_ROUTER_IMAGE") or None
+# The operator's own pods (the chart's POD_NAMESPACE and KUBELLM_OPERATOR_POD_LABELS), which the NetworkPolicies
+# admit to the pods' /metrics; None outside a pod.
+OPERATOR_PODS = NP.OperatorPods.from_env(os.environ)
 log = logging.getLogger("kubellm.operator")
 _kube: Kube | None = None
 # The phase each LLMDeployment's last phase Event announced (by uid): the create handler and the timer
@@ -107,9 +112,11 @@ def reconcile(body, spec, status, patch, reason, **_):
         k = kube()
         k.scale(GROUP, VERSION, PLURAL, owner.name, owner.namespace, desired.replicas)
     keep, remove = plan_groups(owner, desired)
-    children = R.children(owner, desired, router_image=ROUTER_IMAGE, groups=keep)
+    children = R.children(owner, desired, router_image=ROUTER_IMAGE, groups=keep, operator=OPERATOR_PODS)
     written = sum(kube().apply(child) for child in children)
     removed = remove_groups(owner, remove)
+    if not desired.networkPolicy.enabled:
+        remove_network_policies(owner, keep + remove)
     # A pool to apply, or one to delete (its condition says there was one): else not even a discovery lookup.
     had_pool = any(c.get("type") == POOL_CONDITION for c in (status or {}).get("conditions") or [])
     pool = sync_inference_pool(owner, desired) if desired.inferencePool.enabled or had_pool else None
@@ -224,12 +231,26 @@ def plan_groups(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[list[int], lis
 
 
 def remove_groups(owner: R.Owner, indices: list[int]) -> list[int]:
-    """Delete these replica groups (StatefulSet and headless Service); their pods drain (spec.drain)."""
+    """Delete these replica groups (StatefulSet, headless Service, NetworkPolicy); their pods drain (spec.drain)."""
     k = kube()
     for index in indices:
         k.delete("apps/v1", "StatefulSet", R.group_name(owner, index), owner.namespace)
         k.delete("v1", "Service", R.group_name(owner, index), owner.namespace)
+        # After the pods' StatefulSet: the policy goes with the group (a 404 when policies are off is ignored).
+        k.delete("networking.k8s.io/v1", "NetworkPolicy", NP.group_policy_name(owner, index), owner.namespace)
     return indices
+
+
+def remove_network_policies(owner: R.Owner, groups: list[int]) -> list[str]:
+    """spec.networkPolicy.enabled off: delete the policies this deployment owns (of these groups and its own
+    two), read first so that an unchanged spec sends no deletes, and a policy someone else made is left alone."""
+    k, removed = kube(), []
+    for name in NP.policy_names(owner, groups):
+        live = k.get("networking.k8s.io/v1", "NetworkPolicy", name, owner.namespace)
+        if live and any(ref.get("uid") == owner.uid for ref in live["metadata"].get("ownerReferences") or []):
+            k.delete("networking.k8s.io/v1", "NetworkPolicy", name, owner.namespace)
+            removed.append(name)
+    return removed
 
 
 def sync_inference_pool(owner: R.Owner, spec: LLMDeploymentSpec) -> tuple[str, str]:

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
-from kubellm.api.spec import DEFAULT_IMAGE, GROUP, KIND, VERSION, LLMDeploymentSpec
+from kubellm.api.spec import DEFAULT_IMAGE, WORKER_LIMITS, LLMDeploymentSpec
+from kubellm.operator import network_policy
+# Names, labels and ports live in naming.py (network_policy.py builds on them too); re-exported as R.*.
+from kubellm.operator.naming import (CONTROL_PORT, GROUP_LABEL, GRPC_PORT_NAME, HTTP_PORT,  # noqa: F401
+                                     HTTP_PORT_NAME, MANAGED_BY, MASTER_PORT, METRICS_PORT, METRICS_PORT_NAME,
+                                     POD_INDEX_LABEL, REST_PORT_NAME, Owner, config_name, group_name, labels,
+                                     leader_selector, leaders_name, metadata, router_name, selector)
 
-GRPC_PORT_NAME = "grpc"
-REST_PORT_NAME = "http"
-MASTER_PORT = 29500
-METRICS_PORT, METRICS_PORT_NAME = 9090, "metrics"  # Prometheus /metrics of workers and routers (PodMonitor)
-# The leader's own OpenAI HTTP API (and /metrics): an InferencePool's target port, vLLM's default port.
-HTTP_PORT, HTTP_PORT_NAME = 8000, "http"
 MODELS_MOUNT = "/models"
 # Every container runs with a read-only root filesystem; /tmp (an emptyDir) is its one scratch space and
 # HOME points there, so what writes under ~ (Triton's and CUDA's kernel caches, ~/.cache) writes there.
 SCRATCH = "/tmp"
 CONFIG_MOUNT = "/etc/kubellm"
-POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"   # set on StatefulSet pods by Kubernetes >= 1.28
 SPEC_HASH = "kubellm.io/spec-hash"
-GROUP_LABEL = "kubellm.io/group"
-MANAGED_BY = "kubellm-operator"
 # An endpoint picker reads each pod's metrics by the names of the engine this label names; workers export
 # vLLM's. GIE's picker reads the first label, llm-d's router the second (the first as its fallback).
 ENGINE_TYPE_LABELS = {"inference.networking.k8s.io/engine-type": "vllm", "llm-d.ai/engine-type": "vllm"}
@@ -38,37 +34,7 @@ INFERENCE_POOL_API, INFERENCE_POOL_KIND = "inference.networking.k8s.io/v1", "Inf
 INFERENCE_POOL_CRD = "inferencepools.inference.networking.k8s.io"
 
 
-@dataclass(frozen=True)
-class Owner:
-    """What the builders need of the LLMDeployment object itself."""
-
-    name: str
-    namespace: str
-    uid: str
-
-    @classmethod
-    def from_body(cls, body) -> "Owner":
-        meta = body["metadata"]
-        return cls(meta["name"], meta["namespace"], meta["uid"])
-
-
-# -- names ------------------------------------------------------------------------------------
-def group_name(owner: Owner, index: int) -> str:
-    return f"{owner.name}-g{index}"
-
-
-def leaders_name(owner: Owner) -> str:
-    return f"{owner.name}-leaders"
-
-
-def router_name(owner: Owner) -> str:
-    return f"{owner.name}-router"
-
-
-def config_name(owner: Owner) -> str:
-    return f"{owner.name}-config"
-
-
+# -- names and endpoints ----------------------------------------------------------------------
 def service_host(owner: Owner, service: str) -> str:
     return f"{service}.{owner.namespace}.svc.cluster.local"
 
@@ -83,32 +49,19 @@ def rest_endpoint(owner: Owner, spec: LLMDeploymentSpec) -> str:
     ingress = spec.restApi.ingress
     if ingress and ingress.host:
         return f"{'https' if ingress.tlsSecretName else 'http'}://{ingress.host}"
-    return f"http://{service_host(owner, owner.name)}:{spec.restApi.port}"
+    scheme = "https" if spec.router.tlsSecretName else "http"
+    return f"{scheme}://{service_host(owner, owner.name)}:{spec.restApi.port}"
 
 
-# -- metadata ---------------------------------------------------------------------------------
-def labels(owner: Owner, component: str, **extra: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/instance": owner.name,
-            "app.kubernetes.io/component": component, "app.kubernetes.io/part-of": "kubellm",
-            "app.kubernetes.io/managed-by": MANAGED_BY, **extra}
-
-
-def selector(owner: Owner, component: str, **extra: str) -> dict[str, str]:
-    return {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/component": component, **extra}
-
-
-def metadata(owner: Owner, name: str, component: str, **extra_labels: str) -> dict:
-    return {"name": name, "namespace": owner.namespace, "labels": labels(owner, component, **extra_labels),
-            "ownerReferences": [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": owner.name,
-                                 "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}]}
-
-
+# -- the workers' pods ------------------------------------------------------------------------
 def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
     """Changes exactly when the worker pods must be replaced (everything but replicas and the autoscaler that
-    sets them, router, the InferencePool, which only selects the pods, and the operator's restart budget)."""
+    sets them, router, the InferencePool, which only selects the pods, the NetworkPolicies, separate objects,
+    the router's limits, and the operator's restart budget)."""
     relevant = spec.model_dump(mode="json", exclude={"replicas", "autoscaling", "router", "inferencePool",
-                                                     "maxGroupRestarts", "groupRestartWindowSeconds"})
+                                                     "networkPolicy", "maxGroupRestarts", "groupRestartWindowSeconds"})
     relevant["restApi"] = None  # served by the router, not the workers
+    relevant["limits"] = {k: v for k, v in relevant["limits"].items() if k in WORKER_LIMITS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -299,11 +252,6 @@ def group_service(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dict:
                                {"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": spec.router.port}]}}
 
 
-def leader_selector(owner: Owner) -> dict[str, str]:
-    """The rank-0 pods of every replica group: the leaders, which serve requests (gRPC and HTTP)."""
-    return selector(owner, "worker", **{POD_INDEX_LABEL: "0"})
-
-
 def leaders_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
     """Headless over the ready rank-0 pods: the router resolves it to find replica leaders."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, leaders_name(owner), "worker"),
@@ -333,6 +281,58 @@ def inference_pool(owner: Owner, spec: LLMDeploymentSpec) -> dict | None:
 
 
 # -- router, service, ingress -----------------------------------------------------------------
+# Where the router pod finds its Secrets (secret volumes: the kubelet updates their files when the Secret
+# changes, and the router re-reads the keys, so a rotation needs no restart and no hash in the pod template).
+API_KEYS_MOUNT = f"{CONFIG_MOUNT}/api-keys"
+TLS_MOUNT = f"{CONFIG_MOUNT}/tls"
+# Owner and group read (the pod's fsGroup), nobody else: the mounted keys are the router process's alone.
+SECRET_FILE_MODE = 0o440
+
+
+def router_security_flags(spec: LLMDeploymentSpec) -> list[str]:
+    """`kubellm router` flags for API keys and TLS: paths of mounted files only, never a key (the process list
+    and `kubectl describe` show the command)."""
+    flags = []
+    if spec.restApi.apiKeySecret:
+        flags += ["--api-keys-dir", API_KEYS_MOUNT]
+    if spec.router.tlsSecretName:
+        flags += ["--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key"]
+    return flags
+
+
+def router_limit_flags(spec: LLMDeploymentSpec) -> list[str]:
+    """`kubellm router` flags for spec.limits (the workers get theirs through runtime_settings; the REST gateway
+    refuses a request of too many prompts too, before reading it)."""
+    limits = spec.limits
+    flags = ["--max-request-bytes", str(limits.maxRequestBytes),
+             "--max-streams-per-connection", str(limits.maxConcurrentStreamsPerConnection),
+             "--max-prompts-per-request", str(limits.maxPromptsPerRequest)]
+    if limits.rateLimit is not None:
+        flags += ["--rate-limit", repr(float(limits.rateLimit.requestsPerSecond)),
+                  "--rate-limit-burst", str(limits.rateLimit.burst_or_default)]
+    return flags
+
+
+def router_secret_volumes(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts) of the router's Secrets: the API keys (every key of the Secret, a file each) and
+    the TLS pair."""
+    volumes, mounts = [], []
+    for name, secret, path in (("api-keys", spec.restApi.apiKeySecret, API_KEYS_MOUNT),
+                               ("tls", spec.router.tlsSecretName, TLS_MOUNT)):
+        if secret:
+            volumes.append({"name": name, "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE}})
+            mounts.append({"name": name, "mountPath": path, "readOnly": True})
+    return volumes, mounts
+
+
+def router_probes(spec: LLMDeploymentSpec) -> dict:
+    """HTTP on the metrics port (plain HTTP whatever the public ports serve: the kubelet's gRPC probe speaks no
+    TLS): /readyz is NOT_SERVING while no worker is healthy (unless it scales from zero), /livez is the
+    process."""
+    return {"readinessProbe": {"httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}, "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/livez", "port": METRICS_PORT_NAME}, "periodSeconds": 15}}
+
+
 def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None = None) -> dict:
     """`image`: the router's (the operator's KUBELLM_ROUTER_IMAGE, the chart's routerImage: no torch).
     Without one the router runs the workers' image, which holds `kubellm router` too."""
@@ -341,7 +341,8 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
                "--leaders", f"dns:///{service_host(owner, leaders_name(owner))}:{port}", "--port", str(port),
                "--metrics-port", str(METRICS_PORT), "--policy", spec.router.policy,
                "--prefix-length", str(spec.router.prefixLength), "--load-factor", repr(float(spec.router.loadFactor)),
-               "--drain-timeout", str(spec.drain.timeoutSeconds), "--model-name", spec.model.display]
+               "--drain-timeout", str(spec.drain.timeoutSeconds), "--model-name", spec.model.display,
+               *router_limit_flags(spec), *router_security_flags(spec)]
     if spec.autoscaling and spec.autoscaling.minReplicas == 0:
         # Scale from zero: the router stays ready with no replica and holds requests while the first group
         # starts; the ones it holds are the autoscaler's signal (kubellm_router_requests_waiting).
@@ -350,6 +351,7 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
     if spec.restApi.enabled:
         command += ["--rest-port", str(spec.restApi.port)]
         ports.append({"name": REST_PORT_NAME, "containerPort": spec.restApi.port})
+    secret_volumes, secret_mounts = router_secret_volumes(spec)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(owner, router_name(owner), "router"),
         "spec": {
@@ -366,13 +368,11 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
                         "imagePullPolicy": spec.imagePullPolicy,
                         "command": command, "ports": ports, "env": scratch_env(),
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-                        "volumeMounts": [scratch_mount()],
+                        "volumeMounts": [scratch_mount(), *secret_mounts],
                         "securityContext": container_security_context(),
-                        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
-                        # "" turns NOT_SERVING while no worker is healthy (readiness); liveness is the process.
-                        "livenessProbe": {"grpc": {"port": port, "service": "liveness"}, "periodSeconds": 15},
+                        **router_probes(spec),
                     }, spec)],
-                    "volumes": [scratch_volume()],
+                    "volumes": [scratch_volume(), *secret_volumes],
                 },
             },
         },
@@ -382,8 +382,10 @@ def router_deployment(owner: Owner, spec: LLMDeploymentSpec, image: str | None =
 def router_service(owner: Owner, spec: LLMDeploymentSpec) -> dict:
     ports = [{"name": GRPC_PORT_NAME, "port": spec.router.port, "targetPort": GRPC_PORT_NAME, "appProtocol": "grpc"}]
     if spec.restApi.enabled:
+        # With router.tlsSecretName the REST port serves TLS: controllers that read appProtocol (Gateway API
+        # implementations, Traefik) then speak HTTPS to it.
         ports.append({"name": REST_PORT_NAME, "port": spec.restApi.port, "targetPort": REST_PORT_NAME,
-                      "appProtocol": "http"})
+                      "appProtocol": "https" if spec.router.tlsSecretName else "http"})
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, owner.name, "router"),
             "spec": {"type": "ClusterIP", "selector": selector(owner, "router"), "ports": ports}}
 
@@ -421,11 +423,14 @@ def worker_pdb(owner: Owner, spec: LLMDeploymentSpec) -> dict:
 
 
 def children(owner: Owner, spec: LLMDeploymentSpec, router_image: str | None = None,
-             groups: list[int] | None = None) -> list[dict]:
-    """Every child manifest, in apply order (config before the pods that mount it); `router_image`: see
-    router_deployment; `groups`: the replica group indices (groups.choose_groups; default 0..replicas-1)."""
-    objs = [engine_configmap(owner, spec)]
-    for i in (range(spec.replicas) if groups is None else groups):
+             groups: list[int] | None = None, operator: network_policy.OperatorPods | None = None) -> list[dict]:
+    """Every child manifest, in apply order (config before the pods that mount it, the NetworkPolicies before
+    the pods they select); `router_image`: see router_deployment; `groups`: the replica group indices
+    (groups.choose_groups; default 0..replicas-1); `operator`: the operator's pods, which the policies admit to
+    /metrics."""
+    indices = list(range(spec.replicas) if groups is None else groups)
+    objs = [engine_configmap(owner, spec), *network_policy.network_policies(owner, spec, indices, operator)]
+    for i in indices:
         objs += [group_service(owner, spec, i), worker_statefulset(owner, spec, i)]
     objs += [leaders_service(owner, spec), router_deployment(owner, spec, router_image), router_service(owner, spec),
              worker_pdb(owner, spec)]

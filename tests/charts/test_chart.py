@@ -36,7 +36,7 @@ needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (on PATH or
 # -- what the operator calls --------------------------------------------------------------------
 PLURALS = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
            "ConfigMap": "configmaps", "PodDisruptionBudget": "poddisruptionbudgets", "Ingress": "ingresses",
-           "Pod": "pods", "InferencePool": "inferencepools"}
+           "Pod": "pods", "InferencePool": "inferencepools", "NetworkPolicy": "networkpolicies"}
 APPLY = ("get", "create", "patch")  # Kube.apply: read the live object; server-side apply (create when new)
 
 # Every permission the operator needs, with the call behind it; the chart's RBAC must grant exactly
@@ -84,7 +84,8 @@ def test_operator_calls_are_found():
     # A few calls the regexes must keep finding, or this test proves nothing.
     for call in [("apps", "statefulsets", "delete"), ("", "pods", "delete"), ("", "pods", "list"),
                  ("apps", "statefulsets", "patch"), ("", "nodes", "list"), ("apps", "deployments", "get"),
-                 ("networking.k8s.io", "ingresses", "create"), ("", "pods/log", "get")]:
+                 ("networking.k8s.io", "ingresses", "create"), ("", "pods/log", "get"),
+                 ("networking.k8s.io", "networkpolicies", "create"), ("networking.k8s.io", "networkpolicies", "delete")]:
         assert call in calls, call
     # Every way handlers.py talks to the API server is one the regexes understand.
     source = (ROOT / "operator" / "handlers.py").read_text()
@@ -259,6 +260,26 @@ def test_operator_deployment_is_restricted_and_probed():
         "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBELLM_RUNTIME_IMAGE"] == "ghcr.io/kubellm/runtime:0.1.0-cpu"
     assert env["KUBELLM_ROUTER_IMAGE"] == "registry.example/router:0.1.0"
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [(), ("fullnameOverride=ops", "podLabels.team=a")])
+def test_operator_learns_where_its_pods_are(values):
+    """POD_NAMESPACE (downward API) and KUBELLM_OPERATOR_POD_LABELS, which the LLMDeployments' NetworkPolicies
+    admit to the pods' /metrics: labels the operator's pod really carries, and that no other pod of the chart's does."""
+    from kubellm.operator.network_policy import OperatorPods
+
+    objects = render(*values)
+    deployment = one(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    pods = OperatorPods.from_env({"POD_NAMESPACE": "kubellm-system",
+                                  "KUBELLM_OPERATOR_POD_LABELS": env["KUBELLM_OPERATOR_POD_LABELS"]["value"]})
+    assert pods is not None and pods.labels == deployment["spec"]["selector"]["matchLabels"]
+    assert pods.labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    job = one(objects, "Job")["spec"]["template"]["metadata"].get("labels") or {}
+    assert not pods.labels.items() <= job.items(), "the helm test Job's pod would be admitted as the operator"
 
 
 @needs_helm

@@ -271,6 +271,19 @@ INVALID = {
     "autoscaling min above max": ({"model": SOURCE, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
                                   "autoscaling.minReplicas"),
     "autoscaling without max": ({"model": SOURCE, "autoscaling": {"minReplicas": 0}}, "autoscaling"),
+    "gatewayFrom without a pool": ({"model": SOURCE, "networkPolicy": {"gatewayFrom": {"gateway": "yes"}}},
+                                   "networkPolicy.gatewayFrom"),
+    "metricsFrom key not a label key": ({"model": SOURCE, "networkPolicy": {"metricsFrom": {"has space": "x"}}},
+                                        "networkPolicy.metricsFrom"),
+    "metricsFrom value not a label value": ({"model": SOURCE, "networkPolicy": {"metricsFrom": {"team": "a b"}}},
+                                            "networkPolicy.metricsFrom.team"),
+    "gatewayFrom key not a label key": ({"model": SOURCE, "inferencePool": {"enabled": True},
+                                         "networkPolicy": {"gatewayFrom": {"-bad/": "x"}}}, "networkPolicy.gatewayFrom"),
+    "api key secret not a name": ({"model": SOURCE, "restApi": {"apiKeySecret": "sk-Secret_Value"}},
+                                  "restApi.apiKeySecret"),
+    "tls secret not a name": ({"model": SOURCE, "router": {"tlsSecretName": "Not A Name"}}, "router.tlsSecretName"),
+    "request bytes too small": ({"model": SOURCE, "limits": {"maxRequestBytes": 1}}, "limits.maxRequestBytes"),
+    "rate limit without a rate": ({"model": SOURCE, "limits": {"rateLimit": {"burst": 3}}}, "limits.rateLimit"),
 }
 VALID = [
     {"model": SOURCE},
@@ -282,6 +295,12 @@ VALID = [
     {"model": {"source": "/opt/models/tiny"}, "engine": {"dtype": "bfloat16", "kvCacheFraction": 0.5}},
     {"model": {"source": "smollm2-135m"}, "generation": {"temperature": 0.7, "topP": 0.9}},
     {"model": {"source": "smollm2-135m"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}},
+    {"model": {"source": "smollm2-135m"}, "restApi": {"enabled": True, "apiKeySecret": "llm-keys"},
+     "router": {"tlsSecretName": "llm-tls"}, "inferencePool": {"enabled": True},
+     "networkPolicy": {"metricsFrom": {"kubernetes.io/metadata.name": "monitoring"}, "gatewayFrom": {"gw": "true"}},
+     "limits": {"maxRequestBytes": 65536, "maxConcurrentStreamsPerConnection": 10, "maxPromptsPerRequest": 8,
+                "maxLogprobs": 5, "rateLimit": {"requestsPerSecond": 2.5, "burst": 10}}},
+    {"model": {"source": "smollm2-135m"}, "networkPolicy": {"enabled": False}},
 ]
 
 
