@@ -58,6 +58,8 @@ def serve(args) -> int:
         options["enable_restful_api"] = True
     if args.rest_port is not None:
         options["restful_api_port"] = args.rest_port
+    # --api-key, else $KUBELLM_API_KEY (serve() reads it); TLS files by path.
+    options.update(api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key)
     try:
         c = deployments.serve(model, deployment_name=args.name or name, host=args.host,
                               startup_timeout=args.startup_timeout, **options)
@@ -67,6 +69,10 @@ def serve(args) -> int:
     print(f"address:    {c.address}")
     if c.rest_url:
         print(f"rest:       {c.rest_url}")
+    if c.entry.get("tls"):
+        print(f"tls:        on (certificate {c.entry['ca_file']})")
+    if c.entry.get("api_key_required"):
+        print("api key:    required (kubellm.client(NAME, api_key=...) or KUBELLM_API_KEY)")
     print(f"stop with:  kubellm stop {c.deployment_name}")
     c.close()
     return 0

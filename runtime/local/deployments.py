@@ -11,6 +11,12 @@ background processes (their own sessions, logs under `<cache>/deployments/<name>
 outlive the calling script. Each deployment is recorded in `<cache>/deployments/<name>.json`
 (`cache` is `$KUBELLM_CACHE`, else `~/.cache/kubellm`): router address, REST port, model, pids.
 
+With `api_key=` (or $KUBELLM_API_KEY) the router requires that key; it reaches the router through its
+environment, never its argv (`ps` shows argv), and the registry records only that a key is needed, never
+the key: `kubellm.client(name)` takes `api_key=` or $KUBELLM_API_KEY. With `tls_cert=`/`tls_key=` the router
+serves TLS; the registry records the certificate's path, which `kubellm.client(name)` trusts (a
+self-signed certificate is its own CA; else give a file with the whole chain).
+
 This module imports no torch: the workers load the model in their own processes.
 """
 
@@ -29,7 +35,7 @@ from kubellm.runtime.local.registry import (DeploymentError, check_name, default
                                             list_deployments, read_entry, registry_dir, remove_entry, wait_dead,
                                             with_liveness, write_entry)
 from kubellm.runtime.serving.balancing import make_balancer
-from kubellm.runtime.serving.client import Client
+from kubellm.runtime.serving.client import API_KEY_ENV, Client, resolve_api_key
 
 _GEN_ALIASES = ("stop", "do_sample")
 _ENGINE_ALIASES = ("cache_max_entry_count",)
@@ -43,8 +49,9 @@ _CHILDREN: list = []
 class DeploymentClient(Client):
     """A `Client` of a local deployment's router; `terminate_server()` stops the whole deployment."""
 
-    def __init__(self, entry: dict, timeout: float | None = None):
-        super().__init__(entry["address"], timeout=timeout)
+    def __init__(self, entry: dict, timeout: float | None = None, api_key: str | None = None):
+        super().__init__(entry["address"], timeout=timeout, api_key=api_key, tls=bool(entry.get("tls")),
+                         ca_file=entry.get("ca_file"))
         self.entry = entry
         self.deployment_name = entry["name"]
 
@@ -60,11 +67,11 @@ class DeploymentClient(Client):
         """Terminate the router and every worker, wait for them to exit (killing leftovers), forget the entry."""
         pids = entry_pids(self.entry)
         try:
-            super().terminate_server(timeout=timeout or 15)
-        except Exception:   # noqa: BLE001 - already gone or refusing: fall back to signals
-            pass
+            accepted = super().terminate_server(timeout=timeout or 15)
+        except Exception:   # noqa: BLE001 - already gone, or refusing (no API key here): signals instead
+            accepted = False
         try:
-            if not wait_dead(pids, 10.0):
+            if not accepted or not wait_dead(pids, 10.0):
                 kill(pids)
         finally:
             self.close()
@@ -75,15 +82,19 @@ class DeploymentClient(Client):
         return f"DeploymentClient({self.deployment_name!r}, address={self.address!r})"
 
 
-def client(deployment_name: str, timeout: float | None = None) -> DeploymentClient:
-    """A client of the running local deployment `deployment_name` (from any process on this machine)."""
+def client(deployment_name: str, timeout: float | None = None, api_key: str | None = None) -> DeploymentClient:
+    """A client of the running local deployment `deployment_name` (from any process on this machine);
+    `api_key` (default $KUBELLM_API_KEY) where it was served with one."""
     entry = read_entry(deployment_name)
     if entry is None or not with_liveness(entry)["alive"]:
         running = [e["name"] for e in list_deployments() if e["alive"]]
         why = "is not registered" if entry is None else "is registered but its processes are not all running"
         raise DeploymentError(f"deployment {deployment_name!r} {why}; running deployments: "
                               f"{', '.join(running) or 'none'} (start one with kubellm.serve or kubellm serve)")
-    return DeploymentClient(entry, timeout=timeout)
+    if entry.get("api_key_required") and resolve_api_key(api_key) is None:
+        raise DeploymentError(f"deployment {deployment_name!r} requires an API key: give "
+                              f"kubellm.client({deployment_name!r}, api_key=...) or set ${API_KEY_ENV}")
+    return DeploymentClient(entry, timeout=timeout, api_key=api_key)
 
 
 def stop(name: str) -> bool:
@@ -145,11 +156,15 @@ def _log_tail(paths: list[Path], lines: int = 15) -> str:
     return "\n".join(out)
 
 
-def _health(address: str, timeout: float = 1.0) -> bool:
+def _health(address: str, timeout: float = 1.0, ca_file: str | None = None) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from kubellm.runtime.serving.tls import channel_credentials
+
+    channel = (grpc.secure_channel(address, channel_credentials(ca_file)) if ca_file is not None
+               else grpc.insecure_channel(address))
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=timeout)
@@ -167,12 +182,15 @@ class _Started:
 def serve(model: str, deployment_name: str | None = None, tensor_parallel: int = 1, replica_num: int = 1,
           enable_restful_api: bool = False, restful_api_port: int = 28080, *, host: str = "127.0.0.1",
           startup_timeout: float = 600.0, policy: str = "round_robin", prefix_length: int = 256,
-          load_factor: float = 1.25, **options) -> DeploymentClient:
+          load_factor: float = 1.25, api_key: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None, **options) -> DeploymentClient:
     """Start a persistent local deployment of `model` and return a client of it (DeepSpeed-MII's `mii.serve`).
 
     `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
     GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request).
     `policy`, `prefix_length`, `load_factor`: the router's (`kubellm router --policy ...`).
+    `api_key` (default $KUBELLM_API_KEY): the key the router requires (REST and gRPC).
+    `tls_cert`, `tls_key`: PEM files; the router serves TLS (gRPC) and HTTPS (REST) with them.
     """
     name = check_name(deployment_name if deployment_name is not None else default_name(model))
     if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
@@ -184,6 +202,7 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor))]
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
+    security = _security(api_key, tls_cert, tls_key)
 
     registry_dir().mkdir(parents=True, exist_ok=True)
     lock = open(registry_dir() / f".{name}.lock", "w")   # one serve() of a name at a time (freed on exit)
@@ -199,13 +218,39 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
         pass
     try:
         return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
-                             host, startup_timeout, engine, gen, routing)
+                             host, startup_timeout, engine, gen, routing, security)
     finally:
         lock.close()
 
 
+@dataclass
+class _Security:
+    api_key: str | None     # what the router requires; only ever in its environment and in memory
+    tls_cert: str | None    # absolute paths
+    tls_key: str | None
+
+
+def _security(api_key, tls_cert, tls_key) -> _Security:
+    """The key and TLS files of serve(), checked before anything starts; errors name the argument."""
+    from kubellm.runtime.serving.tls import ServerTls
+
+    if api_key is not None and not isinstance(api_key, str):
+        raise ValueError(f"api_key: must be a string (got {type(api_key).__name__})")
+    key = resolve_api_key(api_key)
+    if key is not None and ("," in key or any(c.isspace() for c in key)):
+        # The router reads $KUBELLM_API_KEY as comma-separated keys, and a header cannot carry some spaces.
+        raise ValueError("api_key: must not contain commas or whitespace (e.g. sk-... of letters and digits)")
+    try:
+        tls = ServerTls.load(tls_cert, tls_key)
+    except ValueError as err:
+        raise ValueError(str(err).replace("--tls-cert", "tls_cert").replace("--tls-key", "tls_key")) from None
+    if tls is None:
+        return _Security(key, None, None)
+    return _Security(key, os.path.abspath(tls.cert_file), os.path.abspath(tls.key_file))
+
+
 def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
-                  startup_timeout, engine, gen, routing: list[str]) -> DeploymentClient:
+                  startup_timeout, engine, gen, routing: list[str], security: _Security) -> DeploymentClient:
     existing = read_entry(name)
     if existing is not None:
         live = with_liveness(existing)
@@ -224,13 +269,13 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
 
     started = _Started([], [])
 
-    def launch(role: str, args: list[str]):
+    def launch(role: str, args: list[str], env: dict[str, str]):
         log = directory / f"{role}.log"
         started.logs.append(log)
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=os.environ.copy(), cwd=str(directory))
+                                    env=env, cwd=str(directory))
         started.procs.append(proc)
         return proc
 
@@ -238,25 +283,33 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
     entry = {"name": name, "model": model, "replicas": replica_num, "tensor_parallel": tensor_parallel,
              "created": time.time(), "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "log_dir": str(directory), "engine": engine, "generation": gen, "ready": False,
-             "policy": routing[1]}
+             "policy": routing[1], "api_key_required": security.api_key is not None,
+             "tls": security.tls_cert is not None, "ca_file": security.tls_cert}
+    # The key goes to the router alone, through its environment (argv is public); the workers never see one.
+    worker_env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    router_env = dict(worker_env, **({API_KEY_ENV: security.api_key} if security.api_key is not None else {}))
     try:
         for i in range(replica_num):
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
             launch(f"worker-{i}", settings.worker_args(model, str(directory), host="127.0.0.1", port=port,
-                                                       replica=f"{name}-{i}", allow_terminate=True))
+                                                       replica=f"{name}-{i}", allow_terminate=True), worker_env)
         router_port = _free_port()
         router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
                        "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5",
                        *routing]
         if enable_restful_api:
             router_args += ["--rest-port", str(restful_api_port)]
-        router = launch("router", router_args)
+        if security.tls_cert is not None:
+            router_args += ["--tls-cert", security.tls_cert, "--tls-key", security.tls_key]   # paths, not secrets
+        router = launch("router", router_args, router_env)
+        scheme = "https" if security.tls_cert is not None else "http"
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         entry.update(address=f"{connect_host}:{router_port}", router_pid=router.pid,
                      worker_pids=[p.pid for p in started.procs[:-1]], worker_addresses=worker_addresses,
                      rest_port=restful_api_port if enable_restful_api else None,
-                     rest_url=f"http://{connect_host}:{restful_api_port}/mii/{name}" if enable_restful_api else None)
+                     rest_url=(f"{scheme}://{connect_host}:{restful_api_port}/mii/{name}" if enable_restful_api
+                               else None))
         write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
 
         deadline = time.monotonic() + startup_timeout
@@ -266,7 +319,9 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
                 if proc.poll() is not None:
                     raise DeploymentError(f"deployment {name}: a process exited with code {proc.returncode} "
                                           f"while starting:\n{_log_tail(started.logs)}")
-            pending = [a for a in pending if not _health(a)]
+            # The router's health is open (no key); over TLS, checked against its own certificate.
+            pending = [a for a in pending
+                       if not _health(a, ca_file=security.tls_cert if a == entry["address"] else None)]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -285,4 +340,4 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
         remove_entry(name)
         raise
     _CHILDREN.extend(started.procs)   # detached; kept so Popen.__del__ does not warn about running children
-    return DeploymentClient(entry)
+    return DeploymentClient(entry, api_key=security.api_key)

@@ -49,7 +49,8 @@ KEY_ID = "kubellm.key_id"
 current_key_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("kubellm_key_id", default=None)
 
 _LLM_PREFIX = f"/{SERVICE_NAME}/"
-_HOW_REST = "send one of this deployment's keys as the header 'Authorization: Bearer <key>' (the openai client's api_key=)"
+_HOW_REST = ("send one of this deployment's keys as the header 'Authorization: Bearer <key>' (the openai "
+             "client's api_key=)")
 _HOW_GRPC = ("send one of this deployment's keys as the metadata 'authorization: Bearer <key>' (kubellm's "
              f"Client(api_key=...) or ${ENV_VAR})")
 
