@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.serving.unparsed import add_reflection_servicer
 
 log = logging.getLogger("kubellm.reflection")
 
@@ -35,6 +36,10 @@ def add_reflection(server: grpc.aio.Server) -> bool:
             log.warning("grpcio-reflection is not installed: serving without gRPC reflection (grpcurl needs "
                         "-proto kubellm/v1/llm.proto); pip install 'grpcio-reflection>=1.85'")
         return False
+    from grpc_reflection.v1alpha import reflection_pb2
+
     # Every service named here lives in the default pool, where llm_pb2 and health_pb2 registered their files.
-    reflection.enable_server_reflection((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    # Registered as enable_server_reflection does, but a request that does not parse is INVALID_ARGUMENT.
+    servicer = reflection.aio.ReflectionServicer((LLM_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME))
+    add_reflection_servicer(servicer, server, reflection_pb2)
     return True

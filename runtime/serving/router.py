@@ -75,7 +75,7 @@ import time
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from kubellm.metrics import CONTENT_TYPE
 from kubellm.protos.v1 import llm_pb2
@@ -90,6 +90,7 @@ from kubellm.runtime.serving.replicas import (MAX_MESSAGE, SERVICE_NAME, Replica
                                              upstream_call)
 from kubellm.runtime.serving.router_service import RouterServicer
 from kubellm.runtime.serving.tls import ServerTls
+from kubellm.runtime.serving.unparsed import add_health_servicer
 from kubellm.runtime.serving.upstream import UpstreamError
 
 log = logging.getLogger("kubellm.router")
@@ -504,7 +505,7 @@ class Router:
         interceptors = [GrpcApiKeys(self.api_keys)] if self.api_keys is not None else []
         server = grpc.aio.server(options=server_options(self.limits), interceptors=interceptors)
         RouterServicer(self).add_to_server(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_health_servicer(self._health, server)   # a request that does not parse: INVALID_ARGUMENT, not UNKNOWN
         add_reflection(server)   # from llm_pb2's descriptors: the LLM methods themselves pass raw bytes
         address = join_host_port(host, port)
         self.grpc_port = (server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls is not None

@@ -19,6 +19,7 @@ from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.auth import current_key_id
 from kubellm.runtime.serving.limits import caller_key, rate_limited_message
 from kubellm.runtime.serving.replicas import SERVICE_NAME
+from kubellm.runtime.serving.unparsed import parser, refusing_unparsed
 from kubellm.runtime.serving.upstream import UpstreamError
 
 # Metadata keys that belong to the transport, not to the caller; and the caller's API key, which is the
@@ -50,7 +51,7 @@ class RouterServicer:
             "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream),
             "ModelInfo": grpc.unary_unary_rpc_method_handler(self.ModelInfo),
             "Terminate": grpc.unary_unary_rpc_method_handler(
-                self.Terminate, request_deserializer=llm_pb2.TerminateRequest.FromString,
+                refusing_unparsed(self.Terminate), request_deserializer=parser(llm_pb2.TerminateRequest),
                 response_serializer=llm_pb2.TerminateResponse.SerializeToString),
         }
 
