@@ -57,7 +57,7 @@ _HOW_GRPC = ("send one of this deployment's keys as the metadata 'authorization:
 
 def key_id(key: str) -> str:
     """A short, non-reversible name of `key` for logs and rate limits: the first 8 hex digits of its SHA-256."""
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
+    return hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()[:8]
 
 
 def parse_keys(text: str) -> list[str]:
@@ -102,13 +102,26 @@ def _signature(directory: Path) -> tuple:
     return tuple(out)
 
 
+def _entries(keys: Iterable[str]) -> list[tuple[bytes, str]]:
+    """(SHA-256 digest, key id) of each distinct key: what the check compares, and all that is kept."""
+    return _merge([(hashlib.sha256(k.encode(errors="surrogatepass")).digest(), key_id(k)) for k in keys])
+
+
+def _merge(*lists: list[tuple[bytes, str]]) -> list[tuple[bytes, str]]:
+    seen: dict[bytes, str] = {}
+    for entries in lists:
+        for digest, kid in entries:
+            seen.setdefault(digest, kid)
+    return list(seen.items())
+
+
 class ApiKeys:
     """The keys a router accepts: static ones (`keys`, e.g. from the environment) and those of
     `directory`, re-read when it changes. `check()` compares in constant time."""
 
     def __init__(self, keys: Iterable[str] = (), directory: str | os.PathLike | None = None, *,
                  reload_interval: float = RELOAD_INTERVAL):
-        self._static = [k for k in keys if k]
+        self._static = _entries(k for k in keys if k)   # (digest, id) of the keys given directly (the environment)
         self.directory = Path(directory) if directory is not None else None
         self.reload_interval = reload_interval
         self._signature: tuple | None = None
@@ -120,7 +133,7 @@ class ApiKeys:
                                  "keys there: every file holds one key or several, one per line)")
             self._load(self._read_directory(), initial=True)
         else:
-            self._set(self._static)
+            self._entries = self._static
 
     @classmethod
     def from_sources(cls, directory: str | os.PathLike | None = None,
@@ -166,18 +179,12 @@ class ApiKeys:
                 raise ValueError(f"--api-keys-dir {self.directory}: cannot be read")
             return
         self._signature, keys = read
-        self._set(self._static + keys)
+        self._entries = _merge(self._static, _entries(keys))
         ids = ", ".join(kid for _, kid in self._entries) or "none"
         log.info("API keys %s from %s: %d (ids %s)", "read" if initial else "reloaded", self.directory,
                  len(self._entries), ids)
         if not self._entries:
             log.warning("no API key in %s: every request is refused until its Secret holds one", self.directory)
-
-    def _set(self, keys: list[str]) -> None:
-        seen: dict[bytes, str] = {}
-        for key in keys:
-            seen.setdefault(hashlib.sha256(key.encode()).digest(), key_id(key))
-        self._entries = list(seen.items())
 
     def _reload_if_due(self) -> None:
         if self.directory is None:
