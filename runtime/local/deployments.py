@@ -183,7 +183,9 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
           enable_restful_api: bool = False, restful_api_port: int = 28080, *, host: str = "127.0.0.1",
           startup_timeout: float = 600.0, policy: str = "round_robin", prefix_length: int = 256,
           load_factor: float = 1.25, api_key: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None, **options) -> DeploymentClient:
+          tls_key: str | None = None, max_request_bytes: int | None = None,
+          max_streams_per_connection: int | None = None, rate_limit: float | None = None,
+          rate_limit_burst: int | None = None, **options) -> DeploymentClient:
     """Start a persistent local deployment of `model` and return a client of it (DeepSpeed-MII's `mii.serve`).
 
     `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
@@ -191,6 +193,9 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     `policy`, `prefix_length`, `load_factor`: the router's (`kubellm router --policy ...`).
     `api_key` (default $KUBELLM_API_KEY): the key the router requires (REST and gRPC).
     `tls_cert`, `tls_key`: PEM files; the router serves TLS (gRPC) and HTTPS (REST) with them.
+    `max_request_bytes`, `max_streams_per_connection`, `rate_limit`, `rate_limit_burst`: the router's limits
+    (docs/limits.md; None: its defaults, no rate limit); `max_prompts_per_request` (an EngineConfig option) is the
+    router's too.
     """
     name = check_name(deployment_name if deployment_name is not None else default_name(model))
     if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
@@ -199,7 +204,9 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
         raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
     engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
     make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)   # bad values fail here, not later
-    routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor))]
+    routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor)),
+               *_limit_flags(max_request_bytes, max_streams_per_connection, rate_limit, rate_limit_burst,
+                             engine.get("max_prompts_per_request"))]
     if enable_restful_api and not (isinstance(restful_api_port, int) and 0 < restful_api_port < 65536):
         raise ValueError(f"restful_api_port: must be a port 1-65535 (got {restful_api_port!r})")
     security = _security(api_key, tls_cert, tls_key)
@@ -228,6 +235,19 @@ class _Security:
     api_key: str | None     # what the router requires; only ever in its environment and in memory
     tls_cert: str | None    # absolute paths
     tls_key: str | None
+
+
+def _limit_flags(max_request_bytes, max_streams_per_connection, rate_limit, rate_limit_burst,
+                 max_prompts_per_request) -> list[str]:
+    """The router's limit flags for the ones set, checked first (bad values fail here, naming the option)."""
+    from kubellm.runtime.serving.limits import Limits
+
+    given = {"max_request_bytes": max_request_bytes, "max_streams_per_connection": max_streams_per_connection,
+             "rate_limit": rate_limit, "rate_limit_burst": rate_limit_burst,
+             "max_prompts_per_request": max_prompts_per_request}
+    given = {k: v for k, v in given.items() if v is not None}
+    Limits(**given)
+    return [arg for k, v in given.items() for arg in ("--" + k.replace("_", "-"), repr(v))]
 
 
 def _security(api_key, tls_cert, tls_key) -> _Security:
