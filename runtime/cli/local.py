@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 
 import yaml
 
 from kubellm.api.spec import LLMDeploymentSpec
 from kubellm.runtime.local import deployments
+from kubellm.runtime.serving.client import API_KEY_ENV
 
 
 def deployment_from_yaml(path: str) -> tuple[str, str, dict]:
     """An LLMDeployment manifest (the Kubernetes one) -> (name, model, serve() keyword options)."""
+    name, spec = read_manifest(path)
+    return name, spec.model.source, serve_options(spec)
+
+
+def serve_options(spec: LLMDeploymentSpec) -> dict:
+    """A spec -> serve() keyword options."""
+    settings = spec.runtime_settings()
+    return {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
+            "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port,
+            "policy": spec.router.policy, "prefix_length": spec.router.prefixLength,
+            "load_factor": spec.router.loadFactor}
+
+
+def read_manifest(path: str) -> tuple[str | None, LLMDeploymentSpec]:
+    """An LLMDeployment manifest -> (metadata.name, its spec), checked for a local run; errors name the file."""
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
@@ -26,19 +43,32 @@ def deployment_from_yaml(path: str) -> tuple[str, str, dict]:
     if spec.model.kind in ("hf", "pvc"):
         raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
                          "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
-    settings = spec.runtime_settings()
-    options = {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
-               "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port,
-               "policy": spec.router.policy, "prefix_length": spec.router.prefixLength,
-               "load_factor": spec.router.loadFactor}
-    return name, spec.model.source, options
+    return name, spec
+
+
+def check_locks(path: str, spec: LLMDeploymentSpec, api_key: str | None, tls_cert: str | None) -> None:
+    """A manifest's API-key and TLS Secrets are Kubernetes objects a local run cannot read: it needs their
+    local stand-ins (--api-key or $KUBELLM_API_KEY; --tls-cert and --tls-key), else an error rather than
+    an open door the manifest asked to lock."""
+    secret = getattr(spec.restApi, "apiKeySecret", None)
+    if secret and not (api_key or os.environ.get(API_KEY_ENV, "").strip()):
+        raise ValueError(f"{path}: spec.restApi.apiKeySecret ({secret}) is a Kubernetes Secret, which a local "
+                         f"deployment cannot read: give --api-key KEY or set {API_KEY_ENV} (or remove the field "
+                         "to run without keys)")
+    secret = getattr(spec.router, "tlsSecretName", None)
+    if secret and not tls_cert:
+        raise ValueError(f"{path}: spec.router.tlsSecretName ({secret}) is a Kubernetes Secret, which a local "
+                         "deployment cannot read: give --tls-cert FILE --tls-key FILE (its tls.crt and tls.key), "
+                         "or remove the field to run without TLS")
 
 
 def serve(args) -> int:
     """Start a persistent local deployment (workers + router in the background) and return."""
     name, model, options = None, args.model, {}
     if args.file:
-        name, model, options = deployment_from_yaml(args.file)
+        name, spec = read_manifest(args.file)
+        check_locks(args.file, spec, args.api_key, args.tls_cert)
+        model, options = spec.model.source, serve_options(spec)
         if args.model:
             raise ValueError("give either MODEL or -f FILE, not both")
     elif not model:

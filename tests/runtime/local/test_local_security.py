@@ -135,3 +135,19 @@ def test_serve_refuses_bad_keys_and_tls_files_up_front(cache, tmp_path):
         kubellm.serve("/nonexistent", tls_cert=str(cert))
     with pytest.raises(ValueError, match="^tls_cert .*nope: cannot be read"):
         kubellm.serve("/nonexistent", tls_cert=str(tmp_path / "nope"), tls_key=str(key_file))
+
+
+def test_serve_file_refuses_a_manifest_whose_secrets_it_cannot_read(cache, tmp_path, monkeypatch):
+    import yaml
+
+    manifest = tmp_path / "deploy.yaml"
+    manifest.write_text(yaml.safe_dump({"kind": "LLMDeployment", "metadata": {"name": "locked"}, "spec": {
+        "model": {"source": "/nonexistent"}, "restApi": {"enabled": True, "apiKeySecret": "llm-keys"},
+        "router": {"tlsSecretName": "llm-tls"}}}))
+    out = _cli("serve", "-f", str(manifest), timeout=60)
+    assert out.returncode == 2
+    assert (f"kubellm: error: {manifest}: spec.restApi.apiKeySecret (llm-keys) is a Kubernetes Secret, which a "
+            "local deployment cannot read: give --api-key KEY or set KUBELLM_API_KEY") in out.stderr
+    out = _cli("serve", "-f", str(manifest), "--api-key", KEY, timeout=60)
+    assert out.returncode == 2 and "spec.router.tlsSecretName (llm-tls)" in out.stderr
+    assert "give --tls-cert FILE --tls-key FILE" in out.stderr
