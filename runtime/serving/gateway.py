@@ -217,8 +217,9 @@ def _config(body: dict, *, max_new_key: str, openai: bool, session_len: int = 0)
 
 def check_prompt_count(count: int, param: str, most: int) -> None:
     if count > most:
-        raise BadRequest(f"'{param}': {count} prompts in one request, more than max_prompts_per_request ({most}); "
-                         "split them over several requests", param)
+        raise BadRequest(f"'{param}': {count} prompts in one request, more than max_prompts_per_request ({most}: "
+                         "spec.limits.maxPromptsPerRequest, --max-prompts-per-request); split them over several "
+                         "requests", param)
 
 
 def _text_prompts(value, param: str, most: int) -> list[llm_pb2.Prompt]:

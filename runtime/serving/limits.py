@@ -139,5 +139,5 @@ def too_large_message(size: int | None, limit: int) -> str:
 
 def rate_limited_message(limits: Limits, wait: float) -> str:
     return (f"Rate limit reached: {limits.rate_limit:g} requests per second per key, bursts of {limits.burst} "
-            f"(spec.limits.rateLimit / rateLimitBurst, kubellm router --rate-limit / --rate-limit-burst). "
+            f"(spec.limits.rateLimit: requestsPerSecond, burst; kubellm router --rate-limit, --rate-limit-burst). "
             f"Please try again in {wait:.2g}s.")

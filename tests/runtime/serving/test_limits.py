@@ -218,7 +218,7 @@ def test_rate_limit_is_429_with_retry_after_in_openai_shape():
 
 
 @pytest.mark.parametrize("path, body, param, words", [
-    ("/v1/completions", {"prompt": ["hi"] * 9}, "prompt", ["9 prompts", "max_prompts_per_request (8)"]),
+    ("/v1/completions", {"prompt": ["hi"] * 9}, "prompt", ["9 prompts", "max_prompts_per_request (8", "spec.limits.maxPromptsPerRequest"]),
     ("/v1/completions", {"prompt": [[5, 6]] * 9}, "prompt", ["9 prompts"]),
     ("/mii/limits", {"prompts": ["hi"] * 9}, "prompts", ["9 prompts"]),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 64}, "max_tokens", ["session_len is 64", "at most 63"]),
