@@ -37,6 +37,8 @@ def why_eager(runner) -> str | None:
     """Why decode graphs cannot be used for this runner, or None when they can."""
     if runner.config.enforce_eager:
         return "enforce_eager is set"
+    if getattr(runner.model, "eager_reason", None):  # the Transformers backend
+        return runner.model.eager_reason
     if runner.device.type != "cuda":
         return "not on a CUDA device"
     if runner.parallel.pp > 1 or runner.parallel.tp > 1:

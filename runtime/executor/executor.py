@@ -34,7 +34,7 @@ def create_executor(path: Path, hf_config, config: EngineConfig, session_len: in
     the weights and warmup phases (rank 0's; the others load meanwhile)."""
     times = load_times if load_times is not None else LoadTimes()
     try:
-        check_parallel(hf_config, config.tensor_parallel, config.pipeline_parallel)
+        check_parallel(hf_config, config.tensor_parallel, config.pipeline_parallel, config.model_impl)
         with times.phase("weights"):
             if group is None and config.world_size > 1:
                 group = RankGroup.launch(path, config, session_len)

@@ -60,7 +60,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with self.device:
-                self.model = model_class(hf_config)(hf_config, session_len, self.stage)
+                self.model = model_class(hf_config, config.model_impl)(hf_config, session_len, self.stage)
         finally:
             torch.set_default_dtype(previous_dtype)
         if config.load_format == "random":

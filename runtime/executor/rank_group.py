@@ -80,9 +80,16 @@ def valid_tensor_parallel_sizes(hf_config) -> list[int]:
             and (kv_heads % d == 0 or (replicate_kv and d % kv_heads == 0))]
 
 
-def check_parallel(hf_config, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
-    valid = valid_tensor_parallel_sizes(hf_config)
-    if tensor_parallel not in valid:
+def check_parallel(hf_config, tensor_parallel: int, pipeline_parallel: int = 1, model_impl: str = "auto") -> None:
+    """Before any rank starts: the model can run (model_class raises why not) and the sizes split it."""
+    from kubellm.runtime.executor.models import uses_transformers_backend
+
+    if uses_transformers_backend(hf_config, model_impl):
+        from kubellm.runtime.executor.models.transformers_backend import tensor_parallel_problem
+
+        if problem := tensor_parallel_problem(hf_config, tensor_parallel):
+            raise ValueError(problem)
+    elif tensor_parallel not in (valid := valid_tensor_parallel_sizes(hf_config)):
         from kubellm.runtime.executor.models import parallel_dims
 
         heads, kv_heads, _, _ = parallel_dims(hf_config)

@@ -21,13 +21,34 @@ ARCHITECTURES = {
 }
 
 
-def model_class(hf_config):
+def model_class(hf_config, model_impl: str = "auto"):
+    """kubellm's own model file for the architecture (the fast path), else, unless model_impl is
+    "kubellm", transformers' modeling code on kubellm's KV cache (transformers_backend.py);
+    model_impl "transformers" takes the backend even where a model file exists."""
+    from kubellm.runtime.executor.models.transformers_backend import TransformersForCausalLM, transformers_problem
+
     names = list(getattr(hf_config, "architectures", None) or [])
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    raise ValueError(f"unsupported architecture {names or hf_config.model_type!r} in config.json; "
-                     f"supported: {', '.join(ARCHITECTURES)}")
+    if model_impl != "transformers":
+        for name in names:
+            if name in ARCHITECTURES:
+                return ARCHITECTURES[name]
+    if model_impl == "kubellm":
+        raise ValueError(f"model_impl: 'kubellm' but there is no kubellm model file for "
+                         f"{names or hf_config.model_type!r} (supported: {', '.join(ARCHITECTURES)}); use "
+                         "model_impl='auto' to run it on transformers' modeling code")
+    problem = transformers_problem(hf_config)
+    if problem is None:
+        return TransformersForCausalLM
+    raise ValueError(f"unsupported architecture {names or hf_config.model_type!r} in config.json: kubellm has no "
+                     f"model file for it (supported: {', '.join(ARCHITECTURES)}) and transformers' modeling code "
+                     f"cannot run it here: {problem}")
+
+
+def uses_transformers_backend(hf_config, model_impl: str = "auto") -> bool:
+    """True where model_class gives the Transformers backend (raises where nothing can run it)."""
+    from kubellm.runtime.executor.models.transformers_backend import TransformersForCausalLM
+
+    return model_class(hf_config, model_impl) is TransformersForCausalLM
 
 
 def parallel_dims(hf_config) -> tuple[int, int, int | None, bool]:
