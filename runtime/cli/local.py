@@ -24,7 +24,16 @@ def serve_options(spec: LLMDeploymentSpec) -> dict:
     return {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
             "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port,
             "policy": spec.router.policy, "prefix_length": spec.router.prefixLength,
-            "load_factor": spec.router.loadFactor}
+            "load_factor": spec.router.loadFactor, **limit_options(spec)}
+
+
+def limit_options(spec: LLMDeploymentSpec) -> dict:
+    """spec.limits' router limits as serve() options (its worker limits are in runtime_settings' engine)."""
+    limits = spec.limits
+    rate = limits.rateLimit
+    return {"max_request_bytes": limits.maxRequestBytes,
+            "max_streams_per_connection": limits.maxConcurrentStreamsPerConnection,
+            **({"rate_limit": rate.requestsPerSecond, "rate_limit_burst": rate.burst_or_default} if rate else {})}
 
 
 def read_manifest(path: str) -> tuple[str | None, LLMDeploymentSpec]:
@@ -74,7 +83,9 @@ def serve(args) -> int:
     elif not model:
         raise ValueError("serve: give a MODEL (a local directory or known name) or -f deployment.yaml")
     for key in ("dtype", "device", "max_batch_size", "session_len", "max_num_batched_tokens", "num_kv_blocks",
-                "block_size", "kv_cache_fraction", "max_new_tokens", "policy", "prefix_length", "load_factor"):
+                "block_size", "kv_cache_fraction", "max_new_tokens", "policy", "prefix_length", "load_factor",
+                "max_request_bytes", "max_streams_per_connection", "rate_limit", "rate_limit_burst",
+                "max_prompts_per_request"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value

@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "is better: a flag shows in ps while this command runs. The router gets it through "
                             "its environment, and the registry records only that a key is needed")
     tls_flags(serve, "the router serves TLS (gRPC) and HTTPS (REST); kubellm.client(NAME) trusts this certificate")
+    limits_flags(serve, defaults=False)   # unset: the manifest's spec.limits (-f), else the router's defaults
     routing_flags(serve, defaults=False)   # unset: the manifest's spec.router (-f), else the router's defaults
     status = sub.add_parser("status", help="list local deployments and whether their processes run")
     status.add_argument("--json", action="store_true")

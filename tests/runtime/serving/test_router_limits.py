@@ -254,3 +254,22 @@ def test_local_deployments_pass_the_limits_to_their_router():
     assert _limit_flags(None, None, None, None, None) == []
     with pytest.raises(ValueError, match="rate_limit_burst"):
         _limit_flags(None, None, None, 5, None)
+
+
+def test_kubellm_serve_f_takes_spec_limits(tmp_path):
+    import yaml
+
+    from kubellm.runtime.cli.local import read_manifest, serve_options
+
+    path = tmp_path / "llm.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
+                                    "metadata": {"name": "llm"}, "spec": {
+                                        "model": {"source": str(tmp_path)},
+                                        "limits": {"maxRequestBytes": 4096, "maxConcurrentStreamsPerConnection": 8,
+                                                   "rateLimit": {"requestsPerSecond": 2.5},
+                                                   "maxPromptsPerRequest": 8}}}))
+    options = serve_options(read_manifest(str(path))[1])
+    assert {k: options[k] for k in ("max_request_bytes", "max_streams_per_connection", "rate_limit",
+                                    "rate_limit_burst", "max_prompts_per_request")} == {
+        "max_request_bytes": 4096, "max_streams_per_connection": 8, "rate_limit": 2.5, "rate_limit_burst": 3,
+        "max_prompts_per_request": 8}
