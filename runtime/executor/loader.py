@@ -1,7 +1,9 @@
 """Reading a local Hugging Face model directory: checks, config and weights.
 
-Weights are read tensor by tensor through lazy safetensors slices, so each parameter's
-`weight_loader` takes only the rows or columns its rank holds.
+Weights are read tensor by tensor through lazy slices (safetensors, or PyTorch `.bin` files
+mapped by `torch.load(mmap=True)`: checkpoint.py), so each parameter's `weight_loader` takes only
+the rows or columns its rank holds, and a pipeline stage never opens a shard that holds only
+other stages' tensors.
 """
 
 from __future__ import annotations
@@ -10,24 +12,17 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from kubellm.runtime.executor.checkpoint import weight_files
+from kubellm.runtime.executor.checkpoint import ModelDirError, find_checkpoint, open_tensors
 from kubellm.runtime.executor.stages import is_elsewhere
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 log = logging.getLogger("kubellm.loader")
-# bytes per element of the safetensors dtypes
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class ModelDirError(ValueError):
-    """The model directory is missing or incomplete; the message says what to add."""
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -37,10 +32,10 @@ def check_model_dir(path: str | os.PathLike) -> Path:
                             "directory (config.json, *.safetensors, tokenizer files) or a known model name")
     if not (path / "config.json").is_file():
         raise ModelDirError(f"model: {str(path)!r} has no config.json; it must be a Hugging Face model directory")
-    if not weight_files(path):
+    if find_checkpoint(path) is None:
         raise ModelDirError(f"model: {str(path)!r} has no weights; add model.safetensors (or shards with "
-                            "model.safetensors.index.json). PyTorch .bin checkpoints are not read: convert them "
-                            "with save_pretrained(safe_serialization=True)")
+                            "model.safetensors.index.json) or PyTorch's pytorch_model.bin (or shards with "
+                            "pytorch_model.bin.index.json)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelDirError(f"model: {str(path)!r} has no tokenizer; add tokenizer.json (or tokenizer.model / "
                             "vocab.json) with tokenizer_config.json, e.g. via tokenizer.save_pretrained()")
@@ -101,59 +96,95 @@ class LoadProgress:
             self.bar.close()
 
 
-def _slice_bytes(piece) -> int:
-    numel = 1
-    for dim in piece.get_shape():
-        numel *= dim
-    return numel * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+@dataclass
+class LoadReport:
+    """What one rank's load read: the checkpoint tensors it opened, the bytes its weight loaders took
+    from them (its rows / columns only), and the weight files it never opened (other stages')."""
+
+    tensors: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    checkpoint_bytes: int = 0
+    files_skipped: list[str] = field(default_factory=list)
 
 
-def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its (possibly packed, possibly sharded) parameter."""
+class _Counted:
+    """A lazy checkpoint tensor that counts the bytes its weight loader takes from it."""
+
+    def __init__(self, piece, report: LoadReport):
+        self.piece, self.report = piece, report
+
+    def __getitem__(self, index):
+        part = self.piece[index]
+        self.report.bytes_read += part.numel() * part.element_size()
+        return part
+
+
+def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename):
+    """(our parameter's name, shard id) for checkpoint tensor `name`, or None when this rank has no
+    place for it: a buffer the model recomputes (rotary inv_freq), one the family drops, or a
+    module another pipeline stage holds."""
+    if "rotary_emb.inv_freq" in name:
+        return None
+    if rename is not None and (name := rename(name)) is None:
+        return None
+    if name in aliases:
+        name_for_us = aliases[name]
+    elif is_elsewhere(model, name):
+        return None
+    else:
+        name_for_us = name
+    for ckpt_part, (our_part, shard) in packed.items():
+        if f".{ckpt_part}." in name_for_us:
+            return name_for_us.replace(ckpt_part, our_part), shard
+    return name_for_us, None
+
+
+def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> LoadReport:
+    """Copy every checkpoint tensor this rank holds into its (possibly packed, possibly sharded) parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     aliases = getattr(model, "checkpoint_aliases", {})
     # Optional per-model renaming of checkpoint names (e.g. GPT-2 / OPT checkpoints saved without the
     # "transformer." / "model." prefix); None skips the tensor (saved buffers such as GPT-2's attn.bias).
     rename = getattr(model, "checkpoint_name", None)
-    loaded_names: set[str] = set()
-    files = weight_files(path)
-    total = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            total += len(f.keys())
-    progress = LoadProgress(total, show_progress)
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        check_model_dir(path)  # raises, naming what is missing
+    names: dict[Path, list[str]] = {}
+    for file in checkpoint.files:
+        listed = checkpoint.names_in(file)
+        if listed is None:
+            with open_tensors(file) as f:
+                listed = f.names()
+        names[file] = listed
+    report, loaded_names = LoadReport(), set()
+    progress = LoadProgress(sum(map(len, names.values())), show_progress)
+    for file, file_names in names.items():
+        places = {name: _placement(model, name, packed, aliases, rename) for name in file_names}
+        if not any(places.values()):  # only other stages' tensors (the index says so): not even opened
+            report.files_skipped.append(file.name)
+            for _ in file_names:
+                progress.update(0)
+            continue
+        with open_tensors(file) as f:
+            for stored in file_names:
+                place = places[stored]
+                if place is None:
                     progress.update(0)
                     continue
-                stored = name
-                if rename is not None and (name := rename(name)) is None:
-                    progress.update(0)
-                    continue
-                if name in aliases:
-                    name_for_us = aliases[name]
-                elif is_elsewhere(model, name):
-                    progress.update(0)
-                    continue  # another pipeline stage holds it
-                else:
-                    name_for_us = name
-                target, shard_id = name_for_us, None
-                for ckpt_part, (our_part, shard) in packed.items():
-                    if f".{ckpt_part}." in name_for_us:
-                        target, shard_id = name_for_us.replace(ckpt_part, our_part), shard
-                        break
+                target, shard_id = place
                 param = params.get(target)
                 if param is None:
-                    raise ModelDirError(f"checkpoint tensor {name!r} in {file.name} has no place in "
+                    raise ModelDirError(f"checkpoint tensor {stored!r} in {file.name} has no place in "
                                         f"{type(model).__name__}; is config.json's architecture right?")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                piece = f.get_slice(stored)
+                piece = _Counted(f.tensor(stored), report)
                 loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
                 loaded_names.add(target)
-                progress.update(_slice_bytes(piece))
+                report.tensors.append(stored)
+                nbytes = f.nbytes(stored)
+                report.checkpoint_bytes += nbytes
+                progress.update(nbytes)
     progress.close()
     tied = {n for n, p in params.items() if n not in loaded_names and any(
         p is params[m] for m in loaded_names)}
@@ -161,3 +192,7 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> No
     if missing:
         raise ModelDirError(f"checkpoint in {str(path)!r} lacks weights for {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))
+    log.debug("read %d checkpoint tensors, %s of their %s (this rank's slices); %d files not opened",
+              len(report.tensors), _size(report.bytes_read), _size(report.checkpoint_bytes),
+              len(report.files_skipped))
+    return report

@@ -4,7 +4,8 @@ Two policies, after PiPPy's `split_into_equal_size` and `split_on_size_threshold
 - equal_size: the same number of layers per stage (earlier stages take the remainder);
 - threshold: fill each stage with consecutive layers up to a parameter-byte limit, counting the
   embedding on the first stage and the final norm / LM head on the last.
-Sizes come from the checkpoint's safetensors headers, so planning reads no weights.
+Sizes come from the checkpoint's tensor shapes (safetensors headers, or the pickled metadata of a
+memory-mapped PyTorch `.bin`), so planning reads no weights.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from kubellm.runtime.executor.checkpoint import weight_files
+from kubellm.runtime.executor.checkpoint import open_tensors, weight_files
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -95,13 +95,13 @@ def split_on_size_threshold(layer_bytes: list[int], first_bytes: int, last_bytes
 
 
 def checkpoint_sizes(path: Path, num_layers: int) -> tuple[list[int], int, int]:
-    """(elements per decoder layer, elements before the layers, elements after) from the headers."""
+    """(elements per decoder layer, elements before the layers, elements after) from the tensors' shapes."""
     layers, first, last = [0] * num_layers, 0, 0
     for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+        with open_tensors(file) as f:
+            for name in f.names():
                 numel = 1
-                for dim in f.get_slice(name).get_shape():
+                for dim in f.shape(name):
                     numel *= dim
                 match = _LAYER_INDEX.search(name)
                 if match and int(match.group(1)) < num_layers:
