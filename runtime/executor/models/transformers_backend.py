@@ -141,6 +141,8 @@ class TransformersForCausalLM(nn.Module):
         # names the checkpoint may hold, before any part is replaced
         self._parameter_names = {n for n, _ in hf.named_parameters(remove_duplicate=False)}
         self._buffer_names = {n for n, _ in hf.named_buffers(remove_duplicate=False)}
+        self._known_names = dict.fromkeys(self._parameter_names | self._buffer_names, True)
+        self._renamings, self._converters = _checkpoint_transforms(hf)
         embedding_name = _name_of(hf, hf.get_input_embeddings())
         tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
         for name, child in hf.named_children():
@@ -225,9 +227,24 @@ class TransformersForCausalLM(nn.Module):
 
     # -- checkpoint names, for the loader ---------------------------------------------------------------
     def checkpoint_name(self, name: str) -> str | None:
-        """The parameter a checkpoint tensor fills; None skips it (saved buffers: masks, rotary tables)."""
+        """The parameter a checkpoint tensor fills; None skips it (saved buffers: masks, rotary tables).
+        transformers' own renamings of older checkpoint names apply first (GPT-NeoX's `embed_out` is
+        `lm_head`, `LayerNorm.gamma` is `.weight`, ...)."""
         if name in self._parameter_names:
             return name
+        if self._renamings or self._converters:
+            from transformers.core_model_loading import rename_source_key
+
+            renamed, converter = rename_source_key(name, self._renamings, self._converters, self.base_prefix,
+                                                   self._known_names)
+            if converter is not None:
+                raise ValueError(f"checkpoint tensor {name!r} must be converted as transformers does on load "
+                                 f"({converter!r} -> {renamed!r}: tensors merged or split); the transformers "
+                                 "backend reads checkpoint tensors one by one and cannot load this checkpoint (where "
+                                 "kubellm has a model file for it, model_impl='auto' reads it)")
+            name = renamed
+            if name in self._parameter_names:
+                return name
         prefixed = f"{self.base_prefix}.{name}"   # Hub checkpoints saved from the base model (bloom-560m)
         if prefixed in self._parameter_names:
             return prefixed
@@ -298,6 +315,19 @@ def _materialize(model: nn.Module) -> None:
                 if id(param) not in made:
                     made[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
                 module._parameters[name] = made[id(param)]
+
+
+def _checkpoint_transforms(hf) -> tuple[list, list]:
+    """transformers' load-time key transforms for this model: (plain renamings, converters that merge
+    or split tensors). Empty where this transformers version has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    transforms = get_model_conversion_mapping(hf)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
 
 
 def _name_of(root: nn.Module, target: nn.Module) -> str:

@@ -64,7 +64,8 @@ def run_staggered(engine, ids):
 def test_family_matches_transformers_under_continuous_batching(family_checkpoint, family):
     """Bloom (ALiBi), GPT-Neo (unscaled scores, a local layer of window 8), GPT-J and CodeGen (interleaved
     partial rotary), Gemma (one KV head, scaled embedding), Gemma 2 (soft-capped scores and logits, a
-    sliding layer), StableLM (partial rotary, QKV bias)."""
+    sliding layer), StableLM (partial rotary, QKV bias), GPT-NeoX (checkpoint names renamed as transformers
+    renames them)."""
     path = family_checkpoint(family)
     engine = engine_for(path, max_num_batched_tokens=16)
     assert isinstance(engine.runner.model, _backend())
@@ -132,6 +133,17 @@ def test_random_weights_and_no_decode_graphs(family_checkpoint):
     assert why_eager(engine.runner) == "the transformers backend runs transformers' modeling code eagerly"
     (seq,) = run(engine, encode(engine, ["Hello"]))
     assert seq.generated_ids
+
+
+@pytest.mark.model
+def test_a_checkpoint_transformers_converts_on_load_is_refused_by_name(tmp_path):
+    """Mixtral's per-expert tensors are merged by transformers 5 on load; the backend reads tensors one by one."""
+    from tiny_models import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "mixtral", "mixtral")
+    with pytest.raises(ValueError, match=r"checkpoint tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' "
+                                         r"must be converted as transformers does on load .*model_impl='auto'"):
+        engine_for(path, model_impl="transformers")
 
 
 # -- pipeline and tensor parallel (real rank processes over gloo) ---------------------------------------------
