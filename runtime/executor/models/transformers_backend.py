@@ -89,6 +89,30 @@ def _transformers_class(name: str) -> type:
     return getattr(transformers, name)
 
 
+def unreadable_config(path, err: Exception) -> str:
+    """Why transformers could not read a model directory's config.json (`err`), for a person."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    model_type, names = raw.get("model_type"), raw.get("architectures") or []
+    if raw.get("auto_map"):
+        return (f"model: {str(path)!r} is remote code ({names or model_type!r}: config.json's auto_map points at "
+                "Python files inside the checkpoint); kubellm never runs a checkpoint's own code "
+                f"(trust_remote_code), has no model file for it, and transformers {transformers.__version__} "
+                f"has no class for model_type {model_type!r}")
+    if model_type:
+        return (f"model: config.json's model_type {model_type!r} ({names}) is unknown to transformers "
+                f"{transformers.__version__} and kubellm has no model file for it; a newer transformers may "
+                f"know it ({str(err).splitlines()[0]})")
+    return f"model: {str(path)!r}: transformers cannot read config.json: {err}"
+
+
 def tensor_parallel_sizes(hf_config) -> list[int]:
     """Sizes the config's base_model_tp_plan can split this model into: [1] without a plan."""
     if not getattr(hf_config, "base_model_tp_plan", None):

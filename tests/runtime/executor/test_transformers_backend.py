@@ -279,3 +279,21 @@ def test_layer_windows():
     chunked = SimpleNamespace(model_type="x", num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match=r"layer_types: \['chunked_attention'\] layers are not supported"):
         layer_windows(chunked)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+      "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}},
+     r"is remote code \(\['QWenLMHeadModel'\].*kubellm never runs a checkpoint's own code \(trust_remote_code\)"),
+    ({"architectures": ["FooForCausalLM"], "model_type": "foo"},
+     r"model_type 'foo' \(\['FooForCausalLM'\]\) is unknown to transformers .* a newer transformers may know it"),
+    ({"hidden_size": 64}, r"transformers cannot read config.json: .*model_type"),
+], ids=["remote_code", "unknown_model_type", "no_model_type"])
+def test_a_config_transformers_cannot_read_says_why(tmp_path, config, message):
+    import json
+
+    from kubellm.runtime.executor.loader import ModelDirError, load_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match=message):   # and never a trust_remote_code prompt
+        load_hf_config(tmp_path)
