@@ -12,6 +12,7 @@ from kubellm.runtime.config import (EngineConfig, GenerationConfig, generation_p
                                     prompt_count_problem)
 from kubellm.runtime.errors import EngineFullError, RequestError
 from kubellm.runtime.executor.executor import create_executor
+from kubellm.runtime.executor.layers.long_context import max_session_len
 from kubellm.runtime.executor.load_times import LoadTimes
 from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
 from kubellm.runtime.executor.step import SeqChunk, StepBatch
@@ -42,9 +43,10 @@ def step_batch(scheduled: list[ScheduledSeq]) -> StepBatch:
 def session_len_for(hf_config, config: EngineConfig) -> int:
     max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
     session_len = config.session_len or max_positions
-    if session_len > max_positions:
+    limit = max_session_len(hf_config, config)  # None: dynamic NTK scaling runs past max_position_embeddings
+    if limit is not None and session_len > limit:
         raise ValueError(f"session_len: {session_len} exceeds the model's max_position_embeddings "
-                         f"({max_positions}); lower it")
+                         f"({max_positions}); lower it, or set rope_scaling_factor (dynamic NTK) to go past it")
     return session_len
 
 

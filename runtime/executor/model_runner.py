@@ -13,6 +13,7 @@ from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
+from kubellm.runtime.executor.layers.long_context import with_long_context_options
 from kubellm.runtime.executor.loader import load_weights
 from kubellm.runtime.executor.models import model_class
 from kubellm.runtime.executor.random_weights import fill_random_weights
@@ -50,6 +51,7 @@ class ModelRunner:
         self.dtype = pick_dtype(config, self.device)
         self.block_size = config.block_size
         self.parallel = parallel.state()
+        hf_config = with_long_context_options(hf_config, config)  # rope_scaling_factor, use_logn_attn
         self.hidden_size, self.vocab_size = hf_config.hidden_size, hf_config.vocab_size
         if self.parallel.pp > 1:
             self.stage = plan_stages(path, hf_config, config, self.dtype)[self.parallel.pp_rank]
