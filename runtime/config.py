@@ -69,6 +69,13 @@ class EngineConfig(_Strict):
     cpu_memory_gb: float = Field(2.0, gt=0, description="memory budget on CPU that kv_cache_fraction applies to")
     num_kv_blocks: int | None = Field(
         None, ge=1, description="exact number of KV blocks (overrides kv_cache_fraction; for tests and tuning)")
+    num_cpu_blocks: int = Field(
+        0, ge=0, description="KV blocks of host memory (pinned on a GPU) that eviction='copy' swaps preempted "
+        "sequences into; unused with eviction='recompute' (LMDeploy's num_cpu_blocks)")
+    eviction: Literal["recompute", "copy"] = Field(
+        "recompute", description="what preemption does with a sequence's KV blocks: recompute frees them and "
+        "prefills its tokens again later; copy swaps them to num_cpu_blocks of host memory and back (vLLM's swap), "
+        "falling back to recompute while the host blocks are full (LMDeploy's eviction_type)")
     session_len: int | None = Field(
         None, ge=2, description="most tokens of prompt + generation per request; default: the model's max_position_embeddings")
     rope_scaling_factor: float | None = Field(
@@ -124,6 +131,13 @@ class EngineConfig(_Strict):
         if self.pipeline_split == "threshold" and self.pipeline_stage_bytes is None:
             raise ValueError("pipeline_stage_bytes: pipeline_split='threshold' needs a byte limit per stage; "
                              "set pipeline_stage_bytes or use pipeline_split='equal_size'")
+        return self
+
+    @model_validator(mode="after")
+    def _eviction_copy_needs_host_blocks(self):
+        if self.eviction == "copy" and self.num_cpu_blocks == 0:
+            raise ValueError("num_cpu_blocks: eviction='copy' swaps preempted sequences to host memory but "
+                             "num_cpu_blocks is 0; set num_cpu_blocks (host KV blocks) or use eviction='recompute'")
         return self
 
     @property

@@ -45,7 +45,12 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 def load_hf_config(path: Path):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    try:  # trust_remote_code=False: a checkpoint's own Python never runs, and transformers never asks
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError) as err:
+        from kubellm.runtime.executor.models.transformers_backend import unreadable_config
+
+        raise ModelDirError(unreadable_config(path, err)) from err
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:

@@ -89,6 +89,30 @@ def _transformers_class(name: str) -> type:
     return getattr(transformers, name)
 
 
+def unreadable_config(path, err: Exception) -> str:
+    """Why transformers could not read a model directory's config.json (`err`), for a person."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    model_type, names = raw.get("model_type"), raw.get("architectures") or []
+    if raw.get("auto_map"):
+        return (f"model: {str(path)!r} is remote code ({names or model_type!r}: config.json's auto_map points at "
+                "Python files inside the checkpoint); kubellm never runs a checkpoint's own code "
+                f"(trust_remote_code), has no model file for it, and transformers {transformers.__version__} "
+                f"has no class for model_type {model_type!r}")
+    if model_type:
+        return (f"model: config.json's model_type {model_type!r} ({names}) is unknown to transformers "
+                f"{transformers.__version__} and kubellm has no model file for it; a newer transformers may "
+                f"know it ({str(err).splitlines()[0]})")
+    return f"model: {str(path)!r}: transformers cannot read config.json: {err}"
+
+
 def tensor_parallel_sizes(hf_config) -> list[int]:
     """Sizes the config's base_model_tp_plan can split this model into: [1] without a plan."""
     if not getattr(hf_config, "base_model_tp_plan", None):
@@ -141,6 +165,8 @@ class TransformersForCausalLM(nn.Module):
         # names the checkpoint may hold, before any part is replaced
         self._parameter_names = {n for n, _ in hf.named_parameters(remove_duplicate=False)}
         self._buffer_names = {n for n, _ in hf.named_buffers(remove_duplicate=False)}
+        self._known_names = dict.fromkeys(self._parameter_names | self._buffer_names, True)
+        self._renamings, self._converters = _checkpoint_transforms(hf)
         embedding_name = _name_of(hf, hf.get_input_embeddings())
         tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
         for name, child in hf.named_children():
@@ -225,9 +251,24 @@ class TransformersForCausalLM(nn.Module):
 
     # -- checkpoint names, for the loader ---------------------------------------------------------------
     def checkpoint_name(self, name: str) -> str | None:
-        """The parameter a checkpoint tensor fills; None skips it (saved buffers: masks, rotary tables)."""
+        """The parameter a checkpoint tensor fills; None skips it (saved buffers: masks, rotary tables).
+        transformers' own renamings of older checkpoint names apply first (GPT-NeoX's `embed_out` is
+        `lm_head`, `LayerNorm.gamma` is `.weight`, ...)."""
         if name in self._parameter_names:
             return name
+        if self._renamings or self._converters:
+            from transformers.core_model_loading import rename_source_key
+
+            renamed, converter = rename_source_key(name, self._renamings, self._converters, self.base_prefix,
+                                                   self._known_names)
+            if converter is not None:
+                raise ValueError(f"checkpoint tensor {name!r} must be converted as transformers does on load "
+                                 f"({converter!r} -> {renamed!r}: tensors merged or split); the transformers "
+                                 "backend reads checkpoint tensors one by one and cannot load this checkpoint (where "
+                                 "kubellm has a model file for it, model_impl='auto' reads it)")
+            name = renamed
+            if name in self._parameter_names:
+                return name
         prefixed = f"{self.base_prefix}.{name}"   # Hub checkpoints saved from the base model (bloom-560m)
         if prefixed in self._parameter_names:
             return prefixed
@@ -298,6 +339,19 @@ def _materialize(model: nn.Module) -> None:
                 if id(param) not in made:
                     made[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
                 module._parameters[name] = made[id(param)]
+
+
+def _checkpoint_transforms(hf) -> tuple[list, list]:
+    """transformers' load-time key transforms for this model: (plain renamings, converters that merge
+    or split tensors). Empty where this transformers version has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    transforms = get_model_conversion_mapping(hf)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
 
 
 def _name_of(root: nn.Module, target: nn.Module) -> str:

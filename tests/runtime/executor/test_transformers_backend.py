@@ -64,7 +64,8 @@ def run_staggered(engine, ids):
 def test_family_matches_transformers_under_continuous_batching(family_checkpoint, family):
     """Bloom (ALiBi), GPT-Neo (unscaled scores, a local layer of window 8), GPT-J and CodeGen (interleaved
     partial rotary), Gemma (one KV head, scaled embedding), Gemma 2 (soft-capped scores and logits, a
-    sliding layer), StableLM (partial rotary, QKV bias)."""
+    sliding layer), StableLM (partial rotary, QKV bias), GPT-NeoX (checkpoint names renamed as transformers
+    renames them)."""
     path = family_checkpoint(family)
     engine = engine_for(path, max_num_batched_tokens=16)
     assert isinstance(engine.runner.model, _backend())
@@ -132,6 +133,17 @@ def test_random_weights_and_no_decode_graphs(family_checkpoint):
     assert why_eager(engine.runner) == "the transformers backend runs transformers' modeling code eagerly"
     (seq,) = run(engine, encode(engine, ["Hello"]))
     assert seq.generated_ids
+
+
+@pytest.mark.model
+def test_a_checkpoint_transformers_converts_on_load_is_refused_by_name(tmp_path):
+    """Mixtral's per-expert tensors are merged by transformers 5 on load; the backend reads tensors one by one."""
+    from tiny_models import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "mixtral", "mixtral")
+    with pytest.raises(ValueError, match=r"checkpoint tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' "
+                                         r"must be converted as transformers does on load .*model_impl='auto'"):
+        engine_for(path, model_impl="transformers")
 
 
 # -- pipeline and tensor parallel (real rank processes over gloo) ---------------------------------------------
@@ -267,3 +279,21 @@ def test_layer_windows():
     chunked = SimpleNamespace(model_type="x", num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match=r"layer_types: \['chunked_attention'\] layers are not supported"):
         layer_windows(chunked)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+      "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}},
+     r"is remote code \(\['QWenLMHeadModel'\].*kubellm never runs a checkpoint's own code \(trust_remote_code\)"),
+    ({"architectures": ["FooForCausalLM"], "model_type": "foo"},
+     r"model_type 'foo' \(\['FooForCausalLM'\]\) is unknown to transformers .* a newer transformers may know it"),
+    ({"hidden_size": 64}, r"transformers cannot read config.json: .*model_type"),
+], ids=["remote_code", "unknown_model_type", "no_model_type"])
+def test_a_config_transformers_cannot_read_says_why(tmp_path, config, message):
+    import json
+
+    from kubellm.runtime.executor.loader import ModelDirError, load_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match=message):   # and never a trust_remote_code prompt
+        load_hf_config(tmp_path)
