@@ -220,3 +220,26 @@ def test_options_that_cannot_apply_are_refused(tmp_path, plain_llama):
     llama3 = make_checkpoint(tmp_path / "llama3", "llama3")
     with pytest.raises(ValueError, match=r"rope_scaling_factor: the checkpoint already scales .*'llama3'"):
         _engine(llama3, rope_scaling_factor=2.0)
+
+
+def test_triton_path_gives_the_reference_tokens_past_the_trained_length(dynamic_llama, monkeypatch):
+    """The kernels take the per-token cos/sin and the scaled queries as they take the table's: the Triton
+    path (interpreted on CPU) gives the reference path's tokens with dynamic scaling and log-n on."""
+    pytest.importorskip("triton")
+    from kubellm.kernels import triton_support
+    if torch.cuda.is_available() or not triton_support.interpreting():
+        pytest.skip("checks the interpreted Triton path on CPU (on a GPU the engine tests run it directly)")
+    ids = _encode(dynamic_llama, PROMPTS[2:3])  # 119 tokens, past 64 from the prefill on
+
+    def generate(mode):
+        monkeypatch.setenv("KUBELLM_KERNELS", mode)
+        seqs = _generate(_engine(dynamic_llama, use_logn_attn=True), ids, n=6)
+        return [s.generated_ids for s in seqs], [s.logprobs for s in seqs]
+
+    ref_ids, ref_logprobs = generate("reference")
+    from kubellm.kernels import rotary_triton
+    calls, kernel = [], rotary_triton.apply_rotary
+    monkeypatch.setattr(rotary_triton, "apply_rotary", lambda *a: calls.append(1) or kernel(*a))
+    ids_triton, logprobs = generate("triton")
+    assert calls and ids_triton == ref_ids
+    assert logprobs[0] == pytest.approx(ref_logprobs[0], abs=1e-4)
