@@ -9,9 +9,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "pipeline": "kubellm.runtime.pipeline",
     "Pipeline": "kubellm.runtime.pipeline",
+    "FollowerPipeline": "kubellm.runtime.pipeline",
     "Response": "kubellm.runtime.response",
     "GenerationConfig": "kubellm.runtime.config",
     "EngineConfig": "kubellm.runtime.config",
+    # LMDeploy's configs, mapped onto EngineConfig and the chat template (docs/seeds.md)
+    "TurbomindEngineConfig": "kubellm.runtime.lmdeploy_compat",
+    "PytorchEngineConfig": "kubellm.runtime.lmdeploy_compat",
+    "ChatTemplateConfig": "kubellm.runtime.chat_template",
     "serve": "kubellm.runtime.local.deployments",
     "client": "kubellm.runtime.local.deployments",
     "terminate_server": "kubellm.runtime.local.deployments",

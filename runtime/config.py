@@ -155,6 +155,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 class GenerationConfig(_Strict):
     """Per-request sampling and stopping options (LMDeploy's GenerationConfig)."""
 
+    n: int = Field(1, ge=1, le=128, description="choices per prompt (LMDeploy's n), each sampled with its own "
+                   "seed; pipeline() runs them as n requests (the engine and the servers take n=1)")
     max_new_tokens: int = Field(256, ge=1, description="most tokens to generate")
     max_length: int | None = Field(
         None, ge=2, description="DeepSpeed-MII's limit on prompt + generated tokens; the tighter limit wins")
@@ -262,7 +264,10 @@ def prompt_count_problem(count: int, limits: EngineConfig) -> str | None:
 
 
 def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | None:
-    """What of `gen` exceeds the engine's limits on logprobs and stop/bad words."""
+    """What of `gen` exceeds the engine's limits on logprobs and stop/bad words, or asks one request for n > 1."""
+    if gen.n != 1:   # one request is one sequence: pipeline() expands n into n requests, each with its own seed
+        return (f"n: {gen.n} choices asked of one request; the engine runs one choice per request: use pipeline(), "
+                "which runs each choice as its own request, or send the prompt n times")
     if gen.logprobs is not None and gen.logprobs > limits.max_logprobs:
         return (f"logprobs: {gen.logprobs} top alternatives asked, more than max_logprobs ({limits.max_logprobs}); "
                 f"ask for at most {limits.max_logprobs} or raise max_logprobs")

@@ -12,3 +12,8 @@ class EngineFullError(RuntimeError):
 class ExecutorBrokenError(RuntimeError):
     """The executor can run no further step: a rank of its group died or a collective failed. Every
     later step raises it too; only a new engine (a restarted worker) recovers (gRPC UNAVAILABLE)."""
+
+
+class SeedOptionWarning(UserWarning):
+    """An option of LMDeploy or DeepSpeed-MII was accepted but has no effect here; the message says why
+    (docs/seeds.md)."""

@@ -1,7 +1,8 @@
 """The result of one prompt, shared by the in-process pipeline and the gRPC client (no torch).
 
-LMDeploy's names (`input_token_len`, `generate_token_len`) and DeepSpeed-MII's
-(`prompt_length`, `generated_length`, `generated_text`) both work.
+LMDeploy's names (`input_token_len`, `generate_token_len`, `session_id`) and DeepSpeed-MII's
+(`prompt_length`, `generated_length`, `generated_text`) both work. LMDeploy's `logprobs` (a dict of top
+alternatives per position) is `top_logprobs` here; `logprobs` holds the chosen tokens' own.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ class Response:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     replica: str = ""           # which worker answered (gRPC client only)
-
-    @property
-    def session_id(self) -> int:
-        return self.index
+    # LMDeploy's: the engine sequence that ran it, unique within the pipeline (pipeline() only; None from a client)
+    session_id: int | None = None
 
     @property
     def prompt_length(self) -> int:

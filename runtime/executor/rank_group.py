@@ -347,7 +347,7 @@ def _serve_steps(runner, conn, still_wanted) -> None:
 
 
 def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, session_len, connect,
-               still_wanted, on_ready=None, show_progress=False):
+               still_wanted, on_ready=None, show_progress=False, exit_when_stopped=True):
     from kubellm.runtime.config import EngineConfig
 
     conn = None
@@ -367,6 +367,12 @@ def _rank_main(rank, world, url, backend, timeout_s, model_path, config_dict, se
     if on_ready is not None:
         on_ready()
     _serve_steps(runner, conn, still_wanted)
+    if not exit_when_stopped:   # pipeline() under torchrun: the rank's own script goes on after rank 0 stops
+        conn.close()
+        del runner
+        dist.destroy_process_group()
+        parallel.reset_parallel()
+        return
     try:
         dist.destroy_process_group()
     finally:
@@ -381,10 +387,11 @@ def _local_rank_main(rank, world, url, backend, timeout_s, model_path, config_di
 
 def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path, config,
                       session_len: int, timeout_s: float = DEFAULT_TIMEOUT_S, on_ready=None,
-                      show_progress: bool = False) -> None:
+                      show_progress: bool = False, exit_when_stopped: bool = True) -> None:
     """A rank other than 0 on any host: join the group at MASTER_ADDR and follow rank 0 until it stops.
     Exits the process (code 1) when rank 0 goes away or a collective fails. `show_progress`: log the
-    shard's load (the first rank of a follower pod, whose log is the pod's)."""
+    shard's load (the first rank of a follower pod, whose log is the pod's). `exit_when_stopped`: exit
+    (code 0) when rank 0 stops the group; False returns instead (pipeline() under torchrun)."""
 
     def connect():
         deadline = time.monotonic() + timeout_s
@@ -400,7 +407,7 @@ def serve_remote_rank(rank: int, master_addr: str, master_port: int, model_path,
 
     _rank_main(rank, config.world_size, f"tcp://{master_addr}:{master_port}", _backend(config.device),
                timeout_s, str(model_path), config.model_dump(), session_len, connect, lambda: True, on_ready,
-               show_progress)
+               show_progress, exit_when_stopped)
 
 
 def ranks_on_this_host(world: int) -> list[int] | None:
