@@ -39,6 +39,9 @@ def model_class(hf_config, model_impl: str = "auto"):
     problem = transformers_problem(hf_config)
     if problem is None:
         return TransformersForCausalLM
+    if any(name in ARCHITECTURES for name in names):   # model_impl="transformers" on a family with a file
+        raise ValueError(f"model_impl: 'transformers' but transformers' modeling code cannot run {names} here: "
+                         f"{problem}; use model_impl='auto' (kubellm has a model file for it)")
     raise ValueError(f"unsupported architecture {names or hf_config.model_type!r} in config.json: kubellm has no "
                      f"model file for it (supported: {', '.join(ARCHITECTURES)}) and transformers' modeling code "
                      f"cannot run it here: {problem}")

@@ -34,6 +34,8 @@ from kubellm.runtime.executor.models import transformers_attention as attention
 from kubellm.runtime.executor.parallel import tp_size
 from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, whole_model
 
+# final norms some families define before their layer list (OPT)
+_FINAL_NORMS = ("final_layer_norm", "final_layernorm", "final_norm", "ln_f", "norm_f")
 # base_model_tp_plan styles and what they become here
 _COLUMN, _ROW, _WHOLE = "colwise", "rowwise", ("embedding_rowwise",)
 
@@ -172,8 +174,9 @@ class TransformersForCausalLM(nn.Module):
         for name, child in hf.named_children():
             self.add_module(name, child)
         self._hf = [hf]  # a list: not registered twice as a child
-        layers_name, layers = _decoder_layers(self.base, config.num_hidden_layers)
-        self._split_for_stage(layers_name, layers, stage)   # first: other stages' parts are never made
+        layers_path, layers = _decoder_layers(self.base, config.num_hidden_layers)
+        self._split_for_stage(layers_path, layers, stage, getattr(config, "base_model_pp_plan", None))
+        # (first: other stages' parts are never made real)
         tp = tp_size()
         if tp > 1:
             _apply_tp_plan(self.base, config)
@@ -189,19 +192,26 @@ class TransformersForCausalLM(nn.Module):
         return getattr(self, self.base_prefix)
 
     # -- pipeline stages ------------------------------------------------------------------------------
-    def _split_for_stage(self, layers_name: str, layers: nn.ModuleList, stage: PipelineStage) -> None:
+    def _split_for_stage(self, layers_path: str, layers: nn.ModuleList, stage: PipelineStage,
+                         pp_plan: dict | None) -> None:
         if stage.count == 1:
             return
-        base = self.base
-        setattr(base, layers_name, StageLayers(layers, stage))
-        after = False   # children defined after the layers (final norms) belong to the last stage
-        for name, child in list(base.named_children()):
-            if name == layers_name:
-                after = True
+        parent_path, _, layers_name = layers_path.rpartition(".")
+        if parent_path and not pp_plan:
+            raise ValueError(f"pipeline_parallel: {stage.count} stages, but {type(self.base).__name__} keeps its "
+                             f"decoder layers nested ({layers_path}) and transformers gives no base_model_pp_plan "
+                             "saying which of its parts run before and after them; use pipeline_parallel=1")
+        parent = self.base.get_submodule(parent_path) if parent_path else self.base
+        setattr(parent, layers_name, StageLayers(layers, stage))
+        # What runs before the layers (embeddings) is the first stage's, what runs after (final norms) the
+        # last's: the order of base_model_pp_plan, else the order the children are defined in.
+        order = list(pp_plan) if pp_plan else [name for name, _ in parent.named_children()]
+        for name, child in list(parent.named_children()):
+            if name == layers_name or name not in order or not any(True for _ in child.parameters()):
                 continue
-            held = stage.is_last if after else stage.is_first
-            if not held and any(True for _ in child.parameters()):
-                setattr(base, name, OffStage(self.hidden_size, self.dtype))   # an embedding, or a norm
+            after = order.index(name) > order.index(layers_name) or (not pp_plan and name in _FINAL_NORMS)
+            if not (stage.is_last if after else stage.is_first):
+                setattr(parent, name, OffStage(self.hidden_size, self.dtype))   # an embedding, or a norm
         if not stage.is_last:
             self.lm_head = MissingLayer()
         held = [layers[i] for i in range(stage.start, stage.end)]
@@ -359,9 +369,12 @@ def _name_of(root: nn.Module, target: nn.Module) -> str:
 
 
 def _decoder_layers(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    """The base model's list of decoder layers (`layers`, `h`, ...): its one ModuleList of that length."""
-    found = [(name, child) for name, child in base.named_children()
-             if isinstance(child, nn.ModuleList) and len(child) == num_layers]
+    """(path inside the base model, list) of the decoder layers (`layers`, `h`, `decoder.layers`, ...):
+    the outermost ModuleList of num_hidden_layers modules, which must be the only one that deep."""
+    lists = [(name, module) for name, module in base.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == num_layers]
+    depth = min((name.count(".") for name, _ in lists), default=None)
+    found = [(name, module) for name, module in lists if name.count(".") == depth]
     if len(found) != 1:
         raise ValueError(f"{type(base).__name__}: cannot tell its decoder layers apart ({len(found)} lists of "
                          f"{num_layers} modules); the transformers backend needs one")

@@ -77,18 +77,22 @@ def test_family_matches_transformers_under_continuous_batching(family_checkpoint
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
-def test_a_family_with_a_model_file_forced_through_the_backend_gives_the_files_tokens(fixture, request):
-    from kubellm.runtime.executor.models.llama import LlamaForCausalLM
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_a_family_with_a_model_file_forced_through_the_backend_gives_the_files_tokens(arch, request, tmp_path):
+    """Llama, Qwen2 (QKV bias) and OPT (decoder layers nested in model.decoder, learned positions)."""
+    from tiny_models import make_checkpoint
 
-    path = request.getfixturevalue(fixture)
+    from kubellm.runtime.executor.models import ARCHITECTURES
+
+    path = request.getfixturevalue(f"tiny_{arch}") if arch != "opt" else make_checkpoint(tmp_path / "opt", "opt")
     ids = None
     results = {}
     for impl in ("auto", "transformers"):
         engine = engine_for(path, max_num_batched_tokens=16, model_impl=impl)
         ids = ids or encode(engine, PROMPTS)
         results[impl], _ = run_staggered(engine, ids)
-        assert isinstance(engine.runner.model, LlamaForCausalLM if impl == "auto" else _backend())
+        file_class = ARCHITECTURES[engine.hf_config.architectures[0]]
+        assert type(engine.runner.model) is (file_class if impl == "auto" else _backend())
     file_seqs, backend_seqs = results["auto"], results["transformers"]
     assert [s.generated_ids for s in backend_seqs] == [s.generated_ids for s in file_seqs]
     for ours, theirs in zip(backend_seqs, file_seqs):
@@ -198,6 +202,18 @@ def test_tp2_follows_transformers_tp_plan(tiny_llama):
         engine.destroy()
 
 
+def test_pp_of_nested_layers_without_a_pp_plan_is_refused():
+    """OPT keeps its layers in model.decoder.layers and defines its final norm before them: without
+    transformers' base_model_pp_plan the backend cannot tell which parts run before the layers."""
+    from kubellm.runtime.executor.stages import PipelineStage
+
+    opt = _config("OPTConfig", architectures=["OPTForCausalLM"], hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                  num_attention_heads=2, vocab_size=64, word_embed_proj_dim=32)
+    with pytest.raises(ValueError, match=r"pipeline_parallel: 2 stages, but OPTModel keeps its decoder layers "
+                                         r"nested \(decoder.layers\) and transformers gives no base_model_pp_plan"):
+        _backend()(opt, 64, PipelineStage(0, 2, 0, 1))
+
+
 @pytest.mark.model
 def test_tp_without_a_plan_is_refused_listing_the_valid_sizes(family_checkpoint):
     with pytest.raises(ValueError, match=r"tensor_parallel: 2 is not possible for BloomForCausalLM on the "
@@ -248,6 +264,11 @@ def test_model_impl_picks_the_path():
     with pytest.raises(ValueError, match=r"model_impl: 'kubellm' but there is no kubellm model file for "
                                          r"\['BloomForCausalLM'\].*use model_impl='auto'"):
         model_class(bloom, "kubellm")
+    falcon = _config("FalconConfig", architectures=["FalconForCausalLM"])
+    with pytest.raises(ValueError, match=r"model_impl: 'transformers' but transformers' modeling code cannot run "
+                                         r"\['FalconForCausalLM'\] here: .*does not attend through.*use "
+                                         r"model_impl='auto' \(kubellm has a model file for it\)"):
+        model_class(falcon, "transformers")
     t5 = _config("T5Config", architectures=["T5ForConditionalGeneration"])
     with pytest.raises(ValueError, match=r"unsupported architecture \['T5ForConditionalGeneration'\] in config.json: "
                                          r"kubellm has no model file .* transformers' modeling code cannot run it "
