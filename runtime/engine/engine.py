@@ -16,7 +16,7 @@ from kubellm.runtime.executor.layers.long_context import max_session_len
 from kubellm.runtime.executor.load_times import LoadTimes
 from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
 from kubellm.runtime.executor.step import SeqChunk, StepBatch
-from kubellm.runtime.engine.scheduler import ScheduledSeq, Scheduler
+from kubellm.runtime.engine.scheduler import ScheduledSeq, Scheduler, SwapPlan
 from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -29,15 +29,18 @@ class StepOutput:
     finished: bool
 
 
-def step_batch(scheduled: list[ScheduledSeq]) -> StepBatch:
-    """The executor's view of a step: each scheduled sequence's new tokens and its blocks."""
+def step_batch(scheduled: list[ScheduledSeq], swaps: SwapPlan | None = None) -> StepBatch:
+    """The executor's view of a step: each scheduled sequence's new tokens and its blocks, and the
+    block copies of the sequences swapped out and in (eviction='copy')."""
     chunks = []
     for item in scheduled:
         seq, start = item.seq, item.seq.num_computed_tokens
         chunks.append(SeqChunk(start, seq.token_ids[start:start + item.num_tokens],
                                seq.block_table,   # read during this step only (pickled to other ranks): no copy
                                item.samples))
-    return StepBatch(chunks)
+    if swaps is None:
+        return StepBatch(chunks)
+    return StepBatch(chunks, swaps.out, swaps.in_)
 
 
 def session_len_for(hf_config, config: EngineConfig) -> int:
@@ -69,9 +72,12 @@ class LLMEngine:
             self.tokenizer = Tokenizer(self.model_path)
         self.executor = create_executor(self.model_path, self.hf_config, self.config, self.session_len,
                                         show_progress, group=rank_group, load_times=self.load_times)
+        # The host blocks exist on every rank only with eviction='copy' (ModelRunner.allocate_kv_cache).
+        num_cpu_blocks = self.config.num_cpu_blocks if self.config.eviction == "copy" else 0
         self.block_manager = BlockManager(self.executor.num_kv_blocks, self.config.block_size,
-                                          self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens)
+                                          self.config.enable_prefix_caching, num_cpu_blocks)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens,
+                                   self.config.eviction)
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
@@ -151,7 +157,7 @@ class LLMEngine:
         sampling_seqs = [item.seq for item in scheduled if item.samples]
         sampling = [seq.sampling_params(self.tokenizer.eos_token_ids) for seq in sampling_seqs]
         # A broken executor raises ExecutorBrokenError here, and from every later step.
-        result = self.executor.execute(step_batch(scheduled), sampling)
+        result = self.executor.execute(step_batch(scheduled, self.scheduler.swaps), sampling)
         self.scheduler.advance(scheduled)
         outputs = []
         for row, seq in enumerate(sampling_seqs):

@@ -12,6 +12,7 @@ from kubellm.runtime.executor.step import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"    # preempted with eviction='copy': its K/V wait in host blocks (cpu_block_table)
     FINISHED = "finished"
 
 
@@ -33,6 +34,7 @@ class Sequence:
         self.seed = seed
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.cpu_block_table: list[int] = []  # host blocks holding its computed K/V while SWAPPED
         self.num_computed_tokens = 0   # tokens whose K/V are in the cache
         self.num_hashed_blocks = 0     # leading full blocks registered for prefix caching
         self.num_cached_prompt_tokens = 0  # prefix-cache hits at the last admission

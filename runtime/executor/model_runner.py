@@ -74,6 +74,7 @@ class ModelRunner:
         self.sliding_windows = {a.sliding_window for a in self.attention_layers}
         self.session_len = session_len
         self.num_blocks = 0          # no KV cache until allocate_kv_cache
+        self.host_kv_cache = None    # eviction='copy': [layer, k/v, host block, ...] (pinned on a GPU)
         self.decode_graphs = None    # None: every step eager
 
     # -- the KV cache ---------------------------------------------------------------------------------
@@ -112,7 +113,50 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.num_blocks = num_blocks
+        self._allocate_host_kv_cache(shape[1:])
         self.decode_graphs = capture_decode_graphs(self, self.session_len)
+
+    def _allocate_host_kv_cache(self, block_shape) -> None:
+        """eviction='copy': num_cpu_blocks host blocks for this rank's layers (its shard, its stage)."""
+        if self.config.eviction != "copy":
+            return
+        shape = (len(self.attention_layers), 2, self.config.num_cpu_blocks, *block_shape)
+        self.host_kv_cache = torch.zeros(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy (device block, host block) pairs out, then (host block, device block) pairs in, over every
+        attention layer of this rank: a gather, a transfer and a scatter per layer and direction (device
+        memory for one layer's blocks at a time). The device caches are written in place: CUDA graphs
+        replay their addresses."""
+        host, dev = self.host_kv_cache, self.device
+        if host is None:
+            raise RuntimeError("a step swaps KV blocks but this runner has no host cache (eviction is not 'copy')")
+        cuda = dev.type == "cuda"
+        if swap_out:
+            src = torch.tensor([d for d, _ in swap_out], device=dev)
+            dst = torch.tensor([h for _, h in swap_out])
+            if cuda:   # into a pinned staging buffer, asynchronously; one wait; then the scatter on the host
+                staging = torch.empty((host.shape[0], 2, len(dst), *host.shape[3:]), dtype=host.dtype,
+                                      pin_memory=True)
+                for i, attn in enumerate(self.attention_layers):
+                    staging[i, 0].copy_(attn.k_cache.index_select(0, src), non_blocking=True)
+                    staging[i, 1].copy_(attn.v_cache.index_select(0, src), non_blocking=True)
+                torch.cuda.current_stream(dev).synchronize()
+                host[:, :, dst] = staging
+            else:
+                for i, attn in enumerate(self.attention_layers):
+                    host[i, 0, dst] = attn.k_cache.index_select(0, src)
+                    host[i, 1, dst] = attn.v_cache.index_select(0, src)
+        if swap_in:
+            src = torch.tensor([h for h, _ in swap_in])
+            dst = torch.tensor([d for _, d in swap_in], device=dev)
+            for i, attn in enumerate(self.attention_layers):
+                blocks = host[i, :, src]
+                if cuda:   # pinned, so the copy is asynchronous; stream-ordered before the step's kernels
+                    blocks = blocks.pin_memory().to(dev, non_blocking=True)
+                attn.k_cache.index_copy_(0, dst, blocks[0])
+                attn.v_cache.index_copy_(0, dst, blocks[1])
 
     # -- one step ---------------------------------------------------------------------------------
     def _prepare(self, chunks: list[SeqChunk]):
@@ -161,6 +205,8 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor | None:
         """This rank's part of one step; every rank of the group runs it. Returns the sampled rows'
         logits on rank 0 (and on other last-stage ranks), None where this rank has none."""
+        if batch.blocks_to_swap_out or batch.blocks_to_swap_in:   # eviction='copy': before anything reads the cache
+            self.swap_blocks(batch.blocks_to_swap_out, batch.blocks_to_swap_in)
         wants_logits = batch.num_samples > 0
         if self.parallel.pp == 1:
             hidden, sample_rows = self._run_model(batch.chunks)

@@ -42,9 +42,13 @@ class SeqChunk:
 
 @dataclass(slots=True)
 class StepBatch:
-    """What one step computes: the scheduler's chunks, decodes first, then prefill chunks."""
+    """What one step computes: the scheduler's chunks, decodes first, then prefill chunks; and, with
+    eviction='copy', the KV blocks every rank copies on its own cache shard before the forward: out
+    (device -> host) first, then in (host -> device)."""
 
     chunks: list[SeqChunk] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, host block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host block, device block)
 
     @property
     def num_tokens(self) -> int:
