@@ -34,6 +34,8 @@ from kubellm.api.runtime_settings import RuntimeSettings
 from kubellm.runtime.local.registry import (DeploymentError, check_name, default_name, deployment_dir, entry_pids, kill,
                                             list_deployments, read_entry, registry_dir, remove_entry, wait_dead,
                                             with_liveness, write_entry)
+from kubellm.runtime.lmdeploy_compat import warn_notes
+from kubellm.runtime.mii_compat import MiiOptions, merge, mii_config_options, model_config_options, split_keywords
 from kubellm.runtime.serving.balancing import make_balancer
 from kubellm.runtime.serving.client import API_KEY_ENV, Client, resolve_api_key
 
@@ -58,10 +60,6 @@ class DeploymentClient(Client):
     @property
     def rest_url(self) -> str | None:
         return self.entry.get("rest_url")
-
-    def query(self, prompts, **gen_options):
-        """MII's name for `generate`."""
-        return self.generate(prompts, **gen_options)
 
     def terminate_server(self, timeout: float | None = None) -> bool:
         """Terminate the router and every worker, wait for them to exit (killing leftovers), forget the entry."""
@@ -179,8 +177,55 @@ class _Started:
     logs: list
 
 
-def serve(model: str, deployment_name: str | None = None, tensor_parallel: int = 1, replica_num: int = 1,
-          enable_restful_api: bool = False, restful_api_port: int = 28080, *, host: str = "127.0.0.1",
+# serve()'s own arguments that MII's model_config / mii_config may set too, with serve()'s defaults
+_SERVE_DEFAULTS = {"deployment_name": None, "tensor_parallel": 1, "replica_num": 1, "enable_restful_api": False,
+                   "restful_api_port": 28080, "host": "127.0.0.1", "port_number": None}
+
+
+def mii_serve_options(model: str, model_config, mii_config, keywords: dict, named: dict) -> tuple[str, dict, dict]:
+    """DeepSpeed-MII's serve(model, model_config={...}, mii_config={...}, **kwargs) -> (model, serve()'s named
+    arguments, the remaining keywords with MII's engine options added). MII routes keywords by name to
+    ModelConfig or MIIConfig (docs/seeds.md); a value given two ways differently is an error; options without
+    effect here warn."""
+    kw_model, kw_mii, rest = split_keywords(keywords, own=set())
+    total = MiiOptions()
+    for source, part in (("model_config", model_config_options(model_config)),
+                         ("mii_config", mii_config_options(mii_config)),
+                         ("keywords", model_config_options(kw_model)), ("keywords", mii_config_options(kw_mii))):
+        merge(total.engine, part.engine, source)
+        merge(total.serve, part.serve, source)
+        total.notes += part.notes
+        if part.model is not None:
+            if total.model is not None and str(total.model) != str(part.model):
+                raise ValueError(f"model_name_or_path: given as {total.model!r} and as {part.model!r}; give it once")
+            total.model = part.model
+    warn_notes(total.notes, stacklevel=4)
+    if total.model is not None and model and str(total.model) != str(model):
+        raise ValueError(f"model_config.model_name_or_path: {total.model!r}, but serve()'s model is {model!r}; "
+                         "give it once")
+    model = model or total.model
+    if not model:
+        raise ValueError("model: give the model (a local directory or a known name) as serve()'s first argument "
+                         "or as model_config['model_name_or_path']")
+    named = dict(named)
+    for key, value in total.serve.items():
+        if named[key] != _SERVE_DEFAULTS[key] and named[key] != value:
+            raise ValueError(f"{key}: given as {named[key]!r} and as {value!r} (from model_config / mii_config); "
+                             "give it once")
+        named[key] = value
+    for key, value in total.engine.items():   # tensor_parallel is a named argument; the others are options
+        if key == "tensor_parallel":
+            if named[key] != _SERVE_DEFAULTS[key] and named[key] != value:
+                raise ValueError(f"tensor_parallel: given as {named[key]!r} and as {value!r}; give it once")
+            named[key] = value
+        else:
+            merge(rest, {key: value}, "model_config")
+    return model, named, rest
+
+
+def serve(model: str = "", deployment_name: str | None = None, tensor_parallel: int = 1, replica_num: int = 1,
+          enable_restful_api: bool = False, restful_api_port: int = 28080, *, model_config: dict | None = None,
+          mii_config: dict | None = None, host: str = "127.0.0.1", port_number: int | None = None,
           startup_timeout: float = 600.0, policy: str = "round_robin", prefix_length: int = 256,
           load_factor: float = 1.25, api_key: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, max_request_bytes: int | None = None,
@@ -189,7 +234,9 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     """Start a persistent local deployment of `model` and return a client of it (DeepSpeed-MII's `mii.serve`).
 
     `options` are EngineConfig fields (max_batch_size, dtype, device, session_len, ...) and
-    GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request).
+    GenerationConfig fields (max_new_tokens, temperature, ...; the defaults of every request), and MII's
+    ModelConfig / MIIConfig fields (as `model_config={...}`, `mii_config={...}` or keywords, as MII routes
+    them: max_length is the engine's session_len, port_number the router's gRPC port; docs/seeds.md).
     `policy`, `prefix_length`, `load_factor`: the router's (`kubellm router --policy ...`).
     `api_key` (default $KUBELLM_API_KEY): the key the router requires (REST and gRPC).
     `tls_cert`, `tls_key`: PEM files; the router serves TLS (gRPC) and HTTPS (REST) with them.
@@ -197,6 +244,20 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
     (docs/limits.md; None: its defaults, no rate limit); `max_prompts_per_request` (an EngineConfig option) is the
     router's too.
     """
+    if isinstance(deployment_name, dict) and model_config is None:   # MII's second argument is model_config
+        deployment_name, model_config = None, deployment_name
+    named = {"deployment_name": deployment_name, "tensor_parallel": tensor_parallel, "replica_num": replica_num,
+             "enable_restful_api": enable_restful_api, "restful_api_port": restful_api_port, "host": host,
+             "port_number": port_number}
+    model, named, options = mii_serve_options(model, model_config, mii_config, options, named)
+    deployment_name, tensor_parallel, replica_num = named["deployment_name"], named["tensor_parallel"], named["replica_num"]
+    enable_restful_api, restful_api_port, host = named["enable_restful_api"], named["restful_api_port"], named["host"]
+    port_number = named["port_number"]
+    if port_number is not None and not (isinstance(port_number, int) and 0 < port_number < 65536):
+        raise ValueError(f"port_number: must be a port 1-65535 (got {port_number!r})")
+    if (options.get("n") or 1) != 1:
+        raise ValueError(f"n: {options['n']} choices per prompt as a deployment's default; a deployment returns one "
+                         "per prompt (send a prompt n times), or use kubellm.pipeline()")
     name = check_name(deployment_name if deployment_name is not None else default_name(model))
     if not isinstance(replica_num, int) or isinstance(replica_num, bool) or replica_num < 1:
         raise ValueError(f"replica_num: must be an integer >= 1 (got {replica_num!r})")
@@ -225,7 +286,7 @@ def serve(model: str, deployment_name: str | None = None, tensor_parallel: int =
         pass
     try:
         return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
-                             host, startup_timeout, engine, gen, routing, security)
+                             host, startup_timeout, engine, gen, routing, security, port_number)
     finally:
         lock.close()
 
@@ -270,7 +331,8 @@ def _security(api_key, tls_cert, tls_key) -> _Security:
 
 
 def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
-                  startup_timeout, engine, gen, routing: list[str], security: _Security) -> DeploymentClient:
+                  startup_timeout, engine, gen, routing: list[str], security: _Security,
+                  router_port: int | None = None) -> DeploymentClient:
     existing = read_entry(name)
     if existing is not None:
         live = with_liveness(existing)
@@ -314,7 +376,7 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
             worker_addresses.append(f"127.0.0.1:{port}")
             launch(f"worker-{i}", settings.worker_args(model, str(directory), host="127.0.0.1", port=port,
                                                        replica=f"{name}-{i}", allow_terminate=True), worker_env)
-        router_port = _free_port()
+        router_port = router_port or _free_port()   # MII's port_number, else any free port
         router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
                        "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5",
                        *routing]

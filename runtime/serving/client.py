@@ -5,6 +5,7 @@
         print(r.text, r.generated_length, r.finish_reason)
     for delta in client.stream("Once upon a time", max_new_tokens=32):
         print(delta.text, end="")
+    client.generate("Once upon a time", streaming_fn=lambda rs: print(rs[0].text, end=""))   # DeepSpeed-MII's
     client.close()
 
 Errors of the server come back as `ClientError` with the gRPC status name and the server's message.
@@ -27,6 +28,7 @@ from typing import Iterator
 import grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
+from kubellm.runtime.mii_compat import full_text, generate_options
 from kubellm.runtime.response import Response
 from kubellm.runtime.serving.tls import channel_credentials
 
@@ -86,17 +88,26 @@ def _prompt(value, i: int) -> llm_pb2.Prompt:
                      f"got {type(value).__name__}")
 
 
-def build_prompts(prompts) -> list[llm_pb2.Prompt]:
-    """A string, a list of strings, one conversation, a list of conversations, or token ids -> protos."""
+def prompt_list(prompts) -> list:
+    """A string, a list of strings, one conversation, a list of conversations, or token ids -> a list of prompts."""
     if isinstance(prompts, str) or _is_conversation(prompts) or _is_token_ids(prompts):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts: expected a string or a list, got {type(prompts).__name__}")
-    return [_prompt(p, i) for i, p in enumerate(prompts)]
+    return list(prompts)
+
+
+def build_prompts(prompts) -> list[llm_pb2.Prompt]:
+    """A string, a list of strings, one conversation, a list of conversations, or token ids -> protos."""
+    return [_prompt(p, i) for i, p in enumerate(prompt_list(prompts))]
 
 
 def build_config(options: dict) -> llm_pb2.GenerationConfig:
     """Generation options by name -> the proto (unset options stay unset, taking the server's defaults)."""
+    if options.get("n", 1) != 1:   # one request, one sequence per prompt (the engine's rule)
+        raise ValueError(f"n: {options['n']} choices per prompt; the gRPC API returns one per prompt: send the prompt "
+                         "n times (each with its own random_seed), or use kubellm.pipeline()")
+    options = {k: v for k, v in options.items() if k != "n"}
     unknown = sorted(set(options) - GEN_OPTIONS)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown generation option; valid ones: {', '.join(sorted(GEN_OPTIONS))}")
@@ -153,25 +164,70 @@ class Client:
     def _request(self, prompts, options) -> llm_pb2.GenerateRequest:
         return llm_pb2.GenerateRequest(prompts=build_prompts(prompts), config=build_config(options))
 
-    def generate(self, prompts, timeout: float | None = None, **gen_options) -> list[Response]:
-        request = self._request(prompts, gen_options)
+    def generate(self, prompts, timeout: float | None = None, streaming_fn=None, **gen_options) -> list[Response]:
+        """One Response per prompt. DeepSpeed-MII's `streaming_fn`: called with a one-item list [Response] for
+        each delta as it is generated (`index` says whose); the whole responses are returned at the end too
+        (MII returns None). `return_full_text=True`: the text starts with the prompt (text prompts)."""
+        if streaming_fn is not None:
+            if not callable(streaming_fn):
+                raise ValueError(f"streaming_fn: expected a callable taking a list of Responses, got "
+                                 f"{type(streaming_fn).__name__}")
+            return self._generate_streaming(prompts, timeout, streaming_fn, gen_options)
+        options, full = generate_options(gen_options)
+        originals = self._check_full_text(prompts, full)
+        request = self._request(prompts, options)
         try:
             reply = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._error(err) from None
-        return [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
-                         list(r.token_ids), list(r.logprobs) if r.logprobs else None, replica=reply.replica)
-                for r in reply.responses]
+        out = [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
+                        list(r.token_ids), list(r.logprobs) if r.logprobs else None, replica=reply.replica)
+               for r in reply.responses]
+        for r in out if full else ():
+            r.text = full_text(originals[r.index], r.text, r.index)
+        return out
 
     __call__ = generate
 
+    def query(self, prompts, **gen_options) -> list[Response]:
+        """DeepSpeed-MII's older name for `generate`."""
+        return self.generate(prompts, **gen_options)
+
+    @staticmethod
+    def _check_full_text(prompts, full: bool) -> list:
+        """The caller's prompts, checked up front where return_full_text needs their text."""
+        originals = prompt_list(prompts)
+        for i, prompt in enumerate(originals if full else ()):
+            full_text(prompt, "", i)
+        return originals
+
+    def _generate_streaming(self, prompts, timeout, callback, gen_options) -> list[Response]:
+        final: dict[int, Response] = {}
+        for delta in self.stream(prompts, timeout, **gen_options):
+            callback([delta])
+            whole = final.setdefault(delta.index, Response("", delta.prompt_length, 0, None, delta.index,
+                                                           replica=delta.replica))
+            whole.text += delta.text
+            whole.token_ids.extend(delta.token_ids)
+            whole.generate_token_len = delta.generate_token_len
+            whole.finish_reason = delta.finish_reason or whole.finish_reason
+        return [final[i] for i in sorted(final)]
+
     def stream(self, prompts, timeout: float | None = None, **gen_options) -> Iterator[Response]:
-        """Deltas for all prompts as they are generated (`index` says whose); stopping early cancels the call."""
-        request = self._request(prompts, gen_options)
+        """Deltas for all prompts as they are generated (`index` says whose); stopping early cancels the call.
+        `return_full_text=True`: each prompt's first delta starts with the prompt."""
+        options, full = generate_options(gen_options)
+        originals = self._check_full_text(prompts, full)
+        request = self._request(prompts, options)
         call = self._stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        started: set[int] = set()
         try:
             for d in call:
-                yield Response(d.text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
+                text = d.text
+                if full and d.index not in started:
+                    text = full_text(originals[d.index], text, d.index)
+                started.add(d.index)
+                yield Response(text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
                                list(d.token_ids), replica=d.replica)
         except grpc.RpcError as err:
             raise self._error(err) from None
