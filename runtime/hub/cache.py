@@ -29,11 +29,11 @@ def cache_dir() -> Path:
 
 
 def is_complete(directory: str | os.PathLike) -> bool:
-    """Whether a directory holds what the loader needs: config, safetensors weights, tokenizer."""
+    """Whether a directory holds what the loader needs: config, weights (safetensors or PyTorch .bin), tokenizer."""
     d = Path(directory)
     return (
         (d / "config.json").is_file()
-        and any(d.glob("*.safetensors"))
+        and (any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")))
         and (d / "tokenizer_config.json").is_file()
         and ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file())
     )

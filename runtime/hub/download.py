@@ -12,6 +12,9 @@ from pathlib import Path
 from kubellm.runtime.hub.cache import install, is_complete, log, remove_stale_temp_dirs
 
 HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+# A repository without safetensors (older Hub models, PiPPy's examples): its PyTorch checkpoint, fetched only
+# then, so that a repository holding both formats is not downloaded twice.
+PYTORCH_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 class DownloadError(ValueError):
@@ -19,7 +22,7 @@ class DownloadError(ValueError):
 
 
 def download_hf(source: str, dest: str | os.PathLike) -> Path:
-    """Fetch `hf://org/name[@revision]` (safetensors, config, tokenizer) into `dest`: the worker pods'
+    """Fetch `hf://org/name[@revision]` (safetensors, else PyTorch .bin; config, tokenizer) into `dest`: the worker pods'
     init container (`kubellm models download`).
 
     Any Hugging Face–compatible endpoint: HF_ENDPOINT (spec.model.endpoint, default the Hub) and
@@ -57,12 +60,15 @@ def download_hf(source: str, dest: str | os.PathLike) -> Path:
     with _DirProgress(partial):
         try:
             snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=HF_PATTERNS)
+            if not any(partial.glob("*.safetensors")):
+                snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=PYTORCH_PATTERNS)
         except Exception as err:  # noqa: BLE001 - huggingface_hub's errors, turned into what to fix
             raise _download_error(err, source, what, endpoint) from None
     if not is_complete(partial):
         shutil.rmtree(partial, ignore_errors=True)
-        raise DownloadError(f"model: {source!r} has no safetensors weights or tokenizer at {endpoint}; "
-                            "kubellm reads config.json, *.safetensors and tokenizer.json / tokenizer.model")
+        raise DownloadError(f"model: {source!r} has no weights (safetensors or pytorch_model*.bin) or tokenizer at "
+                            f"{endpoint}; kubellm reads config.json, *.safetensors (else pytorch_model*.bin) and "
+                            "tokenizer.json / tokenizer.model")
     shutil.rmtree(partial / ".cache", ignore_errors=True)   # huggingface_hub's resume metadata
     files = [f.stat().st_size for f in partial.rglob("*") if f.is_file()]
     install(partial, dest, force=False)

@@ -237,3 +237,18 @@ def test_the_rendered_init_container_then_the_rendered_worker(mirror, tiny_llama
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_repository_with_only_a_pytorch_checkpoint(tiny_llama, tmp_path):
+    """Older Hub models (and PiPPy's examples) have pytorch_model*.bin and no safetensors: fetched and served."""
+    sys.path.insert(0, str(ROOT / "tests" / "runtime" / "executor"))
+    from test_pytorch_checkpoints import save_bin
+
+    bin_only = save_bin(tiny_llama, tmp_path / "bin-only", max_shard_size=60_000)
+    with HFMirror(bin_only, REPO, token=TOKEN) as bin_mirror:
+        dest = tmp_path / "models" / "hf" / REPO
+        result = download(f"hf://{REPO}", dest, bin_mirror.url)
+        assert result.returncode == 0, result.stderr
+        assert model_files(dest) == model_files(bin_only)
+        assert is_complete(dest) and not list(dest.glob("*.safetensors"))
+    assert greedy(dest) == greedy(tiny_llama)
