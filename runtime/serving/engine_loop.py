@@ -208,7 +208,9 @@ class EngineLoop(threading.Thread):
     def _publish_state(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         self.metrics.set_engine_state(EngineState(len(scheduler.running), len(scheduler.waiting), float(blocks.usage),
-                                                  blocks.prefix_queries, blocks.prefix_hits, scheduler.num_preemptions))
+                                                  blocks.prefix_queries, blocks.prefix_hits, scheduler.num_preemptions,
+                                                  len(scheduler.swapped), blocks.swapped_out_blocks,
+                                                  blocks.swapped_in_blocks, scheduler.num_swap_fallbacks))
 
     def _add(self, prompts, gens, sink: EventSink, arrived: float) -> list[str]:
         added = []

@@ -61,6 +61,10 @@ class EngineState:
     prefix_queries: int = 0          # prompt tokens looked up in the prefix cache (cumulative)
     prefix_hits: int = 0             # of them, served from it
     preemptions: int = 0             # cumulative
+    swapped: int = 0                 # sequences preempted to host memory (eviction='copy'), not yet back
+    swapped_out_blocks: int = 0      # KV blocks copied device -> host (cumulative)
+    swapped_in_blocks: int = 0       # KV blocks copied host -> device (cumulative)
+    swap_fallbacks: int = 0          # eviction='copy' preemptions recomputed: host blocks full (cumulative)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,13 @@ class WorkerMetrics:
         r.gauge(f"{p}waiting", "Sequences waiting for the engine.", function=lambda: self._state.waiting)
         r.gauge(f"{p}kv_cache_usage", "Share of KV-cache blocks in use (0..1).",
                 function=lambda: self._state.kv_cache_usage)
+        r.gauge(f"{p}swapped", "Sequences preempted to host memory (eviction='copy'), waiting to be swapped back in.",
+                function=lambda: self._state.swapped)
+        r.counter(f"{p}kv_swapped_blocks_total", "KV-cache blocks copied to host memory (out) and back (in) for "
+                  "preempted sequences (eviction='copy').", ("direction",),
+                  function=lambda: {("out",): self._state.swapped_out_blocks, ("in",): self._state.swapped_in_blocks})
+        r.counter(f"{p}kv_swap_fallbacks_total", "Preemptions with eviction='copy' that recomputed the sequence "
+                  "because the host blocks were full.", function=lambda: self._state.swap_fallbacks)
         self.ttft = r.histogram(f"{p}time_to_first_token_seconds", "Time from request arrival to its first token.",
                                 TTFT_BUCKETS)
         self.tpot = r.histogram(f"{p}time_per_output_token_seconds", "Mean time between output tokens of a request.",

@@ -139,3 +139,30 @@ def test_parallel_group_swaps_on_every_rank_with_equal_tokens(tiny_llama, tp, pp
         assert not group.executor.broken
     finally:
         group.destroy()
+
+
+@pytest.mark.multiprocess
+def test_a_worker_publishes_its_swaps_on_metrics(tiny_mistral):
+    """A real worker (gRPC over loopback, /metrics over HTTP): kubellm_kv_swapped_blocks_total moves."""
+    import urllib.request
+
+    pytest.importorskip("grpc")
+    from kubellm.metrics import parse
+    from kubellm.runtime.serving.client import Client
+    from kubellm.runtime.serving.worker import WorkerServer
+
+    options = dict(PRESSURE, device="cpu", dtype="float32", max_batch_size=8, eviction="copy", num_cpu_blocks=64)
+    server = WorkerServer(tiny_mistral, options, metrics_port=0).start().wait_ready()
+    try:
+        with Client(server.address, timeout=120) as client:
+            ids = server.call_engine(lambda engine: encode(engine, PROMPTS))
+            client.generate(ids, max_new_tokens=24, ignore_eos=True)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+        samples = parse(text)
+        out, in_ = (samples[f'kubellm_kv_swapped_blocks_total{{direction="{d}"}}'] for d in ("out", "in"))
+        assert out > 0 and in_ > 0
+        assert out == server.call_engine(lambda engine: engine.block_manager.swapped_out_blocks)
+        assert samples["kubellm_swapped"] == 0 and samples["kubellm_kv_swap_fallbacks_total"] == 0
+        assert "# TYPE kubellm_kv_swapped_blocks_total counter" in text
+    finally:
+        server.stop()
