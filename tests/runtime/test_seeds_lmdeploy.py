@@ -431,3 +431,43 @@ def test_a_hub_id_is_downloaded_into_download_dir_at_revision(tiny_llama, tmp_pa
         missing = subprocess.run([sys.executable, "-c", script, "org/tiny", str(tmp_path / "other"), "v9"],
                                  env=env, capture_output=True, text=True, timeout=300)
         assert missing.returncode != 0 and "revision 'v9'" in missing.stderr, missing.stderr[-2000:]
+
+
+@pytest.mark.model
+def test_eviction_type_copy_through_the_backend_config(tiny_llama):
+    """PytorchEngineConfig(eviction_type='copy', num_cpu_blocks=) reaches the engine's KV swap; under a KV cache
+    too small for the batch (preemption), the tokens are those of the recompute path."""
+    common = dict(block_size=4, num_gpu_blocks=16, session_len=64, device_type="cpu", dtype="float32", max_batch_size=4)
+    prompts = ["Hello there friend", "The quick brown fox", "Once upon a time", "one two three four"]
+    tokens = {}
+    for eviction in ("recompute", "copy"):
+        extra = {"num_cpu_blocks": 64} if eviction == "copy" else {}
+        p = pipeline(str(tiny_llama), backend_config=PytorchEngineConfig(eviction_type=eviction, **extra, **common),
+                     show_progress=False)
+        try:
+            assert (p.engine.config.eviction, p.engine.config.num_cpu_blocks) == (eviction, extra.get("num_cpu_blocks", 0))
+            tokens[eviction] = [r.token_ids for r in p(prompts, max_new_tokens=20, ignore_eos=True)]
+        finally:
+            p.destroy()
+    assert tokens["copy"] == tokens["recompute"]
+
+
+@pytest.mark.model
+def test_calls_from_several_threads_are_serialized(pipe):
+    """PytorchEngineConfig(thread_safe=True)'s promise, kept by every pipeline: concurrent calls do not mix."""
+    import threading
+
+    expected = [r.token_ids for r in pipe(["Hello", "Once upon a time"], max_new_tokens=6)]
+    results, errors = [None] * 4, []
+
+    def call(i):
+        try:
+            results[i] = [r.token_ids for r in pipe(["Hello", "Once upon a time"], max_new_tokens=6)]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == [expected] * 4
