@@ -68,6 +68,15 @@ def transformers_problem(hf_config) -> str | None:
                 "kubellm's paged KV cache")
     if getattr(hf_config, "alibi", False) and hf_config.model_type not in attention.LEGACY_ADAPTERS:
         return "alibi=True: ALiBi is supported through the transformers backend for Bloom only"
+    from kubellm.runtime.executor.layers.long_context import is_dynamic
+
+    if is_dynamic(hf_config):
+        return ("dynamic NTK rope scaling (rope_scaling_factor, or rope_type 'dynamic' in config.json) needs each "
+                "sequence's own frequencies, and transformers' rotary layer computes them over the whole flattened "
+                "batch: leave rope_scaling_factor unset, or use a family with a kubellm model file")
+    if getattr(hf_config, "use_logn_attn", False):
+        return ("use_logn_attn (Qwen's log-n attention scaling) is applied by kubellm's model files only: leave it "
+                "unset, or use a family with a kubellm model file")
     for name in _UNSUPPORTED_LOGIT_FIELDS:
         if getattr(hf_config, name, None) not in (None, 1, 1.0):
             return f"{name}={getattr(hf_config, name)} (a scaling of the logits) is not applied by the backend"

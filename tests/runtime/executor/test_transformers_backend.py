@@ -244,8 +244,12 @@ def _config(name, **fields):
      "MambaForCausalLM does not attend through transformers' attention interface"),
     (lambda: _config("MptConfig", architectures=["MptForCausalLM"]), "does not attend through"),
     (lambda: _config("CohereConfig", architectures=["CohereForCausalLM"]), "logit_scale=0.0625"),
+    (lambda: _config("StableLmConfig", architectures=["StableLmForCausalLM"],
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+     "dynamic NTK rope scaling"),
+    (lambda: _config("StableLmConfig", architectures=["StableLmForCausalLM"], use_logn_attn=True), "use_logn_attn"),
 ], ids=["llama", "bloom", "gpt_neo", "remote_code", "t5", "bert", "unknown", "no_architectures", "mamba", "mpt",
-        "cohere"])
+        "cohere", "dynamic_rope", "logn"])
 def test_transformers_problem(config, problem):
     from kubellm.runtime.executor.models.transformers_backend import transformers_problem
 
