@@ -302,8 +302,8 @@ def pipeline(model_path_or_name: str | os.PathLike | None = None, engine_config:
     default_gen = generation_config(**gen_opts)
     engine_config = _launcher_world(engine_config, explicit_parallel)
     local_rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    model_name = model_name or backend.model_name or str(model)   # the name asked for, not where it was downloaded
     model = model_source(model, backend.download_dir, backend.revision, downloader=local_rank0)
-    model_name = model_name or backend.model_name
 
     from kubellm.runtime.executor.rank_group import ranks_on_this_host
 

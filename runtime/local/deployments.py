@@ -74,10 +74,21 @@ class DeploymentClient(Client):
         finally:
             self.close()
             remove_entry(self.deployment_name)
+            _reap(pids)
         return True
 
     def __repr__(self) -> str:
         return f"DeploymentClient({self.deployment_name!r}, address={self.address!r})"
+
+
+def _reap(pids) -> None:
+    """Collect the exit status of the children this process started among `pids` (no zombies left behind)."""
+    for proc in [p for p in _CHILDREN if p.pid in set(pids)]:
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            continue
+        _CHILDREN.remove(proc)
 
 
 def client(deployment_name: str, timeout: float | None = None, api_key: str | None = None) -> DeploymentClient:

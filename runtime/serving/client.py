@@ -168,6 +168,8 @@ class Client:
         """One Response per prompt. DeepSpeed-MII's `streaming_fn`: called with a one-item list [Response] for
         each delta as it is generated (`index` says whose); the whole responses are returned at the end too
         (MII returns None). `return_full_text=True`: the text starts with the prompt (text prompts)."""
+        if callable(timeout) and streaming_fn is None:   # MII's generate(prompts, streaming_fn) positionally
+            timeout, streaming_fn = None, timeout
         if streaming_fn is not None:
             if not callable(streaming_fn):
                 raise ValueError(f"streaming_fn: expected a callable taking a list of Responses, got "

@@ -215,6 +215,9 @@ def test_mii_serve_with_model_and_mii_config_and_streaming_fn(tiny_llama, cache)
     assert "".join(c[0].generated_text for c in chunks) == whole.text
     assert chunks[-1][0].finish_reason == "length" and chunks[-1][0].generated_length == 8
     assert returned[0].text == whole.text and returned[0].token_ids == whole.token_ids
+    positional = []   # MII's generate(prompts, streaming_fn)
+    client.generate("Seattle is", positional.append, max_new_tokens=8, ignore_eos=True)
+    assert [c[0].text for c in positional] == [c[0].text for c in chunks]
     [full] = kubellm.client("mii-seed").generate("Seattle is", max_new_tokens=8, ignore_eos=True,
                                                  return_full_text=True)
     assert full.generated_text == "Seattle is" + whole.text
