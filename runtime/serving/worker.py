@@ -21,7 +21,7 @@ import time
 import traceback
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from kubellm.runtime.config import EngineConfig, generation_config
@@ -30,6 +30,7 @@ from kubellm.runtime.serving.engine_loop import EngineLoop
 from kubellm.runtime.serving.metrics import WorkerMetrics
 from kubellm.runtime.serving.reflection import add_reflection
 from kubellm.runtime.serving.service import LLMService, add_to_server
+from kubellm.runtime.serving.unparsed import add_health_servicer
 from kubellm.runtime.serving.worker_http import start_http
 
 log = logging.getLogger("kubellm.worker")
@@ -100,7 +101,7 @@ class Worker:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_to_server(LLMService(self), self.server)   # a request that does not parse: INVALID_ARGUMENT
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_health_servicer(self.health, self.server)   # a request that does not parse: INVALID_ARGUMENT
         add_reflection(self.server)
         await self._set_health(False)
         bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
