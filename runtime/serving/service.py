@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
 from kubellm.runtime.serving.engine_calls import EngineCalls
 from kubellm.runtime.serving.engine_loop import CallFailed
+from kubellm.runtime.serving.unparsed import Unparsed
+from kubellm.runtime.serving.unparsed import parser as _parser
 
 log = logging.getLogger("kubellm.worker")
-
-
-@dataclass
-class Unparsed:
-    """What a request that did not parse becomes: the servicer ends its call INVALID_ARGUMENT."""
-
-    message: str
-
-
-def _parser(message_type):
-    def parse(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as err:   # protobuf checks proto3 strings are UTF-8 (surrogates included)
-            return Unparsed(f"the request is not a valid {message_type.DESCRIPTOR.full_name} ({err}); "
-                            "send a protobuf message of that type, with UTF-8 strings")
-    return parse
 
 
 def _fail(context, err: CallFailed) -> None:
@@ -58,7 +41,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         self.worker = worker   # the worker's state (serving.worker.Worker): its engine loop, defaults, metrics
         self.calls = EngineCalls(worker)
 
-    async def Generate(self, request, context):  # noqa: N802 (gRPC naming)
+    async def Generate(self, request, context):
         await _refuse_unparsed(request, context)
         try:
             return await self.calls.generate(request)
@@ -66,7 +49,7 @@ class LLMService(llm_pb2_grpc.LLMServicer):
             _fail(context, err)
             return llm_pb2.GenerateResponse()   # not sent: the status is not OK
 
-    async def GenerateStream(self, request, context):  # noqa: N802
+    async def GenerateStream(self, request, context):
         await _refuse_unparsed(request, context)
         stream = self.calls.generate_stream(request)
         try:
@@ -77,14 +60,14 @@ class LLMService(llm_pb2_grpc.LLMServicer):
         finally:
             await stream.aclose()
 
-    async def ModelInfo(self, request, context):  # noqa: N802
+    async def ModelInfo(self, request, context):
         await _refuse_unparsed(request, context)
         try:
             return self.calls.model_info()
         except CallFailed as err:
             await context.abort(err.code, err.message)
 
-    async def Terminate(self, request, context):  # noqa: N802
+    async def Terminate(self, request, context):
         await _refuse_unparsed(request, context)
         if not self.worker.allow_terminate:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
