@@ -23,10 +23,14 @@ def operator(cluster, tmp_path_factory):
     cluster.kubectl("apply", "--server-side", "-f", str(CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.kubellm.io", "--timeout=60s")
     # Room for the tests' groups while earlier test namespaces are still being deleted: 32 GPUs.
-    for name in ("gpu-node-extra-a", "gpu-node-extra-b"):
+    extra = ("gpu-node-extra-a", "gpu-node-extra-b")
+    for name in extra:
         cluster.add_gpu_node(name, gpus=8)
     with cluster.operator(tmp_path_factory.mktemp("operator") / "operator.log") as op:
         yield op
+    # The cluster is shared by the session (e2e/test_autoscaling_api.py uses this fixture too): the nodes go with
+    # the module, so e2e/test_cluster.py's two GPU nodes are the cluster's only ones wherever it runs.
+    cluster.kubectl("delete", "node", *extra, "--ignore-not-found", "--wait=false", check=False)
     # The cluster is shared by the session: e2e/test_helm.py installs the CRD through its chart.
     cluster.kubectl("delete", "-f", str(CRD), "--ignore-not-found", "--timeout=120s")
 
