@@ -387,6 +387,29 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
             worker_addresses.append(f"127.0.0.1:{port}")
             launch(f"worker-{i}", settings.worker_args(model, str(directory), host="127.0.0.1", port=port,
                                                        replica=f"{name}-{i}", allow_terminate=True), worker_env)
+        deadline = time.monotonic() + startup_timeout
+
+        def wait_serving(addresses: list[str], ca_file: str | None = None) -> None:
+            pending = list(addresses)
+            while pending:
+                for proc in started.procs:
+                    if proc.poll() is not None:
+                        raise DeploymentError(f"deployment {name}: a process exited with code {proc.returncode} "
+                                              f"while starting:\n{_log_tail(started.logs)}")
+                pending = [a for a in pending if not _health(a, ca_file=ca_file)]
+                if not pending:
+                    return
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"deployment {name} was not SERVING after {startup_timeout:g}s "
+                                          f"(waiting for {', '.join(pending)}):\n{_log_tail(started.logs)}")
+                time.sleep(0.3)
+
+        # Every worker SERVING before the router starts: its first health checks then find all of them, so the
+        # deployment is balanced from its first request (started together, the router could answer SERVING with
+        # one replica known, and send the first requests all to it).
+        entry.update(worker_pids=[p.pid for p in started.procs], worker_addresses=worker_addresses)
+        write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
+        wait_serving(worker_addresses)
         router_port = router_port or _free_port()   # MII's port_number, else any free port
         router_args = ["router", "--leaders", ",".join(worker_addresses), "--port", str(router_port),
                        "--host", host, "--deployment-name", name, "--allow-terminate", "--health-interval", "0.5",
@@ -403,24 +426,10 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
                      rest_port=restful_api_port if enable_restful_api else None,
                      rest_url=(f"{scheme}://{connect_host}:{restful_api_port}/mii/{name}" if enable_restful_api
                                else None))
-        write_entry(entry)   # registered before it is ready, so `kubellm stop` can clean up a stuck start
+        write_entry(entry)
 
-        deadline = time.monotonic() + startup_timeout
-        pending = [*worker_addresses, entry["address"]]
-        while pending:
-            for proc in started.procs:
-                if proc.poll() is not None:
-                    raise DeploymentError(f"deployment {name}: a process exited with code {proc.returncode} "
-                                          f"while starting:\n{_log_tail(started.logs)}")
-            # The router's health is open (no key); over TLS, checked against its own certificate.
-            pending = [a for a in pending
-                       if not _health(a, ca_file=security.tls_cert if a == entry["address"] else None)]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"deployment {name} was not SERVING after {startup_timeout:g}s "
-                                      f"(waiting for {', '.join(pending)}):\n{_log_tail(started.logs)}")
-            time.sleep(0.3)
+        # The router's health is open (no key); over TLS, checked against its own certificate.
+        wait_serving([entry["address"]], ca_file=security.tls_cert)
         entry["ready"] = True
         write_entry(entry)
     except BaseException:
