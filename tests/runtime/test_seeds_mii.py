@@ -4,8 +4,6 @@ streaming_fn=callback), GenerateParamsConfig's return_full_text / prompt_length 
 model_config. The deployment test runs real worker and router processes."""
 
 import json
-import os
-import signal
 import warnings
 
 import pytest
@@ -172,21 +170,6 @@ def test_pipeline_model_config_and_return_full_text(tiny_llama):
 
 
 # -- serve() and client() with real processes ---------------------------------------------------------------
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBELLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    seen: set[int] = set()
-    yield seen
-    from kubellm.runtime.local import deployments, registry
-
-    for entry in deployments.list_deployments():
-        seen.update(registry.entry_pids(entry))
-    for pid in seen:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.mark.multiprocess

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,29 +24,6 @@ def _alive(pid: int) -> bool:
     from kubellm.runtime.local.registry import pid_alive as _pid_alive
 
     return _pid_alive(pid)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private registry (KUBELLM_CACHE, inherited by the child processes); every pid in it killed afterwards."""
-    monkeypatch.setenv("KUBELLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    seen: set[int] = set()
-    yield seen
-    from kubellm.runtime.local import deployments, registry
-
-    for entry in deployments.list_deployments():
-        seen.update(registry.entry_pids(entry))
-    for pid in seen:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for pid in seen:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _cli(*args, timeout=120):

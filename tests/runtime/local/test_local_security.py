@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -25,30 +24,6 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.multiprocess
 
 KEY = "sk-kubellm-local-0123456789abcdef"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private registry (KUBELLM_CACHE, inherited by the child processes); every pid in it killed afterwards."""
-    monkeypatch.setenv("KUBELLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("KUBELLM_API_KEY", raising=False)
-    seen: set[int] = set()
-    yield seen
-    from kubellm.runtime.local import deployments, registry
-
-    for entry in deployments.list_deployments():
-        seen.update(registry.entry_pids(entry))
-    for pid in seen:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for pid in seen:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _cli(*args, timeout=300, env=None):
