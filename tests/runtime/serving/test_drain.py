@@ -25,30 +25,6 @@ pytestmark = pytest.mark.multiprocess
 TOKENS = 480   # a stream's length: under the tiny model's 512 positions
 
 
-def start(*args, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """start(*args) -> a kubellm process logging to processes.log; all are killed at the end."""
-    log = open(tmp_path / "processes.log", "wb")
-    started: list[subprocess.Popen] = []
-
-    def run(*args):
-        started.append(start(*args, log=log))
-        return started[-1]
-
-    run.log = tmp_path / "processes.log"
-    yield run
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    log.close()
-
-
 def worker(procs, model, tmp_path, name: str, drain_timeout: float, max_batch_size: int = 32,
            http_port: int | None = None) -> tuple[subprocess.Popen, str]:
     config = tmp_path / f"engine-{name}.json"

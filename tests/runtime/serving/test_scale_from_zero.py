@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -241,26 +239,6 @@ def test_retry_after_header(retry_after, header):
 
 
 # --------------------------------------------------------------------------- the first worker (real processes)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """start(*args) -> a `kubellm` process logging to processes.log; all are killed at the end."""
-    log = open(tmp_path / "processes.log", "wb")  # noqa: SIM115 - closed once the processes are gone
-    started: list[subprocess.Popen] = []
-
-    def run(*args):
-        started.append(subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdout=log,
-                                        stderr=subprocess.STDOUT))
-        return started[-1]
-
-    run.log = tmp_path / "processes.log"
-    yield run
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    log.close()
 
 
 @pytest.mark.multiprocess
