@@ -103,6 +103,11 @@ class EngineConfig(_Strict):
     model_impl: Literal["auto", "kubellm", "transformers"] = Field(
         "auto", description="auto: kubellm's own model file where the architecture has one, else transformers' "
         "modeling code on kubellm's paged KV cache; kubellm / transformers: only that one (vLLM's --model-impl)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served beside the base model: name -> directory with "
+        "adapter_config.json and adapter_model.safetensors (or .bin); a request picks one by name")
+    max_lora_rank: int = Field(
+        64, ge=1, description="largest LoRA rank an adapter may have (vLLM's max_lora_rank)")
     enforce_eager: bool = Field(
         False, description="run decode steps eagerly instead of replaying CUDA graphs captured per batch-size "
         "bucket (GPU only; CPU is always eager)")
@@ -172,6 +177,8 @@ class GenerationConfig(_Strict):
     skip_special_tokens: bool = True
     logprobs: int | None = Field(None, ge=0, description="return the chosen token's logprob (and this many top "
                                  "alternatives, at most the engine's max_logprobs)")
+    adapter: str | None = Field(None, description="the LoRA adapter to generate with, by the name the engine "
+                                "serves it under; None means the base model")
     # True where a server's caller set max_new_tokens (protocol.py): it must then fit beside the prompt in
     # session_len, as vLLM's server refuses prompt + max_tokens > max_model_len. Elsewhere (the Python API, as in
     # LMDeploy's pipeline and vLLM's LLM; a deployment's default) the engine cuts it to what session_len leaves.
@@ -271,6 +278,10 @@ def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | Non
     if gen.logprobs is not None and gen.logprobs > limits.max_logprobs:
         return (f"logprobs: {gen.logprobs} top alternatives asked, more than max_logprobs ({limits.max_logprobs}); "
                 f"ask for at most {limits.max_logprobs} or raise max_logprobs")
+    if gen.adapter is not None and gen.adapter not in limits.adapters:
+        served = ", ".join(sorted(limits.adapters)) or "none"
+        return (f"adapter: {gen.adapter!r} is not served here (adapters: {served}); name one of them, or leave "
+                "adapter unset for the base model")
     for name, words, most in (("stop_words", gen.stop_words, limits.max_stop_words),
                               ("bad_words", gen.bad_words, limits.max_bad_words)):
         if len(words) > most:

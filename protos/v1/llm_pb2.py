@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kubellm/v1/llm.proto\x12\nkubellm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kubellm.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"u\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kubellm.v1.ConversationH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kubellm.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x8f\x04\n\x10GenerationConfig\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x18\n\x0brandom_seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nstop_words\x18\t \x03(\t\x12\x11\n\tbad_words\x18\n \x03(\t\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmax_length\x18\r \x01(\x05H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x0e\n\x0c_random_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\r\n\x0b_max_length\"x\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.kubellm.v1.Prompt\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.kubellm.v1.GenerationConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x94\x01\n\x08Response\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x18\n\x10generated_length\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"L\n\x10GenerateResponse\x12\'\n\tresponses\x18\x01 \x03(\x0b\x32\x14.kubellm.v1.Response\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xa1\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\x05\x12\x18\n\x10generated_length\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xbb\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x03 \x01(\x05\x12\x19\n\x11pipeline_parallel\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsession_len\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\x12\n\x10TerminateRequest\"%\n\x11TerminateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xb5\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1b.kubellm.v1.GenerateRequest\x1a\x1c.kubellm.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.kubellm.v1.GenerateRequest\x1a\".kubellm.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.kubellm.v1.ModelInfoRequest\x1a\x1d.kubellm.v1.ModelInfoResponse\x12H\n\tTerminate\x12\x1c.kubellm.v1.TerminateRequest\x1a\x1d.kubellm.v1.TerminateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kubellm/v1/llm.proto\x12\nkubellm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kubellm.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"u\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kubellm.v1.ConversationH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kubellm.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x8f\x04\n\x10GenerationConfig\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x18\n\x0brandom_seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nstop_words\x18\t \x03(\t\x12\x11\n\tbad_words\x18\n \x03(\t\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmax_length\x18\r \x01(\x05H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x0e\n\x0c_random_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\r\n\x0b_max_length\"\x89\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.kubellm.v1.Prompt\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.kubellm.v1.GenerationConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"\x94\x01\n\x08Response\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x18\n\x10generated_length\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"L\n\x10GenerateResponse\x12\'\n\tresponses\x18\x01 \x03(\x0b\x32\x14.kubellm.v1.Response\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xa1\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\x05\x12\x18\n\x10generated_length\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xcd\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x03 \x01(\x05\x12\x19\n\x11pipeline_parallel\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsession_len\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\t \x03(\t\"\x12\n\x10TerminateRequest\"%\n\x11TerminateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xb5\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1b.kubellm.v1.GenerateRequest\x1a\x1c.kubellm.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.kubellm.v1.GenerateRequest\x1a\".kubellm.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.kubellm.v1.ModelInfoRequest\x1a\x1d.kubellm.v1.ModelInfoResponse\x12H\n\tTerminate\x12\x1c.kubellm.v1.TerminateRequest\x1a\x1d.kubellm.v1.TerminateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,22 +41,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPT']._serialized_end=283
   _globals['_GENERATIONCONFIG']._serialized_start=286
   _globals['_GENERATIONCONFIG']._serialized_end=813
-  _globals['_GENERATEREQUEST']._serialized_start=815
-  _globals['_GENERATEREQUEST']._serialized_end=935
-  _globals['_RESPONSE']._serialized_start=938
-  _globals['_RESPONSE']._serialized_end=1086
-  _globals['_GENERATERESPONSE']._serialized_start=1088
-  _globals['_GENERATERESPONSE']._serialized_end=1164
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1167
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1328
-  _globals['_MODELINFOREQUEST']._serialized_start=1330
-  _globals['_MODELINFOREQUEST']._serialized_end=1348
-  _globals['_MODELINFORESPONSE']._serialized_start=1351
-  _globals['_MODELINFORESPONSE']._serialized_end=1538
-  _globals['_TERMINATEREQUEST']._serialized_start=1540
-  _globals['_TERMINATEREQUEST']._serialized_end=1558
-  _globals['_TERMINATERESPONSE']._serialized_start=1560
-  _globals['_TERMINATERESPONSE']._serialized_end=1597
-  _globals['_LLM']._serialized_start=1600
-  _globals['_LLM']._serialized_end=1909
+  _globals['_GENERATEREQUEST']._serialized_start=816
+  _globals['_GENERATEREQUEST']._serialized_end=953
+  _globals['_RESPONSE']._serialized_start=956
+  _globals['_RESPONSE']._serialized_end=1104
+  _globals['_GENERATERESPONSE']._serialized_start=1106
+  _globals['_GENERATERESPONSE']._serialized_end=1182
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1185
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1346
+  _globals['_MODELINFOREQUEST']._serialized_start=1348
+  _globals['_MODELINFOREQUEST']._serialized_end=1366
+  _globals['_MODELINFORESPONSE']._serialized_start=1369
+  _globals['_MODELINFORESPONSE']._serialized_end=1574
+  _globals['_TERMINATEREQUEST']._serialized_start=1576
+  _globals['_TERMINATEREQUEST']._serialized_end=1594
+  _globals['_TERMINATERESPONSE']._serialized_start=1596
+  _globals['_TERMINATERESPONSE']._serialized_end=1633
+  _globals['_LLM']._serialized_start=1636
+  _globals['_LLM']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

@@ -67,14 +67,16 @@ class GenerationConfig(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., ignore_eos: _Optional[bool] = ..., random_seed: _Optional[int] = ..., stop_words: _Optional[_Iterable[str]] = ..., bad_words: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., logprobs: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "config", "request_id")
+    __slots__ = ("prompts", "config", "request_id", "adapter")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     config: GenerationConfig
     request_id: str
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., config: _Optional[_Union[GenerationConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapter: str
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., config: _Optional[_Union[GenerationConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Response(_message.Message):
     __slots__ = ("text", "prompt_length", "generated_length", "finish_reason", "index", "token_ids", "logprobs")
@@ -125,7 +127,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "tensor_parallel", "pipeline_parallel", "max_batch_size", "session_len", "replica", "version")
+    __slots__ = ("model", "architecture", "tensor_parallel", "pipeline_parallel", "max_batch_size", "session_len", "replica", "version", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,7 @@ class ModelInfoResponse(_message.Message):
     SESSION_LEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     tensor_parallel: int
@@ -142,7 +145,8 @@ class ModelInfoResponse(_message.Message):
     session_len: int
     replica: str
     version: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., pipeline_parallel: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., session_len: _Optional[int] = ..., replica: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., pipeline_parallel: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., session_len: _Optional[int] = ..., replica: _Optional[str] = ..., version: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TerminateRequest(_message.Message):
     __slots__ = ()

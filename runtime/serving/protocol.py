@@ -51,6 +51,8 @@ def prompts_and_configs(request: llm_pb2.GenerateRequest, generation_defaults: d
         raise RequestError(problem)
     prompts = [prompt_from_proto(p, i) for i, p in enumerate(request.prompts)]
     options = gen_options_from_proto(request.config) if request.HasField("config") else {}
+    if request.adapter:
+        options["adapter"] = request.adapter
     gen = generation_config(generation_defaults, options)
     if "max_new_tokens" in options:
         # The caller's ask, refused where it does not fit beside the prompt (vLLM's server refuses prompt +
@@ -83,7 +85,7 @@ def model_info_response(model_name: str, replica: str, engine) -> llm_pb2.ModelI
         model=str(model_name or engine.model_path), architecture=str(archs[0] or ""),
         tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
         max_batch_size=cfg.max_batch_size, session_len=engine.session_len,
-        replica=replica, version=_version())
+        replica=replica, version=_version(), adapters=sorted(cfg.adapters))
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
