@@ -155,6 +155,7 @@ class EngineConfig(_Strict):
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class GenerationConfig(_Strict):
@@ -179,6 +180,26 @@ class GenerationConfig(_Strict):
                                  "alternatives, at most the engine's max_logprobs)")
     adapter: str | None = Field(None, description="the LoRA adapter to generate with, by the name the engine "
                                 "serves it under; None means the base model")
+    best_of: int | None = Field(None, ge=1, le=128, description="sample this many choices (at least n) and return "
+                                "the n with the highest cumulative logprob; None means n")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: subtracted from the logit of every "
+                                    "token generated so far at least once")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: subtracted from a token's logit once "
+                                     "per time it was generated so far")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> bias in [-100, 100] added "
+                                         "to its logit (OpenAI's); -100 bans a token, 100 all but forces it")
+    prompt_logprobs: int | None = Field(None, ge=0, description="return each prompt token's logprob (the first "
+                                        "has none) and this many top alternatives per position")
+    # Structured outputs (vLLM's guided decoding): at most one of these; the output is constrained by a token mask.
+    guided_json: dict | str | None = Field(None, description="a JSON schema (object or its JSON text) the output "
+                                           "must match")
+    guided_json_object: bool = Field(False, description="the output is any JSON object (OpenAI's JSON mode)")
+    guided_regex: str | None = Field(None, description="a regular expression the whole output must match")
+    guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="an EBNF (GBNF) grammar the output must match; its "
+                                       "start rule is root")
+    guided_whitespace_pattern: str | None = Field(None, description="JSON output: a regex of the whitespace "
+                                                  "allowed between tokens (default: compact, one space)")
     # True where a server's caller set max_new_tokens (protocol.py): it must then fit beside the prompt in
     # session_len, as vLLM's server refuses prompt + max_tokens > max_model_len. Elsewhere (the Python API, as in
     # LMDeploy's pipeline and vLLM's LLM; a deployment's default) the engine cuts it to what session_len leaves.
@@ -200,6 +221,37 @@ class GenerationConfig(_Strict):
             elif not data.get("temperature"):
                 data["temperature"] = 1.0
         return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, bias):
+        for token, value in bias.items():
+            if token < 0:
+                raise ValueError(f"token id {token} is negative; token ids start at 0")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias {value} for token {token} is outside [-100, 100]")
+        return bias
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, choices):
+        if choices is not None and (not choices or any(not c for c in choices)):
+            raise ValueError("must be a non-empty list of non-empty strings")
+        return choices
+
+    @model_validator(mode="after")
+    def _one_constraint_and_best_of(self):
+        given = self.guided_fields()
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: set together with {given[0]}; give at most one of guided_json, "
+                             "guided_json_object, guided_regex, guided_choice and guided_grammar")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of: {self.best_of} is less than n ({self.n}); best_of must be at least n")
+        return self
+
+    def guided_fields(self) -> list[str]:
+        """The structured-output options this config sets (at most one once validated)."""
+        return [name for name in GUIDED_FIELDS if getattr(self, name) not in (None, False)]
 
     @field_validator("stop_words", "bad_words")
     @classmethod
@@ -237,6 +289,31 @@ class GenerationConfig(_Strict):
         return copy
 
 
+SEED_SPACE = 2 ** 63   # GenerationConfig.random_seed's range
+
+
+def choice_configs(gen: GenerationConfig) -> list[GenerationConfig]:
+    """n (or best_of) choices -> that many one-choice configs, each with its own seed: a set random_seed s gives
+    s, s+1, ... (repeatable), an unset one lets the engine draw a seed per request. Greedy choices agree.
+    pipeline() and the worker's calls both expand a request this way; best_choices then picks what is returned."""
+    count = gen.best_of or gen.n
+    if count == 1:
+        return [gen]
+    one = gen.model_copy(update={"n": 1, "best_of": None})   # a copy keeps the private max_new_tokens_must_fit
+    if gen.random_seed is None:
+        return [one] * count
+    return [one.model_copy(update={"random_seed": (gen.random_seed + j) % SEED_SPACE}) for j in range(count)]
+
+
+def best_choices(gen: GenerationConfig, cumulative_logprobs: list[float]) -> list[int]:
+    """Which of choice_configs(gen)'s choices are returned, in order: all of them without best_of; with it, the n
+    whose cumulative logprob is highest, best first (vLLM's and OpenAI's best_of)."""
+    if gen.best_of is None or gen.best_of == gen.n:
+        return list(range(len(cumulative_logprobs)))
+    order = sorted(range(len(cumulative_logprobs)), key=lambda j: -cumulative_logprobs[j])
+    return order[:gen.n]
+
+
 def generation_config(*layers: GenerationConfig | dict | None, **options) -> GenerationConfig:
     """Merge configs (objects or dicts, later ones winning) and keyword options into one validated config.
 
@@ -272,9 +349,11 @@ def prompt_count_problem(count: int, limits: EngineConfig) -> str | None:
 
 def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | None:
     """What of `gen` exceeds the engine's limits on logprobs and stop/bad words, or asks one request for n > 1."""
-    if gen.n != 1:   # one request is one sequence: pipeline() expands n into n requests, each with its own seed
-        return (f"n: {gen.n} choices asked of one request; the engine runs one choice per request: use pipeline(), "
-                "which runs each choice as its own request, or send the prompt n times")
+    if gen.n != 1 or (gen.best_of or 1) != 1:   # one request is one sequence: see choice_configs
+        name, count = ("n", gen.n) if gen.n != 1 else ("best_of", gen.best_of)
+        return (f"{name}: {count} choices asked of one request; the engine runs one choice per request: use "
+                "pipeline() or a server, which run each choice as its own request (choice_configs), or send the "
+                "prompt that many times")
     if gen.logprobs is not None and gen.logprobs > limits.max_logprobs:
         return (f"logprobs: {gen.logprobs} top alternatives asked, more than max_logprobs ({limits.max_logprobs}); "
                 f"ask for at most {limits.max_logprobs} or raise max_logprobs")
