@@ -94,6 +94,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     history: list[int] = field(default_factory=list)   # tokens seen so far (read for the penalty)
     logprobs: int | None = None      # None: no logprobs; n: the chosen token's and the top n
+    presence_penalty: float = 0.0    # OpenAI's, on the generated tokens (the last `step` of history)
+    frequency_penalty: float = 0.0
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)   # (token id, bias added to its logit)
+    # The request's grammar (engine/structured.py's SequenceGrammar), or None. Rank 0's sampler asks it for the
+    # row's allowed tokens (`fill_rows(grammars, bitmask, rows)` on its class, the whole batch at once) after the
+    # forward is launched, so the masks are computed while the device runs the model. It stays in rank 0's
+    # process: only the StepBatch is sent to the other ranks.
+    grammar: object | None = None
 
 
 class Executor(ABC):
