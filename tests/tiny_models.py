@@ -345,11 +345,15 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> list[dict]
     "top2_gaps": raw logit of the best token minus the runner-up's, per step}. Where a gap is
     tiny (< 1e-3, about 1 step in 300) another correct implementation may pick the other token.
     """
-    import torch
-
     path = Path(path).resolve()
     stamp = tuple((path / name).stat().st_mtime_ns for name in ("config.json", "generation_config.json"))
-    model = _load(str(path), stamp)
+    return greedy_with(_load(str(path), stamp), prompts, max_new_tokens)
+
+
+def greedy_with(model, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """hf_greedy's decoding on a transformers model already loaded (e.g. one with a LoRA adapter merged)."""
+    import torch
+
     results = []
     for prompt in prompts:
         input_ids = torch.tensor([list(prompt)], dtype=torch.long)

@@ -25,6 +25,12 @@ def block_hash(token_ids: list[int], previous: bytes | None) -> bytes:
     return h.digest()
 
 
+def hash_root(seq: Sequence) -> bytes | None:
+    """What a sequence's first block hash starts from: a LoRA adapter computes other keys and values for
+    the same tokens, so each adapter (and the base model) has prefix-cache entries of its own."""
+    return None if seq.gen.adapter is None else b"lora:" + seq.gen.adapter.encode()
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "hash", "token_ids")
 
@@ -76,14 +82,14 @@ class BlockManager:
         At least one token is always left to compute, so the last block of a fully cached
         prompt is recomputed rather than shared (the step needs its logits).
         """
-        return self._prefix_hits(seq.token_ids, (len(seq) - 1) // self.block_size)
+        return self._prefix_hits(seq, (len(seq) - 1) // self.block_size)
 
-    def _prefix_hits(self, token_ids: list[int], most: int) -> list[int]:
-        """Ids of registered blocks holding the leading full blocks of `token_ids`, at most `most`."""
+    def _prefix_hits(self, seq: Sequence, most: int) -> list[int]:
+        """Ids of registered blocks holding the sequence's leading full blocks, at most `most`."""
         if not self.enable_prefix_caching:
             return []
-        bs = self.block_size
-        hits, previous = [], None
+        bs, token_ids = self.block_size, seq.token_ids
+        hits, previous = [], hash_root(seq)
         for i in range(most):
             tokens = token_ids[i * bs:(i + 1) * bs]
             previous = block_hash(tokens, previous)
@@ -130,7 +136,7 @@ class BlockManager:
         bs = self.block_size
         while seq.num_hashed_blocks < seq.num_computed_tokens // bs:
             i = seq.num_hashed_blocks
-            previous = self.blocks[seq.block_table[i - 1]].hash if i else None
+            previous = self.blocks[seq.block_table[i - 1]].hash if i else hash_root(seq)
             tokens = seq.token_ids[i * bs:(i + 1) * bs]
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = block_hash(tokens, previous), tokens
@@ -175,7 +181,7 @@ class BlockManager:
         swap-out and not handed out since, or another sequence's with the same tokens) are shared, not copied."""
         assert not seq.block_table
         saved = seq.cpu_block_table
-        hits = self._prefix_hits(seq.token_ids, min(seq.num_computed_tokens // self.block_size, len(saved)))
+        hits = self._prefix_hits(seq, min(seq.num_computed_tokens // self.block_size, len(saved)))
         self._share(hits)
         table, plan = list(hits), []
         for cpu_id in saved[len(hits):]:

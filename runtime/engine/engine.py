@@ -15,6 +15,7 @@ from kubellm.runtime.executor.executor import create_executor
 from kubellm.runtime.executor.layers.long_context import max_session_len
 from kubellm.runtime.executor.load_times import LoadTimes
 from kubellm.runtime.executor.loader import check_model_dir, load_hf_config
+from kubellm.runtime.executor.lora import adapter_slots
 from kubellm.runtime.executor.step import SeqChunk, StepBatch
 from kubellm.runtime.engine.scheduler import ScheduledSeq, Scheduler, SwapPlan
 from kubellm.runtime.engine.sequence import Sequence
@@ -29,15 +30,17 @@ class StepOutput:
     finished: bool
 
 
-def step_batch(scheduled: list[ScheduledSeq], swaps: SwapPlan | None = None) -> StepBatch:
-    """The executor's view of a step: each scheduled sequence's new tokens and its blocks, and the
-    block copies of the sequences swapped out and in (eviction='copy')."""
+def step_batch(scheduled: list[ScheduledSeq], swaps: SwapPlan | None = None,
+               adapter_slots: dict[str, int] | None = None) -> StepBatch:
+    """The executor's view of a step: each scheduled sequence's new tokens, its blocks and its LoRA
+    adapter's slot, and the block copies of the sequences swapped out and in (eviction='copy')."""
     chunks = []
     for item in scheduled:
         seq, start = item.seq, item.seq.num_computed_tokens
+        adapter = adapter_slots[seq.gen.adapter] if seq.gen.adapter is not None else -1
         chunks.append(SeqChunk(start, seq.token_ids[start:start + item.num_tokens],
                                seq.block_table,   # read during this step only (pickled to other ranks): no copy
-                               item.samples))
+                               item.samples, adapter))
     if swaps is None:
         return StepBatch(chunks)
     return StepBatch(chunks, swaps.out, swaps.in_)
@@ -78,6 +81,7 @@ class LLMEngine:
                                           self.config.enable_prefix_caching, num_cpu_blocks)
         self.scheduler = Scheduler(self.block_manager, self.config.max_batch_size, self.config.max_num_batched_tokens,
                                    self.config.eviction)
+        self.adapter_slots = adapter_slots(self.config.adapters)
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
@@ -157,7 +161,7 @@ class LLMEngine:
         sampling_seqs = [item.seq for item in scheduled if item.samples]
         sampling = [seq.sampling_params(self.tokenizer.eos_token_ids) for seq in sampling_seqs]
         # A broken executor raises ExecutorBrokenError here, and from every later step.
-        result = self.executor.execute(step_batch(scheduled, self.scheduler.swaps), sampling)
+        result = self.executor.execute(step_batch(scheduled, self.scheduler.swaps, self.adapter_slots), sampling)
         self.scheduler.advance(scheduled)
         outputs = []
         for row, seq in enumerate(sampling_seqs):

@@ -1,4 +1,4 @@
-"""Per-step attention metadata, set by the model runner before a forward pass.
+"""Per-step attention (and LoRA adapter) metadata, set by the model runner before a forward pass.
 
 Tokens of a step are laid out decodes first (one per sequence), then prefill chunks. The runner
 builds all of it once per forward pass; every attention layer reads the same tensors.
@@ -33,6 +33,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # [T, adapters] one-hot: each token's LoRA adapter (executor/lora.py); None when no token has one.
+    adapter_mask: torch.Tensor | None = None
 
 
 _current: AttentionMetadata | None = None
@@ -41,6 +43,11 @@ _current: AttentionMetadata | None = None
 def set_context(metadata: AttentionMetadata | None) -> None:
     global _current
     _current = metadata
+
+
+def current_adapter_mask() -> torch.Tensor | None:
+    """The step's per-token adapter mask; None outside a step or when no token uses an adapter."""
+    return None if _current is None else _current.adapter_mask
 
 
 def get_context() -> AttentionMetadata:

@@ -12,8 +12,8 @@ and replays them with one call. Graphs replay fixed addresses and shapes, so:
 - block tables are as wide as the longest session (columns past a sequence's length are never
   read: attention stops at context_len), so the split-KV count, decided from shapes, is fixed.
 
-Only plain decode steps replay (every token a decode, batch <= the largest bucket); steps
-with prefill chunks, pipeline-parallel stages and CPU runs stay eager. Graphs need the Triton
+Only plain decode steps replay (every token a decode, batch <= the largest bucket, no LoRA
+adapter: the graphs hold the base model); steps with prefill chunks, pipeline-parallel stages and CPU runs stay eager. Graphs need the Triton
 kernels (the reference KV write cannot skip padding slots) and, for now, tensor_parallel == 1:
 capturing NCCL all-reduces is possible but not yet tried here.
 """
@@ -99,7 +99,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(device)
 
     def can_run(self, metadata: AttentionMetadata, num_tokens: int) -> bool:
-        return (not metadata.prefills and metadata.num_decode == num_tokens and 0 < num_tokens <= self.buckets[-1]
+        return (not metadata.prefills and metadata.adapter_mask is None and metadata.num_decode == num_tokens and 0 < num_tokens <= self.buckets[-1]
                 and metadata.decode_block_tables.shape[1] <= self.max_blocks_per_seq
                 and self.cache_owner.k_cache.data_ptr() == self.captured_cache)
 

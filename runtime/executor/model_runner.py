@@ -15,6 +15,7 @@ from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
 from kubellm.runtime.executor.layers.long_context import with_long_context_options
 from kubellm.runtime.executor.loader import load_weights
+from kubellm.runtime.executor.lora import load_adapters
 from kubellm.runtime.executor.models import model_class
 from kubellm.runtime.executor.random_weights import fill_random_weights
 from kubellm.runtime.executor.sampler import SampleOutput, SamplingBatch, sample
@@ -69,6 +70,10 @@ class ModelRunner:
             fill_random_weights(self.model, config.seed)
         else:
             load_weights(self.model, path, show_progress)
+        self.num_adapters = len(config.adapters)
+        if config.adapters:
+            load_adapters(self.model, None if config.load_format == "random" else path, hf_config, config.adapters,
+                          config.max_lora_rank, self.device, self.dtype)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sliding_windows = {a.sliding_window for a in self.attention_layers}
@@ -162,13 +167,14 @@ class ModelRunner:
     def _prepare(self, chunks: list[SeqChunk]):
         """The tensors of one forward pass; attention metadata is built here once, for every layer."""
         bs, dev = self.block_size, self.device
-        tokens, positions, slots, sample_rows = [], [], [], []
+        tokens, positions, slots, sample_rows, adapters = [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         row = 0
         for chunk in chunks:
             start, ids, table = chunk.start, chunk.token_ids, chunk.block_table
             n = len(ids)
             tokens.extend(ids)
+            adapters.extend([chunk.adapter] * n)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if n == 1 and start > 0 and not prefills:  # a decode (they come first)
@@ -183,6 +189,9 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(row - 1)
         metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        if self.num_adapters and any(a >= 0 for a in adapters):   # one-hot over adapters; -1 (base) rows all zero
+            metadata.adapter_mask = torch.nn.functional.one_hot(
+                torch.tensor(adapters, device=dev) + 1, self.num_adapters + 1)[:, 1:].to(self.dtype)
         if decode_tables:
             width = max(map(len, decode_tables))
             metadata.num_decode = len(decode_tables)

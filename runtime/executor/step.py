@@ -25,6 +25,7 @@ class SeqChunk:
     token_ids: list[int]    # the tokens this step computes
     block_table: list[int]  # the sequence's KV blocks, in order (covers every position of the chunk)
     samples: bool           # the chunk ends the sequence, so this step yields its next token
+    adapter: int = -1       # the LoRA adapter's slot (executor/lora.py adapter_slots); -1: the base model
 
     @property
     def num_tokens(self) -> int:

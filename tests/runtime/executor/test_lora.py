@@ -1,0 +1,126 @@
+"""LoRA adapters against peft: each adapter merged into a transformers model (merge_and_unload) gives the
+tokens kubellm gives for that adapter's requests, in one continuous batch mixing several adapters and the
+base model; adapters are read from peft's files, checked against the model and refused by name."""
+
+import json
+import shutil
+
+import pytest
+from lora_adapters import make_adapter, merged_model
+from parity import NEAR_TIE, PROMPTS, encode, engine_for
+from tiny_models import greedy_with, hf_greedy, make_checkpoint
+
+from kubellm.runtime.config import GenerationConfig
+from kubellm.runtime.errors import RequestError
+from kubellm.runtime.executor.lora import AdapterError
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": make_adapter(tiny_llama, root / "alpha", rank=4, seed=1),
+        # another rank, other targets, rsLoRA scaling: the stack must mix them
+        "beta": make_adapter(tiny_llama, root / "beta", rank=8, alpha=16, seed=2, use_rslora=True,
+                             targets=("q_proj", "v_proj", "down_proj")),
+    }
+
+
+def _matches(seq, ref) -> None:
+    ties = [t for t, gap in enumerate(ref["top2_gaps"]) if gap < NEAR_TIE]
+    upto = ties[0] if ties else len(ref["token_ids"])
+    assert seq.generated_ids[:upto] == ref["token_ids"][:upto]
+
+
+def _mixed_batch(engine, prompts):
+    """Every prompt with each adapter and with none, interleaved, in one batch."""
+    names = [None, "alpha", "beta"]
+    jobs = [(p, name) for p in prompts for name in names]
+    gens = [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name) for _, name in jobs]
+    seqs = engine.generate([p for p, _ in jobs], gens)
+    return {(tuple(p), name): seq for (p, name), seq in zip(jobs, seqs)}
+
+
+def test_mixed_batch_matches_peft_merged_models(tiny_llama, adapters):
+    engine = engine_for(tiny_llama, adapters={k: str(v) for k, v in adapters.items()}, max_num_batched_tokens=24)
+    try:
+        prompts = encode(engine, PROMPTS)
+        results = _mixed_batch(engine, prompts)
+    finally:
+        engine.destroy()
+    refs = {None: hf_greedy(tiny_llama, prompts, NEW_TOKENS)}
+    for name, path in adapters.items():
+        refs[name] = greedy_with(merged_model(tiny_llama, path), prompts, NEW_TOKENS)
+    for name, ref_list in refs.items():
+        for prompt, ref in zip(prompts, ref_list):
+            _matches(results[(tuple(prompt), name)], ref)
+    # The adapters change the model: otherwise the comparison above proves nothing.
+    for name in adapters:
+        assert [results[(tuple(p), name)].generated_ids for p in prompts] != \
+               [results[(tuple(p), None)].generated_ids for p in prompts]
+
+
+def test_prefix_cache_is_kept_apart_per_adapter(tiny_llama, adapters):
+    engine = engine_for(tiny_llama, adapters={"alpha": str(adapters["alpha"])})
+    try:
+        prompt = encode(engine, [PROMPTS[0] * 2])[0]
+        base = engine.generate([prompt], [GenerationConfig(max_new_tokens=8)])[0]
+        with_adapter = engine.generate([prompt], [GenerationConfig(max_new_tokens=8, adapter="alpha")])[0]
+        assert with_adapter.num_cached_prompt_tokens == 0   # the base model's blocks hold other keys and values
+        again = engine.generate([prompt], [GenerationConfig(max_new_tokens=8, adapter="alpha")])[0]
+        assert again.num_cached_prompt_tokens > 0 and again.generated_ids == with_adapter.generated_ids
+        assert base.generated_ids != with_adapter.generated_ids
+    finally:
+        engine.destroy()
+
+
+def test_unknown_adapter_is_refused_by_name(tiny_llama, adapters):
+    engine = engine_for(tiny_llama, adapters={"alpha": str(adapters["alpha"])})
+    try:
+        with pytest.raises(RequestError, match=r"adapter: 'gamma' is not served here \(adapters: alpha\)"):
+            engine.add_request([1, 2, 3], GenerationConfig(adapter="gamma"))
+    finally:
+        engine.destroy()
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, adapters):
+    other = make_checkpoint(tmp_path / "wide", "llama", hidden_size=96, intermediate_size=160)
+    # Its base model is on disk here: its config says it is another model.
+    with pytest.raises(AdapterError, match=r"adapters\['alpha'\]: it was trained for '.*tiny_llama.*', whose "
+                                           r"hidden_size is 64, not this model's 96"):
+        engine_for(other, adapters={"alpha": str(adapters["alpha"])})
+    # Its base model is a Hub name: the matrices' shapes say so.
+    hub = tmp_path / "hub"
+    shutil.copytree(adapters["alpha"], hub)
+    config = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/small-llama"}))
+    with pytest.raises(AdapterError, match=r"adapters\['hub'\]: model.layers.0.* is \[\d+ x \d+\] in this model "
+                                           r"\(LlamaForCausalLM\) but .* trained for 'org/small-llama'"):
+        engine_for(other, adapters={"hub": str(hub)})
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"use_dora": True}, r"use_dora is set"),
+    ({"bias": "all"}, r"bias='all'"),
+    ({"peft_type": "IA3"}, r"only LoRA"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save is set"),
+])
+def test_unsupported_adapter_options_are_refused(tiny_llama, adapters, tmp_path, edit, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["alpha"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(AdapterError, match=message):
+        engine_for(tiny_llama, adapters={"bad": str(bad)})
+
+
+def test_rank_above_max_lora_rank_is_refused(tiny_llama, adapters):
+    with pytest.raises(AdapterError, match=r"rank 8, more than max_lora_rank \(4\)"):
+        engine_for(tiny_llama, adapters={"beta": str(adapters["beta"])}, max_lora_rank=4)
+
+
+def test_a_directory_without_adapter_files_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(AdapterError, match=r"has no adapter_config.json"):
+        engine_for(tiny_llama, adapters={"none": str(tmp_path)})
