@@ -103,6 +103,11 @@ class EngineConfig(_Strict):
     model_impl: Literal["auto", "kubellm", "transformers"] = Field(
         "auto", description="auto: kubellm's own model file where the architecture has one, else transformers' "
         "modeling code on kubellm's paged KV cache; kubellm / transformers: only that one (vLLM's --model-impl)")
+    quantization: Literal["int8", "float", "awq", "gptq", "gguf"] | None = Field(
+        None, description="weights: None serves the checkpoint as stored (float, or the AWQ / GPTQ its config.json's "
+        "quantization_config names, or a GGUF file's 4- / 8-bit blocks); int8: weight-only int8 (one scale per "
+        "output channel) made on load from any checkpoint; float: de-quantize a quantized checkpoint into dtype on "
+        "load; awq / gptq / gguf: insist the checkpoint is that format (docs/quantization.md)")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters served beside the base model: name -> directory with "
         "adapter_config.json and adapter_model.safetensors (or .bin); a request picks one by name")
