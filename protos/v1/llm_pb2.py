@@ -24,39 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kubellm/v1/llm.proto\x12\nkubellm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kubellm.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"u\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kubellm.v1.ConversationH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kubellm.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x8f\x04\n\x10GenerationConfig\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x18\n\x0brandom_seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nstop_words\x18\t \x03(\t\x12\x11\n\tbad_words\x18\n \x03(\t\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmax_length\x18\r \x01(\x05H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x0e\n\x0c_random_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\r\n\x0b_max_length\"\x89\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.kubellm.v1.Prompt\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.kubellm.v1.GenerationConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"\x94\x01\n\x08Response\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x18\n\x10generated_length\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"L\n\x10GenerateResponse\x12\'\n\tresponses\x18\x01 \x03(\x0b\x32\x14.kubellm.v1.Response\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xa1\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\x05\x12\x18\n\x10generated_length\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xcd\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x03 \x01(\x05\x12\x19\n\x11pipeline_parallel\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsession_len\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\t \x03(\t\"\x12\n\x10TerminateRequest\"%\n\x11TerminateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xb5\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1b.kubellm.v1.GenerateRequest\x1a\x1c.kubellm.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.kubellm.v1.GenerateRequest\x1a\".kubellm.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.kubellm.v1.ModelInfoRequest\x1a\x1d.kubellm.v1.ModelInfoResponse\x12H\n\tTerminate\x12\x1c.kubellm.v1.TerminateRequest\x1a\x1d.kubellm.v1.TerminateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kubellm/v1/llm.proto\x12\nkubellm.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kubellm.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"u\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kubellm.v1.ConversationH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kubellm.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xf1\x08\n\x10GenerationConfig\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x18\n\x0brandom_seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nstop_words\x18\t \x03(\t\x12\x11\n\tbad_words\x18\n \x03(\t\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmax_length\x18\r \x01(\x05H\n\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x0b\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x0c\x88\x01\x01\x12?\n\nlogit_bias\x18\x10 \x03(\x0b\x32+.kubellm.v1.GenerationConfig.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x12 \x01(\x05H\x0e\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x13 \x01(\x05H\x0f\x88\x01\x01\x12\x18\n\x0bguided_json\x18\x14 \x01(\tH\x10\x88\x01\x01\x12\x1f\n\x12guided_json_object\x18\x15 \x01(\x08H\x11\x88\x01\x01\x12\x19\n\x0cguided_regex\x18\x16 \x01(\tH\x12\x88\x01\x01\x12\x15\n\rguided_choice\x18\x17 \x03(\t\x12\x1b\n\x0eguided_grammar\x18\x18 \x01(\tH\x13\x88\x01\x01\x12&\n\x19guided_whitespace_pattern\x18\x19 \x01(\tH\x14\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x0e\n\x0c_random_seedB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\r\n\x0b_max_lengthB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobsB\x04\n\x02_nB\n\n\x08_best_ofB\x0e\n\x0c_guided_jsonB\x15\n\x13_guided_json_objectB\x0f\n\r_guided_regexB\x11\n\x0f_guided_grammarB\x1c\n\x1a_guided_whitespace_pattern\"\x89\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.kubellm.v1.Prompt\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.kubellm.v1.GenerationConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"\xad\x02\n\x08Response\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x18\n\x10generated_length\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12\x31\n\x0etoken_logprobs\x18\x08 \x03(\x0b\x32\x19.kubellm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.kubellm.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\n \x01(\x02\x12\x14\n\x0cprompt_index\x18\x0b \x01(\x05\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"`\n\rTokenLogprobs\x12(\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x18.kubellm.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.kubellm.v1.TokenLogprob\"L\n\x10GenerateResponse\x12\'\n\tresponses\x18\x01 \x03(\x0b\x32\x14.kubellm.v1.Response\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\xba\x02\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\x05\x12\x18\n\x10generated_length\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x31\n\x0etoken_logprobs\x18\x08 \x03(\x0b\x32\x19.kubellm.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.kubellm.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\n \x01(\x02\x12\x14\n\x0cprompt_index\x18\x0b \x01(\x05\"\x12\n\x10ModelInfoRequest\"\xcd\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x03 \x01(\x05\x12\x19\n\x11pipeline_parallel\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsession_len\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\t \x03(\t\"\x12\n\x10TerminateRequest\"%\n\x11TerminateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xb5\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1b.kubellm.v1.GenerateRequest\x1a\x1c.kubellm.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.kubellm.v1.GenerateRequest\x1a\".kubellm.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.kubellm.v1.ModelInfoRequest\x1a\x1d.kubellm.v1.ModelInfoResponse\x12H\n\tTerminate\x12\x1c.kubellm.v1.TerminateRequest\x1a\x1d.kubellm.v1.TerminateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kubellm.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONCONFIG_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONCONFIG_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=36
-  _globals['_CHATMESSAGE']._serialized_end=80
-  _globals['_CONVERSATION']._serialized_start=82
-  _globals['_CONVERSATION']._serialized_end=139
-  _globals['_TOKENIDS']._serialized_start=141
-  _globals['_TOKENIDS']._serialized_end=164
-  _globals['_PROMPT']._serialized_start=166
-  _globals['_PROMPT']._serialized_end=283
-  _globals['_GENERATIONCONFIG']._serialized_start=286
-  _globals['_GENERATIONCONFIG']._serialized_end=813
-  _globals['_GENERATEREQUEST']._serialized_start=816
-  _globals['_GENERATEREQUEST']._serialized_end=953
-  _globals['_RESPONSE']._serialized_start=956
-  _globals['_RESPONSE']._serialized_end=1104
-  _globals['_GENERATERESPONSE']._serialized_start=1106
-  _globals['_GENERATERESPONSE']._serialized_end=1182
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1185
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1346
-  _globals['_MODELINFOREQUEST']._serialized_start=1348
-  _globals['_MODELINFOREQUEST']._serialized_end=1366
-  _globals['_MODELINFORESPONSE']._serialized_start=1369
-  _globals['_MODELINFORESPONSE']._serialized_end=1574
-  _globals['_TERMINATEREQUEST']._serialized_start=1576
-  _globals['_TERMINATEREQUEST']._serialized_end=1594
-  _globals['_TERMINATERESPONSE']._serialized_start=1596
-  _globals['_TERMINATERESPONSE']._serialized_end=1633
-  _globals['_LLM']._serialized_start=1636
-  _globals['_LLM']._serialized_end=1945
+  _globals['_CHATMESSAGE']._serialized_end=141
+  _globals['_CONVERSATION']._serialized_start=143
+  _globals['_CONVERSATION']._serialized_end=220
+  _globals['_TOKENIDS']._serialized_start=222
+  _globals['_TOKENIDS']._serialized_end=245
+  _globals['_PROMPT']._serialized_start=247
+  _globals['_PROMPT']._serialized_end=364
+  _globals['_GENERATIONCONFIG']._serialized_start=367
+  _globals['_GENERATIONCONFIG']._serialized_end=1504
+  _globals['_GENERATIONCONFIG_LOGITBIASENTRY']._serialized_start=1090
+  _globals['_GENERATIONCONFIG_LOGITBIASENTRY']._serialized_end=1138
+  _globals['_GENERATEREQUEST']._serialized_start=1507
+  _globals['_GENERATEREQUEST']._serialized_end=1644
+  _globals['_RESPONSE']._serialized_start=1647
+  _globals['_RESPONSE']._serialized_end=1948
+  _globals['_TOKENLOGPROB']._serialized_start=1950
+  _globals['_TOKENLOGPROB']._serialized_end=2014
+  _globals['_TOKENLOGPROBS']._serialized_start=2016
+  _globals['_TOKENLOGPROBS']._serialized_end=2112
+  _globals['_GENERATERESPONSE']._serialized_start=2114
+  _globals['_GENERATERESPONSE']._serialized_end=2190
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2193
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2507
+  _globals['_MODELINFOREQUEST']._serialized_start=2509
+  _globals['_MODELINFOREQUEST']._serialized_end=2527
+  _globals['_MODELINFORESPONSE']._serialized_start=2530
+  _globals['_MODELINFORESPONSE']._serialized_end=2735
+  _globals['_TERMINATEREQUEST']._serialized_start=2737
+  _globals['_TERMINATEREQUEST']._serialized_end=2755
+  _globals['_TERMINATERESPONSE']._serialized_start=2757
+  _globals['_TERMINATERESPONSE']._serialized_end=2794
+  _globals['_LLM']._serialized_start=2797
+  _globals['_LLM']._serialized_end=3106
 # @@protoc_insertion_point(module_scope)

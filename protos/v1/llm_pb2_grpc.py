@@ -67,7 +67,7 @@ class LLMServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """The same, streamed: text deltas tagged with the prompt's index; the last one per prompt
+        """The same, streamed: text deltas tagged with the choice's index; the last one per choice
         carries its finish_reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -62,6 +62,7 @@ class LLMEngine:
         """`rank_group`: the other ranks, already joined (several hosts, see `kubellm worker`); by
         default a world size above 1 starts its ranks on this host. `load_times`: filled with where the
         load's time goes (download, weights, warmup; a new one by default), kept as `self.load_times`."""
+        from kubellm.runtime.hub.adapters import resolve_adapters
         from kubellm.runtime.hub.embedded import resolve_model
 
         started = time.monotonic()
@@ -69,6 +70,8 @@ class LLMEngine:
         self.config = config or EngineConfig()
         with self.load_times.phase("download"):
             self.model_path = check_model_dir(resolve_model(model))
+            if self.config.adapters:   # hf:// adapters downloaded like the model; directories checked
+                self.config = self.config.updated(adapters=resolve_adapters(self.config.adapters, "adapters"))
         self.hf_config = load_hf_config(self.model_path)
         self.session_len = session_len_for(self.hf_config, self.config)
         with self.load_times.phase("weights"):
@@ -85,6 +88,7 @@ class LLMEngine:
         self._seed_rng = random.Random(self.config.seed)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
+        self._structured = None   # structured outputs' compiler, on the first constrained request
         self.load_times.total = time.monotonic() - started
 
     # -- requests ---------------------------------------------------------------------------
@@ -106,10 +110,27 @@ class LLMEngine:
             banned.update(self.tokenizer.ids_containing(word))
             seq.bad_word_ids.extend(ids for ids in self.tokenizer.word_ids(word) if len(ids) > 1)
         seq.banned_ids = sorted(banned)
+        self._check_vocabulary(gen)
+        seq.grammar = self._structured_outputs().grammar_for(gen) if gen.guided_fields() else None
         self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens)
         self._requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _check_vocabulary(self, gen: GenerationConfig) -> None:
+        vocab = self.hf_config.vocab_size
+        if bad := [t for t in gen.logit_bias if t >= vocab]:
+            raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab}); bias ids "
+                               "of this model's tokenizer")
+
+    def _structured_outputs(self):
+        """The engine's grammar compiler, made on the first constrained request (engine/structured.py)."""
+        if self._structured is None:
+            from kubellm.runtime.engine.structured import StructuredOutputs
+
+            self._structured = StructuredOutputs(self.tokenizer.hf, self.hf_config.vocab_size,
+                                                 self.tokenizer.eos_token_ids)
+        return self._structured
 
     def _generation_limit(self, prompt_len: int, gen: GenerationConfig, field: str) -> int:
         if prompt_len >= self.session_len:
@@ -173,12 +194,19 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob, top) -> StepOutput:
         gen = seq.gen
         seq.token_ids.append(token)
+        if logprob is not None:
+            seq.cumulative_logprob += logprob
+        # The mask allowed only what the grammar accepts; a refusal means that every token was banned (EOS held off
+        # by min_new_tokens where the grammar can only end): the sequence ends rather than emit invalid output.
+        refused = seq.grammar is not None and not seq.grammar.accept(token)
         if gen.logprobs is not None:
             seq.logprobs.append(logprob)
             if gen.logprobs:
                 seq.top_logprobs.append(dict(list(top.items())[: gen.logprobs]))
         reason = None
-        if token in self.tokenizer.eos_token_ids and not gen.ignore_eos:
+        if refused or (seq.grammar is not None and seq.grammar.finished):
+            reason = "stop"   # no text: a token the grammar refused, or a stop token it took (ignore_eos too)
+        elif token in self.tokenizer.eos_token_ids and not gen.ignore_eos:
             reason = "stop"  # the EOS token counts as generated but adds no text
         else:
             seq.text += self._detokenizers[seq.seq_id].delta(seq.token_ids)

@@ -42,6 +42,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0   # the generated tokens' logprobs summed (best_of ranks choices by it)
+        # gen.prompt_logprobs: per prompt position 1.., (its token's logprob, the top alternatives)
+        self.prompt_logprobs: list[tuple[float, dict[int, float]]] = []
+        self.grammar = None   # structured outputs: engine/structured.py's SequenceGrammar, advanced per token
+        self.logit_bias = sorted(gen.logit_bias.items())   # as the sampler takes it (checked by the engine)
         self.bad_word_ids: list[list[int]] = []  # multi-token bad words: ban the last id after the rest
         self.banned_ids: list[int] = []      # always-banned ids (bad words)
         self.text = ""
@@ -79,7 +84,8 @@ class Sequence:
         # history: the sequence's own list, read during this step only (no copy)
         temperature = max(gen.temperature, MIN_TEMPERATURE) if gen.temperature else 0.0
         return SamplingParams(temperature, gen.greedy, gen.top_k, gen.top_p, self.seed, generated, banned,
-                              gen.repetition_penalty, tokens, gen.logprobs)
+                              gen.repetition_penalty, tokens, gen.logprobs, gen.presence_penalty,
+                              gen.frequency_penalty, self.logit_bias, self.grammar)
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone; prompt and generated tokens will be prefilled again."""

@@ -7,6 +7,7 @@ batch, of preemption, or of the device.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,17 @@ class SamplingBatch:
     want_logprobs: bool
     top_logprobs: int
     filter_needed: bool
+    # OpenAI's presence / frequency penalties, when any row has one: [B] each, and the generated tokens' counts
+    # as (row, token) pairs, each pair once with its count (no [B, V] tensor is built on the host)
+    presence: torch.Tensor | None = None
+    frequency: torch.Tensor | None = None
+    count_rows: torch.Tensor | None = None
+    count_cols: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    bias_rows: torch.Tensor | None = None   # logit_bias as (row, token, bias) triples
+    bias_cols: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    grammars: list | None = None            # structured outputs: the rows' grammars (None where unconstrained)
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device) -> "SamplingBatch":
@@ -67,6 +79,18 @@ class SamplingBatch:
             penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         greedy = [p.greedy for p in params]
         rows, cols = zip(*banned) if banned else ((), ())
+        extra = {}
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            pairs = [(row, token, count) for row, p in enumerate(params) if p.presence_penalty or p.frequency_penalty
+                     for token, count in Counter(p.history[len(p.history) - p.step:] if p.step else ()).items()]
+            extra.update(presence=torch.tensor([p.presence_penalty for p in params], device=device),
+                         frequency=torch.tensor([p.frequency_penalty for p in params], device=device),
+                         **_triples(pairs, device, "count_rows", "count_cols", "counts"))
+        if any(p.logit_bias for p in params):
+            extra.update(_triples([(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias], device,
+                                  "bias_rows", "bias_cols", "bias_values"))
+        if any(p.grammar is not None for p in params):
+            extra["grammars"] = [p.grammar for p in params]
         return cls(
             temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device),
             greedy=torch.tensor(greedy, device=device),
@@ -80,7 +104,37 @@ class SamplingBatch:
             want_logprobs=any(p.logprobs is not None for p in params),
             top_logprobs=max((p.logprobs or 0) for p in params),
             filter_needed=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+            **extra,
         )
+
+
+def _triples(triples: list[tuple[int, int, float]], device, *names: str) -> dict:
+    rows, cols, values = zip(*triples) if triples else ((), (), ())
+    return {names[0]: torch.tensor(rows, device=device, dtype=torch.int64),
+            names[1]: torch.tensor(cols, device=device, dtype=torch.int64),
+            names[2]: torch.tensor(values, device=device, dtype=torch.float32)}
+
+
+def grammar_bitmask(grammars: list, vocab: int) -> tuple[torch.Tensor, list[int]]:
+    """The constrained rows' allowed tokens as one packed int32 bitmask [R, ceil(vocab / 32)] (bit t of a row set:
+    token t allowed), filled by the grammars' own batch call (engine/structured.py: every row at once, in
+    parallel threads), and which rows of the batch they are."""
+    rows = [row for row, g in enumerate(grammars) if g is not None]
+    bitmask = torch.full((len(rows), -(-vocab // 32)), -1, dtype=torch.int32)
+    type(grammars[rows[0]]).fill_rows([grammars[r] for r in rows], bitmask)
+    return bitmask, rows
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """-inf where a constrained row's bit is clear: unpacked on the device and applied in one masked_fill."""
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 @dataclass
@@ -91,14 +145,25 @@ class SampleOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
-    logits = logits.float()
+    # Called once the forward is launched: on a GPU the grammars fill their masks on the host while it runs.
+    bitmask = grammar_bitmask(batch.grammars, logits.shape[1]) if batch.grammars else None
+    logits = raw = logits.float()   # raw: the chosen token's own logit is never masked or changed in place
     raw_logprobs = logits.log_softmax(dim=-1) if batch.want_logprobs else None
+    log_norm = None if raw_logprobs is not None else logits.logsumexp(dim=-1)   # the chosen token's logprob
     if batch.penalty is not None:
         seen = logits.gather(1, batch.history)
         p = batch.penalty.unsqueeze(1)
         logits = logits.scatter(1, batch.history, torch.where(seen < 0, seen * p, seen / p))
+    if batch.presence is not None:   # OpenAI: logit - count * frequency - (count > 0) * presence
+        counts = batch.counts
+        penalty = counts * batch.frequency[batch.count_rows] + batch.presence[batch.count_rows]
+        logits = logits.index_put((batch.count_rows, batch.count_cols), -penalty, accumulate=True)
+    if batch.bias_rows is not None:
+        logits = logits.index_put((batch.bias_rows, batch.bias_cols), batch.bias_values, accumulate=True)
     if batch.banned_rows.numel():
         logits = logits.index_put((batch.banned_rows, batch.banned_cols), torch.tensor(float("-inf"), device=logits.device))
+    if bitmask is not None:   # last: no bias or penalty can bring back a token the grammar refuses
+        logits = apply_bitmask(logits, *bitmask)
     greedy_ids = logits.argmax(dim=-1)
     if batch.greedy.all():
         token_ids = greedy_ids
@@ -109,7 +174,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         sampled = (scaled + gumbel_noise(batch.seeds, batch.steps, logits.shape[1])).argmax(dim=-1)
         token_ids = torch.where(batch.greedy, greedy_ids, sampled)
     out = SampleOutput(token_ids.tolist())
-    if raw_logprobs is not None:
+    if raw_logprobs is None:   # every row's chosen logprob, for its cumulative logprob (best_of, responses)
+        out.logprobs = (raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_norm).tolist()
+    else:
         out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
         if batch.top_logprobs:   # never more alternatives than the vocabulary has
             values, ids = raw_logprobs.topk(min(batch.top_logprobs, raw_logprobs.shape[1]), dim=-1)

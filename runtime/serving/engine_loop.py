@@ -48,6 +48,9 @@ class TokenEvent:
     full_text: str = ""
     all_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    # the engine Sequence, for protocol.py's top and prompt logprobs (append-only lists, read on the asyncio side)
+    seq: object = None
 
 
 @dataclass
@@ -274,10 +277,12 @@ class EngineLoop(threading.Thread):
                 batch.append((live.sink, TokenEvent(
                     live.index, out.delta_text, list(out.new_token_ids), seq.num_prompt_tokens, seq.num_generated,
                     seq.finish_reason or "stop", seq.text, list(seq.generated_ids),
-                    [float(x) for x in seq.logprobs] if seq.gen.logprobs is not None else [])))
+                    [float(x) for x in seq.logprobs] if seq.gen.logprobs is not None else [],
+                    seq.cumulative_logprob, seq)))
             elif live.sink.stream:
                 batch.append((live.sink, TokenEvent(live.index, out.delta_text, list(out.new_token_ids),
-                                                seq.num_prompt_tokens, seq.num_generated)))
+                                                seq.num_prompt_tokens, seq.num_generated,
+                                                cumulative_logprob=seq.cumulative_logprob, seq=seq)))
         self.metrics.add_tokens(generated=generated)
         self.metrics.inter_token_latencies(gaps)
         deliver(batch)

@@ -213,7 +213,9 @@ def test_all_greedy_rows_equal_argmax():
     assert b.greedy.all()
     out = sample(logits.clone(), b)
     assert out.token_ids == logits.argmax(-1).tolist()
-    assert out.logprobs is None and out.top_logprobs is None
+    # The chosen tokens' logprobs come back unasked (a sequence's cumulative logprob); no alternatives
+    assert out.logprobs == pytest.approx(logits.log_softmax(-1).max(-1).values.tolist(), abs=1e-5)
+    assert out.top_logprobs is None
 
 
 def test_greedy_rows_stay_argmax_in_a_mixed_batch():
