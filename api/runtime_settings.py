@@ -36,8 +36,11 @@ class RuntimeSettings:
     def worker_args(self, model: str, config_dir: str, *, port: int, host: str | None = None,
                     metrics_port: int | None = None, http_port: int | None = None,
                     served_model_name: str | None = None, replica: str | None = None,
-                    allow_terminate: bool = False, drain_timeout: float | None = None) -> list[str]:
+                    allow_terminate: bool = False, drain_timeout: float | None = None,
+                    adapters: dict[str, str] | None = None) -> list[str]:
         """`kubellm worker ...` arguments (after the program name) reading `files()` from `config_dir`.
+        `adapters`: LoRA adapters by name -> where the worker finds them (a directory, or hf://org/name[@rev],
+        which it downloads), as `--lora NAME=SOURCE` flags: visible in the command, like the model.
         `drain_timeout`: seconds the requests in flight get to finish after SIGTERM (spec.drain.timeoutSeconds).
         `http_port`: the worker's own OpenAI HTTP API and /metrics (an InferencePool's target port);
         `served_model_name`: the name requests' `model` field and the metrics' model_name label use."""
@@ -63,4 +66,6 @@ class RuntimeSettings:
             args += ["--drain-timeout", f"{drain_timeout:g}"]
         if self.engine.get("device", "auto") != "auto":
             args += ["--device", str(self.engine["device"])]
+        for name, source in (adapters or {}).items():
+            args += ["--lora", f"{name}={source}"]
         return args

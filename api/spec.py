@@ -32,6 +32,14 @@ MODEL_SOURCE_PATTERN = (r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-
                         r"|/[^\s]*"
                         r"|[a-z0-9][a-z0-9.-]*)$")
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A LoRA adapter's source: hf://org/name[@revision], pvc://claim/path or an absolute path in the image (a known
+# model name is a base model, never an adapter).
+ADAPTER_SOURCE_PATTERN = (r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
+                          r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
+                          r"|/[^\s]*)$")
+# An adapter's name: what a request's `adapter` (and OpenAI's `model`) names, and a label value in the metrics.
+ADAPTER_NAME_PATTERN = DNS_LABEL
+MAX_ADAPTERS = 32
 # A label's key ([prefix/]name) and value, as the API server checks them in a NetworkPolicy's selectors.
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
@@ -77,6 +85,41 @@ class EngineSpec(_Spec):
     blockSize: int = Field(16, ge=1, le=1024)
     sessionLen: int | None = Field(None, ge=2, le=10_000_000)
     enablePrefixCaching: bool = True
+    modelImpl: Literal["auto", "kubellm", "transformers"] = Field(
+        "auto", description="auto: kubellm's own model file where the architecture has one, else transformers' "
+                            "modeling code on kubellm's paged KV cache; kubellm / transformers: only that one "
+                            "(vLLM's --model-impl)")
+    eviction: Literal["recompute", "copy"] = Field(
+        "recompute", description="what preemption does with a sequence's KV blocks: recompute frees them and "
+                                 "prefills the tokens again later; copy swaps them to numCpuBlocks of host memory "
+                                 "and back (LMDeploy's eviction_type)")
+    numCpuBlocks: int = Field(0, ge=0, le=10_000_000,
+                              description="KV blocks of host memory that eviction: copy swaps preempted sequences "
+                                          "into (count them in resources' memory)")
+    ropeScalingFactor: float | None = Field(
+        None, ge=1, le=1000, description="dynamic NTK rotary scaling, so sessionLen may exceed the model's "
+                                         "max_position_embeddings; unset: the checkpoint's own rope_scaling")
+    useLognAttn: bool = Field(False, description="Qwen's log-n attention scaling past the trained length")
+    maxLoraRank: int = Field(64, ge=1, le=1024,
+                             description="largest rank an adapter of spec.adapters may have (vLLM's max_lora_rank)")
+
+
+class AdapterSpec(_Spec):
+    """A LoRA adapter served beside the base model; a request names it (gRPC `adapter`, OpenAI `model`)."""
+
+    name: str = Field(..., pattern=ADAPTER_NAME_PATTERN, max_length=63,
+                      description="what requests name the adapter by: a DNS label (lowercase letters, digits, '-'), "
+                                  "unique, not the LLMDeployment's own name (the base model's)")
+    source: str = Field(..., pattern=ADAPTER_SOURCE_PATTERN, max_length=512,
+                        description="hf://org/name[@revision] (downloaded like the model, with spec.model's "
+                                    "endpoint and tokenSecret), pvc://claim/path, or an absolute path in the image; "
+                                    "the directory holds adapter_config.json and adapter_model.safetensors (or .bin)")
+
+    @property
+    def kind(self) -> Literal["hf", "pvc", "path"]:
+        if self.source.startswith("hf://"):
+            return "hf"
+        return "pvc" if self.source.startswith("pvc://") else "path"
 
 
 class GenerationSpec(_Spec):
@@ -94,7 +137,9 @@ class GenerationSpec(_Spec):
 RUNTIME_NAMES = {
     "dtype": "dtype", "maxBatchSize": "max_batch_size", "maxNumBatchedTokens": "max_num_batched_tokens",
     "kvCacheFraction": "kv_cache_fraction", "blockSize": "block_size", "sessionLen": "session_len",
-    "enablePrefixCaching": "enable_prefix_caching",
+    "enablePrefixCaching": "enable_prefix_caching", "modelImpl": "model_impl", "eviction": "eviction",
+    "numCpuBlocks": "num_cpu_blocks", "ropeScalingFactor": "rope_scaling_factor", "useLognAttn": "use_logn_attn",
+    "maxLoraRank": "max_lora_rank",
     "maxNewTokens": "max_new_tokens", "temperature": "temperature", "topP": "top_p", "topK": "top_k",
     "repetitionPenalty": "repetition_penalty",
     # LimitsSpec's worker limits (the others are the router's flags: resources.router_deployment)
@@ -293,6 +338,10 @@ class LLMDeploymentSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="extra container resources (cpu, memory); GPUs are added by the operator")
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, max_length=MAX_ADAPTERS,
+        description="LoRA adapters every worker serves beside the model (several in one batch); a request that "
+                    "names none gets the base model")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     restApi: RestApiSpec = Field(default_factory=RestApiSpec)
@@ -371,9 +420,10 @@ CEL_RULES = [
     CelRule("!has(self.restApi) || !self.restApi.enabled || !has(self.router) || self.router.port != self.restApi.port",
             "restApi.port must differ from router.port", "spec.restApi.port",
             lambda s: not s.restApi.enabled or s.router.port != s.restApi.port),
-    CelRule("!has(self.model.tokenSecret) || self.model.source.startsWith('hf://')",
-            "model.tokenSecret only applies to hf:// sources", "spec.model.tokenSecret",
-            lambda s: s.model.tokenSecret is None or s.model.kind == "hf"),
+    CelRule("!has(self.model.tokenSecret) || self.model.source.startsWith('hf://') || "
+            "(has(self.adapters) && self.adapters.exists(a, a.source.startsWith('hf://')))",
+            "model.tokenSecret only applies to hf:// sources (the model's or an adapter's)", "spec.model.tokenSecret",
+            lambda s: s.model.tokenSecret is None or s.model.kind == "hf" or any(a.kind == "hf" for a in s.adapters)),
     # The autoscaler writes replicas through /scale, so replicas beside autoscaling is refused only where it is
     # hand-set: on create, or in the same write that turns autoscaling on.
     CelRule("!has(self.autoscaling) || !has(self.replicas) || (oldSelf.hasValue() && has(oldSelf.value().autoscaling))",
@@ -392,6 +442,14 @@ CEL_RULES = [
             "networkPolicy.gatewayFrom admits a Gateway to the leaders' HTTP port, which only an InferencePool "
             "publishes: set inferencePool.enabled: true, or remove gatewayFrom", "spec.networkPolicy.gatewayFrom",
             lambda s: s.networkPolicy.gatewayFrom is None or s.inferencePool.enabled),
+    CelRule("!has(self.engine) || !has(self.engine.eviction) || self.engine.eviction != 'copy' || "
+            "(has(self.engine.numCpuBlocks) && self.engine.numCpuBlocks > 0)",
+            "engine.eviction copy swaps preempted sequences to host memory, but engine.numCpuBlocks is 0: set "
+            "engine.numCpuBlocks (host KV blocks) or use eviction: recompute", "spec.engine.numCpuBlocks",
+            lambda s: s.engine.eviction != "copy" or s.engine.numCpuBlocks > 0),
+    CelRule("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            "every adapter needs its own name (a request picks one by it); rename the duplicate",
+            "spec.adapters", lambda s: len({a.name for a in s.adapters}) == len(s.adapters)),
     *(CelRule(f"!has(self.networkPolicy) || !has(self.networkPolicy.{name}) || "
               f"self.networkPolicy.{name}.all(k, size(k) <= 317 && k.matches('{LABEL_KEY}'))",
               f"networkPolicy.{name}: every key must be a label key ([prefix/]name, e.g. "
@@ -400,6 +458,24 @@ CEL_RULES = [
                                        for k in getattr(s.networkPolicy, name) or {}))
       for name in ("metricsFrom", "gatewayFrom")),
 ]
+
+
+# Rules over the whole object (the CRD's root, where CEL may read metadata.name): the base model is served under
+# the LLMDeployment's name (the workers' --served-model-name), so an adapter of that name could not be asked for.
+OBJECT_RULES = [
+    CelRule("!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != self.metadata.name)",
+            "an adapter may not be named like the LLMDeployment, which is the base model's name in "
+            "requests (OpenAI model, /v1/models); rename the adapter", "spec.adapters",
+            lambda name, s: all(a.name != name for a in s.adapters)),
+]
+
+
+def object_problem(name: str, spec: LLMDeploymentSpec) -> str | None:
+    """The first of OBJECT_RULES that the object named `name` breaks, as 'field: message', else None."""
+    for rule in OBJECT_RULES:
+        if not rule.python(name, spec):
+            return f"{rule.field}: {rule.message}"
+    return None
 
 
 class Condition(_Spec):

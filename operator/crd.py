@@ -59,6 +59,12 @@ def status_schema() -> dict:
     return ordered(schema)
 
 
+def object_validations() -> list[dict]:
+    """spec.OBJECT_RULES: at the root, where CEL may read metadata.name (only name and generateName are there)."""
+    return [{"rule": rule.cel, "message": rule.message, "fieldPath": "." + rule.field}
+            for rule in spec_types.OBJECT_RULES]
+
+
 def openapi_schema() -> dict:
     return {
         "description": f"{spec_types.KIND} serves one language model: tensor x pipeline parallel groups "
@@ -73,6 +79,7 @@ def openapi_schema() -> dict:
             "spec": spec_schema(),
             "status": status_schema(),
         },
+        "x-kubernetes-validations": object_validations(),
     }
 
 

@@ -40,7 +40,7 @@ from kubellm.operator.load_metrics import read_load_phases
 from kubellm.operator.load_time import group_timing, load_events, slow_load_after
 from kubellm.operator.metrics import OperatorMetrics
 from kubellm.operator.router_load import read_router_load
-from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec
+from kubellm.api.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION, LLMDeploymentSpec, object_problem
 from kubellm.operator.status import (CRASH_LOOP, scaling_condition, FAILED, FAILURE_RESTARTS, POOL_APPLIED, POOL_APPLY_FAILED,
                                      POOL_CONDITION, POOL_CRD_MISSING, READY_PODS, RESTARTING, GroupState,
                                      compute_status, group_states, inference_pool_condition, phase_event,
@@ -70,14 +70,18 @@ def kube() -> Kube:
     return _kube
 
 
-def parse_spec(spec) -> LLMDeploymentSpec:
+def parse_spec(spec, name: str | None = None) -> LLMDeploymentSpec:
+    """The spec as the operator runs it; `name`: the object's, for the rules that read it (spec.OBJECT_RULES)."""
     try:
         parsed = LLMDeploymentSpec.model_validate(dict(spec))
-        return parsed if parsed.image else parsed.model_copy(update={"image": RUNTIME_IMAGE})
     except ValidationError as err:
         problems = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
                              for e in err.errors())
         raise kopf.PermanentError(problems) from None
+    problem = object_problem(name, parsed) if name is not None else None
+    if problem:
+        raise kopf.PermanentError(problem)
+    return parsed if parsed.image else parsed.model_copy(update={"image": RUNTIME_IMAGE})
 
 
 @kopf.on.startup()
@@ -100,7 +104,7 @@ def reconcile(body, spec, status, patch, reason, **_):
     METRICS.reconciled(reason)
     owner = R.Owner.from_body(body)
     try:
-        desired = parse_spec(spec)
+        desired = parse_spec(spec, owner.name)
     except kopf.PermanentError as err:  # what the CRD schema cannot express; say so in status
         patch.status.update(phase="Failed", observedGeneration=body["metadata"].get("generation", 0))
         kopf.event(body, type="Warning", reason="InvalidSpec", message=str(err))
@@ -142,7 +146,7 @@ def reconcile(body, spec, status, patch, reason, **_):
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
 def observe(body, spec, patch, **_):
     try:
-        desired = parse_spec(spec)
+        desired = parse_spec(spec, body["metadata"]["name"])
     except kopf.PermanentError:
         return
     owner = R.Owner.from_body(body)

@@ -22,6 +22,9 @@ from kubellm.operator.naming import (CONTROL_PORT, GROUP_LABEL, GRPC_PORT_NAME, 
                                      leader_selector, leaders_name, metadata, router_name, selector)
 
 MODELS_MOUNT = "/models"
+# Where LoRA adapters that are not on the model's volume are: pvc:// claims (one volume each) and hf:// downloads
+# when the model itself is not downloaded (else they go beside it, in its cache PVC when it has one).
+ADAPTERS_MOUNT = "/adapters"
 # Every container runs with a read-only root filesystem; /tmp (an emptyDir) is its one scratch space and
 # HOME points there, so what writes under ~ (Triton's and CUDA's kernel caches, ~/.cache) writes there.
 SCRATCH = "/tmp"
@@ -102,6 +105,27 @@ def model_path(spec: LLMDeploymentSpec) -> str:
     return model.source  # a path in the image, or a known model name
 
 
+def _download_env(spec: LLMDeploymentSpec, mount: str) -> list[dict]:
+    """A download init container's environment: huggingface_hub's cache and token lookups (HF_HOME) next to the
+    download, not under HOME; spec.model's token and endpoint (the adapters' hf:// downloads use them too)."""
+    model = spec.model
+    env = [*scratch_env(), {"name": "HF_HOME", "value": f"{mount}/.hf-home"},
+           {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if model.tokenSecret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.tokenSecret, "key": "HF_TOKEN"}}})
+    if model.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": model.endpoint})
+    return env
+
+
+def _download_container(spec: LLMDeploymentSpec, name: str, source: str, dest: str, volume: str, mount: str,
+                        adapter: bool = False) -> dict:
+    return {"name": name, "image": spec.image or DEFAULT_IMAGE, "imagePullPolicy": spec.imagePullPolicy,
+            "command": ["kubellm", "models", "download", source, "--dest", dest, *(["--adapter"] if adapter else [])],
+            "env": _download_env(spec, mount), "volumeMounts": [{"name": volume, "mountPath": mount}, scratch_mount()],
+            "securityContext": container_security_context()}
+
+
 def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list[dict]]:
     """(volumes, worker volumeMounts, init containers) for the model source."""
     model = spec.model
@@ -113,19 +137,73 @@ def _model_volume(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list
         return [], [], []
     volume = ({"name": "models", "persistentVolumeClaim": {"claimName": model.cachePVC}} if model.cachePVC
               else {"name": "models", "emptyDir": {}})
-    # huggingface_hub's cache and token lookups (HF_HOME) go next to the download, not under HOME.
-    env = [*scratch_env(), {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/.hf-home"},
-           {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
-    if model.tokenSecret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.tokenSecret, "key": "HF_TOKEN"}}})
-    if model.endpoint:
-        env.append({"name": "HF_ENDPOINT", "value": model.endpoint})
-    download = {"name": "download-model", "image": spec.image or DEFAULT_IMAGE,
-                "imagePullPolicy": spec.imagePullPolicy,
-                "command": ["kubellm", "models", "download", model.source, "--dest", model_path(spec)],
-                "env": env, "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}, scratch_mount()],
-                "securityContext": container_security_context()}
+    download = _download_container(spec, "download-model", model.source, model_path(spec), "models", MODELS_MOUNT)
     return [volume], [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], [download]
+
+
+# -- LoRA adapters ----------------------------------------------------------------------------
+def _model_claim(spec: LLMDeploymentSpec) -> str | None:
+    return spec.model.source.removeprefix("pvc://").split("/")[0] if spec.model.kind == "pvc" else None
+
+
+def _claim_and_path(source: str) -> tuple[str, str]:
+    claim, _, path = source.removeprefix("pvc://").partition("/")
+    return claim, path
+
+
+def adapter_claims(spec: LLMDeploymentSpec) -> list[str]:
+    """The PVCs the adapters are on, each once, in spec order, except the model's own (already mounted)."""
+    claims: list[str] = []
+    for adapter in spec.adapters:
+        claim = _claim_and_path(adapter.source)[0] if adapter.kind == "pvc" else None
+        if claim and claim != _model_claim(spec) and claim not in claims:
+            claims.append(claim)
+    return claims
+
+
+def _hf_adapters_on_model_volume(spec: LLMDeploymentSpec) -> bool:
+    """hf:// adapters are downloaded beside an hf:// model (its cache PVC keeps them too), else to their own
+    emptyDir."""
+    return spec.model.kind == "hf"
+
+
+def adapter_paths(spec: LLMDeploymentSpec) -> dict[str, str]:
+    """Where the worker finds each adapter inside its container, by name (its `--lora NAME=PATH` flags)."""
+    paths = {}
+    for adapter in spec.adapters:
+        if adapter.kind == "hf":
+            base = f"{MODELS_MOUNT}/adapters" if _hf_adapters_on_model_volume(spec) else ADAPTERS_MOUNT
+            paths[adapter.name] = f"{base}/hf/{adapter.source.removeprefix('hf://')}"
+        elif adapter.kind == "pvc":
+            claim, path = _claim_and_path(adapter.source)
+            base = MODELS_MOUNT if claim == _model_claim(spec) else f"{ADAPTERS_MOUNT}/pvc/{claim}"
+            paths[adapter.name] = f"{base}/{path}".rstrip("/")
+        else:
+            paths[adapter.name] = adapter.source   # a path in the image
+    return paths
+
+
+def _adapter_volumes(spec: LLMDeploymentSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, worker volumeMounts, init containers) for spec.adapters: a read-only volume per PVC the model's does
+    not cover, and a download init container per hf:// adapter (as the model's: the workers stay offline)."""
+    volumes, mounts, inits = [], [], []
+    for i, claim in enumerate(adapter_claims(spec)):
+        volumes.append({"name": f"adapters-pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"adapters-pvc-{i}", "mountPath": f"{ADAPTERS_MOUNT}/pvc/{claim}", "readOnly": True})
+    downloads = [a for a in spec.adapters if a.kind == "hf"]
+    if not downloads:
+        return volumes, mounts, inits
+    if _hf_adapters_on_model_volume(spec):
+        volume, mount = "models", MODELS_MOUNT
+    else:
+        volume, mount = "adapters", ADAPTERS_MOUNT
+        volumes.append({"name": "adapters", "emptyDir": {}})
+        mounts.append({"name": "adapters", "mountPath": ADAPTERS_MOUNT, "readOnly": True})
+    paths = adapter_paths(spec)
+    for i, adapter in enumerate(downloads):
+        inits.append(_download_container(spec, f"download-adapter-{i}", adapter.source, paths[adapter.name], volume,
+                                         mount, adapter=True))
+    return volumes, mounts, inits
 
 
 def container_security_context() -> dict:
@@ -165,6 +243,10 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
     name = group_name(owner, index)
     group_labels = {GROUP_LABEL: str(index)}
     volumes, mounts, init_containers = _model_volume(spec)
+    adapter_volumes, adapter_mounts, adapter_inits = _adapter_volumes(spec)
+    volumes += adapter_volumes
+    mounts += adapter_mounts
+    init_containers += adapter_inits
     volumes += [{"name": "config", "configMap": {"name": config_name(owner)}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL needs a large /dev/shm
                 scratch_volume()]
@@ -192,7 +274,7 @@ def worker_statefulset(owner: Owner, spec: LLMDeploymentSpec, index: int) -> dic
         # Requests' `model` and the metrics' model_name are the deployment's name, as vLLM's --served-model-name.
         "command": ["kubellm", *spec.runtime_settings().worker_args(
             model_path(spec), CONFIG_MOUNT, port=port, metrics_port=METRICS_PORT, http_port=HTTP_PORT,
-            served_model_name=owner.name, drain_timeout=spec.drain.timeoutSeconds)],
+            served_model_name=owner.name, drain_timeout=spec.drain.timeoutSeconds, adapters=adapter_paths(spec))],
         "env": env,
         "ports": [{"name": GRPC_PORT_NAME, "containerPort": port}, {"name": "dist", "containerPort": MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT},

@@ -56,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch-size", type=int, default=64)
         p.add_argument("--session-len", type=int, default=None)
 
+    def model_flags(p) -> None:
+        """Engine options past the basics (`kubellm worker`, `kubellm serve`); unset: the --config file's, else
+        EngineConfig's defaults. The operator passes spec.engine's through the config file instead."""
+        p.add_argument("--model-impl", default=None, choices=["auto", "kubellm", "transformers"],
+                       help="auto (default): kubellm's model file where the architecture has one, else transformers' "
+                            "modeling code; kubellm / transformers: only that one (vLLM's --model-impl)")
+        p.add_argument("--eviction", default=None, choices=["recompute", "copy"],
+                       help="what preemption does with a sequence's KV blocks: recompute (default) or copy them to "
+                            "--num-cpu-blocks of host memory and back (LMDeploy's eviction_type)")
+        p.add_argument("--num-cpu-blocks", type=count, default=None, metavar="N",
+                       help="KV blocks of host memory for --eviction copy (default 0)")
+        p.add_argument("--rope-scaling-factor", type=float, default=None, metavar="F",
+                       help="dynamic NTK rotary scaling (>= 1), so --session-len may pass max_position_embeddings")
+        p.add_argument("--use-logn-attn", action="store_true", default=None,
+                       help="Qwen's log-n attention scaling past the trained length")
+        p.add_argument("--lora", action="append", default=None, metavar="NAME=SOURCE",
+                       help="serve a LoRA adapter beside the model (repeatable); a request picks it by NAME (gRPC "
+                            "adapter, OpenAI model). SOURCE: a directory with adapter_config.json and "
+                            "adapter_model.safetensors (or .bin), or hf://org/name[@revision], downloaded into the "
+                            "cache as the model is")
+        p.add_argument("--max-lora-rank", type=count, default=None, metavar="R",
+                       help="largest rank an adapter may have (default 64; vLLM's --max-lora-rank)")
+
     def drain_flag(p, what: str) -> None:
         """--drain-timeout (the operator passes spec.drain.timeoutSeconds)."""
         p.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="S",
@@ -122,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?", default="smollm2-135m")
     models.add_argument("--dest", help="download: target directory")
     models.add_argument("--force", action="store_true", help="convert again even if cached")
+    models.add_argument("--adapter", action="store_true",
+                        help="download: the repository is a LoRA adapter (adapter_config.json, adapter_model.*)")
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
     bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels", "fuzz"],
@@ -203,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: --model; the operator passes the LLMDeployment's name)")
     worker.add_argument("--allow-terminate", action="store_true", help="honour the Terminate RPC (local deployments)")
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
+    model_flags(worker)
     drain_flag(worker, "the requests it is running")
     router = sub.add_parser("router", help="gRPC router over replica leaders (--policy), with optional REST "
                                            "gateway (the router pod's entrypoint; no torch)")
@@ -259,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=None)
     serve.add_argument("--kv-cache-fraction", type=float, default=None)
     serve.add_argument("--max-new-tokens", type=int, default=None, help="default for requests that do not set it")
+    model_flags(serve)
     serve.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
     serve.add_argument("--api-key", default=None, metavar="KEY",
                        help="require this API key on the router (REST and gRPC); default $KUBELLM_API_KEY, which "

@@ -9,7 +9,7 @@ def models(args) -> int:
     if args.action == "pull":
         print(embedded.pull(args.name, force=args.force))
     elif args.action == "download":
-        print(download.download_hf(args.name, args.dest))
+        print(download.download_hf(args.name, args.dest, adapter=args.adapter))
     else:
         for name in embedded.known_names():
             print(name)

@@ -13,6 +13,7 @@ from kubellm.runtime.config import EngineConfig, generation_config
 from kubellm.runtime.engine.engine import session_len_for
 from kubellm.runtime.executor.loader import load_hf_config
 from kubellm.runtime.executor.rank_group import RankGroup, master_address, ranks_on_this_host, start_remote_rank
+from kubellm.runtime.hub.adapters import check_local_adapters, parse_lora_flags, resolve_adapters
 from kubellm.runtime.hub.embedded import resolve_model
 from kubellm.runtime.serving.follower import serve_follower
 from kubellm.runtime.serving.worker import TerminatedWhileLoading, serve_worker
@@ -36,8 +37,9 @@ def worker_configs(args):
     --config file (the operator's ConfigMap key engine.json) under the flags, and the
     --generation-defaults file (generation.json), validated as a GenerationConfig."""
     options = _json_object(args.config, "--config", "EngineConfig") if args.config else {}
-    for name in ("tensor_parallel", "pipeline_parallel", "dtype", "device", "max_batch_size", "session_len"):
-        value = getattr(args, name)
+    for name in ("tensor_parallel", "pipeline_parallel", "dtype", "device", "max_batch_size", "session_len",
+                 "model_impl", "eviction", "num_cpu_blocks", "rope_scaling_factor", "use_logn_attn", "max_lora_rank"):
+        value = getattr(args, name, None)
         if value is not None:
             options[name] = value
     engine_config = EngineConfig.build(**options)
@@ -48,7 +50,20 @@ def worker_configs(args):
     return engine_config, defaults
 
 
-def _join_other_hosts(model, engine_config, ranks: list[int]):
+def worker_adapters(args) -> dict[str, str]:
+    """`--lora NAME=SOURCE` flags -> {name: source}, checked now where no download is needed (a bad directory fails
+    before the model loads). No adapter may take the name the base model is served under: a request naming it
+    would be ambiguous."""
+    adapters = parse_lora_flags(getattr(args, "lora", None))
+    served = args.served_model_name or str(args.model)
+    if served in adapters:
+        raise ValueError(f"--lora: adapter {served!r} has the name the base model is served under "
+                         f"({'--served-model-name' if args.served_model_name else '--model'}); rename the adapter")
+    check_local_adapters(adapters)
+    return adapters
+
+
+def _join_other_hosts(model, ranks: list[int], engine_config):
     """Rank 0 of a group spanning hosts: start this host's other ranks, then wait for every rank."""
     path = resolve_model(model)
     session_len = session_len_for(load_hf_config(path), engine_config)
@@ -60,19 +75,22 @@ def _join_other_hosts(model, engine_config, ranks: list[int]):
 def worker(args) -> int:
     """One engine behind the gRPC API (rank 0 of a replica); runs until terminated or signalled."""
     engine_config, defaults = worker_configs(args)
+    adapters = worker_adapters(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A group spread over pods (or torchrun processes): rank 0 serves gRPC, the others follow it.
     ranks = ranks_on_this_host(engine_config.world_size)
     if ranks is not None and ranks[0] != 0:
+        # Each rank loads its shard of every adapter: a follower needs their directories too.
+        engine_config = engine_config.updated(adapters={**engine_config.adapters, **resolve_adapters(adapters)})
         serve_follower(args.model, engine_config, ranks, port=args.port, host=args.host)
         return 0
-    rank_group = None if ranks is None else functools.partial(_join_other_hosts, args.model, engine_config, ranks)
+    rank_group = None if ranks is None else functools.partial(_join_other_hosts, args.model, ranks)
     try:
         asyncio.run(serve_worker(args.model, engine_config, port=args.port, host=args.host, replica=args.replica,
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
                                  metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group,
                                  served_model_name=args.served_model_name, http_port=args.http_port,
-                                 drain_timeout=args.drain_timeout))
+                                 drain_timeout=args.drain_timeout, adapter_sources=adapters))
     except KeyboardInterrupt:
         pass
     except TerminatedWhileLoading as stopped:

@@ -39,11 +39,19 @@ def is_complete(directory: str | os.PathLike) -> bool:
     )
 
 
-def install(tmp: Path, target: Path, force: bool) -> None:
-    """Move a finished conversion into place, replacing an old or incomplete directory."""
+def is_complete_adapter(directory: str | os.PathLike) -> bool:
+    """Whether a directory holds a LoRA adapter as peft saves it: adapter_config.json and its weights."""
+    d = Path(directory)
+    return (d / "adapter_config.json").is_file() and any(
+        (d / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
+
+
+def install(tmp: Path, target: Path, force: bool, complete=is_complete) -> None:
+    """Move a finished conversion into place, replacing an old or incomplete directory (`complete`: what a
+    finished one holds; is_complete_adapter for adapters)."""
     old = None
     if target.exists():
-        if is_complete(target) and not force:
+        if complete(target) and not force:
             return  # another process finished first; its copy is as good as ours
         # A directory cannot be renamed onto a non-empty one: move the old one aside first.
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
@@ -52,7 +60,7 @@ def install(tmp: Path, target: Path, force: bool) -> None:
         tmp.rename(target)
     except OSError:
         # Another process put its own copy in place between our checks and the rename.
-        if not is_complete(target):
+        if not complete(target):
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

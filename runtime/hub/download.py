@@ -9,19 +9,22 @@ import sys
 import time
 from pathlib import Path
 
-from kubellm.runtime.hub.cache import install, is_complete, log, remove_stale_temp_dirs
+from kubellm.runtime.hub.cache import install, is_complete, is_complete_adapter, log, remove_stale_temp_dirs
 
 HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 # A repository without safetensors (older Hub models, PiPPy's examples): its PyTorch checkpoint, fetched only
 # then, so that a repository holding both formats is not downloaded twice.
 PYTORCH_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# A LoRA adapter (`kubellm worker --lora NAME=hf://...`, spec.adapters): peft's files; its .bin only without safetensors.
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
+ADAPTER_PYTORCH_PATTERNS = ["adapter_model.bin"]
 
 
 class DownloadError(ValueError):
     """An hf:// download failed for a reason the user can fix (token, name, revision, endpoint)."""
 
 
-def download_hf(source: str, dest: str | os.PathLike) -> Path:
+def download_hf(source: str, dest: str | os.PathLike, adapter: bool = False) -> Path:
     """Fetch `hf://org/name[@revision]` (safetensors, else PyTorch .bin; config, tokenizer) into `dest`: the worker pods'
     init container (`kubellm models download`).
 
@@ -31,6 +34,7 @@ def download_hf(source: str, dest: str | os.PathLike) -> Path:
     either absent or a whole model. A complete `dest` is kept as is and nothing is fetched, so a
     restarted pod whose cache volume survived starts offline. Nothing is written under HOME (it may be
     read-only): HF_HOME defaults to `<dest's parent>/.hf-home` when HOME is not writable; telemetry is off.
+    `adapter`: a LoRA adapter's repository (adapter_config.json, adapter_model.safetensors, else .bin).
     """
     if not source.startswith("hf://") or "/" not in source[5:]:
         raise ValueError(f"model: {source!r} is not an hf://org/name[@revision] source")
@@ -38,8 +42,10 @@ def download_hf(source: str, dest: str | os.PathLike) -> Path:
         raise ValueError("--dest: give the directory to download into")
     repo, _, revision = source[5:].partition("@")
     dest = Path(dest)
-    if is_complete(dest):
-        log(f"{dest} already holds a complete model; nothing to download")
+    what_kind, complete = ("adapter", is_complete_adapter) if adapter else ("model", is_complete)
+    patterns, fallback = (ADAPTER_PATTERNS, ADAPTER_PYTORCH_PATTERNS) if adapter else (HF_PATTERNS, PYTORCH_PATTERNS)
+    if complete(dest):
+        log(f"{dest} already holds a complete {what_kind}; nothing to download")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if "HF_HOME" not in os.environ and not os.access(Path.home(), os.W_OK):
@@ -59,19 +65,25 @@ def download_hf(source: str, dest: str | os.PathLike) -> Path:
     started = time.monotonic()
     with _DirProgress(partial):
         try:
-            snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=HF_PATTERNS)
+            snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=patterns)
             if not any(partial.glob("*.safetensors")):
-                snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=PYTORCH_PATTERNS)
+                snapshot_download(repo, revision=revision or None, local_dir=partial, allow_patterns=fallback)
         except Exception as err:  # noqa: BLE001 - huggingface_hub's errors, turned into what to fix
-            raise _download_error(err, source, what, endpoint) from None
-    if not is_complete(partial):
+            err = _download_error(err, source, what, endpoint)
+            if adapter and isinstance(err, DownloadError):
+                err = DownloadError(str(err).replace("model: ", "adapter: ", 1))
+            raise err from None
+    if not complete(partial):
         shutil.rmtree(partial, ignore_errors=True)
+        if adapter:
+            raise DownloadError(f"adapter: {source!r} has no adapter_config.json and adapter_model.safetensors (or "
+                                f".bin) at {endpoint}: is it a LoRA adapter saved by peft (save_pretrained)?")
         raise DownloadError(f"model: {source!r} has no weights (safetensors or pytorch_model*.bin) or tokenizer at "
                             f"{endpoint}; kubellm reads config.json, *.safetensors (else pytorch_model*.bin) and "
                             "tokenizer.json / tokenizer.model")
     shutil.rmtree(partial / ".cache", ignore_errors=True)   # huggingface_hub's resume metadata
     files = [f.stat().st_size for f in partial.rglob("*") if f.is_file()]
-    install(partial, dest, force=False)
+    install(partial, dest, force=False, complete=complete)
     shutil.rmtree(partial, ignore_errors=True)   # left only if another pod completed `dest` first
     log(f"downloaded {what}: {len(files)} files, {_size(sum(files))} in {time.monotonic() - started:.1f} s "
          f"into {dest}")

@@ -254,6 +254,9 @@ def serve(model: str = "", deployment_name: str | None = None, tensor_parallel: 
     `max_request_bytes`, `max_streams_per_connection`, `rate_limit`, `rate_limit_burst`: the router's limits
     (docs/limits.md; None: its defaults, no rate limit); `max_prompts_per_request` (an EngineConfig option) is the
     router's too.
+    `adapters={"name": source}`: LoRA adapters every worker serves (`kubellm worker --lora name=source`); a source
+    is an adapter directory or hf://org/name[@revision], downloaded by each worker into the cache; a request
+    picks one with `adapter="name"`.
     """
     if isinstance(deployment_name, dict) and model_config is None:   # MII's second argument is model_config
         deployment_name, model_config = None, deployment_name
@@ -275,6 +278,7 @@ def serve(model: str = "", deployment_name: str | None = None, tensor_parallel: 
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel: must be an integer >= 1 (got {tensor_parallel!r})")
     engine, gen = split_options({**options, "tensor_parallel": tensor_parallel})
+    adapters = _adapter_sources(engine.pop("adapters", None) or {})
     make_balancer(policy, prefix_length=prefix_length, load_factor=load_factor)   # bad values fail here, not later
     routing = ["--policy", policy, "--prefix-length", str(prefix_length), "--load-factor", repr(float(load_factor)),
                *_limit_flags(max_request_bytes, max_streams_per_connection, rate_limit, rate_limit_burst,
@@ -297,9 +301,19 @@ def serve(model: str = "", deployment_name: str | None = None, tensor_parallel: 
         pass
     try:
         return _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port,
-                             host, startup_timeout, engine, gen, routing, security, port_number)
+                             host, startup_timeout, engine, gen, routing, security, port_number, adapters)
     finally:
         lock.close()
+
+
+def _adapter_sources(adapters: dict[str, str]) -> dict[str, str]:
+    """serve()'s adapters, checked before anything starts (names, local directories; hf:// is each worker's to
+    download), local paths made absolute: the workers run in the deployment's own directory."""
+    from kubellm.runtime.hub.adapters import check_local_adapters
+
+    check_local_adapters(adapters, "adapters")
+    return {name: source if source.startswith("hf://") else os.path.abspath(os.path.expanduser(source))
+            for name, source in adapters.items()}
 
 
 @dataclass
@@ -343,7 +357,7 @@ def _security(api_key, tls_cert, tls_key) -> _Security:
 
 def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api, restful_api_port, host,
                   startup_timeout, engine, gen, routing: list[str], security: _Security,
-                  router_port: int | None = None) -> DeploymentClient:
+                  router_port: int | None = None, adapters: dict[str, str] | None = None) -> DeploymentClient:
     existing = read_entry(name)
     if existing is not None:
         live = with_liveness(existing)
@@ -377,7 +391,7 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
              "created": time.time(), "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "log_dir": str(directory), "engine": engine, "generation": gen, "ready": False,
              "policy": routing[1], "api_key_required": security.api_key is not None,
-             "tls": security.tls_cert is not None, "ca_file": security.tls_cert}
+             "tls": security.tls_cert is not None, "ca_file": security.tls_cert, "adapters": dict(adapters or {})}
     # The key goes to the router alone, through its environment (argv is public); the workers never see one.
     worker_env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     router_env = dict(worker_env, **({API_KEY_ENV: security.api_key} if security.api_key is not None else {}))
@@ -386,7 +400,8 @@ def _serve_locked(model, name, tensor_parallel, replica_num, enable_restful_api,
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
             launch(f"worker-{i}", settings.worker_args(model, str(directory), host="127.0.0.1", port=port,
-                                                       replica=f"{name}-{i}", allow_terminate=True), worker_env)
+                                                       replica=f"{name}-{i}", allow_terminate=True,
+                                                       adapters=adapters), worker_env)
         deadline = time.monotonic() + startup_timeout
 
         def wait_serving(addresses: list[str], ca_file: str | None = None) -> None:

@@ -5,6 +5,7 @@
         print(r.text, r.generated_length, r.finish_reason)
     for delta in client.stream("Once upon a time", max_new_tokens=32):
         print(delta.text, end="")
+    client.generate("SELECT", adapter="sql")            # a LoRA adapter the server serves (model_info().adapters)
     client.generate("Once upon a time", streaming_fn=lambda rs: print(rs[0].text, end=""))   # DeepSpeed-MII's
     client.close()
 
@@ -22,7 +23,7 @@ certificate is its own CA):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import grpc
@@ -62,6 +63,7 @@ class ModelInfo:
     session_len: int
     replica: str
     version: str
+    adapters: list[str] = field(default_factory=list)   # the LoRA adapters a request may name
 
 
 def _is_conversation(value) -> bool:
@@ -162,7 +164,13 @@ class Client:
         self._stub = llm_pb2_grpc.LLMStub(self._channel)
 
     def _request(self, prompts, options) -> llm_pb2.GenerateRequest:
-        return llm_pb2.GenerateRequest(prompts=build_prompts(prompts), config=build_config(options))
+        options = dict(options)
+        adapter = options.pop("adapter", None)   # the request's own field, not a sampling option
+        if adapter is not None and (not isinstance(adapter, str) or not adapter):
+            raise ValueError(f"adapter: expected the name of an adapter the server serves (a non-empty string), "
+                             f"got {adapter!r}; leave it unset for the base model")
+        return llm_pb2.GenerateRequest(prompts=build_prompts(prompts), config=build_config(options),
+                                       adapter=adapter or "")
 
     def generate(self, prompts, timeout: float | None = None, streaming_fn=None, **gen_options) -> list[Response]:
         """One Response per prompt. DeepSpeed-MII's `streaming_fn`: called with a one-item list [Response] for
@@ -243,7 +251,7 @@ class Client:
         except grpc.RpcError as err:
             raise self._error(err) from None
         return ModelInfo(r.model, r.architecture, r.tensor_parallel, r.pipeline_parallel, r.max_batch_size,
-                         r.session_len, r.replica, r.version)
+                         r.session_len, r.replica, r.version, list(r.adapters))
 
     def terminate_server(self, timeout: float | None = None) -> bool:
         try:

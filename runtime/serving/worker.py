@@ -55,7 +55,8 @@ class Worker:
     def __init__(self, model, engine_config: EngineConfig | dict | None, port: int, host: str, replica: str | None,
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
                  load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None,
-                 http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT):
+                 http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT,
+                 adapter_sources: dict[str, str] | None = None):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
@@ -73,7 +74,10 @@ class Worker:
         self.metrics_port = metrics_port
         self.show_progress = show_progress
         self.load_gate = load_gate   # tests: the model starts loading only once this is set
-        self.rank_group = rank_group  # callable joining the ranks on other hosts (see cli/worker.py)
+        self.rank_group = rank_group  # callable(engine_config) joining the ranks on other hosts (see cli/worker.py)
+        # LoRA adapters by name -> a directory or hf://... (`--lora`), resolved (downloaded) as the model loads,
+        # into engine_config.adapters.
+        self.adapter_sources = dict(adapter_sources or {})
         self.metrics = WorkerMetrics(model_name=self.served_model_name)
         self.engine_loop: EngineLoop | None = None
         self.stopping = False
@@ -125,10 +129,17 @@ class Worker:
         from kubellm.runtime.engine.engine import LLMEngine
         from kubellm.runtime.executor.load_times import LoadTimes
 
+        from kubellm.runtime.hub.adapters import resolve_adapters
+
         times = LoadTimes()
         started = time.monotonic()
+        if self.adapter_sources:
+            with times.phase("download"):   # hf:// adapters are fetched like the model, in the same phase
+                adapters = resolve_adapters(self.adapter_sources)
+            self.engine_config = self.engine_config.updated(adapters={**self.engine_config.adapters, **adapters})
+            log.info("LoRA adapters: %s", ", ".join(f"{n} ({p})" for n, p in adapters.items()))
         with times.phase("weights"):
-            group = self.rank_group() if self.rank_group else None
+            group = self.rank_group(self.engine_config) if self.rank_group else None
         engine = LLMEngine(self.model, self.engine_config, self.show_progress, rank_group=group, load_times=times)
         times.total = time.monotonic() - started
         return engine
@@ -215,15 +226,17 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
                        host: str = "0.0.0.0", replica: str | None = None, allow_terminate: bool = False,
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
                        show_progress: bool = False, rank_group=None, served_model_name: str | None = None,
-                       http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+                       http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT,
+                       adapter_sources: dict[str, str] | None = None) -> None:
     """Serve `model` on host:port until Terminate (if allowed), SIGTERM or cancellation; raises if the model fails
     to load. On SIGTERM it drains: new calls refused, those in flight finish up to `drain_timeout` s.
     `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group).
     `served_model_name`: the name the model is served as (default: `str(model)`).
-    `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http)."""
+    `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http).
+    `adapter_sources`: LoRA adapters by name -> directory or hf://org/name[@revision] (downloaded while loading)."""
     worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                      metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name,
-                     http_port=http_port, drain_timeout=drain_timeout)
+                     http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -260,10 +273,11 @@ class WorkerServer:
                  host: str = "127.0.0.1", replica: str | None = None, allow_terminate: bool = False,
                  generation_defaults: dict | None = None, metrics_port: int | None = None,
                  show_progress: bool = False, load_gate: threading.Event | None = None,
-                 served_model_name: str | None = None, http_port: int | None = None, drain_timeout: float = 1.0):
+                 served_model_name: str | None = None, http_port: int | None = None, drain_timeout: float = 1.0,
+                 adapter_sources: dict[str, str] | None = None):
         self._worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                                metrics_port, show_progress, load_gate, served_model_name=served_model_name,
-                               http_port=http_port, drain_timeout=drain_timeout)
+                               http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()

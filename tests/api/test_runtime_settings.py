@@ -24,7 +24,9 @@ from kubellm.runtime.local.deployments import serve, split_options
 EVERY_FIELD = {
     "model": {"source": "/opt/models/tiny"}, "device": "cpu", "tensorParallel": 2, "pipelineParallel": 3,
     "engine": {"dtype": "bfloat16", "maxBatchSize": 7, "maxNumBatchedTokens": 999, "kvCacheFraction": 0.3,
-               "blockSize": 8, "sessionLen": 321, "enablePrefixCaching": False},
+               "blockSize": 8, "sessionLen": 321, "enablePrefixCaching": False, "modelImpl": "transformers",
+               "eviction": "copy", "numCpuBlocks": 12, "ropeScalingFactor": 2.5, "useLognAttn": True,
+               "maxLoraRank": 16},
     "generation": {"maxNewTokens": 11, "temperature": 0.6, "topP": 0.8, "topK": 5, "repetitionPenalty": 1.2},
 }
 

@@ -206,7 +206,7 @@ def test_server_defaults_equal_the_operator_defaults(spec_schema):
     defaulted = apply_defaults(copy.deepcopy(minimal), spec_schema)
     expected = spec.LLMDeploymentSpec.model_validate(minimal).model_dump(exclude_none=True)
     expected.pop("replicas")   # resolved by the operator (1 without autoscaling); no schema default on purpose
-    for empty in ("resources", "nodeSelector", "tolerations", "affinity"):
+    for empty in ("resources", "nodeSelector", "tolerations", "affinity", "adapters"):
         expected.pop(empty)
         defaulted.pop(empty, None)
     assert defaulted == expected
@@ -284,6 +284,25 @@ INVALID = {
     "tls secret not a name": ({"model": SOURCE, "router": {"tlsSecretName": "Not A Name"}}, "router.tlsSecretName"),
     "request bytes too small": ({"model": SOURCE, "limits": {"maxRequestBytes": 1}}, "limits.maxRequestBytes"),
     "rate limit without a rate": ({"model": SOURCE, "limits": {"rateLimit": {"burst": 3}}}, "limits.rateLimit"),
+    "unknown model implementation": ({"model": SOURCE, "engine": {"modelImpl": "vllm"}}, "engine.modelImpl"),
+    "unknown eviction": ({"model": SOURCE, "engine": {"eviction": "swap"}}, "engine.eviction"),
+    "copy eviction without host blocks": ({"model": SOURCE, "engine": {"eviction": "copy"}}, "engine.numCpuBlocks"),
+    "negative host blocks": ({"model": SOURCE, "engine": {"numCpuBlocks": -1}}, "engine.numCpuBlocks"),
+    "rope scaling below 1": ({"model": SOURCE, "engine": {"ropeScalingFactor": 0.5}}, "engine.ropeScalingFactor"),
+    "zero lora rank": ({"model": SOURCE, "engine": {"maxLoraRank": 0}}, "engine.maxLoraRank"),
+    "adapter name not a label": ({"model": SOURCE, "adapters": [{"name": "SQL_lora", "source": "/a/sql"}]},
+                                 "adapters.0.name"),
+    "adapter without a source": ({"model": SOURCE, "adapters": [{"name": "sql"}]}, "adapters.0"),
+    "adapter from a known model name": ({"model": SOURCE, "adapters": [{"name": "sql", "source": "smollm2-135m"}]},
+                                        "adapters.0.source"),
+    "adapter from s3": ({"model": SOURCE, "adapters": [{"name": "sql", "source": "s3://bucket/sql"}]},
+                        "adapters.0.source"),
+    "two adapters of one name": ({"model": SOURCE, "adapters": [{"name": "sql", "source": "/a/sql"},
+                                                                {"name": "sql", "source": "hf://org/sql"}]},
+                                 "adapters"),
+    "token for pvc model and adapters": ({"model": {"source": "pvc://weights/llama", "tokenSecret": "hf"},
+                                          "adapters": [{"name": "sql", "source": "pvc://weights/sql"}]},
+                                         "tokenSecret"),
 }
 VALID = [
     {"model": SOURCE},
@@ -301,6 +320,14 @@ VALID = [
      "limits": {"maxRequestBytes": 65536, "maxConcurrentStreamsPerConnection": 10, "maxPromptsPerRequest": 8,
                 "maxLogprobs": 5, "rateLimit": {"requestsPerSecond": 2.5, "burst": 10}}},
     {"model": {"source": "smollm2-135m"}, "networkPolicy": {"enabled": False}},
+    {"model": SOURCE, "engine": {"modelImpl": "transformers", "eviction": "copy", "numCpuBlocks": 256,
+                                 "ropeScalingFactor": 4.0, "useLognAttn": True, "maxLoraRank": 16}},
+    {"model": SOURCE, "adapters": [{"name": "sql", "source": "hf://org/sql-lora@v1"},
+                                   {"name": "chat-2", "source": "pvc://adapters/chat"},
+                                   {"name": "code", "source": "/opt/adapters/code"}]},
+    # a gated adapter on the Hub beside a model on a PVC: the token is the adapter's
+    {"model": {"source": "pvc://weights/llama", "tokenSecret": "hf"},
+     "adapters": [{"name": "sql", "source": "hf://org/sql-lora"}]},
 ]
 
 
@@ -393,3 +420,29 @@ def test_cel_and_python_rules_agree(spec_schema):
             assert failures[0] in python_error
 
     check()
+
+
+# -- rules over the whole object (metadata.name) ---------------------------------------------------
+def test_an_adapter_named_like_the_deployment_is_refused_by_the_api_server_and_the_operator(schema):
+    """The base model is served under the LLMDeployment's name: an adapter of that name could not be asked for.
+    The rule sits at the CRD's root, where CEL may read metadata.name."""
+    celpy = pytest.importorskip("celpy")
+    from kubellm.operator.handlers import parse_spec
+    import kopf
+
+    [entry] = schema["x-kubernetes-validations"]
+    assert entry["fieldPath"] == ".spec.adapters" and "rename the adapter" in entry["message"]
+    env = celpy.Environment()
+    program = env.program(env.compile(entry["rule"]))
+    body = {"model": SOURCE, "adapters": [{"name": "sql", "source": "/a/sql"}, {"name": "llm", "source": "/a/b"}]}
+    for name, allowed in (("llm", False), ("chat", True)):
+        obj = {"metadata": {"name": name}, "spec": body}
+        assert bool(program.evaluate({"self": celpy.json_to_cel(obj)})) is allowed
+        assert (spec.object_problem(name, spec.LLMDeploymentSpec.model_validate(body)) is None) is allowed
+        if allowed:
+            assert parse_spec(body, name).adapters[1].name == "llm"
+        else:
+            with pytest.raises(kopf.PermanentError, match="spec.adapters: an adapter may not be named like"):
+                parse_spec(body, name)
+    no_adapters = {"metadata": {"name": "llm"}, "spec": {"model": SOURCE}}
+    assert bool(program.evaluate({"self": celpy.json_to_cel(no_adapters)}))
