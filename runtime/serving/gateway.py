@@ -28,19 +28,51 @@ nested too deeply, or holds a non-finite number or a lone surrogate is 400; so a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
-
 from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.auth import ApiKeys, rest_middleware
-from kubellm.runtime.serving.limits import Limits, RateLimiter, caller_key, rate_limited_message, too_large_message
+from kubellm.runtime.serving.limits import (
+    Limits,
+    RateLimiter,
+    caller_key,
+    rate_limited_message,
+    too_large_message,
+)
+from kubellm.runtime.serving.openai_replies import (
+    Output,
+    TokenLogprob,
+    chat_logprobs,
+    completion_logprobs,
+    finish_reason,
+    tool_call_deltas,
+    tool_calls,
+    usage,
+)
+from kubellm.runtime.serving.openai_requests import (
+    OpenAIRequest,
+    chat_request,
+    completion_request,
+)
 from kubellm.runtime.serving.openapi import openapi_document
+from kubellm.runtime.serving.rest_fields import (
+    BadRequest,
+    check_prompt_count,
+    field,
+    words,
+)
+from kubellm.runtime.serving.tool_parsers import PARSERS, Call, Content, ToolCallStream
 from kubellm.runtime.serving.upstream import Upstream, UpstreamError
+
+__all__ = ["BadRequest", "build_app", "check_prompt_count", "checked_model", "parse_json_body", "resolve_model"]
+log = logging.getLogger("kubellm.gateway")
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -53,13 +85,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> web.Response:
@@ -125,59 +150,20 @@ def _too_large(size: int | None, limit: int) -> BadRequest:
 # --------------------------------------------------------------------------- options
 
 
-def _get(body: dict, key: str, types, *, lo=None, hi=None):
-    """body[key] checked against `types` (and bounds); None when absent or null."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
-    if not isinstance(value, types):
-        raise BadRequest(f"'{key}' must be {_names(types)}, got {value!r}", key)
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-        raise BadRequest(f"'{key}' is out of range, got {value!r}", key)
-    if lo is not None and value < lo:
-        raise BadRequest(f"'{key}' must be >= {lo}, got {value!r}", key)
-    if hi is not None and value > hi:
-        raise BadRequest(f"'{key}' must be <= {hi}, got {value!r}", key)
-    return value
-
-
-def _names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-                        list: "a list"}.get(t, t.__name__) for t in types)
-
-
-def _stop_words(body: dict, key: str) -> list[str]:
-    stop = body.get(key)
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
-    raise BadRequest(f"'{key}' must be a string or a list of strings", key)
-
-
-def _config(body: dict, *, max_new_key: str, openai: bool, session_len: int = 0) -> llm_pb2.GenerationConfig:
-    """The request's options. `session_len` (0: unknown): a max_tokens that could not fit beside even a
-    one-token prompt is refused here; the worker checks prompt + max_tokens exactly."""
+def _mii_config(body: dict, session_len: int = 0) -> llm_pb2.GenerationConfig:
+    """DeepSpeed-MII's options. `session_len` (0: unknown): a max_new_tokens that could not fit beside even a
+    one-token prompt is refused here; the worker checks prompt + max_new_tokens exactly."""
     cfg = llm_pb2.GenerationConfig()
     num = (int, float)
-    max_new = _get(body, max_new_key, int, lo=1)
-    if max_new is None and openai:
-        max_new = _get(body, "max_completion_tokens", int, lo=1)
+    max_new = field(body, "max_new_tokens", int, lo=1)
     if max_new is not None:
         if max_new >= 2**31:
-            raise BadRequest(f"'{max_new_key}' is out of range, got {max_new!r}", max_new_key)
+            raise BadRequest(f"'max_new_tokens' is out of range, got {max_new!r}", "max_new_tokens")
         if session_len and max_new >= session_len:
-            raise BadRequest(f"'{max_new_key}' is {max_new}, but the model's session_len is {session_len} tokens "
-                             f"(prompt + {max_new_key}); ask for at most {session_len - 1} (fewer, by the prompt's "
-                             f"length), or leave it unset", max_new_key)
+            raise BadRequest(f"'max_new_tokens' is {max_new}, but the model's session_len is {session_len} tokens "
+                             f"(prompt + max_new_tokens); ask for at most {session_len - 1} (fewer, by the prompt's "
+                             "length), or leave it unset", "max_new_tokens")
         cfg.max_new_tokens = max_new
-    elif openai and max_new_key == "max_tokens" and "messages" not in body:
-        cfg.max_new_tokens = 16  # OpenAI's default for /v1/completions
     for key, name, typ, lo, hi in (("min_new_tokens", "min_new_tokens", int, 0, None),
                                    ("min_tokens", "min_new_tokens", int, 0, None),
                                    ("temperature", "temperature", num, 0, None),
@@ -189,122 +175,114 @@ def _config(body: dict, *, max_new_key: str, openai: bool, session_len: int = 0)
                                    ("random_seed", "random_seed", int, None, None),
                                    ("skip_special_tokens", "skip_special_tokens", bool, None, None),
                                    ("max_length", "max_length", int, 1, None)):
-        if openai and key == "max_length":
-            continue
-        value = _get(body, key, typ, lo=lo, hi=hi)
+        value = field(body, key, typ, lo=lo, hi=hi)
         if value is not None:
             try:
                 setattr(cfg, name, value)
             except (ValueError, TypeError, OverflowError):
                 raise BadRequest(f"'{key}' is out of range, got {value!r}", key) from None
-    if not openai and body.get("do_sample") is False and not cfg.HasField("temperature"):
+    if body.get("do_sample") is False and not cfg.HasField("temperature"):
         cfg.temperature = 0.0  # MII: greedy
-    cfg.stop_words.extend(_stop_words(body, "stop"))
-    if not openai:
-        cfg.stop_words.extend(_stop_words(body, "stop_words"))
-        cfg.bad_words.extend(_stop_words(body, "bad_words"))
-    if openai:
-        n = _get(body, "n", int, lo=1)
-        if n not in (None, 1):
-            raise BadRequest("only n=1 is supported", "n")
-        best_of = _get(body, "best_of", int, lo=1)
-        if best_of not in (None, 1):
-            raise BadRequest("only best_of=1 is supported", "best_of")
-        if body.get("echo"):
-            raise BadRequest("echo is not supported", "echo")
+    cfg.stop_words.extend(words(body, "stop"))
+    cfg.stop_words.extend(words(body, "stop_words"))
+    cfg.bad_words.extend(words(body, "bad_words"))
     return cfg
 
 
-def check_prompt_count(count: int, param: str, most: int) -> None:
-    if count > most:
-        raise BadRequest(f"'{param}': {count} prompts in one request, more than max_prompts_per_request ({most}: "
-                         "spec.limits.maxPromptsPerRequest, --max-prompts-per-request); split them over several "
-                         "requests", param)
-
-
-def _text_prompts(value, param: str, most: int) -> list[llm_pb2.Prompt]:
-    if isinstance(value, list) and value and not isinstance(value[0], int):   # a batch (not one prompt's ids)
-        check_prompt_count(len(value), param, most)   # before any Prompt is built
-    try:
-        return _text_prompts_unchecked(value, param)
-    except (ValueError, TypeError, OverflowError) as err:
-        if isinstance(err, BadRequest):
-            raise
-        raise BadRequest(f"'{param}': token ids must be 32-bit integers", param) from None
-
-
-def _text_prompts_unchecked(value, param: str) -> list[llm_pb2.Prompt]:
-    if isinstance(value, str):
-        return [llm_pb2.Prompt(text=value)]
-    if isinstance(value, list) and value:
-        if all(isinstance(p, str) for p in value):
-            return [llm_pb2.Prompt(text=p) for p in value]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return [llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=value))]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-               for p in value):
-            return [llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=p)) for p in value]
-    raise BadRequest(f"'{param}' must be a string, a non-empty list of strings, or token ids", param)
-
-
-def _conversation(messages) -> llm_pb2.Prompt:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    conv = llm_pb2.Conversation()
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}].role")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):  # content parts: keep the text ones
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise BadRequest(f"messages[{i}].content: only text parts are supported",
-                                     f"messages[{i}].content")
-                parts.append(part["text"])
-            content = "".join(parts)
-        elif not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        conv.messages.append(llm_pb2.ChatMessage(role=m["role"], content=content))
-    return llm_pb2.Prompt(chat=conv)
-
-
-def _finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
+def resolve_model(requested, served: Sequence[str] | None, default: str,
+                  adapters: Sequence[str] = ()) -> tuple[str, str]:
+    """(the model a reply names, the LoRA adapter to generate with or ""). A name in `adapters` is that adapter
+    (vLLM serves its LoRA adapters as models). Otherwise, `served` None (a router): any name, echoed (absent:
+    `default`); else `requested` must be one of `served` (absent: the first), anything else is vLLM's 404 naming
+    the models served."""
+    if requested is not None and not isinstance(requested, str) and served is not None:
+        raise BadRequest(f"'model' must be a string, got {requested!r}", "model")
+    if isinstance(requested, str) and requested in adapters:
+        return requested, requested
+    if served is None:
+        return (requested if isinstance(requested, str) and requested else default), ""
+    if requested is None or requested == "":
+        return served[0], ""
+    if requested in served:
+        return requested, ""
+    names = " or ".join(f"`{n}`" for n in [*served, *adapters])
+    raise BadRequest(f"The model `{requested}` does not exist; this server serves {names}", "model",
+                     status=404, kind="not_found_error", code="model_not_found")
 
 
 def checked_model(requested, served: Sequence[str] | None, default: str) -> str:
-    """The model a reply names. `served` None (a router): any, else `default`. Otherwise `requested` must
-    be one of `served` (absent: the first); anything else is vLLM's 404 naming the served ones."""
-    if served is None:
-        return requested if isinstance(requested, str) else default
-    if requested is None or requested == "":
-        return served[0]
-    if not isinstance(requested, str):
-        raise BadRequest(f"'model' must be a string, got {requested!r}", "model")
-    if requested in served:
-        return requested
-    names = " or ".join(f"`{n}`" for n in served)
-    raise BadRequest(f"The model `{requested}` does not exist; this server serves {names}", "model",
-                     status=404, kind="not_found_error", code="model_not_found")
+    """The model a reply names (resolve_model without adapters)."""
+    return resolve_model(requested, served, default)[0]
+
+
+def _tokens(entries) -> list[TokenLogprob]:
+    return [TokenLogprob(e.chosen.token, e.chosen.logprob, tuple((t.token, t.logprob) for t in e.top))
+            for e in entries]
+
+
+def output_of(r) -> Output:
+    """A worker's Response or GenerateStreamResponse as one choice's Output."""
+    return Output(index=r.index, prompt_index=r.prompt_index, text=r.text, finish_reason=r.finish_reason,
+                  prompt_length=r.prompt_length, generated_length=r.generated_length,
+                  tokens=_tokens(r.token_logprobs), prompt_tokens=_tokens(r.prompt_logprobs))
 
 
 # --------------------------------------------------------------------------- the app
 
 
+def _first_prompt_token(prompt: str, rest: list[TokenLogprob]) -> TokenLogprob:
+    """The prompt's first token, which the workers' prompt logprobs leave out (nothing predicts it): its text is
+    what of the prompt the other tokens do not cover (empty for a BOS token), its logprob null as OpenAI's."""
+    tail = "".join(t.token for t in rest)
+    return TokenLogprob(prompt[:len(prompt) - len(tail)] if prompt.endswith(tail) else "", None)
+
+
+def _echo_tokens(req: OpenAIRequest, o: Output) -> list[TokenLogprob]:
+    prompt = req.prompt_texts[o.prompt_index]
+    return [_first_prompt_token(prompt, o.prompt_tokens), *o.prompt_tokens]
+
+
+def _with_chosen(tokens: list[TokenLogprob]) -> list[TokenLogprob]:
+    """Completions' top_logprobs hold the chosen token too (as vLLM's and OpenAI's do)."""
+    return [t if t.logprob is None or any(text == t.token for text, _ in t.top)
+            else TokenLogprob(t.token, t.logprob, (*t.top, (t.token, t.logprob))) for t in tokens]
+
+
+@dataclass
+class _ChoiceStream:
+    """What a streamed choice has sent so far."""
+    started: bool = False
+    offset: int = 0                      # completions: characters sent (logprobs' text_offset)
+    calls: ToolCallStream | None = None  # tool_choice auto: the reply parsed as it comes
+    constrained: str = ""                # a constrained tool call's text, parsed at its end
+    tool_calls: int = 0
+
+
 class Gateway:
-    def __init__(self, upstream: Upstream, models: Sequence[str] | None = None, limits: Limits | None = None):
+    def __init__(self, upstream: Upstream, models: Sequence[str] | None = None, limits: Limits | None = None,
+                 tool_call_parser: str | Callable[[], str | None] | None = None):
         self.upstream = upstream
         self.models_served = list(models) if models is not None else None   # None: any model (a router)
         self.limits = limits or Limits()
+        if isinstance(tool_call_parser, str) and tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {tool_call_parser!r}")
+        self.tool_call_parser = tool_call_parser
 
     @property
     def session_len(self) -> int:
         """The model's session_len where the upstream has said it (ModelInfo), else 0 (unknown)."""
         info = self.upstream.model_info
         return int(info.session_len) if info is not None else 0
+
+    @property
+    def adapters(self) -> list[str]:
+        info = self.upstream.model_info
+        return list(info.adapters) if info is not None else []
+
+    def parser(self) -> str:
+        """The tool-call format of this model's replies: the option's, else its chat template's, else auto."""
+        chosen = self.tool_call_parser() if callable(self.tool_call_parser) else self.tool_call_parser
+        return chosen or "auto"
 
     # MII
     async def mii(self, request: web.Request) -> web.Response:
@@ -326,9 +304,8 @@ class Gateway:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise BadRequest(f"'{param}' must be a string or a non-empty list of strings", param)
         req = llm_pb2.GenerateRequest(prompts=[llm_pb2.Prompt(text=p) for p in prompts],
-                                      config=_config(body, max_new_key="max_new_tokens", openai=False,
-                                                     session_len=self.session_len))
-        full = _get(body, "return_full_text", bool)
+                                      config=_mii_config(body, self.session_len))
+        full = field(body, "return_full_text", bool)
         reply = await self.upstream.forward_unary("Generate", req)
         out = []
         for r in sorted(reply.responses, key=lambda r: r.index):
@@ -340,55 +317,111 @@ class Gateway:
     # OpenAI
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        model = self._model(body)   # first, as vLLM: a wrong model is 404 whatever else is wrong
-        if "prompt" not in body:
-            raise BadRequest("'prompt' is required", "prompt")
-        req = llm_pb2.GenerateRequest(prompts=_text_prompts(body["prompt"], "prompt",
-                                                            self.limits.max_prompts_per_request),
-                                      config=_config(body, max_new_key="max_tokens", openai=True,
-                                                     session_len=self.session_len))
-        return await self._openai(request, body, req, model, chat=False)
+        model, adapter = self._model(body)   # first, as vLLM: a wrong model is 404 whatever else is wrong
+        req = completion_request(body, session_len=self.session_len, max_prompts=self.limits.max_prompts_per_request)
+        req.generate.adapter = adapter
+        return await self._openai(request, req, model)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        model = self._model(body)
-        req = llm_pb2.GenerateRequest(prompts=[_conversation(body.get("messages"))],
-                                      config=_config(body, max_new_key="max_tokens", openai=True,
-                                                     session_len=self.session_len))
-        return await self._openai(request, body, req, model, chat=True)
+        model, adapter = self._model(body)
+        req = chat_request(body, session_len=self.session_len)
+        req.generate.adapter = adapter
+        if req.tools is not None and req.tools.mode == "auto":
+            req.parser = self.parser()
+            # Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens: keep them in the text to parse.
+            if req.parser != "hermes" and not req.generate.config.HasField("skip_special_tokens"):
+                req.generate.config.skip_special_tokens = False
+        return await self._openai(request, req, model)
 
-    def _model(self, body: dict) -> str:
-        return checked_model(body.get("model"), self.models_served, self.upstream.deployment_name)
+    def _model(self, body: dict) -> tuple[str, str]:
+        return resolve_model(body.get("model"), self.models_served, self.upstream.deployment_name, self.adapters)
 
-    async def _openai(self, request, body, req, model: str, *, chat: bool) -> web.StreamResponse:
+    async def _openai(self, request, req: OpenAIRequest, model: str) -> web.StreamResponse:
         created = int(time.time())
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        req.request_id = rid
-        stream = _get(body, "stream", bool)
-        if stream:
-            opts = body.get("stream_options") or {}
-            usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-            return await self._sse(request, req, rid=rid, model=model, created=created, chat=chat, usage=usage)
-        reply = await self.upstream.forward_unary("Generate", req)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for r in sorted(reply.responses, key=lambda r: r.index):
-            prompt_tokens += r.prompt_length
-            completion_tokens += r.generated_length
-            if chat:
-                choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
-                                "logprobs": None, "finish_reason": _finish(r.finish_reason)})
-            else:
-                choices.append({"index": r.index, "text": r.text, "logprobs": None,
-                                "finish_reason": _finish(r.finish_reason)})
+        rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        req.generate.request_id = rid
+        if req.user is not None:   # OpenAI's end-user id: for the logs (abuse tracing), nothing else
+            log.info("request %s for user %r", rid, req.user[:200])
+        if req.stream:
+            return await self._sse(request, req, rid=rid, model=model, created=created)
+        reply = await self.upstream.forward_unary("Generate", req.generate)
+        outputs = [output_of(r) for r in sorted(reply.responses, key=lambda r: r.index)]
+        choices = [self._chat_choice(req, o) if req.chat else self._completion_choice(req, o) for o in outputs]
         return web.json_response({
-            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": created,
             "model": model, "choices": choices, "system_fingerprint": reply.replica or None,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}})
+            "usage": self._usage(req, outputs)})
 
-    async def _sse(self, request, req, *, rid, model, created, chat, usage) -> web.StreamResponse:
+    @staticmethod
+    def _usage(req: OpenAIRequest, outputs) -> dict:
+        prompts = {o.prompt_index: o.prompt_length for o in outputs}   # each prompt once, whatever its n
+        generated = 0 if req.prompt_only else sum(o.generated_length for o in outputs)
+        return usage(sum(prompts.values()), generated)
+
+    @staticmethod
+    def _completion_choice(req: OpenAIRequest, o: Output) -> dict:
+        text, tokens = ("", []) if req.prompt_only else (o.text, o.tokens)
+        if req.echo:
+            text = req.prompt_texts[o.prompt_index] + text
+            if req.logprobs is not None:
+                tokens = _echo_tokens(req, o) + tokens
+        return {"index": o.index, "text": text,
+                "logprobs": completion_logprobs(_with_chosen(tokens)) if req.logprobs is not None else None,
+                "finish_reason": "length" if req.prompt_only else finish_reason(o.finish_reason)}
+
+    def _calls(self, req: OpenAIRequest, text: str) -> tuple[str | None, list[Call]]:
+        """A whole chat reply's content and tool calls."""
+        plan = req.tools
+        if plan is None or plan.mode == "none":
+            return text, []
+        if plan.mode == "auto":
+            stream = ToolCallStream(req.parser)
+            events = stream.feed(text) + stream.finish()
+            calls = plan.keep([e for e in events if isinstance(e, Call)])
+            content = "".join(e.text for e in events if isinstance(e, Content))
+            return (content if content.strip() or not calls else None), calls
+        calls = plan.calls_from_constrained(text)
+        return (None, plan.keep(calls)) if calls else (text, [])
+
+    def _chat_choice(self, req: OpenAIRequest, o: Output) -> dict:
+        content, calls = self._calls(req, o.text)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = tool_calls(calls)
+        return {"index": o.index, "message": message,
+                "logprobs": chat_logprobs(o.tokens, req.logprobs) if req.logprobs is not None else None,
+                "finish_reason": "tool_calls" if calls else finish_reason(o.finish_reason)}
+
+    def _chat_deltas(self, req: OpenAIRequest, st: _ChoiceStream, text: str, last: bool) -> list[dict]:
+        """A streamed chat choice's next deltas: content, and tool calls as they are known."""
+        plan, deltas = req.tools, []
+
+        def add(events):
+            for e in events:
+                if isinstance(e, Content):
+                    deltas.append({"content": e.text})
+                elif plan.parallel or st.tool_calls == 0:
+                    st.tool_calls += 1
+                    deltas.extend({"tool_calls": [d]} for d in tool_call_deltas(e))
+
+        if plan is None or plan.mode == "none":
+            if text:
+                deltas.append({"content": text})
+        elif plan.mode == "auto":
+            st.calls = st.calls or ToolCallStream(req.parser)
+            add(st.calls.feed(text) + (st.calls.finish() if last else []))
+        else:
+            st.constrained += text
+            if last:
+                calls = plan.calls_from_constrained(st.constrained)
+                add(calls if calls else [Content(st.constrained)] if st.constrained else [])
+        return deltas
+
+    async def _sse(self, request, req: OpenAIRequest, *, rid, model, created) -> web.StreamResponse:
+        chat = req.chat
         obj = "chat.completion.chunk" if chat else "text_completion"
-        upstream = self.upstream.forward_stream(req)
+        upstream = self.upstream.forward_stream(req.generate)
         try:
             try:  # the first message before any header: errors up to here get a proper HTTP status
                 first = await upstream.__anext__()
@@ -397,62 +430,98 @@ class Gateway:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
+            totals: dict[int, Output] = {}
 
-            async def send(payload):
+            async def send(choice=None, with_usage=False):
+                payload = {"id": rid, "object": obj, "created": created, "model": model,
+                           "choices": [choice] if choice is not None else []}
+                if with_usage or (req.continuous_usage and choice is not None):
+                    payload["usage"] = self._usage(req, list(totals.values()))
                 await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
-            def chunk(index, delta_text, finish, role=False):
-                if chat:
-                    delta = {"role": "assistant", "content": delta_text} if role else (
-                        {"content": delta_text} if delta_text or not finish else {})
-                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-                else:
-                    choice = {"index": index, "text": delta_text, "logprobs": None, "finish_reason": finish}
-                return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-
-            started, totals = set(), {}
+            states: dict[int, _ChoiceStream] = {}
             try:
                 message = first
                 while message is not None:
-                    if chat and message.index not in started:
-                        started.add(message.index)
-                        await send(chunk(message.index, "", None, role=True))
-                    finish = _finish(message.finish_reason) if message.finish_reason else None
-                    if message.text or finish:
-                        await send(chunk(message.index, message.text, finish))
-                    totals[message.index] = (message.prompt_length, message.generated_length)
+                    o = output_of(message)
+                    known = totals.get(o.index)
+                    # Lengths so far; the prompt's logprobs come on a choice's first message only.
+                    totals[o.index] = o if known is None else Output(o.index, o.prompt_index, "", "", o.prompt_length,
+                                                                     o.generated_length)
+                    st = states.setdefault(o.index, _ChoiceStream())
+                    last = bool(message.finish_reason)
+                    if chat:
+                        await self._chat_chunks(req, st, o, last, send)
+                    else:
+                        await self._completion_chunk(req, st, o, last, send)
                     try:
                         message = await upstream.__anext__()
                     except StopAsyncIteration:
                         message = None
-                if usage:
-                    p = sum(t[0] for t in totals.values())
-                    c = sum(t[1] for t in totals.values())
-                    await send({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
+                if req.include_usage:
+                    await send(with_usage=True)
             except UpstreamError as err:  # after the headers: an error event, then the end
                 _, kind = _HTTP_STATUS.get(err.code, (500, "internal_error"))
-                await send({"error": {"message": err.details, "type": kind, "param": None,
-                                      "code": err.code.name.lower()}})
+                await response.write(b"data: " + json.dumps({"error": {
+                    "message": err.details, "type": kind, "param": None, "code": err.code.name.lower()}}).encode()
+                    + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
         finally:
             await upstream.aclose()
 
+    async def _completion_chunk(self, req: OpenAIRequest, st: _ChoiceStream, o: Output, last: bool, send) -> None:
+        text, tokens = ("", []) if req.prompt_only else (o.text, o.tokens)
+        if req.echo and not st.started:
+            text = req.prompt_texts[o.prompt_index] + text
+            if req.logprobs is not None:
+                tokens = _echo_tokens(req, o) + tokens
+        st.started = True
+        finish = ("length" if req.prompt_only else finish_reason(o.finish_reason)) if last else None
+        if text or tokens or finish:
+            logprobs = completion_logprobs(_with_chosen(tokens), st.offset) if req.logprobs is not None else None
+            await send({"index": o.index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        st.offset += len(text)
+
+    async def _chat_chunks(self, req: OpenAIRequest, st: _ChoiceStream, o: Output, last: bool, send) -> None:
+        if not st.started:
+            st.started = True
+            await send({"index": o.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None})
+        deltas = self._chat_deltas(req, st, o.text, last)
+        logprobs = chat_logprobs(o.tokens, req.logprobs) if req.logprobs is not None and o.tokens else None
+        if logprobs and not deltas:
+            deltas = [{}]   # the tokens' logprobs, while their text is held back (a tool call forming)
+        finish = ("tool_calls" if st.tool_calls else finish_reason(o.finish_reason)) if last else None
+        for k, delta in enumerate(deltas):
+            await send({"index": o.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                        "finish_reason": finish if k == len(deltas) - 1 else None})
+        if finish and not deltas:
+            await send({"index": o.index, "delta": {}, "logprobs": None, "finish_reason": finish})
+
     async def models(self, request: web.Request) -> web.Response:
-        if self.models_served is not None:
-            return _model_list(self.models_served)
         info = self.upstream.model_info
         if info is None:
             try:
                 info = await self.upstream.forward_unary("ModelInfo", llm_pb2.ModelInfoRequest(), timeout=10)
             except UpstreamError:
                 info = None
-        names = [self.upstream.deployment_name]
-        if info is not None and info.model and info.model not in names:
-            names.append(info.model)
-        return _model_list(names)
+        if self.models_served is not None:
+            names = list(self.models_served)
+        else:
+            names = [self.upstream.deployment_name]
+            if info is not None and info.model and info.model not in names:
+                names.append(info.model)
+        adapters = list(info.adapters) if info is not None else []
+        session_len = int(info.session_len) if info is not None else None
+        root = info.model if info is not None and info.model else names[0]
+        cards = [{"id": n, "object": "model", "created": 0, "owned_by": "kubellm", "root": root, "parent": None,
+                  "max_model_len": session_len} for n in names]
+        # vLLM lists each LoRA adapter as a model whose parent is the base model.
+        cards += [{"id": a, "object": "model", "created": 0, "owned_by": "kubellm", "root": a, "parent": names[0],
+                   "max_model_len": session_len} for a in adapters if a not in names]
+        return web.json_response({"object": "list", "data": cards})
 
     async def health(self, request: web.Request) -> web.Response:
         healthy = len(self.upstream.healthy_replicas())
@@ -462,11 +531,6 @@ class Gateway:
         return web.json_response({"status": "ok" if ok else "unavailable", "healthy_replicas": healthy,
                                   "replicas": len(self.upstream.replicas), "scaled_to_zero": scaled_to_zero},
                                  status=200 if ok else 503)
-
-
-def _model_list(names: Sequence[str]) -> web.Response:
-    return web.json_response({"object": "list", "data": [
-        {"id": n, "object": "model", "created": 0, "owned_by": "kubellm"} for n in names]})
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -511,14 +575,17 @@ async def _errors(request: web.Request, handler):
 
 def build_app(upstream: Upstream, *, models: Sequence[str] | None = None, mii: bool = True,
               limits: Limits | None = None, api_keys: ApiKeys | None = None,
-              rate_limiter: RateLimiter | None = None) -> web.Application:
+              rate_limiter: RateLimiter | None = None,
+              tool_call_parser: str | Callable[[], str | None] | None = None) -> web.Application:
     """The REST app over `upstream`. `models`: the names `model` may take (None: any, as a router);
     `mii`: serve DeepSpeed-MII's route too (a router's only); `limits`: the body size, rate and prompt limits
     (default: Limits(), 1 MiB bodies and no rate limit; `rate_limiter`: the buckets, shared with the router's
     gRPC port, else the gateway's own); `api_keys`: `Authorization: Bearer` required but on
-    /health, /metrics and /openapi.json (None: no key asked for)."""
+    /health, /metrics and /openapi.json (None: no key asked for); `tool_call_parser`: the format of the model's
+    tool calls (tool_parsers.PARSERS; a callable: asked per request, the model's chat template once loaded;
+    None: auto, by their markers)."""
     limits = limits or Limits()
-    gw = Gateway(upstream, models, limits)
+    gw = Gateway(upstream, models, limits, tool_call_parser)
     # The key first: an unauthenticated request is answered 401 before its body, size or rate count.
     auth = [rest_middleware(api_keys)] if api_keys is not None else []
     limiter = rate_limiter if rate_limiter is not None else limits.rate_limiter()

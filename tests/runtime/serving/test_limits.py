@@ -223,9 +223,9 @@ def test_rate_limit_is_429_with_retry_after_in_openai_shape():
     ("/mii/limits", {"prompts": ["hi"] * 9}, "prompts", ["9 prompts"]),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 64}, "max_tokens", ["session_len is 64", "at most 63"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100},
-     "max_tokens", ["session_len is 64"]),
+     "max_completion_tokens", ["session_len is 64"]),
     ("/mii/limits", {"prompts": ["hi"], "max_new_tokens": 10 ** 6}, "max_new_tokens", ["session_len is 64"]),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, "n", ["only n=1"]),
+    ("/v1/completions", {"prompt": "hi", "n": 129}, "n", ["must be <= 128"]),
 ])
 def test_request_limits_are_400_naming_the_limit(path, body, param, words):
     async def check(client, upstream):

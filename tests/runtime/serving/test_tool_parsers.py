@@ -7,9 +7,13 @@ import json
 import random
 
 import pytest
-
-from kubellm.runtime.serving.tool_parsers import (Call, Content, ToolCallStream, parse_tool_calls,
-                                                  parser_from_chat_template)
+from kubellm.runtime.serving.tool_parsers import (
+    Call,
+    Content,
+    ToolCallStream,
+    parse_tool_calls,
+    parser_from_chat_template,
+)
 
 W = '{"city": "Paris"}'
 
@@ -18,8 +22,8 @@ CASES = [
     ("hermes", "plain text", "plain text", []),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', None,
      [("get_weather", W)]),
-    ("hermes", 'Let me look.\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", '
-               '"arguments": {"x": [1, 2]}}</tool_call>', "Let me look.\n", [("a", "{}"), ("b", '{"x": [1, 2]}')]),
+    ("hermes", ('Let me look.\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", '
+               '"arguments": {"x": [1, 2]}}</tool_call>'), "Let me look.\n", [("a", "{}"), ("b", '{"x": [1, 2]}')]),
     ("hermes", '<tool_call>{"name": "a", "arguments": "{\\"k\\": 1}"}</tool_call>', None, [("a", '{"k": 1}')]),
     ("hermes", '<tool_call>{"name": "a", "arguments": {"k": 1}}', None, [("a", '{"k": 1}')]),   # unclosed at the end
     ("hermes", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
