@@ -210,10 +210,16 @@ class EngineLoop(threading.Thread):
 
     def _publish_state(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        running = waiting = ()
+        if self.engine.config.adapters:   # vllm:lora_requests_info: each adapter once, in queue order
+            running = tuple(dict.fromkeys(s.gen.adapter for s in scheduler.running if s.gen.adapter))
+            waiting = tuple(dict.fromkeys(s.gen.adapter for queue in (scheduler.waiting, scheduler.swapped)
+                                          for s in queue if s.gen.adapter))
         self.metrics.set_engine_state(EngineState(len(scheduler.running), len(scheduler.waiting), float(blocks.usage),
                                                   blocks.prefix_queries, blocks.prefix_hits, scheduler.num_preemptions,
                                                   len(scheduler.swapped), blocks.swapped_out_blocks,
-                                                  blocks.swapped_in_blocks, scheduler.num_swap_fallbacks))
+                                                  blocks.swapped_in_blocks, scheduler.num_swap_fallbacks,
+                                                  running, waiting, time.time()))
 
     def _add(self, prompts, gens, sink: EventSink, arrived: float) -> list[str]:
         added = []
@@ -229,6 +235,7 @@ class EngineLoop(threading.Thread):
                 self._live.pop(rid, None)
             raise
         self.metrics.add_tokens(prompt=sum(self._live[r].seq.num_prompt_tokens for r in added))
+        self.metrics.adapter_requests([gen.adapter for gen in gens])
         return added
 
     def _abort(self, request_ids: list[str]) -> int:

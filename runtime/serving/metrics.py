@@ -38,6 +38,8 @@ VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 LOAD_PHASES = ("download", "weights", "warmup")
+# vllm:lora_requests_info's labels, in vLLM's order (vllm/v1/metrics/loggers.py); no model_name / engine labels.
+LORA_INFO_LABELS = ("max_lora", "waiting_lora_adapters", "running_lora_adapters")
 
 
 def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
@@ -65,6 +67,11 @@ class EngineState:
     swapped_out_blocks: int = 0      # KV blocks copied device -> host (cumulative)
     swapped_in_blocks: int = 0       # KV blocks copied host -> device (cumulative)
     swap_fallbacks: int = 0          # eviction='copy' preemptions recomputed: host blocks full (cumulative)
+    # LoRA: the adapters named by running / waiting (and swapped-out) sequences, each once, in queue order, and
+    # when this state was published (time.time(): vllm:lora_requests_info's value, as vLLM sets it)
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    published: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class WorkerMetrics:
         self.model_name = model_name
         self._labels = (model_name, ENGINE_INDEX)
         self._state = EngineState()
+        self._adapter_requests = None   # kubellm_lora_requests_total, once the engine serves adapters
         self._requests = r.counter(f"{p}requests_total", "Finished requests by gRPC status code.", ("code",))
         self._prompt_tokens = r.counter(f"{p}prompt_tokens_total", "Prompt tokens admitted.")
         self._generation_tokens = r.counter(f"{p}generation_tokens_total", "Tokens generated.")
@@ -163,6 +171,37 @@ class WorkerMetrics:
         self._v_request_tokens = None   # (prompt, generation) histograms: their buckets need max_model_len
 
     # -- updates --------------------------------------------------------------------------------
+    def adapters_loaded(self, names: list[str], published: float) -> None:
+        """The engine serves these LoRA adapters (all resident at once): vLLM's vllm:lora_requests_info, which a
+        Gateway's endpoint picker reads for adapter affinity, and kubellm's requests per adapter. Exported only
+        with adapters, as vLLM exports it only with LoRA enabled. `published`: time.time() of the load, the
+        gauge's value until the engine thread's first state."""
+        if not names:
+            return
+        max_lora = str(len(names))   # vLLM's max_loras: adapters one batch may use; here every served one
+        self._state = EngineState(published=published)
+
+        def info():
+            state = self._state
+            return {(max_lora, ",".join(state.waiting_adapters), ",".join(state.running_adapters)):
+                    state.published or published}
+
+        self.registry.gauge("vllm:lora_requests_info", "Running stats on lora requests.", LORA_INFO_LABELS,
+                            function=info)
+        self._adapter_requests = self.registry.counter(
+            f"{PREFIX}lora_requests_total", "Requests admitted per LoRA adapter (a request of the base model names "
+            "none).", ("adapter",))
+        for name in names:   # every served adapter has its sample from the start
+            self._adapter_requests.inc(name, amount=0)
+
+    def adapter_requests(self, names: list[str]) -> None:
+        """Requests just admitted, by the adapter each names (the base model's: None, not counted)."""
+        if self._adapter_requests is None:
+            return
+        for name in names:
+            if name:
+                self._adapter_requests.inc(name)
+
     def engine_loaded(self, block_size: int, num_gpu_blocks: int, enable_prefix_caching: bool,
                       max_model_len: int) -> None:
         """The engine is up: vLLM's cache_config_info (labels as its CacheConfig.metrics_info(): the values

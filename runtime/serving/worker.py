@@ -149,6 +149,7 @@ class Worker:
         self.metrics.set_load_times(times.total, times.phases)
         self.metrics.engine_loaded(engine.config.block_size, engine.block_manager.num_blocks,
                                    engine.config.enable_prefix_caching, engine.session_len)
+        self.metrics.adapters_loaded(list(engine.config.adapters), time.time())
         log.info("model %s loaded in %s: %s, %s on %s, %d KV blocks of %d tokens", self.model_name,
                  times.describe(), engine.model_path, engine.runner.dtype, engine.runner.device,
                  engine.block_manager.num_blocks, engine.config.block_size)
