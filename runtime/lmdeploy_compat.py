@@ -27,8 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kubellm.runtime.config import ConfigError, EngineConfig, _explain
 from kubellm.runtime.errors import SeedOptionWarning
 
-# Where LoRA adapters are coming from: the error names it so a caller knows it is planned, not forgotten.
-LORA_FOLLOW_UP = "LoRA adapters are the LoRA part of issue 17 (a follow-up, not in this version)"
 
 
 class NotYetSupported(ConfigError, NotImplementedError):
@@ -136,7 +134,7 @@ FIELDS = {
     "prefill_interval": "accepted: prefill chunks join every step",
     "num_cpu_blocks": "mapped: num_cpu_blocks with eviction_type='copy' (with 'recompute': accepted, unused)",
     "num_gpu_blocks": "mapped: num_kv_blocks (0: sized from memory)",
-    "adapters": "refused: LoRA adapters are a follow-up",
+    "adapters": "mapped: EngineConfig.adapters (name -> directory or hf://); a call picks one with adapter_name",
     "thread_safe": "mapped: calls from several threads are serialized (always)",
     "device_type": "mapped: device ('cuda'; 'cpu' too); other devices refused",
     "eager_mode": "mapped: enforce_eager",
@@ -223,8 +221,7 @@ def backend_options(config: TurbomindEngineConfig | PytorchEngineConfig) -> Back
                            "engine preempts by recompute")
         elif name == "adapters":
             if value:
-                refuse(name, f"{LORA_FOLLOW_UP}; run the base model, or merge the adapter into the weights "
-                             "(peft's merge_and_unload)", NotYetSupported)
+                out.engine["adapters"] = dict(value)
         elif name == "thread_safe":
             pass   # the Pipeline always holds a lock around each call: True is what it does anyway
         elif name == "device_type":

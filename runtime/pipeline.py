@@ -21,7 +21,7 @@ from typing import Iterator
 from kubellm.runtime.chat_template import ChatTemplateConfig, prepare_prompt
 from kubellm.runtime.config import ConfigError, EngineConfig, GenerationConfig, generation_config
 from kubellm.runtime.errors import RequestError
-from kubellm.runtime.lmdeploy_compat import (LORA_FOLLOW_UP, BackendOptions, NotYetSupported, PytorchEngineConfig,
+from kubellm.runtime.lmdeploy_compat import (BackendOptions, PytorchEngineConfig,
                                              TurbomindEngineConfig, backend_options, call_options, model_source,
                                              warn_notes)
 from kubellm.runtime.mii_compat import (MiiOptions, full_text, generate_options, merge, model_config_options)
@@ -82,8 +82,8 @@ class Pipeline:
         """(engine prompts, one-choice configs, the caller's prompt of each, return_full_text): a prompt with
         n choices is n requests, in prompt order (prompt i's choice j at i*n + j, as LMDeploy returns a batch
         holding each prompt n times)."""
-        if adapter_name is not None:
-            raise NotYetSupported(f"adapter_name: {adapter_name!r}; {LORA_FOLLOW_UP}")
+        if adapter_name is not None:   # LMDeploy's name for the request's LoRA adapter
+            options = {**options, "adapter": adapter_name}
         if do_preprocess not in (None, True, False):
             raise ConfigError(f"do_preprocess: expected True, False or None, got {do_preprocess!r}")
         prompts = _normalise_prompts(prompts)

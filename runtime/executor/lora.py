@@ -27,6 +27,7 @@ from torch import nn
 
 from kubellm.runtime.executor.checkpoint import find_checkpoint, open_tensors
 from kubellm.runtime.executor.context import current_adapter_mask
+from kubellm.runtime.executor.layers.embed_head import VocabParallelEmbedding
 from kubellm.runtime.executor.layers.linear import LinearBase, RowParallelLinear
 from kubellm.runtime.executor.loader import _placement, default_weight_loader
 from kubellm.runtime.executor.parallel import all_reduce
@@ -189,6 +190,14 @@ def _rank_piece(param_shape, loader, loaded: torch.Tensor, shard_id) -> torch.Te
     return piece.data
 
 
+def _is_projection(layer: nn.Module | None, param) -> bool:
+    """A layer computing x W^T (+ b) from its 2-D `weight`: the linears, and fused ones of their own (Falcon's
+    query_key_value). Not embeddings or the LM head (their forward is a lookup / the logits), nor experts."""
+    return (layer is not None and param is not None and param is getattr(layer, "weight", None)
+            and param.dim() == 2 and not isinstance(layer, VocabParallelEmbedding | nn.Embedding)
+            and (isinstance(layer, nn.Linear | LinearBase) or hasattr(param, "weight_loader")))
+
+
 def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapters: list[Adapter],
                     device: torch.device, dtype: torch.dtype) -> int:
     """Hook every layer the adapters target (adapters[i] is mask column i); returns the layers hooked.
@@ -215,7 +224,7 @@ def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapte
             param = params.get(target)
             layer_name = target.removesuffix(".weight")
             layer = model.get_submodule(layer_name) if param is not None else None
-            if param is None or param.dim() != 2 or not isinstance(layer, nn.Linear | LinearBase):
+            if not _is_projection(layer, param):
                 raise AdapterError(f"adapters[{adapter.name!r}]: it targets {module}, which {model_name} has no "
                                    "linear layer for (LoRA applies to attention and MLP projections; embeddings, "
                                    "the LM head and MoE experts are not supported)")

@@ -19,7 +19,7 @@ from kubellm import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, T
 from kubellm.runtime.chat_template import prepare_prompt, render_pieces
 from kubellm.runtime.config import ConfigError, EngineConfig
 from kubellm.runtime.errors import RequestError, SeedOptionWarning
-from kubellm.runtime.lmdeploy_compat import FIELDS, NotYetSupported, backend_options, call_options
+from kubellm.runtime.lmdeploy_compat import FIELDS, backend_options, call_options
 
 # -- the configs' mapping (pure) ---------------------------------------------------------------------------
 
@@ -85,10 +85,9 @@ def test_refused_options_name_the_field_and_why(config, field, why):
     assert why in str(err.value)
 
 
-def test_adapters_are_refused_as_the_lora_follow_up():
-    with pytest.raises(NotYetSupported, match=r"PytorchEngineConfig\.adapters: LoRA adapters.*follow-up") as err:
-        backend_options(PytorchEngineConfig(adapters={"sql": "/adapters/sql"}))
-    assert isinstance(err.value, NotImplementedError) and isinstance(err.value, ValueError)
+def test_adapters_map_onto_the_engines_lora_adapters():
+    options = backend_options(PytorchEngineConfig(adapters={"sql": "/adapters/sql"}))
+    assert options.engine == {"adapters": {"sql": "/adapters/sql"}} and not options.notes
     assert backend_options(PytorchEngineConfig(adapters=None)).engine == {}
 
 
@@ -324,8 +323,8 @@ def test_deprecated_keywords_and_lmdeploy_call_names(pipe):
     assert r.generate_token_len == 3
     assert pipe.infer("Hello", max_new_tokens=3)[0].token_ids == pipe.batch_infer("Hello", max_new_tokens=3)[0].token_ids
     assert pipe("Hello", max_new_tokens=3, use_tqdm=True)[0].token_ids == r.token_ids
-    with pytest.raises(NotYetSupported, match="adapter_name: 'sql'.*LoRA"):
-        pipe("Hello", adapter_name="sql")
+    with pytest.raises(RequestError, match=r"adapter: 'sql' is not served here \(adapters: none\)"):
+        pipe("Hello", adapter_name="sql")   # LMDeploy's name for the request's adapter (served ones: test_lora)
 
 
 @pytest.mark.model

@@ -122,5 +122,94 @@ def test_rank_above_max_lora_rank_is_refused(tiny_llama, adapters):
 
 
 def test_a_directory_without_adapter_files_is_refused(tiny_llama, tmp_path):
-    with pytest.raises(AdapterError, match=r"has no adapter_config.json"):
+    with pytest.raises(ValueError, match=r"adapter 'none': .* holds no adapter_config.json"):
         engine_for(tiny_llama, adapters={"none": str(tmp_path)})
+
+
+# Each family's own projection names (what peft users target), including GPT-2's Conv1D (fan_in_fan_out)
+# and fused c_attn / Falcon's fused query_key_value, whose shards the layers' weight loaders place.
+FAMILY_TARGETS = {
+    "opt": ("q_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "phi": ("q_proj", "k_proj", "dense", "fc1", "fc2"),
+    "falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),   # attention: LoRA on experts is refused
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+def test_families_match_peft(family, tmp_path):
+    base = make_checkpoint(tmp_path / family, family, tie_word_embeddings=family in ("opt", "gpt2", "falcon"))
+    options = {"fan_in_fan_out": True} if family == "gpt2" else {}
+    adapter = make_adapter(base, tmp_path / "adapter", targets=FAMILY_TARGETS[family], seed=3, **options)
+    engine = engine_for(base, adapters={"a": str(adapter)})
+    try:
+        prompts = encode(engine, PROMPTS[:3])
+        gens = [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name) for name in ("a", None, "a")]
+        seqs = engine.generate(prompts, gens)
+    finally:
+        engine.destroy()
+    ref = greedy_with(merged_model(base, adapter), prompts, NEW_TOKENS)
+    _matches(seqs[0], ref[0])
+    _matches(seqs[2], ref[2])
+    assert seqs[1].generated_ids != seqs[0].generated_ids or prompts[1] == prompts[0]
+
+
+def test_lora_on_moe_experts_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = make_checkpoint(tmp_path / "mixtral", "mixtral")
+    adapter = make_adapter(base, tmp_path / "adapter", targets=("q_proj",), seed=3)
+    # peft cannot target one expert projection of transformers 5's fused experts; a checkpoint of the
+    # older per-expert layout can: its key names expert 0's w1.
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    expert = "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1"
+    tensors[f"{expert}.lora_A.weight"], tensors[f"{expert}.lora_B.weight"] = torch.zeros(4, 64), torch.zeros(128, 4)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"adapters\['a'\]: it targets .*experts.*w1.* no linear layer"):
+        engine_for(base, adapters={"a": str(adapter)})
+
+
+def test_the_transformers_backend_gives_the_model_files_tokens(tiny_llama, adapters):
+    results = {}
+    for impl in ("kubellm", "transformers"):
+        engine = engine_for(tiny_llama, adapters={k: str(v) for k, v in adapters.items()}, model_impl=impl)
+        try:
+            results[impl] = {k: s.generated_ids for k, s in _mixed_batch(engine, encode(engine, PROMPTS[:3])).items()}
+        finally:
+            engine.destroy()
+    assert results["transformers"] == results["kubellm"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallel", [{"tensor_parallel": 2}, {"pipeline_parallel": 2}], ids=["tp2", "pp2"])
+def test_parallel_ranks_give_one_process_tokens(tiny_llama, adapters, parallel):
+    served = {k: str(v) for k, v in adapters.items()}
+    results = {}
+    for name, options in (("one", {}), ("group", parallel)):
+        engine = engine_for(tiny_llama, adapters=served, device="cpu", **options)
+        try:
+            results[name] = {k: s.generated_ids for k, s in _mixed_batch(engine, encode(engine, PROMPTS[:3])).items()}
+        finally:
+            engine.destroy()
+    assert results["group"] == results["one"]
+
+
+def test_pipeline_takes_adapters_as_lmdeploy_and_kubellm_spell_them(tiny_llama, adapters):
+    from kubellm import GenerationConfig as Gen
+    from kubellm import PytorchEngineConfig, pipeline
+
+    served = {k: str(v) for k, v in adapters.items()}
+    prompt = PROMPTS[0]
+    pipe = pipeline(tiny_llama, backend_config=PytorchEngineConfig(adapters=served), show_progress=False,
+                    dtype="float32")
+    try:
+        lmdeploy_style = pipe(prompt, Gen(max_new_tokens=NEW_TOKENS), adapter_name="alpha")[0].token_ids
+        kubellm_style = pipe(prompt, max_new_tokens=NEW_TOKENS, adapter="alpha")[0].token_ids
+        base = pipe(prompt, max_new_tokens=NEW_TOKENS)[0].token_ids
+    finally:
+        pipe.destroy()
+    ref = greedy_with(merged_model(tiny_llama, adapters["alpha"]),
+                      [pipe.tokenizer.hf.encode(prompt)], NEW_TOKENS)[0]["token_ids"]
+    assert lmdeploy_style == kubellm_style == ref[:len(lmdeploy_style)] and base != lmdeploy_style
