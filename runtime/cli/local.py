@@ -8,6 +8,7 @@ import os
 import yaml
 
 from kubellm.api.spec import LLMDeploymentSpec
+from kubellm.runtime.hub.adapters import parse_lora_flags
 from kubellm.runtime.local import deployments
 from kubellm.runtime.serving.client import API_KEY_ENV
 
@@ -21,7 +22,8 @@ def deployment_from_yaml(path: str) -> tuple[str, str, dict]:
 def serve_options(spec: LLMDeploymentSpec) -> dict:
     """A spec -> serve() keyword options."""
     settings = spec.runtime_settings()
-    return {**settings.engine, **settings.generation, "replica_num": max(spec.replicas, 1),
+    adapters = {"adapters": {a.name: a.source for a in spec.adapters}} if spec.adapters else {}
+    return {**settings.engine, **settings.generation, **adapters, "replica_num": max(spec.replicas, 1),
             "enable_restful_api": spec.restApi.enabled, "restful_api_port": spec.restApi.port,
             "policy": spec.router.policy, "prefix_length": spec.router.prefixLength,
             "load_factor": spec.router.loadFactor, **limit_options(spec)}
@@ -52,6 +54,10 @@ def read_manifest(path: str) -> tuple[str | None, LLMDeploymentSpec]:
     if spec.model.kind in ("hf", "pvc"):
         raise ValueError(f"{path}: spec.model.source {spec.model.source!r} is not supported by local deployments; "
                          "use a local path or a known model name (kubellm models download hf://... --dest DIR)")
+    for i, adapter in enumerate(spec.adapters):   # hf:// adapters are downloaded by the workers; claims are not here
+        if adapter.kind == "pvc":
+            raise ValueError(f"{path}: spec.adapters[{i}].source {adapter.source!r} is a PersistentVolumeClaim, "
+                             "which local deployments cannot mount; give the adapter's directory or hf://org/name")
     return name, spec
 
 
@@ -85,10 +91,13 @@ def serve(args) -> int:
     for key in ("dtype", "device", "max_batch_size", "session_len", "max_num_batched_tokens", "num_kv_blocks",
                 "block_size", "kv_cache_fraction", "max_new_tokens", "policy", "prefix_length", "load_factor",
                 "max_request_bytes", "max_streams_per_connection", "rate_limit", "rate_limit_burst",
-                "max_prompts_per_request"):
+                "max_prompts_per_request", "model_impl", "eviction", "num_cpu_blocks", "rope_scaling_factor",
+                "use_logn_attn", "max_lora_rank"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
+    if args.lora:   # --lora NAME=SOURCE: added to (and over) the manifest's spec.adapters
+        options["adapters"] = {**options.get("adapters", {}), **parse_lora_flags(args.lora)}
     if args.replicas is not None:
         options["replica_num"] = args.replicas
     if args.tensor_parallel is not None:
