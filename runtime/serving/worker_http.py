@@ -21,6 +21,7 @@ from kubellm.metrics import CONTENT_TYPE
 from kubellm.runtime.serving.engine_calls import EngineCalls
 from kubellm.runtime.serving.engine_loop import CallFailed
 from kubellm.runtime.serving.gateway import build_app
+from kubellm.runtime.serving.tool_parsers import parser_from_chat_template
 from kubellm.runtime.serving.upstream import UpstreamError
 
 
@@ -28,6 +29,26 @@ def served_models(worker) -> list[str]:
     """The names `model` may take on this worker, the served name first (what replies and /v1/models say)."""
     names = [worker.served_model_name, worker.model_name]
     return list(dict.fromkeys(n for n in names if n))
+
+
+def tool_call_parser(worker):
+    """The format of the model's tool calls: `worker.tool_call_parser` where set (--tool-call-parser), else its chat
+    template's once the model has loaded (a callable, asked per request; None until then: auto)."""
+    if getattr(worker, "tool_call_parser", None):
+        return worker.tool_call_parser
+    found: list[str | None] = []
+
+    def from_template() -> str | None:
+        if not found:
+            engine = getattr(worker.engine_loop, "engine", None)
+            if engine is None:
+                return None
+            template = getattr(engine.tokenizer.hf, "chat_template", None)
+            if isinstance(template, dict):   # named templates: "default", "tool_use", ...
+                template = "\n".join(t for t in template.values() if isinstance(t, str))
+            found.append(parser_from_chat_template(template if isinstance(template, str) else None))
+        return found[0]
+    return from_template
 
 
 class WorkerUpstream:
@@ -99,7 +120,7 @@ class WorkerUpstream:
 async def start_http(worker, host: str, port: int) -> tuple[web.AppRunner, WorkerUpstream, int]:
     """Serve the worker's OpenAI HTTP port; the runner, the upstream and the bound port (0 picks one)."""
     upstream = WorkerUpstream(worker)
-    app = build_app(upstream, models=served_models(worker), mii=False)
+    app = build_app(upstream, models=served_models(worker), mii=False, tool_call_parser=tool_call_parser(worker))
     # handler_cancellation: a client that goes away cancels its handler, which aborts its engine requests.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
