@@ -484,3 +484,37 @@ def test_security_fields_are_checked_by_the_api_server(cluster, operator, ns, sp
     body["spec"].update(spec)
     result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(body), check=False)
     assert result.returncode != 0 and field in result.stderr and says in result.stderr, result.stderr
+
+
+def test_adapters_become_lora_flags_on_every_rank_and_bad_ones_are_refused(cluster, operator, ns):
+    """spec.adapters through the real API server and the operator: every rank's pod template runs `kubellm worker`
+    with one --lora per adapter (pvc:// on a read-only mounted claim, hf:// downloaded by an init container like
+    the model), and the API server refuses duplicate names, an adapter named like the deployment (the rule at the
+    CRD's root reads metadata.name) and a source that is no adapter source, naming the field."""
+    apply(cluster, ns, deployment("lora", tensorParallel=2, gpusPerPod=1, replicas=2, adapters=[
+        {"name": "sql", "source": "pvc://loras/sql"}, {"name": "chat", "source": "hf://org/chat-lora@v1"},
+        {"name": "code", "source": "/models/code-lora"}], engine={"maxLoraRank": 16}))
+    cluster.wait_for(lambda: len(get(cluster, ns, "statefulsets")["items"]) == 2, "two groups", timeout=60)
+    for sts in get(cluster, ns, "statefulsets")["items"]:
+        assert sts["spec"]["replicas"] == 2   # two ranks (pods) per group, one template
+        pod = sts["spec"]["template"]["spec"]
+        command = pod["containers"][0]["command"]
+        flags = [command[i + 1] for i, word in enumerate(command) if word == "--lora"]
+        assert flags == ["sql=/adapters/pvc/loras/sql", "chat=/adapters/hf/org/chat-lora@v1", "code=/models/code-lora"]
+        [init] = pod["initContainers"]
+        assert init["command"] == ["kubellm", "models", "download", "hf://org/chat-lora@v1", "--dest",
+                                   "/adapters/hf/org/chat-lora@v1", "--adapter"]
+        claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [{"claimName": "loras", "readOnly": True}]
+    config = get(cluster, ns, "configmap", "lora-config")["data"]
+    assert json.loads(config["engine.json"])["max_lora_rank"] == 16
+
+    for adapters, field, says in [
+        ([{"name": "sql", "source": "/a"}, {"name": "sql", "source": "/b"}], "spec.adapters", "its own name"),
+        ([{"name": "bad", "source": "/a"}], "spec.adapters", "named like the LLMDeployment"),
+        ([{"name": "sql", "source": "smollm2-135m"}], "spec.adapters[0].source", "should match"),
+        ([{"name": "Not_A_Label", "source": "/a"}], "spec.adapters[0].name", "should match"),
+    ]:
+        body = deployment("bad", adapters=adapters)
+        result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(body), check=False)
+        assert result.returncode != 0 and field in result.stderr and says in result.stderr, result.stderr
