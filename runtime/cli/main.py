@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--generation-defaults", help="JSON file of GenerationConfig defaults for every request")
     model_flags(worker)
     drain_flag(worker, "the requests it is running")
+    tool_call_parser_flag(worker)
     router = sub.add_parser("router", help="gRPC router over replica leaders (--policy), with optional REST "
                                            "gateway (the router pod's entrypoint; no torch)")
     router.add_argument("--leaders", required=True,
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "/livez, stays plain HTTP)")
     limits_flags(router)
     routing_flags(router)
+    tool_call_parser_flag(router)
     drain_flag(router, "the calls it is forwarding")
     serve = sub.add_parser("serve", help="start a persistent local deployment (workers + router in the background)")
     serve.add_argument("model", nargs="?", help="local Hugging Face directory or a known name")
@@ -299,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop local deployments and forget them")
     stop.add_argument("names", nargs="+")
     return parser
+
+
+def tool_call_parser_flag(parser) -> None:
+    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json", "mistral", "auto"),
+                        help="the format of the model's tool calls in its replies, parsed into OpenAI's tool_calls "
+                             "(vLLM's names; default: the chat template's on a worker, auto by their markers on a "
+                             "router)")
 
 
 def seconds(value: str) -> float:

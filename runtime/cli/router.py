@@ -27,5 +27,5 @@ def router(args) -> int:
                       policy=args.policy, prefix_length=args.prefix_length, load_factor=args.load_factor,
                       drain_timeout=args.drain_timeout, scale_from_zero=args.scale_from_zero,
                       max_waiting=args.max_waiting, model_name=args.model_name, api_keys=api_keys, tls=tls,
-                      limits=limits))
+                      limits=limits, tool_call_parser=args.tool_call_parser))
     return 0

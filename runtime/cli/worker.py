@@ -90,7 +90,8 @@ def worker(args) -> int:
                                  allow_terminate=args.allow_terminate, generation_defaults=defaults,
                                  metrics_port=args.metrics_port, show_progress=True, rank_group=rank_group,
                                  served_model_name=args.served_model_name, http_port=args.http_port,
-                                 drain_timeout=args.drain_timeout, adapter_sources=adapters))
+                                 drain_timeout=args.drain_timeout, adapter_sources=adapters,
+                                 tool_call_parser=args.tool_call_parser))
     except KeyboardInterrupt:
         pass
     except TerminatedWhileLoading as stopped:

@@ -137,13 +137,14 @@ class Router:
                  wait_for_replica: float = 30.0, policy: str = "round_robin", prefix_length: int = 256,
                  load_factor: float = 1.25, drain_timeout: float = 30.0, scale_from_zero: bool = False,
                  max_waiting: int = 1024, model_name: str = "", api_keys: ApiKeys | None = None,
-                 tls: ServerTls | None = None, limits: Limits | None = None):
+                 tls: ServerTls | None = None, limits: Limits | None = None, tool_call_parser: str | None = None):
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting (--max-waiting) {max_waiting!r}: give a whole number, 0 or more "
                              "(the calls held at once while no replica is healthy; 0 holds none)")
         self.deployment_name = deployment_name
         self.model_name = model_name   # what the deployment serves: ModelInfo's answer before any replica gave one
         self.api_keys = api_keys   # None: no key asked for
+        self.tool_call_parser = tool_call_parser   # the REST gateway's format of tool calls (None: auto)
         self.tls = tls             # None: plaintext gRPC and HTTP
         # Request size, streams per connection, the per-key rate limit (one bucket per caller for gRPC and REST).
         self.limits = limits or Limits()
@@ -517,7 +518,9 @@ class Router:
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         if rest_port is not None:
             self.rest_port = await self._serve_http(build_app(self, api_keys=self.api_keys, limits=self.limits,
-                                                              rate_limiter=self.rate_limiter), host, rest_port,
+                                                              rate_limiter=self.rate_limiter,
+                                                              tool_call_parser=self.tool_call_parser),
+                                                    host, rest_port,
                                                     tls=self.tls)
             self.metrics_port = self.rest_port
         if metrics_port is not None:
@@ -587,14 +590,14 @@ async def serve(leaders, *, port: int = 50051, host: str = "0.0.0.0", deployment
                 policy: str = "round_robin", prefix_length: int = 256, load_factor: float = 1.25,
                 drain_timeout: float = 30.0, scale_from_zero: bool = False, max_waiting: int = 1024,
                 model_name: str = "", api_keys: ApiKeys | None = None, tls: ServerTls | None = None,
-                limits: Limits | None = None) -> None:
+                limits: Limits | None = None, tool_call_parser: str | None = None) -> None:
     """Run a router until SIGTERM/SIGINT (it drains, up to `drain_timeout` s) or an allowed Terminate (the
     `kubellm router` command)."""
     router = Router(leaders, deployment_name, allow_terminate=allow_terminate, health_interval=health_interval,
                     resolve_interval=resolve_interval, wait_for_replica=wait_for_replica, policy=policy,
                     prefix_length=prefix_length, load_factor=load_factor, drain_timeout=drain_timeout,
                     scale_from_zero=scale_from_zero, max_waiting=max_waiting, model_name=model_name,
-                    api_keys=api_keys, tls=tls, limits=limits)
+                    api_keys=api_keys, tls=tls, limits=limits, tool_call_parser=tool_call_parser)
     await router.start(port, host, rest_port=rest_port, metrics_port=metrics_port)
     # Everything allocated so far (modules, gRPC, protobuf, aiohttp) lives as long as the process:
     # keep it out of the collector's full passes, which otherwise walk it again and again under load.

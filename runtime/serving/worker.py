@@ -56,7 +56,7 @@ class Worker:
                  allow_terminate: bool, generation_defaults, metrics_port: int | None, show_progress: bool,
                  load_gate: threading.Event | None = None, rank_group=None, served_model_name: str | None = None,
                  http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT,
-                 adapter_sources: dict[str, str] | None = None):
+                 adapter_sources: dict[str, str] | None = None, tool_call_parser: str | None = None):
         if isinstance(engine_config, dict) or engine_config is None:
             engine_config = EngineConfig.build(**(engine_config or {}))
         self.model = model
@@ -64,6 +64,7 @@ class Worker:
         # The name clients and dashboards know the model by (the metrics' model_name label); the
         # operator passes the LLMDeployment's name.
         self.served_model_name = served_model_name or self.model_name
+        self.tool_call_parser = tool_call_parser   # its OpenAI port's format of tool calls (None: the chat template's)
         self.engine_config = engine_config
         self.host, self.port = host, port
         self.replica = replica
@@ -228,16 +229,18 @@ async def serve_worker(model, engine_config: EngineConfig | dict | None = None, 
                        generation_defaults: dict | None = None, metrics_port: int | None = None,
                        show_progress: bool = False, rank_group=None, served_model_name: str | None = None,
                        http_port: int | None = None, drain_timeout: float = DRAIN_TIMEOUT,
-                       adapter_sources: dict[str, str] | None = None) -> None:
+                       adapter_sources: dict[str, str] | None = None, tool_call_parser: str | None = None) -> None:
     """Serve `model` on host:port until Terminate (if allowed), SIGTERM or cancellation; raises if the model fails
     to load. On SIGTERM it drains: new calls refused, those in flight finish up to `drain_timeout` s.
     `rank_group`: a callable that joins the group's ranks on other hosts (rank 0 of a multi-host group).
     `served_model_name`: the name the model is served as (default: `str(model)`).
-    `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http).
+    `http_port`: also serve OpenAI HTTP (and /metrics) there (serving.worker_http); `tool_call_parser`: the format
+    of the model's tool calls there (default: its chat template's).
     `adapter_sources`: LoRA adapters by name -> directory or hf://org/name[@revision] (downloaded while loading)."""
     worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                      metrics_port, show_progress, rank_group=rank_group, served_model_name=served_model_name,
-                     http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources)
+                     http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources,
+                     tool_call_parser=tool_call_parser)
     await worker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):   # Kubernetes stops pods with SIGTERM: drain, then exit
@@ -275,10 +278,11 @@ class WorkerServer:
                  generation_defaults: dict | None = None, metrics_port: int | None = None,
                  show_progress: bool = False, load_gate: threading.Event | None = None,
                  served_model_name: str | None = None, http_port: int | None = None, drain_timeout: float = 1.0,
-                 adapter_sources: dict[str, str] | None = None):
+                 adapter_sources: dict[str, str] | None = None, tool_call_parser: str | None = None):
         self._worker = Worker(model, engine_config, port, host, replica, allow_terminate, generation_defaults,
                                metrics_port, show_progress, load_gate, served_model_name=served_model_name,
-                               http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources)
+                               http_port=http_port, drain_timeout=drain_timeout, adapter_sources=adapter_sources,
+                               tool_call_parser=tool_call_parser)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()

@@ -34,3 +34,26 @@ def test_refused(requested, status, code, words):
     err = caught.value
     assert (err.status, err.code, err.param) == (status, code, "model")
     assert all(w in err.message for w in words), err.message
+
+
+def test_the_tool_call_parser_a_worker_uses():
+    from types import SimpleNamespace
+
+    from kubellm.runtime.serving.worker_http import tool_call_parser
+
+    assert tool_call_parser(SimpleNamespace(tool_call_parser="mistral")) == "mistral"   # --tool-call-parser wins
+    loading = SimpleNamespace(tool_call_parser=None, engine_loop=None)
+    pick = tool_call_parser(loading)
+    assert pick() is None   # still loading: auto, asked again on the next request
+    hf = SimpleNamespace(chat_template={"default": "{{ messages }}", "tool_use": "<tool_call>{{ call }}</tool_call>"})
+    loading.engine_loop = SimpleNamespace(engine=SimpleNamespace(tokenizer=SimpleNamespace(hf=hf)))
+    assert pick() == "hermes"   # named templates: any of them
+
+
+def test_an_unknown_tool_call_parser_is_refused_naming_the_choices():
+    from test_limits import Recording
+
+    from kubellm.runtime.serving.gateway import build_app
+
+    with pytest.raises(ValueError, match="hermes, llama3_json, mistral, auto"):
+        build_app(Recording(), tool_call_parser="pythonic")

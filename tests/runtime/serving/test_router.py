@@ -463,7 +463,7 @@ def test_mii_endpoint_and_errors(cluster):
     status, body = _post(cluster.base + "/mii/nope", {"prompts": ["a"]})
     assert status == 404 and "nope" in body["error"]["message"]
     for path, bad, param in (("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
-                             ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+                             ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
                              ("/v1/completions", {"prompt": 5}, "prompt"),
                              ("/v1/chat/completions", {"messages": "hi"}, "messages"),
                              ("/mii/echo", {"prompts": []}, "prompts")):
