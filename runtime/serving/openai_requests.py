@@ -338,6 +338,12 @@ def completion_request(body: dict, *, session_len: int = 0, max_prompts: int = 2
                              "drop stream or best_of", "best_of")
         if best_of > 1:
             _put(cfg, "best_of", best_of, "best_of")
+    samples = best_of or req.n
+    if samples > 1 and len(prompts) * samples > max_prompts:   # each choice is a sequence of its own
+        name = "best_of" if best_of and best_of > req.n else "n"
+        raise BadRequest(f"'{name}': {len(prompts)} prompts x {samples} choices = {len(prompts) * samples} sequences "
+                         f"in one request, more than max_prompts_per_request ({max_prompts}); ask for fewer or "
+                         "split the prompts over several requests", name)
     req.logprobs = field(body, "logprobs", int, lo=0, hi=2**31 - 1)
     if req.logprobs is not None:
         cfg.logprobs = req.logprobs

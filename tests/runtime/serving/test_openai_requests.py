@@ -110,6 +110,8 @@ def test_the_reply_plan_of_a_completion():
     ({"stream": True, "stream_options": {"other": True}}, "stream_options.other", ["not served"]),
     ({"stream": True, "stream_options": 3}, "stream_options", ["an object"]),
     ({"prompt": [["a"]]}, "prompt", ["token ids"]),
+    ({"prompt": ["a"] * 20, "n": 20}, "n", ["20 prompts x 20 choices = 400 sequences", "max_prompts_per_request (256)"]),
+    ({"prompt": ["a"] * 100, "n": 2, "best_of": 3}, "best_of", ["300 sequences"]),
 ])
 def test_completion_refusals_name_the_field(body, param, words):
     with pytest.raises(BadRequest) as caught:
