@@ -388,7 +388,7 @@ class Gateway:
         content, calls = self._calls(req, o.text)
         message = {"role": "assistant", "content": content}
         if calls:
-            message["tool_calls"] = tool_calls(calls)
+            message["tool_calls"] = tool_calls(calls, mistral_ids=req.parser == "mistral")
         return {"index": o.index, "message": message,
                 "logprobs": chat_logprobs(o.tokens, req.logprobs) if req.logprobs is not None else None,
                 "finish_reason": "tool_calls" if calls else finish_reason(o.finish_reason)}
@@ -403,7 +403,8 @@ class Gateway:
                     deltas.append({"content": e.text})
                 elif plan.parallel or st.tool_calls == 0:
                     st.tool_calls += 1
-                    deltas.extend({"tool_calls": [d]} for d in tool_call_deltas(e))
+                    deltas.extend({"tool_calls": [d]}
+                                  for d in tool_call_deltas(e, mistral_ids=req.parser == "mistral"))
 
         if plan is None or plan.mode == "none":
             if text:
@@ -444,10 +445,8 @@ class Gateway:
                 message = first
                 while message is not None:
                     o = output_of(message)
-                    known = totals.get(o.index)
-                    # Lengths so far; the prompt's logprobs come on a choice's first message only.
-                    totals[o.index] = o if known is None else Output(o.index, o.prompt_index, "", "", o.prompt_length,
-                                                                     o.generated_length)
+                    totals[o.index] = Output(o.index, o.prompt_index, prompt_length=o.prompt_length,
+                                             generated_length=o.generated_length)   # the lengths so far
                     st = states.setdefault(o.index, _ChoiceStream())
                     last = bool(message.finish_reason)
                     if chat:

@@ -83,18 +83,19 @@ def chat_logprobs(tokens: list[TokenLogprob], top: int) -> dict:
             "refusal": None}
 
 
-def call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]   # OpenAI's shape: call_ and 24 characters
+def call_id(mistral: bool = False) -> str:
+    """OpenAI's shape (call_ and 24 characters); Mistral's chat templates refuse any id but 9 letters or digits."""
+    return uuid.uuid4().hex[:9] if mistral else "call_" + uuid.uuid4().hex[:24]
 
 
-def tool_calls(calls: list[Call]) -> list[dict]:
-    return [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+def tool_calls(calls: list[Call], mistral_ids: bool = False) -> list[dict]:
+    return [{"id": call_id(mistral_ids), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in calls]
 
 
-def tool_call_deltas(call: Call) -> list[dict]:
+def tool_call_deltas(call: Call, mistral_ids: bool = False) -> list[dict]:
     """A call as stream deltas, as the openai client accumulates them: id, type and name first, then the arguments."""
-    return [{"index": call.index, "id": call_id(), "type": "function",
+    return [{"index": call.index, "id": call_id(mistral_ids), "type": "function",
              "function": {"name": call.name, "arguments": ""}},
             {"index": call.index, "function": {"arguments": call.arguments}}]
 

@@ -48,9 +48,9 @@ GUIDED = {"guided_json": "guided_json", "guided_regex": "guided_regex", "guided_
 STRUCTURED_OUTPUTS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
                       "grammar": "guided_grammar", "json_object": "guided_json_object",
                       "whitespace_pattern": "guided_whitespace_pattern"}
-COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "stop", "user", "logit_bias",
-                 "response_format", "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs",
-                 *SAMPLING, *GUIDED}
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "stop", "user",
+                 "logit_bias", "response_format", "guided_whitespace_pattern", "guided_decoding_backend",
+                 "structured_outputs", *SAMPLING, *GUIDED}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "best_of", "echo", "logprobs"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "tools",
                                "tool_choice", "parallel_tool_calls"}

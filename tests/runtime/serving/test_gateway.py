@@ -57,3 +57,10 @@ def test_an_unknown_tool_call_parser_is_refused_naming_the_choices():
 
     with pytest.raises(ValueError, match="hermes, llama3_json, mistral, auto"):
         build_app(Recording(), tool_call_parser="pythonic")
+
+
+def test_tool_call_ids_in_openais_shape_or_mistrals():
+    from kubellm.runtime.serving.openai_replies import call_id
+
+    assert call_id().startswith("call_") and len(call_id()) == 29
+    assert len(call_id(mistral=True)) == 9 and call_id(mistral=True).isalnum()   # Mistral's templates insist
