@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kubellm.kernels import activation, attention, norm, rotary, sampling
+from kubellm.kernels import activation, attention, norm, quant, rotary, sampling
 
 MODES = ("auto", "reference", "triton")
 
@@ -96,3 +96,14 @@ def silu_and_mul(x):
 def top_k_top_p_filter(logits, top_k, top_p):
     impl = _triton_module("sampling") if use_triton(logits) else sampling
     return impl.top_k_top_p_filter(logits, top_k, top_p)
+
+
+def int4_linear(x, qweight, scales, mins, bias=None):
+    """Weight-only int4 (quant.py's form); on CPU the layers use quant_cpu.py's form instead."""
+    impl = _triton_module("quant") if use_triton(x) else quant
+    return impl.int4_linear(x, qweight, scales, mins, bias)
+
+
+def int8_linear(x, qweight, scales, bias=None):
+    impl = _triton_module("quant") if use_triton(x) else quant
+    return impl.int8_linear(x, qweight, scales, bias)

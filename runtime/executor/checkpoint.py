@@ -1,11 +1,15 @@
 """The weight files of a model directory and lazy access to their tensors (for the loader and the stage planner).
 
-Two formats; safetensors is preferred where a directory has both:
+Three formats; safetensors is preferred, then PyTorch, then GGUF:
 - safetensors: `model.safetensors`, or shards named by `model.safetensors.index.json`;
 - PyTorch (PiPPy's and older Hub checkpoints): `pytorch_model.bin`, or shards named by
   `pytorch_model.bin.index.json`. Read with `torch.load(mmap=True, weights_only=True)`: the file
   is mapped, not read, and no pickled code runs, so a rank touches only the pages of the rows and
   columns it copies, as with safetensors' lazy slices.
+
+- GGUF: one `*.gguf` file (llama.cpp's format, e.g. the embedded default model), memory-mapped; its
+  tensors are listed under Hugging Face names and come back as `GGUFTensor`s, whose blocks the
+  quantized layers read directly (layers/quantization/gguf.py) and which de-quantize when indexed.
 
 Either way a tensor comes back lazy (a safetensors slice, or a tensor over the mapped file) and a
 parameter's `weight_loader` indexes it for its rank's part.
@@ -36,7 +40,7 @@ class ModelDirError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    format: str                             # "safetensors" or "pytorch"
+    format: str                             # "safetensors", "pytorch" or "gguf"
     files: tuple[Path, ...]
     weight_map: dict[str, str] | None = None  # tensor name -> file name, where an index file lists them
 
@@ -61,6 +65,11 @@ def find_checkpoint(path: Path) -> Checkpoint | None:
             return Checkpoint(fmt, files, weight_map)
         if singles := [f for f in singles if f.is_file()]:
             return Checkpoint(fmt, tuple(singles))
+    if ggufs := sorted(path.glob("*.gguf")):
+        if len(ggufs) > 1:
+            raise ModelDirError(f"model: {str(path)!r} holds {len(ggufs)} .gguf files "
+                                f"({', '.join(f.name for f in ggufs[:4])}); keep the one to serve")
+        return Checkpoint("gguf", (ggufs[0],))
     return None
 
 
@@ -126,6 +135,11 @@ def _numel(shape) -> int:
 @contextmanager
 def open_tensors(file: Path) -> Iterator[_SafetensorsFile | _PyTorchFile]:
     """One weight file's tensors, lazily: `names()`, `tensor(name)` (indexable), `shape(name)`, `nbytes(name)`."""
+    if file.suffix == ".gguf":
+        from kubellm.runtime.executor.layers.quantization.gguf import GGUFFile
+
+        yield GGUFFile(file)
+        return
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -15,11 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kubellm.runtime.executor.checkpoint import (
+    ModelDirError,
+    find_checkpoint,
+    open_tensors,
+)
+from kubellm.runtime.executor.layers.quantization import QuantizationError
+from kubellm.runtime.executor.stages import is_elsewhere
 from torch import nn
 from tqdm.auto import tqdm
-
-from kubellm.runtime.executor.checkpoint import ModelDirError, find_checkpoint, open_tensors
-from kubellm.runtime.executor.stages import is_elsewhere
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 log = logging.getLogger("kubellm.loader")
@@ -35,7 +39,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if find_checkpoint(path) is None:
         raise ModelDirError(f"model: {str(path)!r} has no weights; add model.safetensors (or shards with "
                             "model.safetensors.index.json) or PyTorch's pytorch_model.bin (or shards with "
-                            "pytorch_model.bin.index.json)")
+                            "pytorch_model.bin.index.json); a GGUF file (*.gguf) is read too")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelDirError(f"model: {str(path)!r} has no tokenizer; add tokenizer.json (or tokenizer.model / "
                             "vocab.json) with tokenizer_config.json, e.g. via tokenizer.save_pretrained()")
@@ -48,7 +52,9 @@ def load_hf_config(path: Path):
     try:  # trust_remote_code=False: a checkpoint's own Python never runs, and transformers never asks
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError) as err:
-        from kubellm.runtime.executor.models.transformers_backend import unreadable_config
+        from kubellm.runtime.executor.models.transformers_backend import (
+            unreadable_config,
+        )
 
         raise ModelDirError(unreadable_config(path, err)) from err
 
@@ -113,7 +119,8 @@ class LoadReport:
 
 
 class _Counted:
-    """A lazy checkpoint tensor that counts the bytes its weight loader takes from it."""
+    """A lazy checkpoint tensor that counts the bytes its weight loader takes from it (by index, or a GGUF
+    tensor's stored blocks by `raw`)."""
 
     def __init__(self, piece, report: LoadReport):
         self.piece, self.report = piece, report
@@ -122,6 +129,14 @@ class _Counted:
         part = self.piece[index]
         self.report.bytes_read += part.numel() * part.element_size()
         return part
+
+    def raw(self, *spans):
+        qtype, part = self.piece.raw(*spans)
+        self.report.bytes_read += part.numel() * part.element_size()
+        return qtype, part
+
+    def __getattr__(self, name):
+        return getattr(self.piece, name)
 
 
 def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename):
@@ -142,6 +157,15 @@ def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename)
         if f".{ckpt_part}." in name_for_us:
             return name_for_us.replace(ckpt_part, our_part), shard
     return name_for_us, None
+
+
+def _check_quantized_layers(model: nn.Module, path: Path) -> None:
+    """Every quantized layer got all its parts (a fused projection whose checkpoint lacks a shard would
+    otherwise pass the per-parameter check: its placeholders were loaded by the other shards)."""
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and (missing := method.missing()):
+            raise ModelDirError(f"checkpoint in {str(path)!r} lacks {', '.join(missing[:4])} of {name}")
 
 
 def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> LoadReport:
@@ -184,7 +208,10 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
                                         f"{type(model).__name__}; is config.json's architecture right?")
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 piece = _Counted(f.tensor(stored), report)
-                loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
+                try:
+                    loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
+                except QuantizationError as err:
+                    raise QuantizationError(f"{stored} in {file.name}: {err}") from None
                 loaded_names.add(target)
                 report.tensors.append(stored)
                 nbytes = f.nbytes(stored)
@@ -193,10 +220,12 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
     progress.close()
     tied = {n for n, p in params.items() if n not in loaded_names and any(
         p is params[m] for m in loaded_names)}
-    missing = sorted(set(params) - loaded_names - tied)
+    optional = {n for n, p in params.items() if getattr(p, "optional", False)}   # e.g. GPTQ's g_idx
+    missing = sorted(set(params) - loaded_names - tied - optional)
     if missing:
         raise ModelDirError(f"checkpoint in {str(path)!r} lacks weights for {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))
+    _check_quantized_layers(model, path)
     log.debug("read %d checkpoint tensors, %s of their %s (this rank's slices); %d files not opened",
               len(report.tensors), _size(report.bytes_read), _size(report.checkpoint_bytes),
               len(report.files_skipped))

@@ -13,6 +13,7 @@ from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
+from kubellm.runtime.executor.layers.quantization import building, plan_for_checkpoint
 from kubellm.runtime.executor.layers.long_context import with_long_context_options
 from kubellm.runtime.executor.loader import load_weights
 from kubellm.runtime.executor.lora import load_adapters
@@ -59,10 +60,11 @@ class ModelRunner:
         else:
             self.stage = whole_model(hf_config.num_hidden_layers)
         self.micro_batches = config.pipeline_micro_batches or self.parallel.pp
+        self.quantization = plan_for_checkpoint(path, hf_config, config)   # None: float weights
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with self.device:
+            with self.device, building(self.quantization):
                 self.model = model_class(hf_config, config.model_impl)(hf_config, session_len, self.stage)
         finally:
             torch.set_default_dtype(previous_dtype)

@@ -1,4 +1,8 @@
-"""Vocabulary-parallel token embedding and LM head."""
+"""Vocabulary-parallel token embedding and LM head.
+
+From a GGUF file both keep the stored blocks (layers/quantization/: `quant_method`): lookups de-quantize
+the rows they gather, the LM head multiplies with the packed table.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.runtime.executor.layers.quantization import embedding_method_for_new_layer
 from kubellm.runtime.executor.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -17,20 +22,25 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // tp_size())
         self.start = tp_rank() * self.shard_size
-        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = embedding_method_for_new_layer(self)
+        if self.quant_method is None:
+            self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None):
         rows = loaded[self.start:min(self.start + self.shard_size, self.vocab_size)]
         param.data.zero_()
         param.data[: rows.shape[0]].copy_(rows)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) if self.quant_method is None else self.quant_method.rows(ids)
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.embedding(token_ids, self.weight)
+            return self._lookup(token_ids)
         local = token_ids - self.start
         inside = (local >= 0) & (local < self.shard_size)
-        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * inside.unsqueeze(-1)
+        out = self._lookup(local.clamp(0, self.shard_size - 1)) * inside.unsqueeze(-1)
         return all_reduce(out)
 
 
@@ -47,7 +57,9 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("bias", None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.linear(hidden, self.weight, self.bias))[:, : self.vocab_size]
+        logits = F.linear(hidden, self.weight, self.bias) if self.quant_method is None else \
+            self.quant_method.apply(hidden, self.bias)
+        return all_gather_last_dim(logits)[:, : self.vocab_size]
 
 
 def tie_lm_head(model: nn.Module, config, stage, embedding: str) -> dict[str, str]:
@@ -58,5 +70,6 @@ def tie_lm_head(model: nn.Module, config, stage, embedding: str) -> dict[str, st
         return {}
     if stage.is_first:
         model.lm_head.weight = model.get_parameter(embedding)
+        model.lm_head.quant_method = model.get_submodule(embedding.removesuffix(".weight")).quant_method
         return {}
     return {embedding: "lm_head.weight"}

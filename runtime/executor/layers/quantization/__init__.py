@@ -1,0 +1,161 @@
+"""Quantized weights: which plan a checkpoint and `EngineConfig.quantization` give, and the layers' hook.
+
+`plan_quantization` is the one decision (pure; table-tested): what the checkpoint stores (float, AWQ or
+GPTQ as its config.json's `quantization_config` says, or a GGUF file's blocks) and how it is served
+(`native`: as stored; `int8`: weight-only int8, one scale per output channel, made on load; `float`:
+de-quantized on load). The model runner builds the model inside `building(plan)`; each linear layer
+asks `linear_method_for_new_layer` (and the embedding / LM head `embedding_method_for_new_layer`)
+whether it holds quantized weights. Readers: int8.py (float checkpoints), awq.py, gptq.py, gguf.py;
+the layer side: method.py; the stored forms and their matmuls: packed.py and kernels/quant*.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+# The model files whose linears are LinearBase layers end to end (attention and MLP) and whose
+# checkpoints the GGUF name map covers; other families are refused by name rather than half-quantized.
+QUANTIZABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+STORED_FORMATS = ("awq", "gptq", "gguf")
+
+
+class QuantizationError(ValueError):
+    """A quantized checkpoint or a quantization setting kubellm cannot serve; the message names the field."""
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    stored: str                  # float, awq, gptq or gguf
+    serve: str                   # native, int8 or float
+    bits: int = 4
+    group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)
+    zero_offset: int = 0         # GPTQ v1 checkpoints store zero - 1
+
+
+def _refuse(message: str) -> None:
+    raise QuantizationError(message)
+
+
+def plan_quantization(requested: str | None, quantization_config: dict | None, checkpoint_format: str,
+                      model_type: str, model_impl: str = "auto") -> QuantPlan | None:
+    """The plan for a checkpoint, or None for plain float weights served as they are."""
+    qc = dict(quantization_config or {})
+    if checkpoint_format == "gguf":
+        stored = "gguf"
+    elif qc:
+        stored = str(qc.get("quant_method", "")).lower()
+        if stored not in ("awq", "gptq"):
+            _refuse(f"quantization_config.quant_method: {stored!r} checkpoints are not supported; kubellm reads "
+                    "AWQ and GPTQ 4-bit checkpoints, GGUF files (Q4_0, Q4_1, Q8_0; other types re-quantized to "
+                    "int8), or float checkpoints (quantization='int8' quantizes them on load)")
+    else:
+        stored = "float"
+    if requested in STORED_FORMATS and requested != stored:
+        what = "a float checkpoint (no quantization_config)" if stored == "float" else f"a {stored} checkpoint"
+        _refuse(f"quantization: {requested!r} was asked for but the model is {what}; leave quantization unset "
+                f"to serve it as stored, or use 'int8' to quantize it on load")
+    serve = {"int8": "int8", "float": "float"}.get(requested, "native")
+    if stored == "float" and serve != "int8":
+        return None
+    if model_type not in QUANTIZABLE_MODEL_TYPES:
+        _refuse(f"quantization: {stored if stored != 'float' else serve} weights are served for "
+                f"{', '.join(QUANTIZABLE_MODEL_TYPES)} models; this one is {model_type!r}: serve it in float "
+                "(quantization unset) or use a supported family")
+    if model_impl == "transformers":
+        _refuse("model_impl: 'transformers' runs transformers' own linear layers, which hold float weights; "
+                "quantized weights need kubellm's model files (model_impl='auto' or 'kubellm')")
+    if stored == "awq":
+        return _awq_plan(qc, serve)
+    if stored == "gptq":
+        return _gptq_plan(qc, serve)
+    return QuantPlan(stored, serve)
+
+
+def _bits_and_group(qc: dict, method: str) -> tuple[int, int]:
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        _refuse(f"quantization_config.bits: {bits!r}; kubellm reads {method} checkpoints of 4 bits")
+    group = qc.get("group_size", qc.get("q_group_size"))
+    if not isinstance(group, int) or (group <= 0 and group != -1):
+        _refuse(f"quantization_config.group_size: {group!r} must be a positive number of input columns per "
+                "scale (or -1: one per output channel)")
+    return bits, group
+
+
+def _awq_plan(qc: dict, serve: str) -> QuantPlan:
+    bits, group = _bits_and_group(qc, "AWQ")
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        _refuse(f"quantization_config.version: {version!r}; kubellm reads AutoAWQ's GEMM packing (version "
+                "'gemm', its default); re-save the model with version='gemm'")
+    if not qc.get("zero_point", True):
+        _refuse("quantization_config.zero_point: false; kubellm reads AWQ checkpoints with zero points "
+                "(AutoAWQ's default zero_point=True)")
+    return QuantPlan("awq", serve, bits, group)
+
+
+def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
+    bits, group = _bits_and_group(qc, "GPTQ")
+    if qc.get("desc_act"):
+        _refuse("quantization_config.desc_act: true (act-order) is not supported: its groups are not contiguous "
+                "input columns, so a rank cannot read its slice; re-quantize with desc_act=False")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        _refuse(f"quantization_config.checkpoint_format: {fmt!r}; kubellm reads 'gptq' (zeros stored minus one, "
+                "as AutoGPTQ and GPTQModel write by default) and 'gptq_v2'")
+    return QuantPlan("gptq", serve, bits, group, zero_offset=1 if fmt == "gptq" else 0)
+
+
+def plan_for_checkpoint(path, hf_config, config) -> QuantPlan | None:
+    """The plan for a model directory and an EngineConfig (reads only the directory's listing)."""
+    from kubellm.runtime.executor.checkpoint import find_checkpoint
+
+    if config.load_format == "random":
+        if config.quantization:
+            _refuse("quantization: load_format='random' fills float weights; leave quantization unset")
+        return None
+    checkpoint = find_checkpoint(path)
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    return plan_quantization(config.quantization, qc, checkpoint.format if checkpoint else "safetensors",
+                             hf_config.model_type, config.model_impl)
+
+
+_BUILDING: ContextVar[QuantPlan | None] = ContextVar("kubellm_quant_plan", default=None)
+
+
+@contextmanager
+def building(plan: QuantPlan | None) -> Iterator[None]:
+    """Layers built inside take their weights as `plan` says (None: float)."""
+    token = _BUILDING.set(plan)
+    try:
+        yield
+    finally:
+        _BUILDING.reset(token)
+
+
+def linear_method_for_new_layer(layer):
+    plan = _BUILDING.get()
+    if plan is None:
+        return None
+    from kubellm.runtime.executor.layers.quantization.method import (
+        QuantizedLinearMethod,
+    )
+
+    return QuantizedLinearMethod(layer, plan)
+
+
+def embedding_method_for_new_layer(layer):
+    """GGUF files store the embedding (and LM head) quantized too; every other format keeps them float."""
+    plan = _BUILDING.get()
+    if plan is None or plan.stored != "gguf":
+        return None
+    from kubellm.runtime.executor.layers.quantization.method import (
+        QuantizedEmbeddingMethod,
+    )
+
+    return QuantizedEmbeddingMethod(layer, plan)

@@ -1,0 +1,181 @@
+"""The layer side of quantized weights: placeholders the loader fills, this rank's slice of each packed
+tensor, and the installed `QuantizedWeight`.
+
+A quantized linear has one placeholder parameter per checkpoint tensor of its format (AWQ: qweight,
+qzeros, scales; GGUF and float-for-int8: weight), each with a `weight_loader`. The layer's geometry
+(linear.py: `_output_shard`, `_input_shard`) says which logical rows and columns this rank holds; a
+format's `Part` says on which axis of its stored tensor they lie and how many logical ones one stored
+element covers (8 for a packed int32 of 4-bit values, group_size for scales), so the rank reads only its
+slice. When every part of every shard is in, the shards become one `QuantizedWeight` at once, so at most
+one layer's pieces are held in their checkpoint form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan
+from kubellm.runtime.executor.layers.quantization.packed import (
+    QuantizedWeight,
+    combine,
+    serve_as,
+)
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one stored tensor keeps output channels and input columns.
+    `*_factor`: logical elements per stored element on that axis (None on the input axis: one stored row
+    for the whole input, GPTQ's group_size -1)."""
+    out_axis: int | None
+    out_factor: int
+    in_axis: int | None
+    in_factor: int | None
+    optional: bool = False
+
+
+def stored_span(start: int, size: int, factor: int | None, what: str) -> slice:
+    if factor is None:
+        return slice(0, 1)
+    if start % factor or size % factor:
+        raise QuantizationError(what.format(start=start, size=size, factor=factor))
+    return slice(start // factor, (start + size) // factor)
+
+
+OUT_MISFIT = ("tensor_parallel: this rank's {size} output channels (from channel {start}) are not a multiple of "
+              "the {factor} that the checkpoint packs into one stored element; use a tensor_parallel that splits "
+              "each projection into multiples of {factor}")
+IN_MISFIT = ("group_size: {factor} does not divide this rank's {size} input columns (from column {start}) of a "
+             "row-parallel layer; use a tensor_parallel whose shards hold whole groups, or a checkpoint with a "
+             "smaller group_size")
+
+
+def read_part(part: Part, loaded, out_span: tuple[int, int] | None, in_span: tuple[int, int] | None):
+    """This rank's slice of a stored tensor; a span None means all of that axis."""
+    index = [slice(None)] * (2 if part.out_axis is not None and part.in_axis is not None else 1)
+    if out_span is not None and part.out_axis is not None:
+        index[part.out_axis] = stored_span(*out_span, part.out_factor, OUT_MISFIT)
+    if in_span is not None and part.in_axis is not None:
+        index[part.in_axis] = stored_span(*in_span, part.in_factor, IN_MISFIT)
+    return loaded[tuple(index)] if len(index) == 2 else loaded[index[0]]
+
+
+def format_for(plan: QuantPlan):
+    if plan.stored == "awq":
+        from kubellm.runtime.executor.layers.quantization.awq import AWQFormat
+        return AWQFormat(plan)
+    if plan.stored == "gptq":
+        from kubellm.runtime.executor.layers.quantization.gptq import GPTQFormat
+        return GPTQFormat(plan)
+    if plan.stored == "gguf":
+        from kubellm.runtime.executor.layers.quantization.gguf import GGUFFormat
+        return GGUFFormat()
+    from kubellm.runtime.executor.layers.quantization.int8 import FloatFormat
+    return FloatFormat()
+
+
+class _Placeholders:
+    """Registers one empty parameter per stored part on `module`, each loading into `self.load`."""
+
+    def _register(self, module: nn.Module, parts: dict[str, Part]):
+        for name, part in parts.items():
+            placeholder = nn.Parameter(torch.empty(0), requires_grad=False)
+            placeholder.weight_loader = (lambda p, loaded, shard_id=None, _name=name:
+                                         self.load(_name, loaded, shard_id))
+            placeholder.optional = part.optional   # the loader does not require it (GPTQ's g_idx)
+            module.register_parameter(name, placeholder)
+
+
+class QuantizedLinearMethod(_Placeholders):
+    def __init__(self, layer, plan: QuantPlan):
+        self.layer, self.plan = layer, plan
+        self.format = format_for(plan)
+        self.pending: dict = {}     # shard id -> {part: this rank's slice}
+        self.done: dict = {}        # shard id -> (offset, rows)
+        self.weight: QuantizedWeight | None = None
+        self.dtype, self.device = torch.get_default_dtype(), torch.empty(0).device
+        self._register(layer, self.format.parts)
+
+    def _spans(self, shard_id):
+        layer = self.layer
+        offset, start, size = layer._output_shard(shard_id)
+        in_start, in_size = layer._input_shard()
+        sharded_input = in_size != layer._full_input_size()
+        return offset, (start, size), ((in_start, in_size) if sharded_input else None)
+
+    def load(self, name: str, loaded, shard_id) -> None:
+        if self.format.parts[name].optional:   # checked, not kept
+            self.format.check_optional(name, loaded, self.layer)
+            return
+        offset, out_span, in_span = self._spans(shard_id)
+        piece = self.format.read(name, loaded, out_span, in_span, self.layer)
+        pending = self.pending.setdefault(shard_id, {})
+        pending[name] = piece
+        if set(self.format.required) <= set(pending):
+            rows = self.format.to_rows(self.pending.pop(shard_id), in_span, self.layer)
+            self.done[shard_id] = (offset, rows)
+        if len(self.done) == len(self.layer.output_shards()):
+            rows = serve_as(combine(list(self.done.values())), self.plan.serve)
+            self.done.clear()
+            self.weight = QuantizedWeight(rows, self.dtype, self.device)
+            self.layer.quantized = self.weight   # a submodule: its buffers follow the model
+
+    def missing(self) -> list[str]:
+        """What never arrived (a fused projection's shard, a part); empty once installed."""
+        if self.weight is not None:
+            return []
+        have = {s: set(p) for s, p in self.pending.items()}
+        return [f"{part} of shard {shard}" for shard in self.layer.output_shards() if shard not in self.done
+                for part in self.format.required if part not in have.get(shard, ())]
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.weight.linear(x, bias)
+
+
+class QuantizedEmbeddingMethod(_Placeholders):
+    """A GGUF's token embedding / LM head: vocabulary rows [start, start + shard_size) of the stored
+    table (padded with zero rows past the vocabulary), quantized as stored or float, looked up by row."""
+
+    def __init__(self, layer, plan: QuantPlan):
+        self.layer, self.plan = layer, plan
+        from kubellm.runtime.executor.layers.quantization.gguf import GGUFFormat
+
+        self.format = GGUFFormat()
+        self.weight: QuantizedWeight | None = None
+        self.dtype, self.device = torch.get_default_dtype(), torch.empty(0).device
+        self._register(layer, {"weight": Part(0, 1, 1, 1)})
+
+    def load(self, name: str, loaded, shard_id=None) -> None:
+        layer = self.layer
+        end = min(layer.start + layer.shard_size, layer.vocab_size)
+        rows = self.format.to_rows({"weight": self.format.read("weight", loaded, (layer.start, end - layer.start),
+                                                               None, layer)}, None, layer)
+        rows = serve_as(rows, self.plan.serve)
+        if end - layer.start < layer.shard_size:
+            rows = _pad_rows(rows, layer.shard_size)
+        from kubellm.runtime.executor.layers.embed_head import ParallelLMHead
+
+        # an untied LM head only multiplies; an embedding (tied or not) is also gathered by row
+        self.weight = QuantizedWeight(rows, self.dtype, self.device, gather=not isinstance(layer, ParallelLMHead))
+        layer.quantized = self.weight
+
+    def missing(self) -> list[str]:
+        return [] if self.weight is not None else ["weight"]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(ids, self.dtype)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.weight.linear(x, bias)
+
+
+def _pad_rows(rows, total: int):
+    """Zero rows (zero scales) after the vocabulary's end, so every rank's shard has shard_size rows."""
+    import dataclasses
+
+    def pad(t):
+        extra = torch.zeros((total - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        return torch.cat([t, extra])
+    return type(rows)(**{f.name: pad(getattr(rows, f.name)) for f in dataclasses.fields(rows)})

@@ -1,0 +1,154 @@
+"""One layer's quantized weight once loaded: rows in a common form, and the module that multiplies with it.
+
+Every format's reader (awq.py, gptq.py, gguf.py, int8.py) turns this rank's slice of its checkpoint
+tensors into `Int4Rows`, `Int8Rows` or `FloatRows` (a fused projection's shards one by one); `combine`
+stacks the shards, `serve_as` applies the plan's serving form (int8 on load, de-quantize to float), and
+`QuantizedWeight` keeps the result in the form its device computes fastest with (kernels/quant*.py):
+the int4pack / int8pack layouts of torch's CPU kernels on CPU, quant.py's layout for Triton on a GPU and
+for the reference (KUBELLM_KERNELS=reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kubellm.kernels import dispatch, quant, quant_cpu
+from torch import nn
+
+
+@dataclass
+class Int4Rows:
+    """w = q * scales + mins per group; qweight uint8 [n, k/2] (quant.py's packing), scales / mins [n, groups]."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return quant.dequantize_int4(self.qweight, self.scales.float(), self.mins.float())
+
+
+@dataclass
+class Int8Rows:
+    """w = q * scales per group; qweight int8 [n, k], scales [n, groups] (1 group: per output channel)."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return quant.dequantize_int8(self.qweight, self.scales.float())
+
+
+@dataclass
+class FloatRows:
+    weight: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+
+Rows = Int4Rows | Int8Rows | FloatRows
+
+
+def int8_per_channel(rows: Rows) -> Int8Rows:
+    q, scales = quant.quantize_int8(rows.dequantize())
+    return Int8Rows(q, scales)
+
+
+def combine(shards: list[tuple[int, Rows]]) -> Rows:
+    """Stack shards (offset, rows) in output order. Shards of different kinds or group counts (a GGUF
+    may store q as Q4_1 and v as Q8_0) become int8 per output channel together."""
+    parts = [rows for _, rows in sorted(shards, key=lambda s: s[0])]
+    kinds = {type(p) for p in parts}
+    if len(parts) == 1:
+        return parts[0]
+    if kinds == {FloatRows}:
+        return FloatRows(torch.cat([p.weight for p in parts]))
+    groups = {p.scales.shape[1] for p in parts}
+    if kinds == {Int4Rows} and len(groups) == 1:
+        return Int4Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "mins")))
+    if kinds == {Int8Rows} and len(groups) == 1:
+        return Int8Rows(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+    parts = [int8_per_channel(p) for p in parts]
+    return Int8Rows(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+
+
+def serve_as(rows: Rows, serve: str) -> Rows:
+    """The plan's serving form: native (as stored), int8 (per output channel) or float."""
+    if serve == "float":
+        return FloatRows(rows.dequantize())
+    if serve == "int8" and not (isinstance(rows, Int8Rows) and rows.scales.shape[1] == 1):
+        return int8_per_channel(rows)
+    return rows
+
+
+def _on_cpu_fast_path(device: torch.device) -> bool:
+    return device.type == "cpu" and dispatch.kernel_mode() != "reference"
+
+
+class QuantizedWeight(nn.Module):
+    """A [out, in] weight in one of the forms below (buffers), with `linear(x, bias)` and `rows(ids)`.
+
+    form "float" (weight), "int4" (qweight, scales, mins: quant.py), "int8" (qweight, scales: quant.py),
+    "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out])."""
+
+    def __init__(self, rows: Rows, dtype: torch.dtype, device: torch.device, gather: bool = False):
+        """`gather`: the weight is also an embedding table, so rows(ids) must work (int4pack cannot)."""
+        super().__init__()
+        self.out_features = rows.qweight.shape[0] if not isinstance(rows, FloatRows) else rows.weight.shape[0]
+        cpu = _on_cpu_fast_path(device)
+        if isinstance(rows, FloatRows):
+            self.form = "float"
+            self._keep(weight=rows.weight.to(dtype))
+        elif isinstance(rows, Int4Rows):
+            k, groups = rows.qweight.shape[1] * 2, rows.scales.shape[1]
+            self.group_size = k // groups
+            if cpu and gather:   # the CPU int4 layout cannot be gathered by row: int8 instead
+                rows = int8_per_channel(rows)
+            elif cpu and quant_cpu.int4_supported(k, self.group_size):
+                self.form = "int4_cpu"
+                packed, scales_and_zeros = quant_cpu.prepare_int4(rows.qweight, rows.scales, rows.mins)
+                self._keep(qweight=packed, scales_and_zeros=scales_and_zeros)
+                return
+            else:
+                self.form = "int4"
+                self._keep(qweight=rows.qweight, scales=rows.scales.to(dtype), mins=rows.mins.to(dtype))
+                return
+        if isinstance(rows, Int8Rows):
+            if cpu:
+                self.form = "int8_cpu"
+                q, scales = quant_cpu.prepare_int8(rows.qweight, rows.scales)
+                self._keep(qweight=q, scales=scales)
+            else:
+                self.form = "int8"
+                self._keep(qweight=rows.qweight, scales=rows.scales.to(dtype))
+
+    def _keep(self, **tensors):
+        for name, t in tensors.items():
+            self.register_buffer(name, t.contiguous(), persistent=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        form = self.form
+        if form == "int4_cpu":
+            return quant_cpu.int4_linear(x, self.qweight, self.scales_and_zeros, self.group_size, bias)
+        if form == "int8_cpu":
+            return quant_cpu.int8_linear(x, self.qweight, self.scales, bias)
+        if form == "int4":
+            return dispatch.int4_linear(x, self.qweight, self.scales, self.mins, bias)
+        if form == "int8":
+            return dispatch.int8_linear(x, self.qweight, self.scales, bias)
+        return torch.nn.functional.linear(x, self.weight, bias)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight in `dtype` (an embedding lookup)."""
+        if self.form == "float":
+            return torch.nn.functional.embedding(ids, self.weight)
+        if self.form in ("int8", "int8_cpu"):
+            scales = self.scales if self.scales.dim() == 2 else self.scales.unsqueeze(1)
+            return quant.dequantize_int8(self.qweight[ids], scales[ids].float()).to(dtype)
+        if self.form == "int4":
+            return quant.dequantize_int4(self.qweight[ids], self.scales[ids].float(), self.mins[ids].float()).to(dtype)
+        raise RuntimeError("rows() of an int4pack weight: it was not built with gather=True")

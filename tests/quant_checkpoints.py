@@ -1,0 +1,189 @@
+"""Quantized copies of the tiny float checkpoints (tiny_models.py), each beside its de-quantized float twin.
+
+    from quant_checkpoints import write_awq, write_gptq, write_gguf
+    quantized, reference = write_awq(tiny_llama, tmp_path, group_size=32)
+
+- GGUF: written with the `gguf` package (llama.cpp's Python library): its quantizer (gguf.quants.quantize,
+  the format's own algorithm) and its writer, q / k rows permuted as llama.cpp's converter does.
+- AWQ / GPTQ: AutoAWQ and GPTQModel need a GPU to quantize (their kernels and calibration) and are not
+  installed here, so the weights are quantized by round-to-nearest per group and written in the exact
+  on-disk layout those libraries write (AutoAWQ's GEMM packing with its interleaved nibble order;
+  GPTQ's v1 layout with zeros stored minus one, g_idx); the packing code is kubellm's own inverse
+  (layers/quantization/awq.py's pack_int32).
+The reference directory holds float32 weights computed from the stored values exactly as the kernels
+de-quantize them (q * scale + min), so kubellm's float path on it is the "de-quantized float reference".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _copy_dir(src: Path, dst: Path, skip=("model.safetensors",)) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith(".weight") and any(f".{p}." in name for p in LINEARS)
+
+
+def _rtn_asym(w, group: int):
+    """Round-to-nearest 4-bit per group of input columns: (q [N, K] 0..15, zeros [N, G], scales fp16 [N, G])."""
+    import torch
+
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
+    zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+    q = torch.clamp(torch.round(g / scales.float().unsqueeze(-1)) + zeros.unsqueeze(-1), 0, 15)
+    return q.reshape(n, k).to(torch.int32), zeros.to(torch.int32), scales
+
+
+def _dequantized(q, zeros, scales, group: int):
+    """float32 [N, K] as the kernels compute it: q * scale + (-zero * scale)."""
+    s = scales.float().repeat_interleave(group, 1)
+    return q.float() * s + (-zeros.float() * scales.float()).repeat_interleave(group, 1)
+
+
+def _write(state: dict, directory: Path, quantization_config: dict | None, src: Path) -> Path:
+    from safetensors.torch import save_file
+
+    _copy_dir(src, directory)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    if quantization_config is not None:
+        config = json.loads((directory / "config.json").read_text())
+        config["quantization_config"] = quantization_config
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def write_awq(src: Path, out: Path, group_size: int = 32) -> tuple[Path, Path]:
+    from kubellm.runtime.executor.layers.quantization.awq import ORDER, pack_int32
+
+    quantized, reference = {}, {}
+    for name, w in _state(src).items():
+        if not _is_linear(name):
+            quantized[name] = reference[name] = w
+            continue
+        q, zeros, scales = _rtn_asym(w, group_size)
+        base = name.removesuffix(".weight")
+        quantized[f"{base}.qweight"] = pack_int32(q.t().contiguous(), ORDER)          # [K, N/8]
+        quantized[f"{base}.qzeros"] = pack_int32(zeros.t().contiguous(), ORDER)       # [G, N/8]
+        quantized[f"{base}.scales"] = scales.t().contiguous()                         # [G, N] fp16
+        reference[name] = _dequantized(q, zeros, scales, group_size)
+    config = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    return (_write(quantized, out / "awq", config, src), _write(reference, out / "awq-reference", None, src))
+
+
+def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = False) -> tuple[Path, Path]:
+    import torch
+    from kubellm.runtime.executor.layers.quantization.awq import pack_int32
+
+    quantized, reference = {}, {}
+    for name, w in _state(src).items():
+        if not _is_linear(name):
+            quantized[name] = reference[name] = w
+            continue
+        q, zeros, scales = _rtn_asym(w, group_size)
+        zeros = zeros.clamp(min=1)   # v1 stores zero - 1; a zero of 0 would wrap to 15 (AutoGPTQ's known quirk)
+        base = name.removesuffix(".weight")
+        quantized[f"{base}.qweight"] = pack_int32(q.contiguous()).t().contiguous()     # [K/8, N]: packed along K
+        quantized[f"{base}.qzeros"] = pack_int32((zeros - 1).t().contiguous())        # [G, N/8]
+        quantized[f"{base}.scales"] = scales.t().contiguous()
+        quantized[f"{base}.g_idx"] = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
+        reference[name] = _dequantized(q, zeros, scales, group_size)
+    config = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
+              "checkpoint_format": "gptq"}
+    return (_write(quantized, out / "gptq", config, src), _write(reference, out / "gptq-reference", None, src))
+
+
+GGUF_LINEARS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def _permute(w, heads: int):
+    """llama.cpp's convert_hf_to_gguf permute of q / k rows."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str = "Q8_0") -> tuple[Path, Path]:
+    """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    config = json.loads((src / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    state = _state(src)
+    directory = _copy_dir(src, out / f"gguf-{qtype}")
+    writer = gguf.GGUFWriter(str(directory / "model.gguf"), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_vocab_size(config["vocab_size"])
+    reference = {}
+
+    def add(gguf_name: str, hf: str, w: torch.Tensor, kind: str):
+        array = w.float().numpy()
+        if kind == "F32":
+            writer.add_tensor(gguf_name, array)
+            reference[hf] = w.float()
+            return
+        t = gguf.GGMLQuantizationType[kind]
+        data = gguf.quants.quantize(array, t)
+        writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=t)
+        reference[hf] = torch.from_numpy(gguf.quants.dequantize(data, t).astype(np.float32))
+
+    for name, w in state.items():
+        parts = name.split(".")
+        if name == "model.embed_tokens.weight":
+            add("token_embd.weight", name, w, embedding_qtype)
+        elif name == "lm_head.weight":
+            add("output.weight", name, w, embedding_qtype)
+        elif name == "model.norm.weight":
+            add("output_norm.weight", name, w, "F32")
+        elif parts[:2] == ["model", "layers"]:
+            i, module = parts[2], parts[-2]
+            if module in GGUF_LINEARS:
+                gguf_name = f"blk.{i}.{GGUF_LINEARS[module]}.weight"
+                if module in ("q_proj", "k_proj"):   # written permuted; the reference keeps HF order
+                    h = heads if module == "q_proj" else kv_heads
+                    add(gguf_name, name, _permute(w, h), qtype)
+                    reference[name] = _permute_back(reference[name], h)
+                else:
+                    add(gguf_name, name, w, qtype)
+            else:
+                norm = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}[module]
+                add(f"blk.{i}.{norm}.weight", name, w, "F32")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory, _write(reference, out / f"gguf-{qtype}-reference", None, src)
+
+
+def _permute_back(w, heads: int):
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

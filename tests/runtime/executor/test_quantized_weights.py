@@ -1,0 +1,174 @@
+"""Quantized weights on tiny checkpoints: int8 made on load, AWQ, GPTQ and GGUF (Q4_0, Q4_1, Q8_0).
+
+Each quantized checkpoint is compared with its de-quantized float twin (quant_checkpoints.py): with the
+reference kernels the greedy tokens are equal; with the CPU path (bf16 activations into torch's int4pack /
+int8pack kernels) the logits stay within that path's error. transformers reads the same GGUF file
+independently (its own de-quantizer and un-permutation) and gives the reference's logits.
+"""
+
+import pytest
+import torch
+from kubellm.runtime.config import EngineConfig, GenerationConfig
+from kubellm.runtime.engine.engine import LLMEngine
+from kubellm.runtime.executor.layers.quantization import (
+    QuantizationError,
+    QuantPlan,
+    plan_quantization,
+)
+from quant_checkpoints import write_awq, write_gguf, write_gptq
+
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then"]
+
+
+def _engine(path, **kw):
+    config = EngineConfig(device="cpu", block_size=4, num_kv_blocks=64, session_len=128, **kw)
+    return LLMEngine(path, config, show_progress=False)
+
+
+def _greedy(path, n=16, **kw):
+    engine = _engine(path, **kw)
+    try:
+        gens = [GenerationConfig(max_new_tokens=n, ignore_eos=True)] * len(PROMPTS)
+        return [s.token_ids for s in engine.generate(PROMPTS, gens)]
+    finally:
+        engine.destroy()
+
+
+def _logits(path, ids, **kw):
+    """Last-position logits of a prompt through kubellm's runner (prefill of one sequence)."""
+    from kubellm.runtime.executor.step import SeqChunk, StepBatch
+
+    engine = _engine(path, **kw)
+    try:
+        runner = engine.runner
+        batch = StepBatch(chunks=[SeqChunk(start=0, token_ids=ids, block_table=list(range(8)), samples=True)])
+        return runner.forward(batch)[0].float(), runner.model
+    finally:
+        engine.destroy()
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized")
+    return {"awq": write_awq(tiny_llama, out), "gptq": write_gptq(tiny_llama, out),
+            "gguf-Q4_0": write_gguf(tiny_llama, out, "Q4_0"), "gguf-Q4_1": write_gguf(tiny_llama, out, "Q4_1"),
+            "gguf-Q8_0": write_gguf(tiny_llama, out, "Q8_0", embedding_qtype="Q4_1")}
+
+
+# -- the plan: a pure decision ----------------------------------------------------------------------
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+
+
+@pytest.mark.parametrize("requested,qc,fmt,want", [
+    (None, None, "safetensors", None),
+    ("float", None, "safetensors", None),
+    ("int8", None, "safetensors", QuantPlan("float", "int8")),
+    (None, AWQ, "safetensors", QuantPlan("awq", "native", 4, 128)),
+    ("awq", AWQ, "safetensors", QuantPlan("awq", "native", 4, 128)),
+    ("int8", AWQ, "safetensors", QuantPlan("awq", "int8", 4, 128)),
+    ("float", AWQ, "safetensors", QuantPlan("awq", "float", 4, 128)),
+    (None, GPTQ, "safetensors", QuantPlan("gptq", "native", 4, 128, zero_offset=1)),
+    (None, {**GPTQ, "checkpoint_format": "gptq_v2"}, "safetensors", QuantPlan("gptq", "native", 4, 128)),
+    (None, None, "gguf", QuantPlan("gguf", "native")),
+    ("gguf", None, "gguf", QuantPlan("gguf", "native")),
+    ("int8", None, "gguf", QuantPlan("gguf", "int8")),
+    ("float", None, "gguf", QuantPlan("gguf", "float")),
+])
+def test_plan(requested, qc, fmt, want):
+    assert plan_quantization(requested, qc, fmt, "llama") == want
+
+
+@pytest.mark.parametrize("requested,qc,fmt,model_type,message", [
+    ("awq", None, "safetensors", "llama", r"quantization: 'awq' was asked for but the model is a float checkpoint"),
+    ("gptq", AWQ, "safetensors", "llama", r"quantization: 'gptq' .* is a awq checkpoint"),
+    ("awq", None, "gguf", "llama", r"is a gguf checkpoint"),
+    (None, {**GPTQ, "desc_act": True}, "safetensors", "llama", r"quantization_config.desc_act: true \(act-order\)"),
+    (None, {**GPTQ, "bits": 8}, "safetensors", "llama", r"quantization_config.bits: 8"),
+    (None, {**AWQ, "version": "gemv"}, "safetensors", "llama", r"quantization_config.version: 'gemv'"),
+    (None, {**AWQ, "group_size": 0}, "safetensors", "llama", r"quantization_config.group_size: 0"),
+    (None, {"quant_method": "fp8"}, "safetensors", "llama", r"quantization_config.quant_method: 'fp8'"),
+    ("int8", None, "safetensors", "gpt2", r"quantization: int8 weights are served for llama, mistral, qwen2"),
+])
+def test_plan_refusals_name_the_field(requested, qc, fmt, model_type, message):
+    with pytest.raises(QuantizationError, match=message):
+        plan_quantization(requested, qc, fmt, model_type)
+
+
+def test_transformers_backend_is_refused():
+    with pytest.raises(QuantizationError, match="model_impl: 'transformers'"):
+        plan_quantization("int8", None, "safetensors", "llama", "transformers")
+
+
+# -- tokens equal the de-quantized float reference ---------------------------------------------------
+@pytest.mark.parametrize("name", ["awq", "gptq", "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
+def test_greedy_tokens_equal_the_dequantized_float_reference(quantized, name, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = quantized[name]
+    assert _greedy(checkpoint) == _greedy(reference)
+
+
+def test_int8_on_load_equals_its_dequantized_weights(tiny_llama, tmp_path, monkeypatch):
+    """The float checkpoint quantized on load gives the tokens of a float model holding q * scale."""
+    import shutil
+
+    from kubellm.kernels.quant import dequantize_int8, quantize_int8
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    state = load_file(str(tiny_llama / "model.safetensors"))
+    for name, w in state.items():
+        if name.endswith("proj.weight"):
+            state[name] = dequantize_int8(*quantize_int8(w))
+    shutil.copytree(tiny_llama, tmp_path / "ref")
+    save_file(state, str(tmp_path / "ref" / "model.safetensors"))
+    assert _greedy(tiny_llama, quantization="int8") == _greedy(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("name,forms,tol", [
+    ("awq", {"int4_cpu"}, 0.03), ("gptq", {"int4_cpu"}, 0.03),
+    ("gguf-Q4_0", {"int4_cpu", "int8_cpu"}, 0.03),
+    # Q8_0's groups of 32 re-quantized per row for torch's int8 kernel (its embedding: Q4_1 -> int8 to gather)
+    ("gguf-Q8_0", {"int8_cpu", "int4_cpu"}, 0.06)])
+def test_cpu_path_keeps_packed_weights_and_is_close_to_the_reference(quantized, name, forms, tol):
+    checkpoint, reference = quantized[name]
+    ids = [5, 17, 42, 100, 7, 300, 12]
+    got, model = _logits(checkpoint, ids)
+    want, _ = _logits(reference, ids)
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    layer_forms = {m.form for m in model.modules() if type(m).__name__ == "QuantizedWeight"}
+    assert layer_forms == forms
+    # no float copy of a quantized projection: its placeholders are empty, its weight packed
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert not hasattr(qkv, "weight") or qkv.weight.numel() == 0
+    assert qkv.quantized.qweight.dtype in (torch.uint8, torch.int8)
+
+
+def test_transformers_reads_the_same_gguf_as_the_reference(quantized, monkeypatch):
+    """An independent reader: transformers de-quantizes the GGUF (and undoes llama.cpp's q/k permutation)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, _ = quantized["gguf-Q4_1"]
+    ids = [5, 17, 42, 100, 7]
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0, -1]
+    got, _ = _logits(checkpoint, ids)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0)
+
+
+def test_float_and_int8_serving_of_quantized_checkpoints(quantized, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = quantized["awq"]
+    assert _greedy(checkpoint, quantization="float") == _greedy(reference)
+    ids = [5, 17, 42, 100]
+    got, model = _logits(quantized["gguf-Q4_1"][0], ids, quantization="int8")
+    want, _ = _logits(quantized["gguf-Q4_1"][1], ids)
+    assert {m.form for m in model.modules() if type(m).__name__ == "QuantizedWeight"} == {"int8"}
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()   # Q4_1's groups re-quantized per row
+
+
+def test_asking_for_another_format_is_refused(quantized):
+    with pytest.raises(QuantizationError, match="quantization: 'gptq' was asked for but the model is a awq"):
+        _engine(quantized["awq"][0], quantization="gptq")
