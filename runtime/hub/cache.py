@@ -29,11 +29,12 @@ def cache_dir() -> Path:
 
 
 def is_complete(directory: str | os.PathLike) -> bool:
-    """Whether a directory holds what the loader needs: config, weights (safetensors or PyTorch .bin), tokenizer."""
+    """Whether a directory holds what the loader needs: config, weights (safetensors, PyTorch .bin or a GGUF
+    file), tokenizer."""
     d = Path(directory)
     return (
         (d / "config.json").is_file()
-        and (any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")))
+        and (any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")) or any(d.glob("*.gguf")))
         and (d / "tokenizer_config.json").is_file()
         and ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file())
     )
