@@ -55,13 +55,18 @@ class ToolPlan:
         raise KeyError(name)
 
     def calls_from_constrained(self, text: str) -> list[Call] | None:
-        """A constrained reply -> its calls; None if it does not parse (a reply cut short by max_tokens)."""
+        """A constrained reply -> its calls; None if it does not parse (a named call cut short by max_tokens; a
+        `required` array cut short keeps its whole calls)."""
         try:
             value = json.loads(text)
         except ValueError:
-            return None
+            if self.mode == "named":
+                return None
+            value = None
         if self.mode == "named":
             return [Call(0, self.name, json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) else None
+        if value is None:
+            value = _complete_items(text)   # cut short: the calls written whole before the cut
         if not isinstance(value, list) or not value:
             return None
         calls = []
@@ -75,6 +80,23 @@ class ToolPlan:
     def keep(self, calls: list[Call]) -> list[Call]:
         """parallel_tool_calls false: the first call only."""
         return calls if self.parallel else calls[:1]
+
+
+def _complete_items(text: str) -> list | None:
+    """The whole items of a JSON array cut short (`[{...}, {...}, {"na`): a `required` reply that max_tokens ended
+    keeps the calls it wrote in full."""
+    start = text.lstrip()
+    if not start.startswith("["):
+        return None
+    decoder, items, i = json.JSONDecoder(), [], len(text) - len(start) + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return items or None
+        items.append(item)
 
 
 def _check_tool(tool, i: int) -> dict:

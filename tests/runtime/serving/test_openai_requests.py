@@ -159,6 +159,8 @@ def test_tool_choice_none_does_not_render_the_tools_and_required_or_named_constr
     calls = required.tools.calls_from_constrained('[{"name": "get_time", "parameters": {}}]')
     assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "get_time", "{}")]
     assert required.tools.calls_from_constrained('[{"name": "get_time", "parame') is None   # cut short
+    cut = required.tools.calls_from_constrained('[{"name": "get_time", "parameters": {}}, {"name": "get_w')
+    assert [(c.name, c.arguments) for c in cut] == [("get_time", "{}")]   # ... after a whole call: that call
 
 
 def test_the_constrained_schemas_accept_exactly_valid_calls():
