@@ -109,9 +109,11 @@ class LLMEngine:
         for word in gen.bad_words:
             banned.update(self.tokenizer.ids_containing(word))
             seq.bad_word_ids.extend(ids for ids in self.tokenizer.word_ids(word) if len(ids) > 1)
-        seq.banned_ids = sorted(banned)
         self._check_vocabulary(gen)
-        seq.grammar = self._structured_outputs().grammar_for(gen) if gen.guided_fields() else None
+        if gen.guided_fields():
+            seq.grammar = self._structured_outputs().grammar_for(gen)
+            banned.update(self._structured.banned_ids)
+        seq.banned_ids = sorted(banned)
         self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens)
         self._requests[seq.request_id] = seq
         self.scheduler.add(seq)

@@ -36,6 +36,12 @@ class StructuredOutputs:
                                                        stop_token_ids=sorted(stop_ids) or None)
         self.compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
         self.vocab_size = vocab_size
+        # Special tokens other than the stop ids: xgrammar reads e.g. <|im_start|> as its literal text, which fits
+        # inside a JSON string, but they are no text of the output (skip_special_tokens drops them): banned.
+        special = set(hf_tokenizer.all_special_ids) | {i for i, t in hf_tokenizer.added_tokens_decoder.items()
+                                                       if t.special}
+        self.banned_ids = sorted(i for i in special - set(stop_ids) if i < vocab_size)
+        self._json_cache: dict = {}   # (schema text, whitespace) -> compiled grammar
 
     def grammar_for(self, gen: GenerationConfig) -> "SequenceGrammar | None":
         """A fresh matcher for `gen`'s constraint, or None without one. RequestError names the field at fault."""
@@ -56,12 +62,7 @@ class StructuredOutputs:
         c = self.compiler
         if name in ("guided_json", "guided_json_object"):
             schema = _schema_text(gen.guided_json) if name == "guided_json" else '{"type": "object"}'
-            pattern = gen.guided_whitespace_pattern
-            if pattern is None:
-                return c.compile_json_schema(schema, any_whitespace=False)
-            if pattern == "":
-                return c.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
-            return c.compile_json_schema(schema, any_whitespace=True, max_whitespace_cnt=_MAX_WHITESPACE)
+            return self._compile_json(schema, gen.guided_whitespace_pattern)
         if name == "guided_regex":
             return c.compile_regex(gen.guided_regex)
         if name == "guided_choice":   # each choice a literal of an EBNF alternation (JSON's escapes are EBNF's)
@@ -69,6 +70,33 @@ class StructuredOutputs:
                                                               for s in gen.guided_choice))
         return c.compile_grammar(gen.guided_grammar, root_rule_name="root")
 
+
+    def _compile_json(self, schema: str, whitespace: str | None):
+        """A JSON schema's grammar, compiled once per (schema, whitespace) (the last _CACHED kept)."""
+        key = (schema, whitespace)
+        if (compiled := self._json_cache.pop(key, None)) is None:
+            if whitespace is None:
+                options = {"any_whitespace": False}
+            elif whitespace == "":
+                options = {"any_whitespace": False, "separators": (",", ":")}
+            else:
+                options = {"any_whitespace": True, "max_whitespace_cnt": _MAX_WHITESPACE}
+            ebnf = str(self._xgr.Grammar.from_json_schema(schema, **options))
+            for loose in _LOOSE_CHARS:
+                ebnf = ebnf.replace(loose, _JSON_CHARS)
+            compiled = self.compiler.compile_grammar(ebnf)
+        self._json_cache[key] = compiled   # most recently used last
+        while len(self._json_cache) > _CACHED:
+            self._json_cache.pop(next(iter(self._json_cache)))
+        return compiled
+
+
+# A JSON string's characters as xgrammar 0.2.9 writes them: plain strings as [^\0-\x1f"\\\r\n], which lets UTF-16
+# surrogates through (bytes ED A0..BF xx: no UTF-8, decoded as U+FFFD), strings with minLength / maxLength as
+# [^"\\\r\n], which also lets control characters through unescaped (RFC 8259 7 forbids both). Replaced by:
+_LOOSE_CHARS = ('[^\\0-\\x1f\\"\\\\\\r\\n]', '[^\\"\\\\\\r\\n]')
+_JSON_CHARS = '[^\\0-\\x1f\\"\\\\\\r\\n\\uD800-\\uDFFF]'
+_CACHED = 256
 
 _WHAT = {"guided_json": "JSON schema", "guided_json_object": "JSON mode", "guided_regex": "regular expression",
          "guided_choice": "choices", "guided_grammar": "EBNF grammar (its start rule is root)"}
