@@ -28,10 +28,29 @@ DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 2048), (64, 1024), (64, 
 PREFILL_SHAPES = [(512, 512), (2048, 2048), (8192, 8192), (512, 4096)]  # (query tokens, context): last is a chunk
 
 
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
+def time_ms(fn, cuda: bool | None = None) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on a GPU (events, L2 cleared between runs); on CPU
+    (`kubellm bench gpu --device cpu`'s tiny shapes, Triton interpreted) a perf_counter median of a few calls,
+    only so that the pipeline runs: such timings mean nothing."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=100)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    import statistics
+    import time
+
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+_time_ms = time_ms
 
 
 def _paged_cache(contexts: list[int], heads: dict, dtype, device, gen):
@@ -56,10 +75,10 @@ def _dense(cache: torch.Tensor, table: torch.Tensor, context: int) -> torch.Tens
     return cache[table].flatten(0, 1)[:context].transpose(0, 1).contiguous()
 
 
-def bench_decode(batch: int, context: int, dtype=torch.bfloat16, device="cuda") -> dict:
+def bench_decode(batch: int, context: int, dtype=torch.bfloat16, device="cuda", heads: dict = LLAMA3_8B) -> dict:
     from kubellm.kernels import attention, attention_triton
 
-    h = LLAMA3_8B
+    h = heads
     gen = torch.Generator(device=device).manual_seed(0)
     k_cache, v_cache, tables = _paged_cache([context] * batch, h, dtype, device, gen)
     lens = torch.full((batch,), context, dtype=torch.long, device=device)
@@ -78,12 +97,13 @@ def bench_decode(batch: int, context: int, dtype=torch.bfloat16, device="cuda") 
             "ratio": sdpa_ms / triton_ms, "triton_GBps": kv_bytes / triton_ms / 1e6}
 
 
-def bench_prefill(num_queries: int, context: int, dtype=torch.bfloat16, device="cuda") -> dict:
+def bench_prefill(num_queries: int, context: int, dtype=torch.bfloat16, device="cuda",
+                  heads: dict = LLAMA3_8B) -> dict:
     from torch.nn.attention.bias import causal_lower_right
 
     from kubellm.kernels import attention, attention_triton
 
-    h = LLAMA3_8B
+    h = heads
     gen = torch.Generator(device=device).manual_seed(0)
     k_cache, v_cache, tables = _paged_cache([context], h, dtype, device, gen)
     table = tables[0]
@@ -112,13 +132,13 @@ def bench_prefill(num_queries: int, context: int, dtype=torch.bfloat16, device="
             "ratio": sdpa_ms / triton_ms, "triton_TFLOPs": flops / triton_ms / 1e9}
 
 
-def bench_pointwise(device="cuda", dtype=torch.bfloat16) -> list[dict]:
-    """RMSNorm, rotary, SiLU-and-mul, KV write and top-k/top-p against their references."""
+def bench_pointwise(device="cuda", dtype=torch.bfloat16, heads: dict = LLAMA3_8B, tokens: int = 4096,
+                    rows: int = 64) -> list[dict]:
+    """RMSNorm, rotary, SiLU-and-mul, KV write and top-k/top-p (`rows` rows of logits) against their references."""
     from kubellm.kernels import (activation, activation_triton, attention, attention_triton, norm, norm_triton,
                                  rotary, rotary_triton, sampling, sampling_triton)
 
-    h = LLAMA3_8B
-    tokens = 4096
+    h = heads
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, dtype=dtype):
@@ -132,9 +152,9 @@ def bench_pointwise(device="cuda", dtype=torch.bfloat16) -> list[dict]:
                           dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device=device, generator=gen)[:tokens]
-    logits = randn(64, h["vocab"], dtype=torch.float32)
-    top_k = torch.full((64,), 50, device=device)
-    top_p = torch.full((64,), 0.9, device=device)
+    logits = randn(rows, h["vocab"], dtype=torch.float32)
+    top_k = torch.full((rows,), 50, device=device)
+    top_p = torch.full((rows,), 0.9, device=device)
     cases = [
         ("rms_norm + residual", f"{tokens} x {h['hidden']}", lambda m: m.rms_norm(x, weight, 1e-5, residual),
          norm, norm_triton),
@@ -144,7 +164,7 @@ def bench_pointwise(device="cuda", dtype=torch.bfloat16) -> list[dict]:
          activation_triton),
         ("write_kv_cache", f"{tokens} tokens", lambda m: m.write_kv_cache(k, k, k_cache, v_cache, slots), attention,
          attention_triton),
-        ("top_k_top_p_filter", f"64 x {h['vocab']}", lambda m: m.top_k_top_p_filter(logits, top_k, top_p), sampling,
+        ("top_k_top_p_filter", f"{rows} x {h['vocab']}", lambda m: m.top_k_top_p_filter(logits, top_k, top_p), sampling,
          sampling_triton),
     ]
     rows = []

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 
+from kubellm.bench.progress import Progress
 from kubellm.bench.workload import Workload, make_workload, run_engine
 
 
-def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
+def run_hf(model, pad_id: int, work: Workload, batch_size: int, progress: Progress | None = None) -> float:
     import torch
 
     start = time.perf_counter()
@@ -30,14 +31,18 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int) -> float:
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=pad_id)
+        if progress is not None:   # the tokens the batch's requests asked for, as the throughput counts them
+            progress.update(sum(work.max_new_tokens[i:i + batch_size]))
     return time.perf_counter() - start
 
 
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
-            lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False) -> dict:
+            lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False,
+            device: str = "auto", show_progress: bool = True) -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
-    bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline."""
+    bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline.
+    `show_progress`: the side being measured, tokens done / total and an ETA on stderr (bench/progress.py)."""
     import tempfile
 
     import torch
@@ -47,16 +52,21 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     from kubellm.runtime.config import EngineConfig
     from kubellm.runtime.engine.engine import LLMEngine
 
-    options = dict(max_batch_size=batch_size, dtype=dtype, enforce_eager=enforce_eager)
+    options = dict(max_batch_size=batch_size, dtype=dtype, enforce_eager=enforce_eager, device=device)
     if random_model:
         model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
         options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)
-    engine = LLMEngine(model, EngineConfig.build(**options), show_progress=False)
+    engine = LLMEngine(model, EngineConfig.build(**options), show_progress=show_progress)
     work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
     warm = Workload(work.prompts[:2], [4, 4])
-    run_engine(engine, warm)
+    progress = Progress("bench offline", "kubellm warm-up", total=warm.generated_tokens, unit="tokens",
+                        enabled=show_progress)
+    run_engine(engine, warm, progress)
+    if random_model:
+        progress.switch("kubellm batch-1 decode (roofline)", total=None)
     decode = bench_roofline.batch1_decode(engine) if random_model else None
-    engine_s = run_engine(engine, work)
+    progress.switch("kubellm", total=work.generated_tokens)
+    engine_s = run_engine(engine, work, progress)
     result = {"model": str(engine.model_path), "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
               "threads": torch.get_num_threads(), "prompts": num_prompts, "batch_size": batch_size,
               "lengths": lengths,
@@ -68,6 +78,7 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     device, dtype_ = engine.runner.device, engine.runner.dtype
     engine.destroy()
     if not skip_hf:
+        progress.switch("loading HF generate's model", total=None)
         if random_model:  # the same shapes with HF's own random init: speed does not depend on values
             from transformers import AutoConfig
 
@@ -78,9 +89,12 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
             hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_).to(device).eval()
         pad = hf.generation_config.pad_token_id
         pad = pad if pad is not None else 0
-        run_hf(hf, pad, warm, batch_size)
-        hf_s = run_hf(hf, pad, work, batch_size)
+        progress.switch("HF generate warm-up", total=warm.generated_tokens)
+        run_hf(hf, pad, warm, batch_size, progress)
+        progress.switch("HF generate", total=work.generated_tokens)
+        hf_s = run_hf(hf, pad, work, batch_size, progress)
         result.update(hf_s=hf_s, hf_tok_s=work.generated_tokens / hf_s, ratio=hf_s / engine_s)
+    progress.close()
     return result
 
 

@@ -49,10 +49,17 @@ def make_workload(tokenizer, num_prompts: int, prompt_len: tuple[int, int], new_
     return Workload(prompts, limits)
 
 
-def run_engine(engine, work: Workload) -> float:
+def run_engine(engine, work: Workload, progress=None) -> float:
+    """Seconds the engine takes for the workload; `progress` (bench/progress.py) counts its generated tokens."""
     gens = [GenerationConfig(max_new_tokens=m, ignore_eos=True) for m in work.max_new_tokens]
     start = time.perf_counter()
-    seqs = engine.generate(work.prompts, gens)
+    if progress is None:
+        seqs = engine.generate(work.prompts, gens)
+    else:  # generate()'s loop, counting tokens after each step
+        seqs = [engine.add_request(p, g) for p, g in zip(work.prompts, gens)]
+        while any(not s.is_finished for s in seqs):
+            engine.step()
+            progress.set(sum(s.num_generated for s in seqs))
     elapsed = time.perf_counter() - start
     assert [s.num_generated for s in seqs] == work.max_new_tokens
     return elapsed

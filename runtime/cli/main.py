@@ -27,6 +27,7 @@ COMMANDS = {
     "bench parallel": "kubellm.bench.parallel:command",
     "bench kernels": "kubellm.bench.kernels:command",
     "bench fuzz": "kubellm.bench.fuzz:command",
+    "bench gpu": "kubellm.bench.gpu:command",
     "operator": "kubellm.operator.cli:command",
     "worker": "kubellm.runtime.cli.worker:worker",
     "router": "kubellm.runtime.cli.router:router",
@@ -149,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="download: the repository is a LoRA adapter (adapter_config.json, adapter_model.*)")
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
-    bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels", "fuzz"],
+    bench.add_argument("kind", choices=["offline", "serve", "parallel", "kernels", "fuzz", "gpu"],
                        help="offline: engine vs HF generate; serve: streaming load on --target (vs --direct); "
                             "fuzz: --requests generated hostile requests (REST and gRPC) against a 2-replica tiny "
                             "deployment, checking nothing 5xx, dies, hangs or leaks; "
                             "parallel: one process vs a tensor x pipeline group; "
-                            "kernels: Triton kernels vs PyTorch SDPA / references (GPU)")
+                            "kernels: Triton kernels vs PyTorch SDPA / references (GPU); "
+                            "gpu: every GPU check in one call, written to --out-dir (docs/gpu/README.md)")
     bench.add_argument("--target", default=None,
                        help="serve: gRPC address of a router or worker (default 127.0.0.1:50051); fuzz: a running "
                             "local deployment's name (kubellm serve NAME --rest; default: start one)")
@@ -202,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve shared-prefix: CPU threads per started worker (OMP_NUM_THREADS)")
     bench.add_argument("--prefix-length", type=int, default=256, help="serve shared-prefix: the routers' --prefix-length")
     bench.add_argument("--load-factor", type=float, default=1.25, help="serve shared-prefix: the routers' --load-factor")
+    bench.add_argument("--out-dir", default=None, help="gpu: where <date>-<device>.json and .md go (default docs/gpu)")
+    bench.add_argument("--steps", default=None, help="gpu: comma-separated steps to run (default: all)")
+    bench.add_argument("--step-budget", action="append", default=None, metavar="NAME=S",
+                       help="gpu: seconds one step may take (repeatable); past it the step is killed as timed out")
+    bench.add_argument("--total-budget", type=seconds, default=None, metavar="S",
+                       help="gpu: seconds for the whole check (default 480)")
     bench.add_argument("--json", action="store_true")
     operator = sub.add_parser("operator", help="run the Kubernetes operator (the operator container's entrypoint)")
     operator.add_argument("--namespace", default=None, help="watch these namespaces only, comma-separated (default: the whole cluster)")
