@@ -10,10 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kubellm.kernels import kv_int8
+
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [T, Hkv, D] at flat cache slots (block * block_size + offset) [T]."""
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """Store key/value [T, Hkv, D] at flat cache slots (block * block_size + offset) [T]; with scales
+    ([num_blocks, block_size, Hkv]) the cache is int8 (kv_int8.py)."""
+    if k_scale is not None:
+        kv_int8.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
@@ -26,15 +33,25 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int |
     return allowed
 
 
+def gather_blocks(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The listed blocks [len(blocks), block_size, Hkv, D] of a cache, dequantized where it is int8."""
+    if scales is None:
+        return cache.index_select(0, blocks)
+    return kv_int8.dequantize(cache.index_select(0, blocks), scales.index_select(0, blocks), dtype)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q [B, Hq, D]; block_tables [B, M]; context_lens [B] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     # [B, Hkv, M*bs, D] views of the gathered blocks (index_select copies whole blocks at once).
-    k = k_cache.index_select(0, block_tables.flatten()).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, block_tables.flatten()).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    blocks = block_tables.flatten()
+    k = gather_blocks(k_cache, k_scale, blocks, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = gather_blocks(v_cache, v_scale, blocks, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     k_pos = torch.arange(k.shape[2], device=q.device)
     valid = k_pos < context_lens.unsqueeze(1)
     if sliding_window is not None:
@@ -59,21 +76,23 @@ def prefill_mask(num_queries: int, context_len: int, sliding_window: int | None,
 def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                             context_len: int, scale: float, sliding_window: int | None = None,
-                            mask: torch.Tensor | None = None) -> torch.Tensor:
+                            mask: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A chunk of n query tokens of one sequence, the last n of its context_len tokens, causal.
 
     q [n, Hq, D]; k/v [n, Hkv, D] are the chunk's own keys (already written to the cache). When
     the chunk is the whole context they are used directly; otherwise the cached prefix is read
     through the block table. `mask`: prefill_mask(...) built once per step by the caller (every
-    layer shares it); None builds it here.
+    layer shares it); None builds it here. An int8 cache (scales given) is always read back, as the
+    Triton kernel reads it, so a chunk attends to the same (quantized) keys on either path.
     """
     n, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[2]
-    if context_len > n:
+    if context_len > n or k_scale is not None:
         block_size = k_cache.shape[1]
         blocks = block_table[: (context_len + block_size - 1) // block_size]
-        k = k_cache[blocks].flatten(0, 1)[:context_len]
-        v = v_cache[blocks].flatten(0, 1)[:context_len]
+        k = gather_blocks(k_cache, k_scale, blocks, q.dtype).flatten(0, 1)[:context_len]
+        v = gather_blocks(v_cache, v_scale, blocks, q.dtype).flatten(0, 1)[:context_len]
     if mask is None:
         mask = prefill_mask(n, context_len, sliding_window, q.device)
     group = num_heads // num_kv_heads

@@ -8,6 +8,9 @@ works and a block index can be anything below num_blocks (addresses are computed
 Softmax is the online (flash) form: a running max m, running sum l and an unnormalised
 accumulator, in base 2 (exp2 is the fast path; scores are pre-multiplied by log2(e)).
 Head sizes that are not powers of two (80) are padded to the next one and masked.
+
+An int8 cache (kv_int8.py: one float32 scale per token and KV head, passed as k_scale / v_scale) is
+quantized by the write kernel and dequantized tile by tile as the attention kernels load it.
 """
 
 from __future__ import annotations
@@ -55,14 +58,56 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     tl.store(v_cache_ptr + dest, value, mask=mask)
 
 
+@triton.jit
+def _quantize_store(x, cache_ptr, scale_ptr, dest, scale_dest, mask, head_mask):
+    """x [BLOCK_H, BLOCK_D] as int8 with one scale per row (head): max|x| / 127 (kv_int8.py)."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-10) / 127.0
+    scaled = x / scale[:, None]
+    rounded = tl.where(scaled >= 0, tl.floor(scaled + 0.5), tl.ceil(scaled - 0.5))
+    tl.store(cache_ptr + dest, tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8), mask=mask)
+    tl.store(scale_ptr + scale_dest, scale, mask=head_mask)
+
+
+@triton.jit
+def _write_kv_int8_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
+                          key_stride_t, key_stride_h, value_stride_t, value_stride_h,
+                          cache_stride_slot, cache_stride_h, scale_stride_slot,
+                          NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & (slot + heads * 0 >= 0)   # slot < 0: padding row
+    head_mask = tl.max(mask.to(tl.int32), 1) > 0
+    dest = slot * cache_stride_slot + heads * cache_stride_h + dims
+    scale_dest = slot * scale_stride_slot + tl.arange(0, BLOCK_H)
+    key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask, other=0.0)
+    value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask, other=0.0)
+    _quantize_store(key, k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
+    _quantize_store(value, v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [T, Hkv, D] at flat cache slots [T]; slots < 0 are skipped (padding)."""
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """Store key/value [T, Hkv, D] at flat cache slots [T]; slots < 0 are skipped (padding). With
+    scales [num_blocks, block_size, Hkv] the cache is int8, quantized here (kv_int8.py's rule)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride() == v_cache.stride()
     assert key.stride(-1) == 1 and value.stride(-1) == 1
+    if k_scale is not None:
+        assert k_scale.is_contiguous() and v_scale.is_contiguous()
+        _write_kv_int8_kernel[(num_tokens,)](
+            key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            k_cache.stride(1), k_cache.stride(2), k_scale.stride(1),
+            NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim))
+        return
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
@@ -71,17 +116,29 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim))
 
 
+@triton.jit
+def _load_kv(cache_ptr, scale_ptr, offset, scale_offset, dims, kv_mask, valid,
+             KV_INT8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of keys or values from the cache; an int8 cache's rows times their scales."""
+    tile = tl.load(cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0)
+    if KV_INT8:
+        scale = tl.load(scale_ptr + scale_offset, mask=valid, other=0.0)
+        return (tile.to(tl.float32) * scale[:, None]).to(DOT_DTYPE)
+    return tile.to(DOT_DTYPE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode: one query token per sequence, split-KV
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
                    out_ptr, split_out_ptr, split_lse_ptr,
                    qk_scale, sliding_window,
                    q_stride_b, q_stride_h, out_stride_b, out_stride_h, table_stride_b,
                    cache_stride_block, cache_stride_pos, cache_stride_h,
-                   CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   scale_stride_block, scale_stride_pos,
+                   KV_INT8: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -122,14 +179,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         offset = (cache_block * cache_stride_block + (pos % CACHE_BLOCK_SIZE) * cache_stride_pos
                   + kv_head * cache_stride_h)
         kv_mask = valid[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        scale_offset = cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos + kv_head
+        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -190,10 +248,11 @@ def _num_decode_splits(batch: int, num_kv_heads: int, max_context: int, device: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q [B, Hq, D]; block_tables [B, M]; context_lens [B] -> [B, Hq, D].
 
-    `num_splits` (tests, benchmarks) overrides the split-KV heuristic.
+    `num_splits` (tests, benchmarks) overrides the split-KV heuristic. With k_scale / v_scale the cache is int8.
     """
     batch, num_heads, head_dim = q.shape
     _, cache_block_size, num_kv_heads, _ = k_cache.shape
@@ -211,12 +270,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         split_out = split_lse = out  # unused
     block_d = block(head_dim)
+    int8 = k_scale is not None
+    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not read unless int8
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, split_out, split_lse,
+        q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, out, split_out, split_lse,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        CACHE_BLOCK_SIZE=cache_block_size, GROUP=group, HEAD_DIM=head_dim,
+        k_scales.stride(0), k_scales.stride(1),
+        KV_INT8=int8, CACHE_BLOCK_SIZE=cache_block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=block(group), BLOCK_D=block_d, BLOCK_N=_tile(DECODE_BLOCK_N, q.dtype),
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)
@@ -233,11 +295,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, out_ptr,
                     num_queries, context_len, qk_scale, sliding_window,
                     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                     cache_stride_block, cache_stride_pos, cache_stride_h,
-                    CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    scale_stride_block, scale_stride_pos,
+                    KV_INT8: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program = BLOCK_M query rows of one query head; keys come from the cache only."""
@@ -270,7 +333,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
         offset = (cache_block * cache_stride_block + (pos % CACHE_BLOCK_SIZE) * cache_stride_pos
                   + kv_head * cache_stride_h)
         kv_mask = valid[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        scale_offset = cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos + kv_head
+        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
@@ -282,7 +346,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
         alpha = tl.exp2(m - m_shift)
         p = tl.exp2(scores - m_shift[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -293,7 +357,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
 
 def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                            context_len: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                            context_len: int, scale: float, sliding_window: int | None = None,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A chunk of n query tokens of one sequence, the last n of its context_len tokens, causal.
 
     q [n, Hq, D]. The chunk's own keys k/v [n, Hkv, D] are already in the cache, so this reads
@@ -308,12 +373,15 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert block_table.dim() == 1 and block_table.stride(0) == 1
     block_m = _tile(PREFILL_BLOCK_M, q.dtype)
     grid = (triton.cdiv(num_queries, block_m), num_heads)
+    int8 = k_scale is not None
+    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not read unless int8
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_table, out,
+        q, k_cache, v_cache, k_scales, v_scales, block_table, out,
         num_queries, int(context_len), scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        CACHE_BLOCK_SIZE=cache_block_size, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        k_scales.stride(0), k_scales.stride(1),
+        KV_INT8=int8, CACHE_BLOCK_SIZE=cache_block_size, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=_tile(PREFILL_BLOCK_N, q.dtype), BLOCK_D=block(head_dim),
         HAS_WINDOW=sliding_window is not None,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)

@@ -51,24 +51,33 @@ def _triton_module(name: str):
     return importlib.import_module(f"kubellm.kernels.{name}_triton")
 
 
-def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+def _kv_scales(k_scale, v_scale) -> dict:
+    """The int8 KV cache's scales as keyword arguments; none for a cache in the model's dtype."""
+    return {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """With k_scale / v_scale the cache is int8 (kv_int8.py): the keys and values are quantized as written."""
     impl = _triton_module("attention") if use_triton(key) else attention
-    impl.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    impl.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, **_kv_scales(k_scale, v_scale))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                           k_scale=None, v_scale=None):
     impl = _triton_module("attention") if use_triton(q) else attention
-    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                       **_kv_scales(k_scale, v_scale))
 
 
 def paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale, sliding_window=None,
-                            mask=None):
+                            mask=None, k_scale=None, v_scale=None):
     """`mask`: from prefill_attention_mask, built once per step (the Triton kernel masks by itself)."""
+    scales = _kv_scales(k_scale, v_scale)
     if use_triton(q):
         return _triton_module("attention").paged_prefill_attention(q, k, v, k_cache, v_cache, block_table,
-                                                                   context_len, scale, sliding_window)
+                                                                   context_len, scale, sliding_window, **scales)
     return attention.paged_prefill_attention(q, k, v, k_cache, v_cache, block_table, context_len, scale,
-                                             sliding_window, mask)
+                                             sliding_window, mask, **scales)
 
 
 def prefill_attention_mask(num_queries, context_len, sliding_window, device):

@@ -121,7 +121,7 @@ FIELDS = {
     "cache_block_seq_len": "mapped: block_size",
     "block_size": "mapped: block_size",
     "enable_prefix_caching": "mapped: enable_prefix_caching",
-    "quant_policy": "refused: 4 / 8 (KV-cache quantization is not implemented)",
+    "quant_policy": "mapped: 8 -> kv_cache_dtype='int8' (int8 KV cache, a scale per token and head); 4 refused",
     "rope_scaling_factor": "mapped: rope_scaling_factor (0: off)",
     "use_logn_attn": "mapped: use_logn_attn",
     "download_dir": "mapped: where a Hub model id is downloaded",
@@ -199,9 +199,11 @@ def backend_options(config: TurbomindEngineConfig | PytorchEngineConfig) -> Back
                 refuse(name, "kubellm reads Hugging Face checkpoints (safetensors or .bin); quantized weights "
                              "(awq, gptq) and other layouts are not supported: use model_format=None or 'hf'")
         elif name == "quant_policy":
-            if value:
-                refuse(name, "KV-cache quantization (int4 / int8) is not implemented; the KV cache holds the "
-                             "model's dtype: use quant_policy=0")
+            if value == 8:
+                out.engine["kv_cache_dtype"] = "int8"
+            elif value:
+                refuse(name, f"{value}: an int4 KV cache is not implemented; use quant_policy=8 (int8 KV cache, "
+                             "about half the bf16 cache's memory) or 0")
         elif name == "dp":
             if value != 1:
                 refuse(name, "one pipeline is one engine; for data parallelism run replicas: "

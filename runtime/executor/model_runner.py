@@ -81,15 +81,19 @@ class ModelRunner:
         self.sliding_windows = {a.sliding_window for a in self.attention_layers}
         self.session_len = session_len
         self.num_blocks = 0          # no KV cache until allocate_kv_cache
-        self.host_kv_cache = None    # eviction='copy': [layer, k/v, host block, ...] (pinned on a GPU)
+        self.host_kv_cache = None    # eviction='copy': per block part, [layer, host block, ...] (pinned on a GPU)
         self.decode_graphs = None    # None: every step eager
 
     # -- the KV cache ---------------------------------------------------------------------------------
+    @property
+    def kv_int8(self) -> bool:
+        return self.config.kv_cache_dtype == "int8"
+
     def kv_block_bytes(self) -> int:
-        """Bytes of one KV block over this rank's attention layers (keys and values)."""
+        """Bytes of one KV block over this rank's attention layers (keys and values; an int8 cache's scales)."""
         layer = self.attention_layers[0]
-        per_block = 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
-        return per_block * torch.tensor([], dtype=self.dtype).element_size()
+        per_head_token = layer.head_dim + 4 if self.kv_int8 else layer.head_dim * self.dtype.itemsize
+        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * per_head_token
 
     def max_kv_blocks(self) -> int:
         """The KV blocks this rank can hold: num_kv_blocks if set, else what the memory budget leaves."""
@@ -116,54 +120,66 @@ class ModelRunner:
         layer = self.attention_layers[0]
         shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.decode_graphs = None
+        cache_dtype = torch.int8 if self.kv_int8 else self.dtype
         for attn in self.attention_layers:
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            if self.kv_int8:   # one scale per token and KV head (kernels/kv_int8.py)
+                attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
+                attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
         self.num_blocks = num_blocks
         self._allocate_host_kv_cache(shape[1:])
         self.decode_graphs = capture_decode_graphs(self, self.session_len)
 
+    def _cache_tensors(self, attn: PagedAttention) -> list[torch.Tensor]:
+        """What one layer's KV blocks are made of: keys and values, and an int8 cache's scales of each."""
+        return [attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale] if self.kv_int8 else [attn.k_cache,
+                                                                                              attn.v_cache]
+
     def _allocate_host_kv_cache(self, block_shape) -> None:
-        """eviction='copy': num_cpu_blocks host blocks for this rank's layers (its shard, its stage)."""
+        """eviction='copy': num_cpu_blocks host blocks for this rank's layers (its shard, its stage): per part
+        of a block (keys, values; an int8 cache's scales), [layer, host block, ...]."""
         if self.config.eviction != "copy":
             return
-        shape = (len(self.attention_layers), 2, self.config.num_cpu_blocks, *block_shape)
-        self.host_kv_cache = torch.zeros(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        self.host_kv_cache = [
+            torch.zeros((len(self.attention_layers), self.config.num_cpu_blocks, *part.shape[1:]), dtype=part.dtype,
+                        pin_memory=pin)
+            for part in self._cache_tensors(self.attention_layers[0])]
 
     @torch.inference_mode()
     def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy (device block, host block) pairs out, then (host block, device block) pairs in, over every
-        attention layer of this rank: a gather, a transfer and a scatter per layer and direction (device
-        memory for one layer's blocks at a time). The device caches are written in place: CUDA graphs
-        replay their addresses."""
-        host, dev = self.host_kv_cache, self.device
-        if host is None:
+        attention layer of this rank and every part of its blocks: a gather, a transfer and a scatter per
+        layer, part and direction (device memory for one layer's blocks at a time). The device caches are
+        written in place: CUDA graphs replay their addresses."""
+        if self.host_kv_cache is None:
             raise RuntimeError("a step swaps KV blocks but this runner has no host cache (eviction is not 'copy')")
+        dev = self.device
         cuda = dev.type == "cuda"
+        layers = [self._cache_tensors(attn) for attn in self.attention_layers]
         if swap_out:
             src = torch.tensor([d for d, _ in swap_out], device=dev)
             dst = torch.tensor([h for _, h in swap_out])
-            if cuda:   # into a pinned staging buffer, asynchronously; one wait; then the scatter on the host
-                staging = torch.empty((host.shape[0], 2, len(dst), *host.shape[3:]), dtype=host.dtype,
-                                      pin_memory=True)
-                for i, attn in enumerate(self.attention_layers):
-                    staging[i, 0].copy_(attn.k_cache.index_select(0, src), non_blocking=True)
-                    staging[i, 1].copy_(attn.v_cache.index_select(0, src), non_blocking=True)
-                torch.cuda.current_stream(dev).synchronize()
-                host.index_copy_(2, dst, staging)
-            else:   # index_copy_ rather than indexed assignment: a plain copy per block, several times faster
-                for i, attn in enumerate(self.attention_layers):
-                    host[i, 0].index_copy_(0, dst, attn.k_cache.index_select(0, src))
-                    host[i, 1].index_copy_(0, dst, attn.v_cache.index_select(0, src))
+            for part, host in enumerate(self.host_kv_cache):
+                if cuda:   # into a pinned staging buffer, asynchronously; one wait; then the scatter on the host
+                    staging = torch.empty((host.shape[0], len(dst), *host.shape[2:]), dtype=host.dtype, pin_memory=True)
+                    for i, tensors in enumerate(layers):
+                        staging[i].copy_(tensors[part].index_select(0, src), non_blocking=True)
+                    torch.cuda.current_stream(dev).synchronize()
+                    host.index_copy_(1, dst, staging)
+                else:   # index_copy_ rather than indexed assignment: a plain copy per block, several times faster
+                    for i, tensors in enumerate(layers):
+                        host[i].index_copy_(0, dst, tensors[part].index_select(0, src))
         if swap_in:
             src = torch.tensor([h for h, _ in swap_in])
             dst = torch.tensor([d for _, d in swap_in], device=dev)
-            for i, attn in enumerate(self.attention_layers):
-                blocks = host[i].index_select(1, src)
-                if cuda:   # pinned, so the copy is asynchronous; stream-ordered before the step's kernels
-                    blocks = blocks.pin_memory().to(dev, non_blocking=True)
-                attn.k_cache.index_copy_(0, dst, blocks[0])
-                attn.v_cache.index_copy_(0, dst, blocks[1])
+            for part, host in enumerate(self.host_kv_cache):
+                for i, tensors in enumerate(layers):
+                    blocks = host[i].index_select(0, src)
+                    if cuda:   # pinned, so the copy is asynchronous; stream-ordered before the step's kernels
+                        blocks = blocks.pin_memory().to(dev, non_blocking=True)
+                    tensors[part].index_copy_(0, dst, blocks)
 
     # -- one step ---------------------------------------------------------------------------------
     def _prepare(self, chunks: list[SeqChunk]):

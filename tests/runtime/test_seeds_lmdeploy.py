@@ -68,8 +68,7 @@ def test_options_without_meaning_are_accepted_with_a_note(config, field):
 
 
 @pytest.mark.parametrize("config, field, why", [
-    (PytorchEngineConfig(quant_policy=8), "PytorchEngineConfig.quant_policy", "KV-cache quantization"),
-    (TurbomindEngineConfig(quant_policy=4), "TurbomindEngineConfig.quant_policy", "quant_policy=0"),
+    (TurbomindEngineConfig(quant_policy=4), "TurbomindEngineConfig.quant_policy", "quant_policy=8"),
     (TurbomindEngineConfig(model_format="awq"), "TurbomindEngineConfig.model_format", "quantized weights"),
     (PytorchEngineConfig(dp=2), "PytorchEngineConfig.dp", "replica_num"),
     (PytorchEngineConfig(ep=2), "PytorchEngineConfig.ep", "expert parallelism"),

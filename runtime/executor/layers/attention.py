@@ -16,20 +16,23 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D].
+        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D]; an int8
+        # cache (kv_cache_dtype='int8') also has scales [num_blocks, block_size, Hkv].
         self.k_cache = self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, **scales)
         out = torch.empty_like(q)
         nd = ctx.num_decode
         if nd:
             out[:nd] = paged_decode_attention(q[:nd], self.k_cache, self.v_cache, ctx.decode_block_tables,
-                                              ctx.decode_context_lens, self.scale, self.sliding_window)
+                                              ctx.decode_context_lens, self.scale, self.sliding_window, **scales)
         for chunk in ctx.prefills:  # its block table and mask were built once, for every layer
             rows = chunk.rows
             out[rows] = paged_prefill_attention(q[rows], k[rows], v[rows], self.k_cache, self.v_cache,
                                                 chunk.block_table, chunk.context_len, self.scale,
-                                                self.sliding_window, chunk.masks.get(self.sliding_window))
+                                                self.sliding_window, chunk.masks.get(self.sliding_window), **scales)
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kubellm.kernels.attention import gather_blocks
 from kubellm.kernels.dispatch import write_kv_cache
 from kubellm.runtime.executor.context import get_context
 from kubellm.runtime.executor.layers.attention import PagedAttention
@@ -28,27 +29,28 @@ class BiasedPagedAttention(PagedAttention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)
         nd = ctx.num_decode
         if nd:
             lens = ctx.decode_context_lens
-            keys, values = self._gather(ctx.decode_block_tables)
+            keys, values = self._gather(ctx.decode_block_tables, q.dtype)
             out[:nd] = self._attend(q[:nd, None], keys, values, (lens - 1)[:, None], lens)[:, 0]
         for chunk in ctx.prefills:
             n, length = chunk.length, chunk.context_len
-            keys, values = self._gather(chunk.block_table[None])
+            keys, values = self._gather(chunk.block_table[None], q.dtype)
             q_pos = torch.arange(length - n, length, device=q.device)[None]
             lens = torch.tensor([length], device=q.device)
             out[chunk.rows] = self._attend(q[chunk.rows][None], keys, values, q_pos, lens)[0]
         return out
 
-    def _gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, blocks * block_size, Hkv, D] keys and values of each row's blocks, in order."""
+    def _gather(self, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, blocks * block_size, Hkv, D] keys and values of each row's blocks, in order (an int8 cache's
+        dequantized to `dtype`)."""
         batch, shape = block_tables.shape[0], self.k_cache.shape[2:]
         flat = block_tables.flatten()
-        return (self.k_cache.index_select(0, flat).view(batch, -1, *shape),
-                self.v_cache.index_select(0, flat).view(batch, -1, *shape))
+        return (gather_blocks(self.k_cache, self.k_scale, flat, dtype).view(batch, -1, *shape),
+                gather_blocks(self.v_cache, self.v_scale, flat, dtype).view(batch, -1, *shape))
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
                 context_lens: torch.Tensor) -> torch.Tensor:
