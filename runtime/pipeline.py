@@ -19,39 +19,30 @@ import weakref
 from typing import Iterator
 
 from kubellm.runtime.chat_template import ChatTemplateConfig, prepare_prompt
-from kubellm.runtime.config import ConfigError, EngineConfig, GenerationConfig, generation_config
+from kubellm.runtime.config import (ConfigError, EngineConfig, GenerationConfig, best_choices, choice_configs,
+                                    generation_config)
 from kubellm.runtime.errors import RequestError
 from kubellm.runtime.lmdeploy_compat import (BackendOptions, PytorchEngineConfig,
                                              TurbomindEngineConfig, backend_options, call_options, model_source,
                                              warn_notes)
 from kubellm.runtime.mii_compat import (MiiOptions, full_text, generate_options, merge, model_config_options)
-from kubellm.runtime.response import Response
+from kubellm.runtime.response import Response, prompt_logprobs_of, token_logprobs_of
 
 log = logging.getLogger("kubellm.pipeline")
-_SEED_SPACE = 2 ** 63   # GenerationConfig.random_seed's range
 
 
 def _normalise_prompts(prompts) -> list:
-    """A single prompt (string, or one chat conversation) becomes a one-item batch."""
-    if isinstance(prompts, str):
+    """A single prompt (string, one chat conversation, or one {'messages', 'tools'}) becomes a one-item batch."""
+    if isinstance(prompts, str) or (isinstance(prompts, dict) and "messages" in prompts):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(m, dict) for m in prompts):
+    if (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(m, dict) for m in prompts)
+            and not all("messages" in m for m in prompts)):
         return [list(prompts)]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise RequestError("prompts: empty list; pass at least one prompt")
         return list(prompts)
     raise RequestError(f"prompts: expected a string, a list of strings or chat messages, got {type(prompts).__name__}")
-
-
-def choices(gen: GenerationConfig) -> list[GenerationConfig]:
-    """GenerationConfig.n -> n one-choice configs, each with its own seed: a set random_seed s gives
-    s, s+1, ... (repeatable), an unset one lets the engine draw a seed per request. Greedy choices agree."""
-    if gen.n == 1:
-        return [gen]
-    if gen.random_seed is None:
-        return [gen.updated(n=1)] * gen.n
-    return [gen.updated(n=1, random_seed=(gen.random_seed + j) % _SEED_SPACE) for j in range(gen.n)]
 
 
 class Pipeline:
@@ -78,10 +69,12 @@ class Pipeline:
                 "(tokenizer_config.json); give the template's pieces (user=, eoh=, assistant=, eoa=, ...)")
 
     # -- requests -------------------------------------------------------------------------------
-    def _requests(self, prompts, gen_config, do_preprocess, adapter_name, options) -> tuple[list, list, list, bool]:
+    def _requests(self, prompts, gen_config, do_preprocess, adapter_name, options) -> tuple[list, list, list, bool,
+                                                                                            list]:
         """(engine prompts, one-choice configs, the caller's prompt of each, return_full_text): a prompt with
-        n choices is n requests, in prompt order (prompt i's choice j at i*n + j, as LMDeploy returns a batch
-        holding each prompt n times)."""
+        n choices (or best_of) is that many requests (config.choice_configs), in prompt order (prompt i's choice j
+        at i*n + j, as LMDeploy returns a batch holding each prompt n times); and per prompt, its config and the
+        positions of its requests (for best_of)."""
         if adapter_name is not None:   # LMDeploy's name for the request's LoRA adapter
             options = {**options, "adapter": adapter_name}
         if do_preprocess not in (None, True, False):
@@ -96,33 +89,39 @@ class Pipeline:
         else:
             gens = [generation_config(self.default_gen, gen_config, **options)] * len(prompts)
         template = self.chat_template
-        engine_prompts, engine_gens, originals = [], [], []
+        engine_prompts, engine_gens, originals, groups = [], [], [], []
         for i, (prompt, gen) in enumerate(zip(prompts, gens)):
             if full:
                 full_text(prompt, "", i)   # refused before anything runs
             ready = prepare_prompt(prompt, do_preprocess, template, field=f"prompts[{i}]")
             if template is not None and template.stop_words and ready is not prompt:
                 gen = gen.updated(stop_words=[*gen.stop_words, *template.stop_words])
-            for choice in choices(gen):
+            one = choice_configs(gen)
+            groups.append((gen, list(range(len(engine_prompts), len(engine_prompts) + len(one)))))
+            for choice in one:
                 engine_prompts.append(ready)
                 engine_gens.append(choice)
                 originals.append(prompt)
-        return engine_prompts, engine_gens, originals, full
+        return engine_prompts, engine_gens, originals, full, groups
 
     def __call__(self, prompts, gen_config=None, do_preprocess: bool | None = None, adapter_name: str | None = None,
                  use_tqdm: bool = False, **gen_options) -> list[Response]:
         """Run prompts to completion; one Response per prompt and choice, in prompt order."""
         with self._lock:
-            engine_prompts, gens, originals, full = self._requests(prompts, gen_config, do_preprocess,
-                                                                   adapter_name, gen_options)
+            engine_prompts, gens, originals, full, groups = self._requests(prompts, gen_config, do_preprocess,
+                                                                           adapter_name, gen_options)
             if use_tqdm:
                 seqs = self._generate_with_progress(engine_prompts, gens)
             else:
                 seqs = self.engine.generate(engine_prompts, gens)
-            out = [self._response(i, s) for i, s in enumerate(seqs)]
-        if full:
-            for r, prompt in zip(out, originals):
-                r.text = full_text(prompt, r.text, r.index)
+        out = []
+        for i, (gen, positions) in enumerate(groups):   # each prompt's n choices (the best n of best_of)
+            for k in best_choices(gen, [seqs[p].cumulative_logprob for p in positions]):
+                r = self._response(len(out), seqs[positions[k]])
+                r.prompt_index = i
+                if full:
+                    r.text = full_text(originals[positions[k]], r.text, r.index)
+                out.append(r)
         return out
 
     infer = batch_infer = __call__   # LMDeploy's other names for the same call
@@ -158,8 +157,13 @@ class Pipeline:
         If the consumer stops early, the unfinished requests are aborted and their blocks freed.
         """
         with self._lock:   # held while the stream lives: another thread's call waits for it
-            engine_prompts, gens, originals, full = self._requests(prompts, gen_config, do_preprocess,
-                                                                   adapter_name, gen_options)
+            engine_prompts, gens, originals, full, groups = self._requests(prompts, gen_config, do_preprocess,
+                                                                           adapter_name, gen_options)
+            for gen, _ in groups:
+                if gen.best_of is not None and gen.best_of > gen.n:
+                    raise RequestError(f"best_of: {gen.best_of} choices of which the best {gen.n} are returned "
+                                       "cannot be streamed (which are best is known only at the end); call the "
+                                       "pipeline instead, or leave best_of unset")
             seqs = []
             try:
                 for i, (p, g) in enumerate(zip(engine_prompts, gens)):
@@ -191,11 +195,13 @@ class Pipeline:
 
     stream = stream_infer
 
-    @staticmethod
-    def _response(index: int, seq) -> Response:
+    def _response(self, index: int, seq) -> Response:
         return Response(seq.text, seq.num_prompt_tokens, seq.num_generated, seq.finish_reason, index,
                         seq.generated_ids, seq.logprobs if seq.gen.logprobs is not None else None,
-                        seq.top_logprobs if seq.gen.logprobs else None, session_id=seq.seq_id)
+                        seq.top_logprobs if seq.gen.logprobs else None, session_id=seq.seq_id,
+                        cumulative_logprob=seq.cumulative_logprob,
+                        token_logprobs=token_logprobs_of(seq, self.engine.tokenizer),
+                        prompt_logprobs=prompt_logprobs_of(seq, self.engine.tokenizer))
 
     def destroy(self) -> None:
         """Free the model and the KV cache (under a launcher: the other ranks' pipeline() returns); the

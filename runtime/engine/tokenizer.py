@@ -24,6 +24,7 @@ class Tokenizer:
         # A batch's prompts share their words, and lists repeat across requests: each word is looked up once.
         self.word_ids = functools.lru_cache(maxsize=4096)(self._word_ids)
         self.ids_containing = functools.lru_cache(maxsize=4096)(self._ids_containing)
+        self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.hf.decode([t]))
 
     def _eos_ids(self, path: Path) -> set[int]:
         ids = set()
@@ -56,29 +57,46 @@ class Tokenizer:
             return list(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             return self.encode_chat(list(prompt), field, max_tokens)
+        if isinstance(prompt, dict) and "messages" in prompt:   # a conversation with tools: OpenAI's two lists
+            unknown = sorted(set(prompt) - {"messages", "tools"})
+            if unknown:
+                raise RequestError(f"{field}: a conversation holds 'messages' and 'tools', not {unknown[0]!r}")
+            messages, tools = prompt["messages"], prompt.get("tools")
+            if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise RequestError(f"{field}.messages: expected a non-empty list of chat messages")
+            return self.encode_chat(list(messages), f"{field}.messages", max_tokens, tools=tools)
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise RequestError(f"{field}: empty prompt; give text, token ids or chat messages")
-        raise RequestError(f"{field}: expected a string, a list of token ids or a list of "
-                           f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
+        raise RequestError(f"{field}: expected a string, a list of token ids, a list of {{'role', 'content'}} "
+                           f"messages or {{'messages', 'tools'}}, got {type(prompt).__name__}")
 
-    def encode_chat(self, messages: list[dict], field: str = "prompt", max_tokens: int | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], field: str = "prompt", max_tokens: int | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
+        """OpenAI-style messages (an assistant's may carry `tool_calls` instead of content; a "tool" message its
+        `tool_call_id` and `name`) and an optional OpenAI `tools` list, rendered by the model's chat template
+        (`apply_chat_template(messages, tools=tools)`: a template that supports tools lists their definitions)."""
         from jinja2 import TemplateError
 
-        for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise RequestError(f"{field}[{i}]: a chat message needs string 'role' and 'content' keys, got {m!r}")
-            _check_unicode(m["role"], f"{field}[{i}].role")
-            _check_unicode(m["content"], f"{field}[{i}].content")
+        messages = [_template_message(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+        if tools is not None:
+            _check_tools(tools, field.removesuffix(".messages") + ".tools")
         if not self.hf.chat_template:
             raise RequestError(f"{field}: this model has no chat template; send plain text prompts instead")
-        # A message counts one character at least: a template may render even an empty one.
-        self._check_chars(sum(len(m["role"]) + len(m["content"]) + 1 for m in messages), max_tokens, field)
+        # A message counts one character at least: a template may render even an empty one; tools count their JSON.
+        chars = sum(len(m["role"]) + len(m["content"] or "") + len(json.dumps(m.get("tool_calls", ""))) + 1
+                    for m in messages) + (len(json.dumps(tools)) if tools else 0)
+        self._check_chars(chars, max_tokens, field)
         try:
-            text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.hf.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                               tokenize=False)
         except TemplateError as err:   # the template's own rules (roles alternating, a known role, ...)
             raise RequestError(f"{field}: the model's chat template refused these messages: {err}") from None
         # The template already holds any BOS token it wants.
         return self.hf.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text decoded alone (logprobs' `token`); cached, as the same tokens recur."""
+        return self._token_text(token_id)
 
     def _check_chars(self, chars: int, max_tokens: int | None, field: str) -> None:
         if max_tokens is not None and chars > max_tokens * self.max_token_chars:
@@ -115,6 +133,49 @@ class Tokenizer:
                 break
             pos = self._joined.find(word, self._starts[i + 1])   # the next token: one hit per token
         return tuple(found)
+
+
+def _template_message(m: dict, field: str) -> dict:
+    """A message checked and shaped for chat templates: a tool call's `arguments` (OpenAI sends JSON text) becomes
+    the object that templates write with `tojson` (as vLLM does), so it is not quoted twice."""
+    role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+    if not isinstance(role, str) or not (isinstance(content, str) or (content is None and calls)):
+        raise RequestError(f"{field}: a chat message needs string 'role' and 'content' keys (content may be null "
+                           f"beside tool_calls), got {m!r}")
+    _check_unicode(role, f"{field}.role")
+    if content is not None:
+        _check_unicode(content, f"{field}.content")
+    for key in ("tool_call_id", "name"):
+        if key in m and not isinstance(m[key], str):
+            raise RequestError(f"{field}.{key}: expected a string, got {type(m[key]).__name__}")
+    if calls is None:
+        return m
+    if not isinstance(calls, list):
+        raise RequestError(f"{field}.tool_calls: expected a list of tool calls, got {type(calls).__name__}")
+    shaped = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{field}.tool_calls[{j}]: expected {{'type': 'function', 'function': {{'name', "
+                               f"'arguments'}}}}, got {call!r}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as err:
+                raise RequestError(f"{field}.tool_calls[{j}].function.arguments: not valid JSON ({err})") from None
+        shaped.append({**call, "function": {**function, "arguments": arguments}})
+    return {**m, "tool_calls": shaped}
+
+
+def _check_tools(tools, field: str) -> None:
+    if not isinstance(tools, list):
+        raise RequestError(f"{field}: expected a list of OpenAI tools, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError(f"{field}[{i}]: expected {{'type': 'function', 'function': {{'name', 'description', "
+                               f"'parameters'}}}}, got {tool!r}")
 
 
 def _check_unicode(text: str, field: str) -> None:

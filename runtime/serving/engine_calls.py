@@ -41,11 +41,13 @@ class EngineCalls:
         return w.engine_loop
 
     async def _submit(self, request: llm_pb2.GenerateRequest, stream: bool):
+        """Post the request's engine requests: each prompt's n (or best_of) choices, one engine request each."""
         engine_loop = self.engine_loop()
         prompts, gens = protocol.prompts_and_configs(request, self.worker.generation_defaults, engine_loop.engine.config)
+        choices = protocol.Choices.of(prompts, gens, stream)
         sink = EventSink(asyncio.get_running_loop(), stream)
-        rids = await asyncio.wrap_future(engine_loop.add(prompts, gens, sink))
-        return engine_loop, sink, rids
+        rids = await asyncio.wrap_future(engine_loop.add(choices.prompts, choices.gens, sink))
+        return engine_loop, sink, rids, choices
 
     def _failed(self, exc: BaseException) -> CallFailed:
         code, message = protocol.status_of(exc)
@@ -61,7 +63,7 @@ class EngineCalls:
         finished = False
         self.worker.in_flight += 1   # a draining worker waits for it
         try:
-            engine_loop, sink, rids = await self._submit(request, stream=False)
+            engine_loop, sink, rids, choices = await self._submit(request, stream=False)
             results: dict[int, TokenEvent] = {}
             while len(results) < len(rids):
                 event = await sink.queue.get()
@@ -70,7 +72,8 @@ class EngineCalls:
                 results[event.index] = event
             finished = True
             self.worker.metrics.request_done("OK")
-            return protocol.generate_response(self.worker.replica, [results[i] for i in range(len(rids))])
+            return protocol.generate_response(self.worker.replica, [results[i] for i in range(len(rids))], choices,
+                                              engine_loop.engine.tokenizer)
         except asyncio.CancelledError:
             self.worker.metrics.request_done("CANCELLED")
             raise
@@ -88,7 +91,7 @@ class EngineCalls:
         finished = False
         self.worker.in_flight += 1
         try:
-            engine_loop, sink, rids = await self._submit(request, stream=True)
+            engine_loop, sink, rids, choices = await self._submit(request, stream=True)
             done = 0
             while done < len(rids):
                 event = await sink.queue.get()
@@ -96,7 +99,7 @@ class EngineCalls:
                     raise CallFailed(event.code, event.message)
                 if event.finish_reason:
                     done += 1
-                yield protocol.stream_response(self.worker.replica, event)
+                yield protocol.stream_response(self.worker.replica, event, choices, tokenizer=engine_loop.engine.tokenizer)
             finished = True
             self.worker.metrics.request_done("OK")
         except (asyncio.CancelledError, GeneratorExit):
