@@ -109,7 +109,8 @@ class PytorchEngineConfig(_LMDeployConfig):
 FIELDS = {
     "model_name": "mapped: pipeline(model_name=)",
     "dtype": "mapped: dtype",
-    "model_format": "refused: only None / 'hf' (awq, gptq: quantized weights are not supported)",
+    "model_format": "mapped: 'awq' / 'gptq' -> quantization (the checkpoint's quantization_config must agree); "
+                    "None / 'hf' as stored; others refused",
     "tp": "mapped: tensor_parallel",
     "dp": "refused: dp > 1 (run replicas: serve(replica_num=) or spec.replicas)",
     "ep": "refused: ep > 1 (no expert parallelism)",
@@ -195,9 +196,11 @@ def backend_options(config: TurbomindEngineConfig | PytorchEngineConfig) -> Back
             if value:
                 out.engine["num_kv_blocks"] = value
         elif name == "model_format":
-            if value not in (None, "hf"):
-                refuse(name, "kubellm reads Hugging Face checkpoints (safetensors or .bin); quantized weights "
-                             "(awq, gptq) and other layouts are not supported: use model_format=None or 'hf'")
+            if value in ("awq", "gptq"):   # 4-bit checkpoints, read as their quantization_config says
+                out.engine["quantization"] = value
+            elif value not in (None, "hf"):
+                refuse(name, f"{value!r}: kubellm reads Hugging Face checkpoints (safetensors, .bin or GGUF), "
+                             "AWQ and GPTQ among them: use model_format=None, 'hf', 'awq' or 'gptq'")
         elif name == "quant_policy":
             if value == 8:
                 out.engine["kv_cache_dtype"] = "int8"

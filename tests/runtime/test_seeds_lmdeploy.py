@@ -40,6 +40,8 @@ from kubellm.runtime.lmdeploy_compat import FIELDS, backend_options, call_option
     (PytorchEngineConfig(device_type="cpu", dtype="bfloat16"), {"device": "cpu", "dtype": "bfloat16"}),
     (PytorchEngineConfig(quant_policy=0, dp=1, ep=1, dp_rank=0), {}),
     (TurbomindEngineConfig(model_format="hf"), {}),
+    (TurbomindEngineConfig(model_format="awq"), {"quantization": "awq"}),
+    (TurbomindEngineConfig(model_format="gptq"), {"quantization": "gptq"}),
     (PytorchEngineConfig(distributed_executor_backend="mp", tp=2), {"tensor_parallel": 2}),
     (PytorchEngineConfig(thread_safe=True), {}),
     (PytorchEngineConfig(eviction_type="recompute"), {"eviction": "recompute"}),
@@ -69,7 +71,7 @@ def test_options_without_meaning_are_accepted_with_a_note(config, field):
 
 @pytest.mark.parametrize("config, field, why", [
     (TurbomindEngineConfig(quant_policy=4), "TurbomindEngineConfig.quant_policy", "quant_policy=8"),
-    (TurbomindEngineConfig(model_format="awq"), "TurbomindEngineConfig.model_format", "quantized weights"),
+    (TurbomindEngineConfig(model_format="fp8"), "TurbomindEngineConfig.model_format", "'awq' or 'gptq'"),
     (PytorchEngineConfig(dp=2), "PytorchEngineConfig.dp", "replica_num"),
     (PytorchEngineConfig(ep=2), "PytorchEngineConfig.ep", "expert parallelism"),
     (PytorchEngineConfig(dp_rank=1), "PytorchEngineConfig.dp_rank", "replicas"),
