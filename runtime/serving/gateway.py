@@ -3,17 +3,19 @@ upstream (serving.upstream.Upstream): the router's replicas, or a worker's own e
 
     POST /mii/{deployment_name}   {"prompts": [...] | "prompt": "...", "max_length": 128, ...}
                                   -> [{"generated_text", "prompt_length", "generated_length", "finish_reason"}]
-    POST /v1/completions          prompt (str, list of str, token ids), max_tokens, temperature, top_p,
-                                  stop, seed, n=1, stream (server-sent events, then `data: [DONE]`)
-    POST /v1/chat/completions     messages, the same options, stream
-    GET  /v1/models               the deployment (and its model)
+    POST /v1/completions          prompt (str, list of str, token ids), n, best_of, echo, logprobs, stop, seed,
+                                  penalties, logit_bias, response_format / guided_*, stream (server-sent events)
+    POST /v1/chat/completions     messages, the same options, logprobs / top_logprobs, tools / tool_choice
+    GET  /v1/models               the deployment, its model and its LoRA adapters (parent: the base)
     GET  /health                  200 while the upstream can answer, else 503
     GET  /metrics                 the upstream's Prometheus metrics
     GET  /openapi.json            an OpenAPI 3.1 document of these routes (serving/openapi.py)
 
+Every OpenAI field is checked by openai_requests.py (unknown and unserved ones refused naming them), replies are
+shaped by openai_replies.py, tool calls parsed by tool_parsers.py; docs/rest.md lists what is served.
 On a router, requests go through its own forwarding (balancing, retries) and any `model` is accepted;
 on a worker, the route is OpenAI's only and `model` must be one it serves (404 `model_not_found`, as
-vLLM answers, naming the ones it serves; absent means the first). gRPC errors map to
+vLLM answers, naming the ones it serves; absent means the first); on both, a LoRA adapter's name selects it. gRPC errors map to
 HTTP: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504;
 error bodies have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 With API keys (serving/auth.py) every route but /health, /metrics and /openapi.json needs
