@@ -22,6 +22,7 @@ certificate is its own CA):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,16 +31,18 @@ import grpc
 
 from kubellm.protos.v1 import llm_pb2, llm_pb2_grpc
 from kubellm.runtime.mii_compat import full_text, generate_options
-from kubellm.runtime.response import Response
+from kubellm.runtime.response import Response, TokenLogprob, TokenLogprobs
 from kubellm.runtime.serving.tls import channel_credentials
 
 API_KEY_ENV = "KUBELLM_API_KEY"
 
 # Options that map one-to-one onto the proto's GenerationConfig.
 _SCALAR_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                   "ignore_eos", "random_seed", "skip_special_tokens", "logprobs", "max_length")
-_LIST_OPTIONS = ("stop_words", "bad_words")
-GEN_OPTIONS = frozenset(_SCALAR_OPTIONS + _LIST_OPTIONS + ("stop", "do_sample"))  # + MII aliases
+                   "ignore_eos", "random_seed", "skip_special_tokens", "logprobs", "max_length", "presence_penalty",
+                   "frequency_penalty", "prompt_logprobs", "n", "best_of", "guided_json", "guided_json_object",
+                   "guided_regex", "guided_grammar", "guided_whitespace_pattern")
+_LIST_OPTIONS = ("stop_words", "bad_words", "guided_choice")
+GEN_OPTIONS = frozenset(_SCALAR_OPTIONS + _LIST_OPTIONS + ("logit_bias", "stop", "do_sample"))  # + MII aliases
 
 
 class ClientError(RuntimeError):
@@ -78,21 +81,36 @@ def _is_token_ids(value) -> bool:
 def _prompt(value, i: int) -> llm_pb2.Prompt:
     if isinstance(value, str):
         return llm_pb2.Prompt(text=value)
-    if _is_conversation(value):
+    if _is_conversation(value) or _is_tool_conversation(value):
+        messages, tools = (value["messages"], value.get("tools")) if isinstance(value, dict) else (value, None)
         try:
-            return llm_pb2.Prompt(chat=llm_pb2.Conversation(messages=[
-                llm_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in value]))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"prompts[{i}]: a chat message needs string 'role' and 'content' keys ({err})") from None
+            return llm_pb2.Prompt(chat=llm_pb2.Conversation(
+                messages=[_message(m) for m in messages], tools_json=json.dumps(tools) if tools is not None else ""))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"prompts[{i}]: a chat message needs string 'role' and 'content' keys (content may be "
+                             f"None beside tool_calls; tools and tool_calls are JSON) ({err})") from None
     if _is_token_ids(value):
         return llm_pb2.Prompt(token_ids=llm_pb2.TokenIds(ids=list(value)))
     raise ValueError(f"prompts[{i}]: expected a string, chat messages [{{'role', 'content'}}, ...] or token ids, "
                      f"got {type(value).__name__}")
 
 
+def _is_tool_conversation(value) -> bool:
+    """{'messages': [...], 'tools': [...]}: a conversation with OpenAI tools (the chat template renders them)."""
+    return isinstance(value, dict) and "messages" in value
+
+
+def _message(m: dict) -> llm_pb2.ChatMessage:
+    content = m["content"] if m.get("content") is not None or "tool_calls" not in m else ""
+    return llm_pb2.ChatMessage(role=m["role"], content=content,
+                               tool_calls_json=json.dumps(m["tool_calls"]) if m.get("tool_calls") else "",
+                               tool_call_id=m.get("tool_call_id") or "", name=m.get("name") or "")
+
+
 def prompt_list(prompts) -> list:
     """A string, a list of strings, one conversation, a list of conversations, or token ids -> a list of prompts."""
-    if isinstance(prompts, str) or _is_conversation(prompts) or _is_token_ids(prompts):
+    if isinstance(prompts, str) or _is_tool_conversation(prompts) or _is_token_ids(prompts) or (
+            _is_conversation(prompts) and not all(_is_tool_conversation(p) for p in prompts)):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts: expected a string or a list, got {type(prompts).__name__}")
@@ -106,13 +124,10 @@ def build_prompts(prompts) -> list[llm_pb2.Prompt]:
 
 def build_config(options: dict) -> llm_pb2.GenerationConfig:
     """Generation options by name -> the proto (unset options stay unset, taking the server's defaults)."""
-    if options.get("n", 1) != 1:   # one request, one sequence per prompt (the engine's rule)
-        raise ValueError(f"n: {options['n']} choices per prompt; the gRPC API returns one per prompt: send the prompt "
-                         "n times (each with its own random_seed), or use kubellm.pipeline()")
-    options = {k: v for k, v in options.items() if k != "n"}
     unknown = sorted(set(options) - GEN_OPTIONS)
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown generation option; valid ones: {', '.join(sorted(GEN_OPTIONS))}")
+        raise ValueError(f"{unknown[0]}: unknown generation option; valid ones: {', '.join(sorted(GEN_OPTIONS))}, "
+                         "and adapter (the request's LoRA adapter)")
     options = {k: v for k, v in options.items() if v is not None}
     if "stop" in options:
         stop = options.pop("stop")
@@ -122,10 +137,14 @@ def build_config(options: dict) -> llm_pb2.GenerationConfig:
             options["temperature"] = 0.0
         elif not options.get("temperature"):
             options["temperature"] = 1.0
+    if isinstance(options.get("guided_json"), dict):   # a schema object travels as its JSON text
+        options["guided_json"] = json.dumps(options["guided_json"])
     config = llm_pb2.GenerationConfig()
     for name, value in options.items():
         try:
-            if name in _LIST_OPTIONS:
+            if name == "logit_bias":
+                config.logit_bias.update({int(t): float(b) for t, b in dict(value).items()})
+            elif name in _LIST_OPTIONS:
                 getattr(config, name).extend([value] if isinstance(value, str) else list(value))
             else:
                 setattr(config, name, value)
@@ -190,11 +209,11 @@ class Client:
             reply = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._error(err) from None
-        out = [Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
-                        list(r.token_ids), list(r.logprobs) if r.logprobs else None, replica=reply.replica)
+        out = [_response(r, reply.replica, logprobs="logprobs" in options and options["logprobs"] is not None,
+                         prompt_logprobs=options.get("prompt_logprobs") is not None)
                for r in reply.responses]
         for r in out if full else ():
-            r.text = full_text(originals[r.index], r.text, r.index)
+            r.text = full_text(originals[r.prompt_index], r.text, r.index)
         return out
 
     __call__ = generate
@@ -235,10 +254,14 @@ class Client:
             for d in call:
                 text = d.text
                 if full and d.index not in started:
-                    text = full_text(originals[d.index], text, d.index)
+                    text = full_text(originals[d.prompt_index], text, d.index)
                 started.add(d.index)
                 yield Response(text, d.prompt_length, d.generated_length, d.finish_reason or None, d.index,
-                               list(d.token_ids), replica=d.replica)
+                               list(d.token_ids), replica=d.replica, prompt_index=d.prompt_index,
+                               cumulative_logprob=d.cumulative_logprob,
+                               token_logprobs=[_logprobs(t) for t in d.token_logprobs] or None,
+                               prompt_logprobs=[None] + [_logprobs(t) for t in d.prompt_logprobs]
+                               if d.prompt_logprobs else None)
         except grpc.RpcError as err:
             raise self._error(err) from None
         finally:
@@ -276,6 +299,22 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _response(r: llm_pb2.Response, replica: str, logprobs: bool, prompt_logprobs: bool) -> Response:
+    """A reply's Response; logprobs fields as the pipeline fills them (None where not asked for)."""
+    tops = [{t.token_id: t.logprob for t in p.top} for p in r.token_logprobs]
+    return Response(r.text, r.prompt_length, r.generated_length, r.finish_reason or None, r.index,
+                    list(r.token_ids), list(r.logprobs) if r.logprobs else None,
+                    tops if any(tops) else None, replica=replica, prompt_index=r.prompt_index,
+                    cumulative_logprob=r.cumulative_logprob,
+                    token_logprobs=[_logprobs(t) for t in r.token_logprobs] if logprobs else None,
+                    prompt_logprobs=[None] + [_logprobs(t) for t in r.prompt_logprobs] if prompt_logprobs else None)
+
+
+def _logprobs(p: llm_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(TokenLogprob(p.chosen.token_id, p.chosen.token, p.chosen.logprob),
+                         [TokenLogprob(t.token_id, t.token, t.logprob) for t in p.top])
 
 
 def _error(err: grpc.RpcError) -> ClientError:
