@@ -32,6 +32,10 @@ MAX_N = 128            # choices per prompt (the worker's GenerationConfig.n bou
 MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
 OPENAI_MAX_TOKENS_DEFAULT = 16   # /v1/completions' default max_tokens
+# Structured-output constraints past these take the workers' grammar compiler seconds (and its cache the memory):
+# xgrammar compiles a 64 000-character regex in ~0.7 s here, a 300 000-character one stalled a worker (bench fuzz).
+MAX_GUIDED_CHARS = 32_768    # a regex, a grammar, or a choice list's strings together
+MAX_SCHEMA_CHARS = 65_536    # a JSON schema's text (tool_choice required: all the tools' schemas together)
 
 # Sampling and stopping options both routes take: body key -> (GenerationConfig field, type, lo, hi).
 SAMPLING = {
@@ -234,11 +238,27 @@ def _constraints(body: dict, tools: ToolPlan | None) -> list[tuple[str, str, obj
                           _guided_value(f"structured_outputs.{key}", STRUCTURED_OUTPUTS[key], value)))
     if tools is not None and tools.guided_json is not None:
         found.append(("tool_choice", "guided_json", tools.guided_json))
+    for param, name, value in found:
+        _check_size(param, name, value)
     if len(found) > 1:
         raise BadRequest(f"'{found[1][0]}' is set together with '{found[0][0]}'; ask for one structured output "
                          "(response_format, guided_json, guided_regex, guided_choice, guided_grammar, "
                          "structured_outputs, or a tool_choice that requires a call)", found[1][0])
     return found
+
+
+def _check_size(param: str, name: str, value) -> None:
+    if name == "guided_json":
+        size, most, what = len(json.dumps(value, ensure_ascii=False)), MAX_SCHEMA_CHARS, "JSON schema"
+    elif name == "guided_choice":
+        size, most, what = sum(len(c) for c in value), MAX_GUIDED_CHARS, "choice list"
+    elif isinstance(value, str):
+        size, most, what = len(value), MAX_GUIDED_CHARS, name.removeprefix("guided_")
+    else:
+        return
+    if size > most:
+        raise BadRequest(f"'{param}': a {what} of {size} characters, more than {most} (one this large takes the "
+                         "workers seconds to compile); send a smaller one", param)
 
 
 def _guided_value(param: str, name: str, value):

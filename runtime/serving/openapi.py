@@ -61,14 +61,17 @@ _STRUCTURED = {
                                                              "strict": True}}],
         "description": "json_object: the output is a JSON object; json_schema: it matches the schema (both "
                        "enforced by the workers' token masks)" + _ONE_CONSTRAINT},
-    "guided_json": {"oneOf": [_JSON_SCHEMA, {"type": "string", "description": "the schema's JSON text"}, _NULL],
-                    "examples": [None], "description": "vLLM's: the output matches this JSON schema" + _ONE_CONSTRAINT},
-    "guided_regex": {"type": ["string", "null"], "examples": [None],
+    "guided_json": {"oneOf": [_JSON_SCHEMA, {"type": "string", "maxLength": 65536,
+                                             "description": "the schema's JSON text"}, _NULL],
+                    "examples": [None], "description": "vLLM's: the output matches this JSON schema (at most 65 536 "
+                                                       "characters as JSON text)" + _ONE_CONSTRAINT},
+    "guided_regex": {"type": ["string", "null"], "maxLength": 32768, "examples": [None],
                      "description": "vLLM's: the whole output matches this regular expression" + _ONE_CONSTRAINT},
     "guided_choice": {"oneOf": [{"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
                                 _NULL], "examples": [None],
-                      "description": "vLLM's: the output is exactly one of these" + _ONE_CONSTRAINT},
-    "guided_grammar": {"type": ["string", "null"], "examples": [None],
+                      "description": "vLLM's: the output is exactly one of these (32 768 characters together at "
+                                     "most)" + _ONE_CONSTRAINT},
+    "guided_grammar": {"type": ["string", "null"], "maxLength": 32768, "examples": [None],
                        "description": "vLLM's: an EBNF (GBNF) grammar the output follows, start rule root"
                                       + _ONE_CONSTRAINT},
     "guided_whitespace_pattern": {"type": ["string", "null"], "examples": [None],

@@ -110,6 +110,11 @@ def test_the_reply_plan_of_a_completion():
     ({"stream": True, "stream_options": {"other": True}}, "stream_options.other", ["not served"]),
     ({"stream": True, "stream_options": 3}, "stream_options", ["an object"]),
     ({"prompt": [["a"]]}, "prompt", ["token ids"]),
+    ({"guided_regex": "x" * 300_000}, "guided_regex", ["a regex of 300000 characters, more than 32768"]),
+    ({"guided_grammar": "root ::= " + '"a" ' * 10_000}, "guided_grammar", ["more than 32768"]),
+    ({"guided_choice": ["y" * 1000] * 40}, "guided_choice", ["a choice list of 40000 characters"]),
+    ({"guided_json": {"enum": ["z" * 70_000]}}, "guided_json", ["a JSON schema of", "more than 65536"]),
+    ({"structured_outputs": {"regex": "x" * 40_000}}, "structured_outputs.regex", ["more than 32768"]),
     ({"prompt": ["a"] * 20, "n": 20}, "n", ["20 prompts x 20 choices = 400 sequences", "max_prompts_per_request (256)"]),
     ({"prompt": ["a"] * 100, "n": 2, "best_of": 3}, "best_of", ["300 sequences"]),
 ])
