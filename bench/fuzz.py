@@ -40,6 +40,7 @@ import aiohttp
 import grpc
 
 from kubellm.bench.fuzz_inputs import Case, make_case, valid_case
+from kubellm.bench.progress import Progress
 from kubellm.bench.shared_prefix import Process, _free_port, _launch, _wait, start_workers
 from kubellm.protos.v1 import llm_pb2
 
@@ -331,6 +332,8 @@ def fuzz(requests: int, seed: int = 0, *, target: str | None = None, model: str 
     """Run `requests` fuzzed requests (after `warmup` valid ones); returns the counts, failures and checks."""
     if requests < 1:
         raise ValueError(f"--requests {requests}: give 1 or more")
+    bar = Progress("bench fuzz", f"connecting to {target}" if target else "starting 2 workers + router", total=None,
+                   unit="requests", enabled=verbose)
     deployment = target_deployment(target) if target else start_deployment(model, engine,
                                                                             worker_threads=worker_threads)
     keep_logs = False
@@ -341,18 +344,17 @@ def fuzz(requests: int, seed: int = 0, *, target: str | None = None, model: str 
         failures: list = []
         # Warm-up: valid requests of every route (caches, pools, first-use allocations), not counted.
         warm_counts: dict = collections.defaultdict(collections.Counter)
+        bar.switch("warm-up (valid requests)", total=warmup)
         asyncio.run(_drive(deployment, document, seed, range(warmup), concurrency, timeout, warm_counts, failures,
-                           make=lambda i: valid_case(document, seed, i)))
+                           lambda i: bar.update(), make=lambda i: valid_case(document, seed, i)))
         if failures:
             raise RuntimeError(f"valid requests failed before any hostile one was sent: {failures[:3]}")
         rss_before = deployment.rss()
         start = time.monotonic()
 
-        def progress(i):
-            if verbose and i and i % 1000 == 0:
-                print(f"  {i} requests, {time.monotonic() - start:.0f} s, {len(failures)} failed", flush=True)
+        bar.switch("hostile requests (REST + gRPC)", total=requests)
         asyncio.run(_drive(deployment, document, seed, range(requests), concurrency, timeout, counts, failures,
-                           progress))
+                           lambda i: bar.update(note=f"{len(failures)} failed")))
         elapsed = time.monotonic() - start
         alive = deployment.alive()
         rss_after = deployment.rss()
@@ -361,6 +363,7 @@ def fuzz(requests: int, seed: int = 0, *, target: str | None = None, model: str 
         keep_logs = True
         raise
     finally:
+        bar.close()
         deployment.stop()
         if deployment.workdir and not keep_logs:
             shutil.rmtree(deployment.workdir, ignore_errors=True)

@@ -63,9 +63,13 @@ def complete(report: dict) -> dict:
     return {**report, **headline(report), "targets": targets(report)}
 
 
-def file_stem(report: dict) -> str:
-    from kubellm.bench.gpu import slug
+def slug(text: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200' (the report's file name)."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    return "-".join(part for part in out.split("-") if part) or "unknown"
 
+
+def file_stem(report: dict) -> str:
     return f"{report['date']}-{slug(report.get('device_name') or report.get('device') or 'unknown')}"
 
 
@@ -113,6 +117,7 @@ def _step_figures(name: str, step: dict) -> str:
                                 f"{_num(s.get('w8a16_speedup_b1'))}x bf16",
         "int8_kv_attention": lambda s: f"int8 / bf16 KV decode {_num(s.get('speedup_geomean'))}x; engine agreement "
                                        f"{_num(s.get('engine_token_agreement'))}, blocks x{_num(s.get('kv_blocks_gain'))}",
+        "gpu_tests": lambda s: f"{s.get('summary', '')}" if "counts" in s else "",
         "offline_vs_hf": lambda s: f"kubellm {_num(s.get('engine_tok_s'), 0)} tok/s, HF {_num(s.get('hf_tok_s'), 0)} "
                                    f"tok/s: {_num(s.get('ratio'))}x",
     }.get(name)
@@ -156,6 +161,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['linear']} | {r['rows']} x {r['k']} -> {r['n']} | {r['bf16_ms']:.4f} | "
                          f"{r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f} | {r['w8a16_ms']:.4f} | "
                          f"{r['w8a16_speedup']:.2f} |")
+    tests = report.get("steps", {}).get("gpu_tests", {}).get("tests", {})
+    failed = {name: t for name, t in tests.items() if t["outcome"] in ("failed", "error")}
+    if failed:
+        lines += ["", "## GPU tests that failed", ""]
+        lines += [f"- `{name}` ({t['outcome']}): {t.get('message', '')}" for name, t in failed.items()]
     broken = [(n, s) for n, s in report.get("steps", {}).items() if s.get("status") in ("fail", "timeout")]
     if broken:
         lines += ["", "## Failures", ""]

@@ -432,7 +432,6 @@ def quant_gemm(ctx: Context) -> dict:
         w4 = quant.dequantize_int4(q4, scales, mins).to(dtype)
         q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=gen)
         s8 = (torch.rand(n, 1, device=dev, generator=gen) * 0.002 + 0.0005).to(dtype)
-        w8 = quant.dequantize_int8(q8, s8).to(dtype)
         for m in (1, 16):
             x = torch.randn(m, k, device=dev, dtype=dtype, generator=gen)
             label = f"{name} {m} x {k} -> {n}"
@@ -529,6 +528,55 @@ def _int8_kv_engine(ctx: Context) -> dict:
             "kv_blocks_gain": blocks["auto"] / blocks["int8"]}   # blocks in the same memory, int8 over bf16
 
 
+# --------------------------------------------------------------------------- the repository's GPU tests
+GPU_TESTS = ["tests/kernels/test_kernels.py", "tests/runtime/engine/test_engine_gpu.py",
+             "tests/runtime/executor/test_cuda_graphs.py"]
+
+
+def gpu_tests(ctx: Context) -> dict:
+    """`pytest -m gpu` over the test files written for a GPU (compiled kernels at realistic shapes, the engine
+    against transformers in bf16, real CUDA graphs): every test's outcome, from pytest's JUnit XML."""
+    root = Path.cwd()
+    files = [f for f in GPU_TESTS if (root / f).exists()]
+    if not files:
+        raise Skipped(f"no tests/ here ({root}): run from the repository's root")
+    if not ctx.cuda:
+        raise Skipped("the tests marked gpu need a CUDA device (the CPU tiers run them elsewhere)")
+    report = ctx.workdir / "gpu-tests.xml"
+    run = run_pytest(root, ["-m", "gpu", *files], report)
+    tests = junit_outcomes(report)
+    counts = {o: sum(t["outcome"] == o for t in tests.values()) for o in ("passed", "failed", "error", "skipped")}
+    return {"checks": {"every GPU test passed": run.returncode == 0 and counts["passed"] > 0},
+            "pytest_exit": run.returncode, "counts": counts, "tests": tests, "files": files,
+            "summary": (run.stdout.strip().splitlines() or [""])[-1]}
+
+
+def run_pytest(root: Path, args: list[str], junit: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                           *args], cwd=root, capture_output=True, text=True)
+
+
+def junit_outcomes(path: Path) -> dict:
+    """pytest's JUnit XML -> {"file::test": {"outcome": passed / failed / error / skipped, "seconds", "message"}}."""
+    import xml.etree.ElementTree as ET
+
+    tests = {}
+    if not path.exists():
+        return tests
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        tests[name] = {"outcome": "passed", "seconds": float(case.get("time") or 0)}
+        for tag, outcome in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            node = case.find(tag)
+            if node is not None:
+                tests[name].update(outcome=outcome, message=(node.get("message") or "")[:300])
+                break
+    return tests
+
+
 STEPS = {
     "environment": environment,
     "attention_kernels": attention_kernels,
@@ -539,4 +587,5 @@ STEPS = {
     "quant_gemm": quant_gemm,
     "int8_kv_attention": int8_kv_attention,
     "offline_vs_hf": offline_vs_hf,
+    "gpu_tests": gpu_tests,
 }

@@ -177,9 +177,23 @@ def bench_pointwise(device="cuda", dtype=torch.bfloat16, heads: dict = LLAMA3_8B
 
 
 def run(device: str = "cuda") -> dict:
-    rows = [bench_decode(b, c, device=device) for b, c in DECODE_SHAPES]
-    rows += [bench_prefill(n, c, device=device) for n, c in PREFILL_SHAPES]
+    from kubellm.bench.progress import Progress
+
+    progress = Progress("bench kernels", "Triton against SDPA / the references",
+                        total=len(DECODE_SHAPES) + len(PREFILL_SHAPES) + 1, unit="benchmarks")
+    rows = []
+    for b, c in DECODE_SHAPES:
+        progress.update(0, note=f"paged decode, batch {b}, context {c}")
+        rows.append(bench_decode(b, c, device=device))
+        progress.update()
+    for n, c in PREFILL_SHAPES:
+        progress.update(0, note=f"paged prefill, {n} queries, context {c}")
+        rows.append(bench_prefill(n, c, device=device))
+        progress.update()
+    progress.update(0, note="RMSNorm, rotary, SiLU-and-mul, KV write, top-k/top-p")
     rows += bench_pointwise(device)
+    progress.update()
+    progress.close()
     return {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16", "torch": torch.__version__,
             "rows": rows}
 

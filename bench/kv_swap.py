@@ -72,11 +72,18 @@ def resume_once(model: str, eviction: str, prompt_tokens: int, block_size: int, 
 def kv_swap(model: str = "smollm2-135m", prompt_tokens: int = 1024, rounds: int = 3, block_size: int = 16,
             budget: int = 512, dtype: str = "float32", device: str = "cpu", prefix_caching: bool = False,
             seed: int = 0) -> dict:
+    from kubellm.bench.progress import Progress
+
     runs: dict[str, list[dict]] = {"copy": [], "recompute": []}
-    for _ in range(rounds):   # alternating, so drifting machine load hits both alike
+    progress = Progress("bench kv_swap", "eviction=copy and eviction=recompute in turn", total=2 * rounds,
+                        unit="runs")
+    for r in range(rounds):   # alternating, so drifting machine load hits both alike
         for eviction in runs:
+            progress.update(0, note=f"round {r + 1}/{rounds}, eviction={eviction}")
             runs[eviction].append(resume_once(model, eviction, prompt_tokens, block_size, budget, dtype, device,
                                               prefix_caching, seed))
+            progress.update()
+    progress.close()
     copy, recompute = runs["copy"], runs["recompute"]
     if any(r["token_ids"] != recompute[0]["token_ids"] or r["short_ids"] != recompute[0]["short_ids"]
            for r in copy + recompute):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from kubellm.bench.progress import Progress
 from kubellm.bench.workload import Workload, make_workload, run_engine
 
 
@@ -20,18 +21,22 @@ def parallel(model: str, tensor_parallel: int = 1, pipeline_parallel: int = 2, n
     if pipeline_parallel == 1:
         configs = configs[:2]
     runs, work = [], None
-    for label, options in configs:
+    progress = Progress("bench parallel", f"{configs[0][0]}: starting", total=None, unit="tokens")
+    for n, (label, options) in enumerate(configs):
+        progress.switch(f"{label} ({n + 1}/{len(configs)}): starting", total=None)
         engine = LLMEngine(model, EngineConfig.build(max_batch_size=batch_size, dtype=dtype, device=device,
                                                      **options), show_progress=False)
         try:
             if work is None:
                 work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
             run_engine(engine, Workload(work.prompts[:2], [4, 4]))  # warm up
-            seconds = run_engine(engine, work)
+            progress.switch(f"{label} ({n + 1}/{len(configs)})", total=work.generated_tokens)
+            seconds = run_engine(engine, work, progress)
             runs.append({"config": label, **options, "seconds": seconds,
                          "tok_s": work.generated_tokens / seconds, "device": str(engine.runner.device)})
         finally:
             engine.destroy()
+    progress.close()
     for run in runs:
         run["ratio"] = run["tok_s"] / runs[0]["tok_s"]
     return {"model": model, "prompts": num_prompts, "generated_tokens": work.generated_tokens,

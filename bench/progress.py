@@ -18,11 +18,12 @@ Torch-free and tqdm optional (`kubellm bench serve` runs where only the client i
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 
-EVERY_S = 10.0
+EVERY_S = 10.0   # seconds between plain lines; KUBELLM_PROGRESS_EVERY overrides it (0: a line per update)
 _SAME = object()
 
 
@@ -53,6 +54,14 @@ def format_line(bench: str, side: str, done: float, total: float | None, unit: s
     return f"{bench}: {side} {count}, {clock(elapsed)} elapsed{tail}{extra}"
 
 
+def every_seconds() -> float:
+    value = os.environ.get("KUBELLM_PROGRESS_EVERY", "")
+    try:
+        return max(0.0, float(value)) if value else EVERY_S
+    except ValueError:
+        raise ValueError(f"KUBELLM_PROGRESS_EVERY={value!r}: give seconds between progress lines, e.g. 10") from None
+
+
 def interactive(stream) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
@@ -61,8 +70,9 @@ class Progress:
     """One benchmark's progress; `side` names what is being measured now (kubellm, HF generate, llama.cpp...)."""
 
     def __init__(self, bench: str, side: str, total: int | float | None, unit: str = "items", stream=None,
-                 every_s: float = EVERY_S, bar: bool | None = None, enabled: bool = True):
-        self.bench, self.unit, self.every_s = bench, unit, every_s
+                 every_s: float | None = None, bar: bool | None = None, enabled: bool = True):
+        self.bench, self.unit = bench, unit
+        self.every_s = every_s if every_s is not None else every_seconds()
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self._lock = threading.Lock()

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from kubellm.bench.progress import Progress
 from kubellm.bench.workload import SharedPrefixWorkload, make_shared_prefix_workload
 from kubellm.protos.v1 import llm_pb2
 from kubellm.runtime.serving.balancing import POLICIES
@@ -160,8 +161,10 @@ class Run:
     served_by: dict[int, set] = field(default_factory=dict)   # system prompt -> replicas that answered it
 
 
-def run_requests(address: str, work: SharedPrefixWorkload, concurrency: int, max_new_tokens: int) -> Run:
-    """The workload's requests in order, `concurrency` streams at a time (each thread takes the next)."""
+def run_requests(address: str, work: SharedPrefixWorkload, concurrency: int, max_new_tokens: int,
+                 progress=None) -> Run:
+    """The workload's requests in order, `concurrency` streams at a time (each thread takes the next);
+    `progress` (bench/progress.py) counts the finished ones."""
     run, lock = Run(), threading.Lock()
     pending = iter(work.requests)
 
@@ -183,11 +186,15 @@ def run_requests(address: str, work: SharedPrefixWorkload, concurrency: int, max
                 except ClientError:
                     with lock:
                         run.errors += 1
+                    if progress is not None:
+                        progress.update()
                     continue
                 with lock:
                     run.ttft.append(first - start)
                     run.tokens += count
                     run.served_by.setdefault(system, set()).add(replica)
+                if progress is not None:
+                    progress.update()
 
     threads = [threading.Thread(target=stream_requests) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -260,6 +267,8 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
             raise ValueError(f"--policies: {policy!r} is not one of {', '.join(POLICIES)}")
     workdir = tempfile.mkdtemp(prefix="kubellm-bench-")
     started: list[Process] = []
+    progress = Progress("bench serve shared-prefix", "starting 2 workers" if workers is None else "starting",
+                        total=None, unit="requests")
     if workers is None:
         started = start_workers(model, 2, engine or {}, workdir, threads=worker_threads)
         workers, worker_metrics = [w.address for w in started], [w.metrics for w in started]
@@ -271,6 +280,7 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
             # Each policy its own system prompts (seed + n): what one left in the caches helps no other.
             work = make_shared_prefix_workload(num_system_prompts, system_words, user_words, num_requests,
                                                seed=seed + 1000 * (n + 1))
+            progress.switch(f"router --policy {policy}: starting", total=None)
             router = start_router(workers, policy, prefix_length, load_factor, workdir)
             try:
                 warm = SharedPrefixWorkload(work.system_prompts,
@@ -278,7 +288,8 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
                                              enumerate(work.system_prompts)])
                 run_requests(router.address, warm, 1, 1)
                 before = [_metrics(m) for m in worker_metrics] if worker_metrics else []
-                run = run_requests(router.address, work, concurrency, max_new_tokens)
+                progress.switch(f"router --policy {policy} ({n + 1}/{len(policies)})", total=len(work.requests))
+                run = run_requests(router.address, work, concurrency, max_new_tokens, progress)
                 after = [_metrics(m) for m in worker_metrics] if worker_metrics else []
             finally:
                 router.stop()
@@ -294,6 +305,7 @@ def shared_prefix(*, model: str = "smollm2-135m", workers: list[str] | None = No
                 "ring_split": prefix_split(work, idle, prefix_length),
             })
     finally:
+        progress.close()
         for w in started:
             w.stop()
     shutil.rmtree(workdir, ignore_errors=True)   # the processes' logs: kept only when a run fails
