@@ -365,6 +365,12 @@ def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | Non
     if gen.logprobs is not None and gen.logprobs > limits.max_logprobs:
         return (f"logprobs: {gen.logprobs} top alternatives asked, more than max_logprobs ({limits.max_logprobs}); "
                 f"ask for at most {limits.max_logprobs} or raise max_logprobs")
+    if gen.prompt_logprobs is not None and gen.prompt_logprobs > limits.max_logprobs:
+        return (f"prompt_logprobs: {gen.prompt_logprobs} top alternatives asked, more than max_logprobs "
+                f"({limits.max_logprobs}); ask for at most {limits.max_logprobs} or raise max_logprobs")
+    if gen.prompt_logprobs is not None and limits.pipeline_parallel > 1:   # the last stage sends sampled rows only
+        return ("prompt_logprobs: not served with pipeline_parallel > 1 (the last stage returns only the sampled "
+                "rows' logits); use tensor_parallel, or leave prompt_logprobs unset")
     if gen.adapter is not None and gen.adapter not in limits.adapters:
         served = ", ".join(sorted(limits.adapters)) or "none"
         return (f"adapter: {gen.adapter!r} is not served here (adapters: {served}); name one of them, or leave "

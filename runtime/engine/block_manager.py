@@ -105,7 +105,9 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
         assert not seq.block_table
-        hits = self._cached_prefix(seq)
+        # prompt_logprobs need every prompt position's logits: a prompt that still owes them is computed whole
+        owes = seq.gen.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1
+        hits = [] if owes else self._cached_prefix(seq)
         self._share(hits)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
         seq.num_hashed_blocks = len(hits)

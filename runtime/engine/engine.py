@@ -40,10 +40,22 @@ def step_batch(scheduled: list[ScheduledSeq], swaps: SwapPlan | None = None,
         adapter = adapter_slots[seq.gen.adapter] if seq.gen.adapter is not None else -1
         chunks.append(SeqChunk(start, seq.token_ids[start:start + item.num_tokens],
                                seq.block_table,   # read during this step only (pickled to other ranks): no copy
-                               item.samples, adapter))
+                               item.samples, adapter, prompt_logprobs_wanted(seq, start, item.num_tokens)))
     if swaps is None:
         return StepBatch(chunks)
     return StepBatch(chunks, swaps.out, swaps.in_)
+
+
+def prompt_logprobs_wanted(seq: Sequence, start: int, num_tokens: int) -> tuple[int, int, list[int]] | None:
+    """gen.prompt_logprobs: which positions of this chunk still owe the prompt their logprobs (position p's logits
+    give token p + 1's; a recompute after preemption does not ask again for those it has)."""
+    if seq.gen.prompt_logprobs is None:
+        return None
+    first = max(start, len(seq.prompt_logprobs))
+    last = min(start + num_tokens, seq.num_prompt_tokens - 1)   # the last prompt position predicts no prompt token
+    if first >= last:
+        return None
+    return first, seq.gen.prompt_logprobs, seq.token_ids[first + 1:last + 1]
 
 
 def session_len_for(hf_config, config: EngineConfig) -> int:
@@ -184,7 +196,12 @@ class LLMEngine:
         sampling_seqs = [item.seq for item in scheduled if item.samples]
         sampling = [seq.sampling_params(self.tokenizer.eos_token_ids) for seq in sampling_seqs]
         # A broken executor raises ExecutorBrokenError here, and from every later step.
-        result = self.executor.execute(step_batch(scheduled, self.scheduler.swaps, self.adapter_slots), sampling)
+        batch = step_batch(scheduled, self.scheduler.swaps, self.adapter_slots)
+        result = self.executor.execute(batch, sampling)
+        if result is not None and result.prompt_logprobs:
+            for item, chunk in zip(scheduled, batch.chunks):
+                if chunk.prompt_logprobs is not None:
+                    item.seq.prompt_logprobs.extend(result.prompt_logprobs.pop(0))
         self.scheduler.advance(scheduled)
         outputs = []
         for row, seq in enumerate(sampling_seqs):

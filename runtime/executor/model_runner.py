@@ -19,7 +19,8 @@ from kubellm.runtime.executor.loader import load_weights
 from kubellm.runtime.executor.lora import load_adapters
 from kubellm.runtime.executor.models import model_class
 from kubellm.runtime.executor.random_weights import fill_random_weights
-from kubellm.runtime.executor.sampler import SampleOutput, SamplingBatch, sample
+from kubellm.runtime.executor.sampler import (SampleOutput, SamplingBatch, prompt_logprob_rows, prompt_logprobs,
+                                              sample)
 from kubellm.runtime.executor.stages import plan_stages, whole_model
 from kubellm.runtime.executor.step import SamplingParams, SeqChunk, StepBatch
 
@@ -237,7 +238,9 @@ class ModelRunner:
         wants_logits = batch.num_samples > 0
         if self.parallel.pp == 1:
             hidden, sample_rows = self._run_model(batch.chunks)
-            return self.model.compute_logits(hidden[sample_rows]) if wants_logits else None
+            # prompt_logprobs' rows after the sampled ones; every tensor rank computes the same rows
+            rows = prompt_logprob_rows(batch.chunks, sample_rows)
+            return self.model.compute_logits(hidden[rows]) if wants_logits or len(rows) else None
         return self._forward_pipelined(batch, wants_logits)
 
     def _forward_pipelined(self, batch: StepBatch, wants_logits: bool) -> torch.Tensor | None:
@@ -277,5 +280,9 @@ class ModelRunner:
         """Rank 0's step: forward, then sample the rows that yield a token (one SamplingParams each)."""
         sampling_batch = SamplingBatch.from_params(sampling, self.device) if sampling else None
         logits = self.forward(batch)
-        return None if sampling_batch is None else sample(logits, sampling_batch)
+        out = None if sampling_batch is None else sample(logits[:len(sampling)], sampling_batch)
+        if any(c.prompt_logprobs is not None for c in batch.chunks):   # the rows after the sampled ones
+            out = out or SampleOutput([])
+            out.prompt_logprobs = prompt_logprobs(logits[len(sampling):], batch.chunks)
+        return out
 

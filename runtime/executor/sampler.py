@@ -142,6 +142,40 @@ class SampleOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None                  # chosen token's logprob per row
     top_logprobs: list[dict[int, float]] | None = None   # top alternatives per row
+    # per chunk asking for prompt_logprobs (in order): per position, (the next prompt token's logprob, top)
+    prompt_logprobs: list[list[tuple[float, dict[int, float]]]] | None = None
+
+
+def prompt_logprob_rows(chunks, sample_rows: torch.Tensor) -> torch.Tensor:
+    """The rows whose logits a step computes: the sampled ones, then the positions whose prompt logprobs are asked
+    for (SeqChunk.prompt_logprobs), chunk by chunk."""
+    extra, offset = [], 0
+    for chunk in chunks:
+        if chunk.prompt_logprobs is not None:
+            first, _, targets = chunk.prompt_logprobs
+            extra.extend(range(offset + first - chunk.start, offset + first - chunk.start + len(targets)))
+        offset += chunk.num_tokens
+    if not extra:
+        return sample_rows
+    return torch.cat([sample_rows, torch.tensor(extra, dtype=sample_rows.dtype, device=sample_rows.device)])
+
+
+def prompt_logprobs(logits: torch.Tensor, chunks) -> list[list[tuple[float, dict[int, float]]]]:
+    """The prompt_logprobs rows' raw logprobs: each target token's and the top alternatives, per asking chunk."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    targets = [t for c in chunks if c.prompt_logprobs is not None for t in c.prompt_logprobs[2]]
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    top = max(c.prompt_logprobs[1] for c in chunks if c.prompt_logprobs is not None)
+    values, ids = logprobs.topk(min(top, logprobs.shape[1]), dim=-1) if top else (None, None)
+    values, ids = (values.tolist(), ids.tolist()) if top else ([[]] * len(targets), [[]] * len(targets))
+    out, row = [], 0
+    for c in chunks:
+        if c.prompt_logprobs is None:
+            continue
+        k, n = c.prompt_logprobs[1], len(c.prompt_logprobs[2])
+        out.append([(chosen[r], dict(zip(ids[r][:k], values[r][:k]))) for r in range(row, row + n)])
+        row += n
+    return out
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:

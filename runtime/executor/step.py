@@ -26,6 +26,9 @@ class SeqChunk:
     block_table: list[int]  # the sequence's KV blocks, in order (covers every position of the chunk)
     samples: bool           # the chunk ends the sequence, so this step yields its next token
     adapter: int = -1       # the LoRA adapter's slot (executor/lora.py adapter_slots); -1: the base model
+    # prompt_logprobs: (first position, top alternatives, the prompt tokens that follow positions first, first + 1,
+    # ...): the logprobs of those tokens at those positions of the chunk are wanted (rank 0's SampleOutput)
+    prompt_logprobs: tuple[int, int, list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:
