@@ -210,8 +210,8 @@ def test_mii_serve_with_model_and_mii_config_and_streaming_fn(tiny_llama, cache)
     assert "".join(c[0].text for c in streamed) == full.text
     with pytest.raises(ValueError, match="stream: pass streaming_fn"):
         client.generate("Seattle is", stream=True)
-    with pytest.raises(ValueError, match="n: 2 choices per prompt; the gRPC API returns one per prompt"):
-        client.generate("Seattle is", n=2)
+    choices = client.generate("Seattle is", n=2, max_new_tokens=4, ignore_eos=True)   # each choice its own request
+    assert [(r.index, r.prompt_index) for r in choices] == [(0, 0), (1, 0)]
     with pytest.raises(ValueError, match="streaming_fn: expected a callable"):
         client.generate("Seattle is", streaming_fn="print")
     assert client.query("Seattle is", max_new_tokens=8, ignore_eos=True)[0].text == whole.text   # MII's older name
