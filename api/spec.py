@@ -102,6 +102,10 @@ class EngineSpec(_Spec):
     useLognAttn: bool = Field(False, description="Qwen's log-n attention scaling past the trained length")
     maxLoraRank: int = Field(64, ge=1, le=1024,
                              description="largest rank an adapter of spec.adapters may have (vLLM's max_lora_rank)")
+    quantization: Literal["int8", "float", "awq", "gptq", "gguf"] | None = Field(
+        None, description="weights: unset serves the checkpoint as stored (float, AWQ / GPTQ as its "
+                          "quantization_config says, a GGUF file's 4- / 8-bit blocks); int8: weight-only int8 made "
+                          "on load; float: de-quantize on load; awq / gptq / gguf: insist on that format")
 
 
 class AdapterSpec(_Spec):
@@ -139,7 +143,7 @@ RUNTIME_NAMES = {
     "kvCacheFraction": "kv_cache_fraction", "blockSize": "block_size", "sessionLen": "session_len",
     "enablePrefixCaching": "enable_prefix_caching", "modelImpl": "model_impl", "eviction": "eviction",
     "numCpuBlocks": "num_cpu_blocks", "ropeScalingFactor": "rope_scaling_factor", "useLognAttn": "use_logn_attn",
-    "maxLoraRank": "max_lora_rank",
+    "maxLoraRank": "max_lora_rank", "quantization": "quantization",
     "maxNewTokens": "max_new_tokens", "temperature": "temperature", "topP": "top_p", "topK": "top_k",
     "repetitionPenalty": "repetition_penalty",
     # LimitsSpec's worker limits (the others are the router's flags: resources.router_deployment)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "cache as the model is")
         p.add_argument("--max-lora-rank", type=count, default=None, metavar="R",
                        help="largest rank an adapter may have (default 64; vLLM's --max-lora-rank)")
+        p.add_argument("--quantization", default=None, choices=["int8", "float", "awq", "gptq", "gguf"],
+                       help="weights: unset, as the checkpoint stores them (float, AWQ, GPTQ, GGUF); int8: weight-only "
+                            "int8 made on load; float: de-quantize on load (docs/quantization.md)")
 
     def drain_flag(p, what: str) -> None:
         """--drain-timeout (the operator passes spec.drain.timeoutSeconds)."""
