@@ -132,8 +132,6 @@ def test_echo_and_generated_logprobs(oai):
     assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the engine does not compute prompt logprobs yet (Sequence.prompt_logprobs "
-                                       "stays empty): the engine side of issue 18")
 def test_echo_with_the_prompt_tokens_logprobs(oai):
     prompt = "The quick brown fox"
     reply = oai.completions.create(model=SERVED, prompt=prompt, echo=True, logprobs=2, max_tokens=5,
@@ -143,6 +141,7 @@ def test_echo_with_the_prompt_tokens_logprobs(oai):
     assert len(lp.tokens) == n_prompt + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(v <= 0 for v in lp.token_logprobs[1:])
     assert all(choice.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
+    assert "".join(lp.tokens) == choice.text   # the first token's text too (the prompt's start, or a BOS's "")
     scored = oai.completions.create(model=SERVED, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n_prompt], abs=1e-4)
 
