@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from kubellm.api.spec import DEFAULT_IMAGE, WORKER_LIMITS, LLMDeploymentSpec
+from kubellm.api.spec import DEFAULT_IMAGE, WORKER_LIMITS, EngineSpec, LLMDeploymentSpec
 from kubellm.operator import network_policy
 # Names, labels and ports live in naming.py (network_policy.py builds on them too); re-exported as R.*.
 from kubellm.operator.naming import (CONTROL_PORT, GROUP_LABEL, GRPC_PORT_NAME, HTTP_PORT,  # noqa: F401
@@ -65,7 +65,20 @@ def worker_spec_hash(spec: LLMDeploymentSpec) -> str:
                                                      "networkPolicy", "maxGroupRestarts", "groupRestartWindowSeconds"})
     relevant["restApi"] = None  # served by the router, not the workers
     relevant["limits"] = {k: v for k, v in relevant["limits"].items() if k in WORKER_LIMITS}
+    # Fields added to spec.engine (and spec.adapters) after the first ones count only once set: an operator upgrade
+    # must not roll every group whose spec did not change.
+    defaults = EngineSpec().model_dump(mode="json")
+    for name in set(defaults) - set(FIRST_ENGINE_FIELDS):
+        if relevant["engine"][name] == defaults[name]:
+            del relevant["engine"][name]
+    if not relevant["adapters"]:
+        del relevant["adapters"]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# spec.engine's fields before LoRA and the engine options of issues 17 and 19 (see worker_spec_hash).
+FIRST_ENGINE_FIELDS = ("dtype", "maxBatchSize", "maxNumBatchedTokens", "kvCacheFraction", "blockSize", "sessionLen",
+                       "enablePrefixCaching")
 
 
 # -- drain ------------------------------------------------------------------------------------

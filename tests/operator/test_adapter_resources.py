@@ -141,3 +141,16 @@ def test_the_engine_knobs_reach_the_config_map_and_the_lora_rank_too():
                                                        "num_cpu_blocks": 64, "rope_scaling_factor": 2.0,
                                                        "use_logn_attn": True, "max_lora_rank": 8}
     assert "adapters" not in data   # the adapters are flags (paths in the container), not config
+
+
+def test_an_operator_upgrade_does_not_roll_groups_whose_spec_did_not_change():
+    """The worker spec hash of a spec written before spec.adapters and the later engine fields is what the operator
+    before them computed (pinned: computed by the code of commit c8987d5), so upgrading the operator replaces no
+    pod; setting one of the new fields does change it."""
+    old = {"model": {"source": "hf://org/x"}, "engine": {"dtype": "bfloat16"}}
+    assert R.worker_spec_hash(LLMDeploymentSpec.model_validate(old)) == "41cb0fda275e28e9"
+    layout = {"model": {"source": "/m"}, "tensorParallel": 2, "limits": {"maxLogprobs": 3}}
+    assert R.worker_spec_hash(LLMDeploymentSpec.model_validate(layout)) == "4cbf090e3529c6e1"
+    for changed in ({"engine": {"dtype": "bfloat16", "maxLoraRank": 8}}, {"engine": {"dtype": "bfloat16",
+                    "modelImpl": "transformers"}}, {"adapters": [{"name": "sql", "source": "/a/sql"}]}):
+        assert R.worker_spec_hash(LLMDeploymentSpec.model_validate({**old, **changed})) != "41cb0fda275e28e9"
