@@ -107,7 +107,8 @@ def versions() -> dict:
     import kubellm
 
     return {"python": sys.version.split()[0], "torch": version("torch"), "triton": version("triton"),
-            "transformers": version("transformers"), "kubellm": kubellm.__version__, "pydantic": version("pydantic")}
+            "transformers": version("transformers"), "kubellm": kubellm.__version__, "pydantic": version("pydantic"),
+            "cuda": None, "cudnn": None, "driver": None}   # the environment step fills these in
 
 
 # --------------------------------------------------------------------------- one step, in its own process
@@ -213,7 +214,10 @@ def run_check(device: str = "auto", out_dir: str | Path = "docs/gpu", steps: lis
                 report["device_name"] = result["device_name"]
                 report["versions"].update({k: result.get(k) for k in ("cuda", "cudnn", "driver")})
             report["seconds"] = time.monotonic() - started
-            paths = gpu_report.write(report, out_dir)   # after every step: nothing measured is lost
+            written = gpu_report.write(report, out_dir)   # after every step: nothing measured is lost
+            for stale in set(paths) - set(written):   # named before the environment step knew the device
+                stale.unlink(missing_ok=True)
+            paths = written
             progress.update(1, note=f"{name}: {result['status']} in {result.get('seconds', 0):.0f} s", force=True)
     progress.close()
     report["files"] = [str(p) for p in paths]

@@ -555,8 +555,10 @@ def run_pytest(root: Path, args: list[str], junit: Path):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                           *args], cwd=root, capture_output=True, text=True)
+    # importlib: pytest puts no test or conftest folder first on sys.path, where the checkout's kubellm/ (the top
+    # package's two files only) would shadow the installed or mapped package (e2e/gpu-check.sh's tree).
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                           f"--junitxml={junit}", *args], cwd=root, capture_output=True, text=True)
 
 
 def junit_outcomes(path: Path) -> dict:
