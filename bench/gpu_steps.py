@@ -72,16 +72,14 @@ def environment(ctx: Context) -> dict:
     bandwidth and a large bf16 matrix product's rate, both measured here on random data."""
     from kubellm.bench.roofline import measure_bandwidth
 
+    from importlib import metadata
+
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "threads": torch.get_num_threads()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    import transformers
-
-    out["transformers"] = transformers.__version__
+    for name in ("triton", "transformers"):   # read, not imported: transformers alone takes seconds to import
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
     device = torch.device(ctx.device)
     if ctx.cuda:
         props = torch.cuda.get_device_properties(device)
