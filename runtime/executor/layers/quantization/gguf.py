@@ -12,6 +12,7 @@ for its rotary layout; `GGUFTensor` undoes that with a row order, so rows are in
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -104,13 +105,20 @@ class GGUFTensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[:, cols]
 
 
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int):
+    """One parse per file: GGUFReader reads every metadata field (SmolLM2's 49k-token vocabulary and its
+    merges: seconds), and a load opens the file to list it, to plan stages and to read it."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 class GGUFFile:
     """The tensors of one .gguf file under Hugging Face names (the `open_tensors` interface of checkpoint.py)."""
 
     def __init__(self, path: Path):
-        import gguf
-
-        self.reader = reader = gguf.GGUFReader(path)
+        self.reader = reader = _reader(str(path), path.stat().st_mtime_ns)
         arch = field(reader, "general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise QuantizationError(f"model: {path.name} is a GGUF of architecture {arch!r}; kubellm reads GGUF "
@@ -155,7 +163,7 @@ def rows_from_blocks(qtype, raw: torch.Tensor):
             raw = raw.view(torch.int16).view(torch.bfloat16)
         return FloatRows(raw.float())
     n = raw.shape[0]
-    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     blocks = raw.reshape(n, -1, block_bytes)
     if qtype in (T.Q4_0, T.Q4_1):
         qs = blocks[..., 2 if qtype == T.Q4_0 else 4:]
@@ -174,10 +182,12 @@ def rows_from_blocks(qtype, raw: torch.Tensor):
 
 class GGUFFormat:
     """The linears' (and embedding's) reader for GGUF tensors: one stored part, `weight`."""
-    from kubellm.runtime.executor.layers.quantization.method import Part as _Part
 
-    parts = {"weight": _Part(0, 1, 1, 32)}
-    required = ("weight",)
+    def __init__(self):
+        from kubellm.runtime.executor.layers.quantization.method import Part
+
+        self.parts = {"weight": Part(0, 1, 1, 32)}
+        self.required = ("weight",)
 
     def read(self, name, loaded, out_span, in_span, layer):
         if not isinstance(getattr(loaded, "piece", loaded), GGUFTensor):

@@ -13,8 +13,9 @@ from kubellm.runtime.executor.layers.quantization.packed import Int8Rows
 
 
 class FloatFormat:
-    parts = {"weight": Part(0, 1, 1, 1)}
-    required = ("weight",)
+    def __init__(self):
+        self.parts = {"weight": Part(0, 1, 1, 1)}
+        self.required = ("weight",)
 
     def read(self, name, loaded, out_span, in_span, layer):
         start, size = out_span
