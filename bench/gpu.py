@@ -137,11 +137,10 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
+    except BaseException:   # SIGTERM (as SystemExit, _exits_on_sigterm), ^C: the step must not outlive the check
+        _kill_group(proc)
+        raise
     reader.join(timeout=5)
     seconds = time.monotonic() - start
     if timed_out:
@@ -181,9 +180,41 @@ def child(name: str, device: str, workdir: str, result_file: str) -> int:
     return 0
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class _exits_on_sigterm:
+    """A step runs in a session of its own (so that its timeout kills everything it started), which a wall-clock
+    stop (`timeout` in e2e/gpu-check.sh, the device tool ending a command) does not reach. So while the check
+    runs, SIGTERM and SIGHUP raise SystemExit where they would end the process outright; run_step then kills
+    the running step's group rather than leave it holding the GPU. The report keeps the finished steps."""
+
+    def __enter__(self):
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    self.saved[sig] = signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
 # --------------------------------------------------------------------------- the whole check
 def run_check(device: str = "auto", out_dir: str | Path = "docs/gpu", steps: list[str] | None = None,
               budgets: dict[str, float] | None = None, total_budget: float = TOTAL_BUDGET, echo=sys.stderr) -> dict:
+    with _exits_on_sigterm():
+        return _run_check(device, out_dir, steps, budgets, total_budget, echo)
+
+
+def _run_check(device, out_dir, steps, budgets, total_budget, echo) -> dict:
     device = resolve_device(device)
     steps = steps or list(STEP_BUDGETS)
     budgets = budgets or {}

@@ -200,6 +200,44 @@ def test_a_step_past_its_budget_is_killed_recorded_and_the_next_one_runs(tmp_pat
     assert "**attention_kernels** (timeout)" in Path(report["files"][1]).read_text()
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads /proc")
+def test_sigterm_to_the_check_kills_the_running_step_too(tmp_path):
+    """A step runs in a session of its own, which a wall-clock stop's SIGTERM does not reach: the check kills it."""
+    import os
+    import signal
+    import time
+
+    check = subprocess.Popen([sys.executable, "-m", "kubellm.bench.gpu", "--device", "cpu", "--steps",
+                              "attention_kernels", "--out-dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    steps = []
+    while not steps and time.monotonic() < deadline and check.poll() is None:
+        steps = [pid for pid in _children(check.pid)
+                 if b"--child" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        time.sleep(0.2)
+    assert steps, "the step's process never started"
+    check.send_signal(signal.SIGTERM)
+    assert check.wait(timeout=30) == 128 + signal.SIGTERM
+    for pid in steps:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 @pytest.mark.multiprocess
 def test_steps_past_the_total_budget_are_skipped_not_started(tmp_path):
     report = gpu.run_check("cpu", tmp_path, ["environment", "pointwise_kernels", "engine_vs_hf"], {}, total_budget=7)
