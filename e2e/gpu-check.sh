@@ -18,6 +18,10 @@ WALL=${KUBELLM_GPU_WALL:-560}
 DEST=${OUT:-docs/gpu}
 PY=${PYTHON:-python3}
 started=$(date +%s)
+# Never the working directory first on sys.path (python -m and python - put it there): this checkout's
+# operator/ shadows the standard library's operator (pip itself then fails to start on Python 3.12), and its
+# kubellm/ (the top package's two files only) the mapped tree below. Inherited by every process started here.
+export PYTHONSAFEPATH=1
 echo "gpu-check: $($PY --version 2>&1) at $(command -v "$PY"); results into $DEST"
 
 # 1. The carried wheels. Where they do not fit this Python (here, say, a 3.11 dev box that has them all
@@ -50,9 +54,6 @@ for package, folder in package_dir.items():
 PYTHON
 export PYTHONPATH="$SITE/tree:$SITE/wheels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# Not the working directory first on sys.path: there kubellm/ is only the top package's two files, and it
-# would shadow the mapped tree (for the check's own step processes too, which inherit this).
-export PYTHONSAFEPATH=1
 $PY -c "import pydantic, kubellm.runtime.config, kubellm.bench.gpu; print('gpu-check: kubellm from', kubellm.__file__, '; pydantic', pydantic.VERSION)" || {
   echo "gpu-check: kubellm does not import (missing wheels? run e2e/gpu-wheels.sh and carry .whl)" >&2; exit 4; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
