@@ -253,3 +253,33 @@ def test_models_lists_the_base_and_its_adapters_and_an_adapter_name_selects_it(u
     assert upstream.requests[-1].adapter == "sql-lora"
     client.completions.create(model="anything", prompt="x", max_tokens=2)
     assert upstream.requests[-1].adapter == ""
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_and_each_streamed_choice_parses_its_own(up):
+    upstream, client = up
+    two = ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+           '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>']
+    upstream.texts = [two, ["plain words"]]
+    reply = client.chat.completions.create(model="m", messages=USER, tools=[WEATHER], n=2)
+    assert [len(c.message.tool_calls or []) for c in reply.choices] == [2, 0]
+    assert [c.finish_reason for c in reply.choices] == ["tool_calls", "stop"]
+    one = client.chat.completions.create(model="m", messages=USER, tools=[WEATHER], parallel_tool_calls=False)
+    [call] = one.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    calls, content, finish = {0: [], 1: []}, {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(model="m", messages=USER, tools=[WEATHER], n=2, stream=True):
+        for choice in chunk.choices:
+            content[choice.index] += choice.delta.content or ""
+            calls[choice.index] += [d.function.name for d in choice.delta.tool_calls or [] if d.function.name]
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert calls == {0: ["get_weather", "get_weather"], 1: []} and content[1] == "plain words"
+    assert finish == {0: "tool_calls", 1: "stop"}
+
+
+def test_logprobs_as_json_writes_them():
+    from kubellm.runtime.serving.openai_replies import MIN_LOGPROB, TokenLogprob, chat_logprobs, finite
+
+    assert finite(float("-inf")) == MIN_LOGPROB and finite(None) is None
+    assert finite(-0.10000000149011612) == -0.1   # the float32 it was, shortest
+    assert chat_logprobs([TokenLogprob("é", float("-inf"), (("é", -1.5),))], top=0)["content"] == [
+        {"token": "é", "logprob": MIN_LOGPROB, "bytes": [195, 169], "top_logprobs": []}]
