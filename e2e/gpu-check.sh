@@ -16,6 +16,7 @@ SITE=${KUBELLM_GPU_SITE:-/tmp/kubellm-gpu-site}
 BUDGET=${KUBELLM_GPU_BUDGET:-480}
 WALL=${KUBELLM_GPU_WALL:-560}
 DEST=${OUT:-docs/gpu}
+WHEELS=${KUBELLM_GPU_WHEELS:-.whl}   # what e2e/gpu-wheels.sh downloaded (the call carries .whl)
 PY=${PYTHON:-python3}
 started=$(date +%s)
 # Never the working directory first on sys.path (python -m and python - put it there): this checkout's
@@ -27,13 +28,13 @@ echo "gpu-check: $($PY --version 2>&1) at $(command -v "$PY"); results into $DES
 # 1. The carried wheels. Where they do not fit this Python (here, say, a 3.11 dev box that has them all
 #    already), say so and go on: the import check below is what decides.
 rm -rf "$SITE" && mkdir -p "$SITE/wheels" "$SITE/tree"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   if ! $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/wheels" \
-      .whl/*.whl; then
-    echo "gpu-check: the wheels in .whl/ did not install on this Python; going on with what it has" >&2
+      "$WHEELS"/*.whl; then
+    echo "gpu-check: the wheels in $WHEELS/ did not install on this Python; going on with what it has" >&2
   fi
 else
-  echo "gpu-check: no .whl/ carried (run e2e/gpu-wheels.sh here and carry .whl)" >&2
+  echo "gpu-check: no $WHEELS/ carried (run e2e/gpu-wheels.sh here and carry .whl)" >&2
 fi
 
 # 2. kubellm from this tree: kubellm/<sub> -> the folder pyproject.toml's package-dir maps it to.

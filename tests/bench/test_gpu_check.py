@@ -271,16 +271,21 @@ def test_gpu_test_outcomes_are_read_from_pytest_junit_xml(tmp_path):
 
 
 # --------------------------------------------------------------------------- what the GPU machine is sent
-@pytest.mark.multiprocess
-def test_the_wheels_the_gpu_machine_lacks_download_and_fit_in_64_mib(tmp_path):
-    if shutil.which("bash") is None:
-        pytest.skip("needs bash")
-    dest = tmp_path / "whl"
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    """e2e/gpu-wheels.sh's download (PyPI), once for the tests below."""
+    dest = tmp_path_factory.mktemp("gpu-wheels") / "whl"
     run = subprocess.run(["bash", str(REPO / "e2e" / "gpu-wheels.sh"), str(dest)], capture_output=True, text=True,
                          timeout=300)
     if run.returncode and ("Could not find" in run.stderr or "connection" in run.stderr.lower()):
         pytest.skip(f"PyPI not reachable: {run.stderr.strip().splitlines()[-1]}")
     assert run.returncode == 0, run.stderr
+    return dest
+
+
+@pytest.mark.multiprocess
+def test_the_wheels_the_gpu_machine_lacks_download_and_fit_in_64_mib(wheels):
+    dest = wheels
     wheels = sorted(p.name for p in dest.glob("*.whl"))
     names = {w.split("-")[0].lower() for w in wheels}
     assert {"pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions", "gguf"} <= names
@@ -291,7 +296,7 @@ def test_the_wheels_the_gpu_machine_lacks_download_and_fit_in_64_mib(tmp_path):
 
 def test_the_check_script_maps_this_tree_and_names_the_carried_wheels():
     script = (REPO / "e2e" / "gpu-check.sh").read_text()
-    assert "--target" in script and ".whl/*.whl" in script and "PYTHONSAFEPATH=1" in script
+    assert "--target" in script and "KUBELLM_GPU_WHEELS:-.whl}" in script and "PYTHONSAFEPATH=1" in script
     assert "-m kubellm.bench.gpu" in script and "timeout" in script
     readme = (REPO / "docs" / "gpu" / "README.md").read_text()
     assert "e2e/gpu-check.sh" in readme and '"carry": [".whl"]' in readme
@@ -311,3 +316,38 @@ def test_the_check_script_runs_here_against_this_tree(tmp_path):
     assert f"kubellm from {tmp_path / 'site' / 'tree' / 'kubellm'}" in run.stdout
     names = sorted(p.suffix for p in out.iterdir())
     assert names == [".json", ".log", ".md"]
+
+
+def _python312() -> str | None:
+    """A Python 3.12 that runs (a pyenv shim may name one that is not active)."""
+    import glob
+    import os
+
+    for candidate in [shutil.which("python3.12"), *glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))]:
+        if candidate and subprocess.run([candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                        capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.multiprocess
+def test_on_a_bare_python_312_the_carried_wheels_are_all_kubellm_needs_to_start(wheels, tmp_path):
+    """The GPU machine's Python is 3.12 without pydantic: with only the carried wheels, e2e/gpu-check.sh installs
+    them, kubellm's config (pydantic) and the check import from this tree, and the check writes its report."""
+    python312 = _python312()
+    if python312 is None:
+        pytest.skip("needs a Python 3.12 (the GPU machine's)")
+    probe = subprocess.run([python312, "-c", "import pydantic"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        pytest.skip("this Python 3.12 has pydantic already: it would not show that the wheels suffice")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**__import__("os").environ, "OUT": str(out), "KUBELLM_GPU_SITE": str(tmp_path / "site"),
+           "KUBELLM_GPU_WHEELS": str(wheels), "PYTHON": python312}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run(["bash", str(REPO / "e2e" / "gpu-check.sh"), "--device", "cpu", "--steps", "cuda_graphs"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "did not install" not in run.stderr
+    assert "; pydantic 2.14.4" in run.stdout and str(tmp_path / "site" / "tree" / "kubellm") in run.stdout
+    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".log", ".md"]
