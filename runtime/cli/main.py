@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve shared-prefix: KV blocks per started worker (size it so one worker cannot hold "
                             "every system prompt but two can)")
     bench.add_argument("--block-size", type=int, default=None, help="serve shared-prefix: tokens per KV block")
-    bench.add_argument("--device", default=None, help="serve shared-prefix: the started workers' device")
+    bench.add_argument("--device", default=None,
+                       help="serve shared-prefix: the started workers' device; gpu: auto (default), cuda or cpu (tiny shapes)")
     bench.add_argument("--worker-threads", type=int, default=None,
                        help="serve shared-prefix: CPU threads per started worker (OMP_NUM_THREADS)")
     bench.add_argument("--prefix-length", type=int, default=256, help="serve shared-prefix: the routers' --prefix-length")
