@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 from typing import Literal
 
@@ -163,6 +165,24 @@ class EngineConfig(_Strict):
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+# Structured-output constraints past these take the grammar compiler seconds on the engine thread (and its cache
+# the memory): xgrammar compiles a 64 000-character regex in ~0.7 s here; a 300 000-character one stalled a worker.
+MAX_GUIDED_CHARS = 32_768    # a regex, a grammar, or a choice list's strings together
+MAX_SCHEMA_CHARS = 65_536    # a JSON schema's text
+
+
+def guided_size(name: str, value) -> tuple[int, int, str] | None:
+    """(size in characters, its limit, what it is) of a structured-output constraint; None for JSON mode."""
+    if name == "guided_json":
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return len(text), MAX_SCHEMA_CHARS, "JSON schema"
+    if name == "guided_choice":
+        return sum(len(c) for c in value), MAX_GUIDED_CHARS, "choice list"
+    if isinstance(value, str):
+        return len(value), MAX_GUIDED_CHARS, name.removeprefix("guided_")
+    return None
+
+
 GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice", "guided_grammar")
 
 
@@ -375,6 +395,11 @@ def generation_problem(gen: GenerationConfig, limits: EngineConfig) -> str | Non
         served = ", ".join(sorted(limits.adapters)) or "none"
         return (f"adapter: {gen.adapter!r} is not served here (adapters: {served}); name one of them, or leave "
                 "adapter unset for the base model")
+    for name in gen.guided_fields():
+        size = guided_size(name, getattr(gen, name))
+        if size is not None and size[0] > size[1]:
+            return (f"{name}: a {size[2]} of {size[0]} characters, more than {size[1]} (one this large takes seconds "
+                    "to compile); send a smaller one")
     for name, words, most in (("stop_words", gen.stop_words, limits.max_stop_words),
                               ("bad_words", gen.bad_words, limits.max_bad_words)):
         if len(words) > most:

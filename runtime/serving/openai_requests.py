@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from kubellm.protos.v1 import llm_pb2
+from kubellm.runtime.config import guided_size
 from kubellm.runtime.serving.openai_chat import conversation
 from kubellm.runtime.serving.openai_tools import ToolPlan, tool_plan
 from kubellm.runtime.serving.rest_fields import (
@@ -32,10 +33,6 @@ MAX_N = 128            # choices per prompt (the worker's GenerationConfig.n bou
 MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
 OPENAI_MAX_TOKENS_DEFAULT = 16   # /v1/completions' default max_tokens
-# Structured-output constraints past these take the workers' grammar compiler seconds (and its cache the memory):
-# xgrammar compiles a 64 000-character regex in ~0.7 s here, a 300 000-character one stalled a worker (bench fuzz).
-MAX_GUIDED_CHARS = 32_768    # a regex, a grammar, or a choice list's strings together
-MAX_SCHEMA_CHARS = 65_536    # a JSON schema's text (tool_choice required: all the tools' schemas together)
 
 # Sampling and stopping options both routes take: body key -> (GenerationConfig field, type, lo, hi).
 SAMPLING = {
@@ -248,14 +245,10 @@ def _constraints(body: dict, tools: ToolPlan | None) -> list[tuple[str, str, obj
 
 
 def _check_size(param: str, name: str, value) -> None:
-    if name == "guided_json":
-        size, most, what = len(json.dumps(value, ensure_ascii=False)), MAX_SCHEMA_CHARS, "JSON schema"
-    elif name == "guided_choice":
-        size, most, what = sum(len(c) for c in value), MAX_GUIDED_CHARS, "choice list"
-    elif isinstance(value, str):
-        size, most, what = len(value), MAX_GUIDED_CHARS, name.removeprefix("guided_")
-    else:
+    """Refused here already (the workers refuse it too: config.generation_problem), before a call is made."""
+    if (size := guided_size(name, value)) is None:
         return
+    size, most, what = size
     if size > most:
         raise BadRequest(f"'{param}': a {what} of {size} characters, more than {most} (one this large takes the "
                          "workers seconds to compile); send a smaller one", param)

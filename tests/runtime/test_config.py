@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kubellm.runtime.config import ConfigError, EngineConfig, GenerationConfig, generation_config
@@ -207,3 +209,19 @@ def test_do_sample_true_keeps_an_earlier_temperature():
 def test_random_seed_out_of_range_names_the_field(seed):
     with pytest.raises(ConfigError, match="random_seed"):
         GenerationConfig.build(random_seed=seed)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guided_regex", "a" * 40_000, r"guided_regex: a regex of 40000 characters, more than 32768"),
+    ("guided_grammar", "root ::= " + "x" * 40_000, r"guided_grammar: a grammar of 40009 characters"),
+    ("guided_choice", ["y" * 20_000, "z" * 20_000], r"guided_choice: a choice list of 40000 characters"),
+    ("guided_json", {"enum": ["w" * 70_000]}, r"guided_json: a JSON schema of \d+ characters, more than 65536"),
+])
+def test_huge_structured_output_constraints_are_refused_before_any_compile(field, value, message):
+    """The gRPC path has no gateway in front: the engine's own check bounds the grammar compiler's work."""
+    from kubellm.runtime.config import generation_problem
+
+    assert re.search(message, generation_problem(GenerationConfig(**{field: value}), EngineConfig()))
+    small = {"guided_regex": "[a-z]+", "guided_grammar": 'root ::= "x"', "guided_choice": ["a"],
+             "guided_json": {"type": "object"}}[field]
+    assert generation_problem(GenerationConfig(**{field: small}), EngineConfig()) is None
