@@ -1,0 +1,91 @@
+"""`python -m kubellm.bench.kv_quant`: the int8 KV cache (kv_cache_dtype='int8', LMDeploy's quant_policy=8)
+against the cache in the model's dtype, on the same model and prompts: greedy token agreement (tokens equal
+up to the first difference, per prompt), the logprob difference of the tokens both chose, and the KV blocks
+each cache holds in the same memory budget.
+
+    python -m kubellm.bench.kv_quant --model smollm2-135m --new-tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is to a new programmer.",
+    "What are the three primary colours, and why?",
+    "Give me a recipe for a simple tomato soup.",
+    "Summarise the plot of a detective story in a few sentences.",
+]
+
+
+def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: str, memory_gb: float) -> dict:
+    from kubellm.runtime.config import EngineConfig, GenerationConfig
+    from kubellm.runtime.engine.engine import LLMEngine
+
+    config = EngineConfig.build(kv_cache_dtype=kv_cache_dtype, dtype=dtype, device=device, cpu_memory_gb=memory_gb,
+                                max_batch_size=len(PROMPTS))
+    engine = LLMEngine(model, config, show_progress=False)
+    try:
+        chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+        gen = GenerationConfig(max_new_tokens=new_tokens, logprobs=0, ignore_eos=True)
+        started = time.perf_counter()
+        seqs = engine.generate(chats, [gen] * len(chats))
+        return {"kv_cache_dtype": kv_cache_dtype, "blocks": engine.block_manager.num_blocks,
+                "seconds": time.perf_counter() - started,
+                "tokens": [s.generated_ids for s in seqs], "logprobs": [s.logprobs for s in seqs],
+                "text": [s.text for s in seqs]}
+    finally:
+        engine.destroy()
+
+
+def compare(base: dict, int8: dict) -> dict:
+    """Agreement per prompt: the tokens equal before the first difference; logprob differences over those."""
+    agreed, diffs = [], []
+    for a, b, la, lb in zip(base["tokens"], int8["tokens"], base["logprobs"], int8["logprobs"]):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        agreed.append(same)
+        diffs += [abs(x - y) for x, y in zip(la[:same], lb[:same])]
+    total = sum(len(t) for t in base["tokens"])
+    return {"agreed_tokens": agreed, "agreement": sum(agreed) / total,
+            "logprob_diff_mean": sum(diffs) / max(len(diffs), 1), "logprob_diff_max": max(diffs, default=0.0),
+            "blocks": {"base": base["blocks"], "int8": int8["blocks"]},
+            "blocks_ratio": int8["blocks"] / base["blocks"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubellm.bench.kv_quant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory-gb", type=float, default=0.25,
+                        help="the KV budget both caches get (cpu_memory_gb); blocks are counted in it")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = parser.parse_args(argv)
+    runs = {}
+    for kind in ("auto", "int8"):
+        print(f"[kv_quant] measuring the {kind} KV cache: {len(PROMPTS)} prompts x {args.new_tokens} greedy tokens",
+              file=sys.stderr, flush=True)
+        runs[kind] = _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb)
+    result = compare(runs["auto"], runs["int8"])
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {args.model}, {args.dtype} on {args.device}, {len(PROMPTS)} prompts x {args.new_tokens} tokens")
+    print(f"token agreement with the {args.dtype} cache: {result['agreement']:.1%} "
+          f"(tokens before the first difference, per prompt: {result['agreed_tokens']})")
+    print(f"logprob difference over the agreed tokens: mean {result['logprob_diff_mean']:.4f}, "
+          f"max {result['logprob_diff_max']:.4f}")
+    print(f"KV blocks in {args.memory_gb} GB: {result['blocks']['base']} ({args.dtype}) vs "
+          f"{result['blocks']['int8']} (int8): {result['blocks_ratio']:.2f}x")
+    for i, (a, b) in enumerate(zip(runs["auto"]["text"], runs["int8"]["text"])):
+        print(f"--- prompt {i}: {PROMPTS[i]!r}\n  {args.dtype}: {a[:160]!r}\n  int8: {b[:160]!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
