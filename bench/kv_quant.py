@@ -22,12 +22,13 @@ PROMPTS = [
 ]
 
 
-def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: str, memory_gb: float) -> dict:
+def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: str, memory_gb: float,
+         quantization: str | None) -> dict:
     from kubellm.runtime.config import EngineConfig, GenerationConfig
     from kubellm.runtime.engine.engine import LLMEngine
 
     config = EngineConfig.build(kv_cache_dtype=kv_cache_dtype, dtype=dtype, device=device, cpu_memory_gb=memory_gb,
-                                max_batch_size=len(PROMPTS))
+                                max_batch_size=len(PROMPTS), quantization=quantization)
     engine = LLMEngine(model, config, show_progress=False)
     try:
         chats = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -64,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-gb", type=float, default=0.25,
                         help="the KV budget both caches get (cpu_memory_gb); blocks are counted in it")
+    parser.add_argument("--quantization", default="float",
+                        help="the weights (EngineConfig.quantization; float: the GGUF de-quantized, so only the KV "
+                             "cache differs between the two runs); 'none' keeps the checkpoint's own")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args(argv)
     runs = {}
     for kind in ("auto", "int8"):
         print(f"[kv_quant] measuring the {kind} KV cache: {len(PROMPTS)} prompts x {args.new_tokens} greedy tokens",
               file=sys.stderr, flush=True)
-        runs[kind] = _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb)
+        quantization = None if args.quantization == "none" else args.quantization
+        runs[kind] = _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb, quantization)
     result = compare(runs["auto"], runs["int8"])
     if args.json:
         print(json.dumps(result))
