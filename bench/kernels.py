@@ -30,24 +30,20 @@ PREFILL_SHAPES = [(512, 512), (2048, 2048), (8192, 8192), (512, 4096)]  # (query
 
 def time_ms(fn, cuda: bool | None = None) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on a GPU (events, L2 cleared between runs); on CPU
-    (`kubellm bench gpu --device cpu`'s tiny shapes, Triton interpreted) a perf_counter median of a few calls,
-    only so that the pipeline runs: such timings mean nothing."""
+    (`kubellm bench gpu --device cpu`'s tiny shapes, Triton interpreted) one call after a warm-up, only so
+    that the pipeline runs: such timings mean nothing."""
     if cuda is None:
         cuda = torch.cuda.is_available()
     if cuda:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    import statistics
     import time
 
+    fn()   # warm-up; then one timed call (the interpreter is slow, and what it measures means nothing)
+    start = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+    return 1e3 * (time.perf_counter() - start)
 
 
 _time_ms = time_ms
