@@ -125,13 +125,16 @@ def grammar_bitmask(grammars: list, vocab: int) -> tuple[torch.Tensor, list[int]
     return bitmask, rows
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_BITS: dict = {}   # device -> arange(32): each bit's shift, made once per device
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """-inf where a constrained row's bit is clear: unpacked on the device and applied in one masked_fill."""
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    device = logits.device
+    if device not in _BITS:
+        _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    bitmask = bitmask.to(device, non_blocking=True)
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS[device]) & 1).bool().flatten(1)[:, :logits.shape[1]]
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
