@@ -226,7 +226,8 @@ def _run_check(device, out_dir, steps, budgets, total_budget, echo) -> dict:
               "total_budget_s": total_budget, "steps": {}}
     out_dir = Path(out_dir)
     paths: list[Path] = []
-    progress = Progress("bench gpu", f"{device} check", total=len(steps), unit="steps")
+    # Lines, not a bar, even on a terminal: the steps' own output is echoed between them.
+    progress = Progress("bench gpu", f"{device} check", total=len(steps), unit="steps", bar=False)
     with tempfile.TemporaryDirectory(prefix="kubellm-gpu-check-") as workdir:
         for i, name in enumerate(steps):
             left = deadline - time.monotonic()
