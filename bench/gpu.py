@@ -118,7 +118,7 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     result_file = workdir / f"{name}.result.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "kubellm.bench.gpu", "--child", name, "--device", device,
-               "--workdir", str(workdir), "--result", str(result_file)]
+               "--workdir", str(workdir), "--result", str(result_file), "--budget", str(budget)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -157,13 +157,13 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     return result
 
 
-def child(name: str, device: str, workdir: str, result_file: str) -> int:
+def child(name: str, device: str, workdir: str, result_file: str, budget: float | None = None) -> int:
     """The step itself (in the child process): its figures and status, written to `result_file`."""
     if not device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton (tests/conftest.py too)
     from kubellm.bench import gpu_steps
 
-    ctx = gpu_steps.Context(device=device, tiny=not device.startswith("cuda"), workdir=Path(workdir))
+    ctx = gpu_steps.Context(device=device, tiny=not device.startswith("cuda"), workdir=Path(workdir), budget_s=budget)
     try:
         figures = gpu_steps.STEPS[name](ctx)
         checks = figures.get("checks", {})
@@ -287,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)   # one step, run by the parent
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child(args.child, args.device, args.workdir, args.result)
+        return child(args.child, args.device, args.workdir, args.result, args.budget)
     if not args.total_budget > 0:
         parser.error("--total-budget: give more than 0 seconds (default 480)")
     try:

@@ -39,6 +39,7 @@ class Context:
     device: str            # "cuda" or "cpu"
     tiny: bool             # tiny shapes (CPU dry run)
     workdir: Path          # shared by the steps: checkpoints made once
+    budget_s: float | None = None   # what this step was given (a step that runs a subprocess stops it in time)
 
     @property
     def cuda(self) -> bool:
@@ -541,22 +542,48 @@ def gpu_tests(ctx: Context) -> dict:
     if not ctx.cuda:
         raise Skipped("the tests marked gpu need a CUDA device (the CPU tiers run them elsewhere)")
     report = ctx.workdir / "gpu-tests.xml"
-    run = run_pytest(root, ["-m", "gpu", *files], report)
-    tests = junit_outcomes(report)
+    # Stopped before the step's own budget runs out, so that the outcomes so far are still read and kept.
+    limit = max(10.0, ctx.budget_s - 15) if ctx.budget_s else None
+    exit_code, output = run_pytest(root, ["-m", "gpu", *files], report, timeout=limit)
+    tests = junit_outcomes(report) or verbose_outcomes(output)
     counts = {o: sum(t["outcome"] == o for t in tests.values()) for o in ("passed", "failed", "error", "skipped")}
-    return {"checks": {"every GPU test passed": run.returncode == 0 and counts["passed"] > 0},
-            "pytest_exit": run.returncode, "counts": counts, "tests": tests, "files": files,
-            "summary": (run.stdout.strip().splitlines() or [""])[-1]}
+    checks = {"every GPU test passed": exit_code == 0 and counts["passed"] > 0}
+    if exit_code is None:
+        checks[f"pytest finished within {limit:.0f} s"] = False
+    return {"checks": checks, "pytest_exit": exit_code, "counts": counts, "tests": tests, "files": files,
+            "summary": (output.strip().splitlines() or [""])[-1]}
 
 
-def run_pytest(root: Path, args: list[str], junit: Path):
+def run_pytest(root: Path, args: list[str], junit: Path, timeout: float | None = None) -> tuple[int | None, str]:
+    """(exit code, or None when stopped at `timeout`; its output so far). -v: one line per test as it ends, read
+    back by verbose_outcomes when pytest is stopped before it writes the JUnit report."""
     import subprocess
     import sys
 
     # importlib: pytest puts no test or conftest folder first on sys.path, where the checkout's kubellm/ (the top
     # package's two files only) would shadow the installed or mapped package (e2e/gpu-check.sh's tree).
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                           f"--junitxml={junit}", *args], cwd=root, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--import-mode=importlib",
+               f"--junitxml={junit}", *args]
+    try:
+        run = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout)
+        return run.returncode, run.stdout
+    except subprocess.TimeoutExpired as stopped:   # subprocess.run has killed it
+        out = stopped.stdout or b""
+        return None, out.decode(errors="replace") if isinstance(out, bytes) else out
+
+
+def verbose_outcomes(output: str) -> dict:
+    """pytest -v's lines `file::test PASSED [ 10%]` -> junit_outcomes' form (no seconds, no messages)."""
+    import re
+
+    outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped", "XFAIL": "skipped",
+                "XPASS": "passed"}
+    tests = {}
+    for line in output.splitlines():
+        match = re.match(r"^(\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
+        if match:
+            tests[match.group(1)] = {"outcome": outcomes[match.group(2)]}
+    return tests
 
 
 def junit_outcomes(path: Path) -> dict:

@@ -250,7 +250,7 @@ def test_steps_past_the_total_budget_are_skipped_not_started(tmp_path):
 
 def test_gpu_test_outcomes_are_read_from_pytest_junit_xml(tmp_path):
     """The gpu_tests step's reading of pytest's report, on a real pytest run of four small tests."""
-    from kubellm.bench.gpu_steps import junit_outcomes, run_pytest
+    from kubellm.bench.gpu_steps import junit_outcomes, run_pytest, verbose_outcomes
 
     (tmp_path / "test_four.py").write_text(
         "import pytest\n"
@@ -261,13 +261,31 @@ def test_gpu_test_outcomes_are_read_from_pytest_junit_xml(tmp_path):
         "@pytest.fixture\n"
         "def broken(): raise RuntimeError('fixture broke')\n"
         "def test_error(broken): pass\n")
-    run = run_pytest(tmp_path, ["test_four.py"], tmp_path / "report.xml")
-    assert run.returncode == 1
+    exit_code, output = run_pytest(tmp_path, ["test_four.py"], tmp_path / "report.xml")
+    assert exit_code == 1
     tests = junit_outcomes(tmp_path / "report.xml")
     outcomes = {name.split("::")[-1]: t["outcome"] for name, t in tests.items()}
     assert outcomes == {"test_ok": "passed", "test_bad": "failed", "test_skipped": "skipped", "test_error": "error"}
     assert "one is not two" in next(t["message"] for t in tests.values() if t["outcome"] == "failed")
     assert junit_outcomes(tmp_path / "missing.xml") == {}
+    # pytest -v's own lines say the same (what is read when pytest is stopped before its report)
+    assert {name.split("::")[-1]: t["outcome"] for name, t in verbose_outcomes(output).items()} == outcomes
+
+
+def test_gpu_tests_stopped_at_their_limit_keep_the_outcomes_so_far(tmp_path):
+    from kubellm.bench.gpu_steps import junit_outcomes, run_pytest, verbose_outcomes
+
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n"
+        "import pytest\n"
+        "def test_first(): pass\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_second(n): assert n == 1\n"
+        "def test_hangs(): time.sleep(600)\n")
+    exit_code, output = run_pytest(tmp_path, ["test_slow.py"], tmp_path / "report.xml", timeout=20)
+    assert exit_code is None and junit_outcomes(tmp_path / "report.xml") == {}
+    outcomes = {name.split("::")[-1]: t["outcome"] for name, t in verbose_outcomes(output).items()}
+    assert outcomes == {"test_first": "passed", "test_second[1]": "passed", "test_second[2]": "failed"}
 
 
 # --------------------------------------------------------------------------- what the GPU machine is sent
