@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class LLMEngine:
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._requests: dict[str, Sequence] = {}
         self._structured = None   # structured outputs' compiler, on the first constrained request
+        self._structured_lock = threading.Lock()   # made by the engine thread or by a server's (prepare)
         self.load_times.total = time.monotonic() - started
 
     # -- requests ---------------------------------------------------------------------------
@@ -139,12 +141,19 @@ class LLMEngine:
 
     def _structured_outputs(self):
         """The engine's grammar compiler, made on the first constrained request (engine/structured.py)."""
-        if self._structured is None:
-            from kubellm.runtime.engine.structured import StructuredOutputs
+        with self._structured_lock:
+            if self._structured is None:
+                from kubellm.runtime.engine.structured import StructuredOutputs
 
-            self._structured = StructuredOutputs(self.tokenizer.hf, self.hf_config.vocab_size,
-                                                 self.tokenizer.eos_token_ids)
+                self._structured = StructuredOutputs(self.tokenizer.hf, self.hf_config.vocab_size,
+                                                     self.tokenizer.eos_token_ids)
         return self._structured
+
+    def prepare(self, gens: list[GenerationConfig]) -> None:
+        """Compile the structured-output constraints of `gens` (cached), from any thread: a server calls it before
+        posting a request, so that the engine thread's add_request finds them compiled. Raises RequestError."""
+        for gen in {id(g): g for g in gens if g.guided_fields()}.values():
+            self._structured_outputs().compile(gen)
 
     def _generation_limit(self, prompt_len: int, gen: GenerationConfig, field: str) -> int:
         if prompt_len >= self.session_len:

@@ -45,18 +45,24 @@ class StructuredOutputs:
 
     def grammar_for(self, gen: GenerationConfig) -> "SequenceGrammar | None":
         """A fresh matcher for `gen`'s constraint, or None without one. RequestError names the field at fault."""
+        compiled = self.compile(gen)
+        return None if compiled is None else SequenceGrammar(self._xgr.GrammarMatcher(compiled))
+
+    def compile(self, gen: GenerationConfig):
+        """`gen`'s compiled constraint (cached), or None without one. Thread-safe: a server compiles a request's
+        constraints off the engine thread before queueing it (LLMEngine.prepare), so that a new schema's compile
+        does not hold up every other sequence's steps."""
         fields = gen.guided_fields()
         if not fields:
             return None
         name = fields[0]
         try:
-            compiled = self._compile(name, gen)
+            return self._compile(name, gen)
         except RequestError:
             raise
         except Exception as err:  # noqa: BLE001 - xgrammar raises RuntimeError (and a few of its own) with a reason
             reason = _LOCATION.sub("", str(err).strip()).splitlines()[0] if str(err).strip() else type(err).__name__
             raise RequestError(f"{name}: cannot be compiled: {reason}; fix the {_WHAT[name]}") from None
-        return SequenceGrammar(self._xgr.GrammarMatcher(compiled))
 
     def _compile(self, name: str, gen: GenerationConfig):
         c = self.compiler

@@ -45,6 +45,8 @@ class EngineCalls:
         engine_loop = self.engine_loop()
         prompts, gens = protocol.prompts_and_configs(request, self.worker.generation_defaults, engine_loop.engine.config)
         choices = protocol.Choices.of(prompts, gens, stream)
+        if any(g.guided_fields() for g in gens):   # compiled here, in a thread, not on the engine thread
+            await asyncio.get_running_loop().run_in_executor(None, engine_loop.engine.prepare, gens)
         sink = EventSink(asyncio.get_running_loop(), stream)
         rids = await asyncio.wrap_future(engine_loop.add(choices.prompts, choices.gens, sink))
         return engine_loop, sink, rids, choices

@@ -8,7 +8,7 @@ settings → ModelInfoResponse; an exception → the gRPC status a caller sees.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field
 
 import grpc
 
@@ -105,10 +105,11 @@ class Choices:
     prompts: list            # one per engine request, prompt-major
     gens: list               # their one-choice configs
     groups: list[tuple[int, GenerationConfig, list[int]]]   # per prompt: its index, its config, its engine requests
+    indices: list[tuple[int, int]] = _field(default_factory=list)   # per engine request: (choice index, prompt index)
 
     @classmethod
     def of(cls, prompts: list, gens: list, stream: bool) -> "Choices":
-        out = cls([], [], [])
+        out = cls([], [], [], [])
         for i, (prompt, gen) in enumerate(zip(prompts, gens)):
             if stream and gen.best_of is not None and gen.best_of > gen.n:
                 raise RequestError(f"best_of: {gen.best_of} choices of which the best {gen.n} are returned cannot "
@@ -116,30 +117,29 @@ class Choices:
                                    "or equal to n when streaming")
             one = choice_configs(gen)
             out.groups.append((i, gen, list(range(len(out.prompts), len(out.prompts) + len(one)))))
+            first = out.indices[-1][0] + 1 if out.indices else 0   # i * n + j when every prompt has the same n
+            out.indices += [(first + j, i) for j in range(len(one))]   # (best_of > n is not streamed)
             out.prompts += [prompt] * len(one)
             out.gens += one
         return out
 
     def stream_index(self, position: int) -> tuple[int, int]:
         """(choice index, prompt index) of engine request `position` when streaming (best_of is refused there)."""
-        for i, gen, positions in self.groups:
-            if position in positions:
-                return i * gen.n + positions.index(position), i
-        raise IndexError(position)
+        return self.indices[position]
 
 
 # -- replies out ---------------------------------------------------------------------------------------
 def generate_response(replica: str, results: list[TokenEvent], choices: Choices | None = None,
                       tokenizer=None) -> llm_pb2.GenerateResponse:
     """One reply for a whole batch, from each engine request's last event: per prompt its n choices (the best n
-    of best_of by cumulative logprob), prompt-major, index = prompt index * n + choice."""
+    of best_of by cumulative logprob), prompt-major, index = their position (prompt index * n + choice)."""
     if choices is None:
         return llm_pb2.GenerateResponse(replica=replica, responses=[
             _response(r, r.index, r.index, tokenizer) for r in results])
     responses = []
     for i, gen, positions in choices.groups:
         picked = best_choices(gen, [results[p].cumulative_logprob for p in positions])
-        responses += [_response(results[positions[k]], i * gen.n + j, i, tokenizer) for j, k in enumerate(picked)]
+        responses += [_response(results[positions[k]], len(responses) + j, i, tokenizer) for j, k in enumerate(picked)]
     return llm_pb2.GenerateResponse(replica=replica, responses=responses)
 
 

@@ -149,3 +149,41 @@ def test_a_schema_is_compiled_once(engine):
     run(engine, [sampled(guided_json=dict(reversed(SCHEMAS[3].items())))])   # same schema, other key order
     assert structured._json_cache.keys() == compiled.keys()
     assert all(structured._json_cache[k] is compiled[k] for k in compiled)
+
+
+def test_a_server_compiles_off_the_engine_thread(engine):
+    import threading
+
+    schema = {"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}
+    gen = sampled(guided_json=schema)
+    worker = threading.Thread(target=engine.prepare, args=([gen, gen],))   # as engine_calls does, in a thread
+    worker.start()
+    worker.join()
+    structured = engine._structured_outputs()
+    key = (json.dumps(schema, sort_keys=True), None)
+    compiled = structured._json_cache[key]
+    seq = engine.add_request("Hello", gen)   # found compiled
+    assert structured._json_cache[key] is compiled and seq.grammar is not None
+    engine.abort(seq.request_id)
+    with pytest.raises(RequestError, match="guided_regex: cannot be compiled"):
+        engine.prepare([GenerationConfig(guided_regex="(")])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_masks_reach_rank_0s_sampler_in_a_parallel_group(tiny_llama, tp, pp):
+    """Sampling happens on rank 0, where the grammars live: a tensor- or pipeline-parallel group gives the same
+    constrained tokens as one process."""
+    gens = [sampled(guided_json=SCHEMAS[i % 2], max_new_tokens=80) for i in range(4)]
+    outputs = []
+    for tp_, pp_ in ((1, 1), (tp, pp)):
+        e = LLMEngine(tiny_llama, EngineConfig(device="cpu", dtype="float32", session_len=256, tensor_parallel=tp_,
+                                               pipeline_parallel=pp_), show_progress=False)
+        try:
+            seqs = e.generate(PROMPTS, gens)
+            for i, s in enumerate(seqs):
+                jsonschema.validate(json.loads(s.text), SCHEMAS[i % 2])
+            outputs.append([s.token_ids for s in seqs])
+        finally:
+            e.destroy()
+    assert outputs[0] == outputs[1]
