@@ -116,7 +116,9 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     """Runs the step in a child process; kills its process group past `budget` seconds. The child's output
     is echoed (it carries the step's own progress lines) and its last lines kept."""
     result_file = workdir / f"{name}.result.json"
+    partial_file = workdir / f"{name}.partial.json"
     result_file.unlink(missing_ok=True)
+    partial_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "kubellm.bench.gpu", "--child", name, "--device", device,
                "--workdir", str(workdir), "--result", str(result_file), "--budget", str(budget)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -144,8 +146,9 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     reader.join(timeout=5)
     seconds = time.monotonic() - start
     if timed_out:
-        return {"status": "timeout", "seconds": seconds, "budget_s": budget,
-                "error": f"ran past its budget of {budget:.0f} s and was killed", "output_tail": list(tail)}
+        return with_partial({"status": "timeout", "seconds": seconds, "budget_s": budget,
+                             "error": f"ran past its budget of {budget:.0f} s and was killed",
+                             "output_tail": list(tail)}, partial_file)
     try:
         result = json.loads(result_file.read_text())
     except (OSError, ValueError):
@@ -157,13 +160,23 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     return result
 
 
+def with_partial(result: dict, partial_file: Path) -> dict:
+    """A killed step's result with the figures it saved before (Context.save_partial), marked as partial."""
+    try:
+        figures = json.loads(partial_file.read_text())
+    except (OSError, ValueError):
+        return result
+    return {**figures, **result, "partial": True}
+
+
 def child(name: str, device: str, workdir: str, result_file: str, budget: float | None = None) -> int:
     """The step itself (in the child process): its figures and status, written to `result_file`."""
     if not device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton (tests/conftest.py too)
     from kubellm.bench import gpu_steps
 
-    ctx = gpu_steps.Context(device=device, tiny=not device.startswith("cuda"), workdir=Path(workdir), budget_s=budget)
+    ctx = gpu_steps.Context(device=device, tiny=not device.startswith("cuda"), workdir=Path(workdir), budget_s=budget,
+                            partial_file=Path(workdir) / f"{name}.partial.json")
     try:
         figures = gpu_steps.STEPS[name](ctx)
         checks = figures.get("checks", {})

@@ -98,7 +98,7 @@ def _step_figures(name: str, step: dict) -> str:
     """One line of the step's key figures for the steps table."""
     if step.get("status") == "skipped":
         return step.get("reason", "")
-    if step.get("status") == "timeout":
+    if step.get("status") == "timeout" and not step.get("partial"):
         return step.get("error", "")
     pick = {
         "environment": lambda s: f"{_num(s.get('bandwidth_GBps'), 0)} GB/s copy, "
@@ -121,8 +121,11 @@ def _step_figures(name: str, step: dict) -> str:
         "offline_vs_hf": lambda s: f"kubellm {_num(s.get('engine_tok_s'), 0)} tok/s, HF {_num(s.get('hf_tok_s'), 0)} "
                                    f"tok/s: {_num(s.get('ratio'))}x",
     }.get(name)
-    text = pick(step) if pick else ""
-    if step.get("status") == "fail" and step.get("error"):
+    try:
+        text = pick(step) if pick else ""
+    except (KeyError, TypeError, ValueError):   # a killed step's partial figures may lack some
+        text = ""
+    if step.get("status") in ("fail", "timeout") and step.get("error"):
         text = f"{step['error']}; {text}" if text else step["error"]
     return text
 

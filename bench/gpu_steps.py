@@ -40,6 +40,14 @@ class Context:
     tiny: bool             # tiny shapes (CPU dry run)
     workdir: Path          # shared by the steps: checkpoints made once
     budget_s: float | None = None   # what this step was given (a step that runs a subprocess stops it in time)
+    partial_file: Path | None = None  # where save_partial() keeps figures a timeout must not lose
+
+    def save_partial(self, figures: dict) -> None:
+        """Figures measured so far: kept (status "timeout") if the step is killed before it returns."""
+        if self.partial_file is not None:
+            import json
+
+            self.partial_file.write_text(json.dumps(figures, default=str))
 
     @property
     def cuda(self) -> bool:
@@ -147,8 +155,11 @@ def attention_kernels(ctx: Context) -> dict:
     # Speed against SDPA.
     decode_shapes = bench_kernels.DECODE_SHAPES if not ctx.tiny else DECODE_TINY
     prefill_shapes = bench_kernels.PREFILL_SHAPES if not ctx.tiny else PREFILL_TINY
-    rows = [bench_kernels.bench_decode(b, c, device=ctx.device, heads=h) for b, c in decode_shapes]
-    rows += [bench_kernels.bench_prefill(n, c, device=ctx.device, heads=h) for n, c in prefill_shapes]
+    rows = []
+    for kind, shapes in ((bench_kernels.bench_decode, decode_shapes), (bench_kernels.bench_prefill, prefill_shapes)):
+        for a, b in shapes:
+            rows.append(kind(a, b, device=ctx.device, heads=h))
+            ctx.save_partial({"checks": checks, "rel_errors": errors, "rows": rows})
     decode = [r["ratio"] for r in rows if r["kernel"] == "paged decode"]
     prefill = [r["ratio"] for r in rows if r["kernel"] == "paged prefill"]
     return {"checks": checks, "rel_errors": errors, "rows": rows,
@@ -400,10 +411,10 @@ def offline_vs_hf(ctx: Context) -> dict:
 
     if ctx.tiny:   # the tiny checkpoint (random_model would add a batch-1 decode of 256 tokens: slow on CPU)
         result = offline(str(checkpoint(ctx)), num_prompts=4, batch_size=2, prompt_len=(4, 16), new_tokens=(2, 8),
-                         seed=0, device=ctx.device)
+                         seed=0, device=ctx.device, on_engine_result=ctx.save_partial)
     else:
         result = offline("", num_prompts=64, batch_size=16, prompt_len=(8, 512), new_tokens=(8, 512), seed=0,
-                         random_model="llama3-8b", device=ctx.device)
+                         random_model="llama3-8b", device=ctx.device, on_engine_result=ctx.save_partial)
     return result
 
 
@@ -445,6 +456,7 @@ def quant_gemm(ctx: Context) -> dict:
                          "w8a16_ms": w8_ms, "w4a16_speedup": bf16_ms / w4_ms, "w8a16_speedup": bf16_ms / w8_ms,
                          "bf16_GBps": 2 * n * k / bf16_ms / 1e6, "w4a16_GBps": n * k / 2 / w4_ms / 1e6,
                          "w8a16_GBps": n * k / w8_ms / 1e6})
+            ctx.save_partial({"checks": checks, "rel_errors": errors, "rows": rows})
     try:
         importlib.import_module("kubellm.runtime.executor.layers.quantization")
         layers = "present"

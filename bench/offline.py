@@ -39,10 +39,12 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int, progress: Progre
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
             lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False,
-            device: str = "auto", show_progress: bool = True) -> dict:
+            device: str = "auto", show_progress: bool = True, on_engine_result=None) -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
     bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline.
-    `show_progress`: the side being measured, tokens done / total and an ETA on stderr (bench/progress.py)."""
+    `show_progress`: the side being measured, tokens done / total and an ETA on stderr (bench/progress.py).
+    `on_engine_result(result)`: called with kubellm's figures before HF generate runs (`bench gpu` keeps them
+    should HF's side not finish in time)."""
     import tempfile
 
     import torch
@@ -75,6 +77,8 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
               "preemptions": engine.scheduler.num_preemptions}
     if decode is not None:
         result.update(random_model=random_model, decode=decode)
+    if on_engine_result is not None:
+        on_engine_result(dict(result))
     device, dtype_ = engine.runner.device, engine.runner.dtype
     engine.destroy()
     if not skip_hf:

@@ -238,6 +238,21 @@ def test_sigterm_to_the_check_kills_the_running_step_too(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_killed_step_keeps_the_figures_it_saved(tmp_path):
+    from kubellm.bench.gpu_steps import Context
+
+    killed = {"status": "timeout", "seconds": 150.2, "error": "ran past its budget of 150 s and was killed"}
+    assert gpu.with_partial(killed, tmp_path / "none.json") == killed
+    ctx = Context("cpu", True, tmp_path, budget_s=150, partial_file=tmp_path / "offline_vs_hf.partial.json")
+    ctx.save_partial({"engine_tok_s": 5000.0, "status": "pass", "decode": {"roofline_fraction": 0.7}})
+    merged = gpu.with_partial(killed, ctx.partial_file)
+    assert merged["status"] == "timeout" and merged["partial"] is True and merged["engine_tok_s"] == 5000.0
+    assert merged["seconds"] == 150.2 and merged["decode"] == {"roofline_fraction": 0.7}
+    Context("cpu", True, tmp_path).save_partial({"x": 1})   # no file given: nothing written, no error
+    text = gpu_report.markdown(_report(offline_vs_hf={**merged, "engine_tok_s": 5000.0}))
+    assert "| offline_vs_hf | timeout | 150 | ran past its budget of 150 s and was killed; kubellm 5000 tok/s" in text
+
+
 @pytest.mark.multiprocess
 def test_steps_past_the_total_budget_are_skipped_not_started(tmp_path):
     report = gpu.run_check("cpu", tmp_path, ["environment", "pointwise_kernels", "engine_vs_hf"], {}, total_budget=7)
