@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from kubellm.bench.progress import Progress
 from kubellm.bench.workload import Workload, make_workload, run_engine
@@ -90,7 +91,9 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
                 hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(result["model"]), dtype=dtype_)
             hf = hf.eval()
         else:
-            hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_).to(device).eval()
+            # a GGUF directory (the embedded model): transformers de-quantizes the file itself
+            gguf = {"gguf_file": f.name for f in Path(result["model"]).glob("*.gguf")}
+            hf = AutoModelForCausalLM.from_pretrained(result["model"], dtype=dtype_, **gguf).to(device).eval()
         pad = hf.generation_config.pad_token_id
         pad = pad if pad is not None else 0
         progress.switch("HF generate warm-up", total=warm.generated_tokens)
