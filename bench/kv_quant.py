@@ -33,8 +33,14 @@ def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: s
     try:
         chats = [[{"role": "user", "content": p}] for p in PROMPTS]
         gen = GenerationConfig(max_new_tokens=new_tokens, logprobs=0, ignore_eos=True)
+        from kubellm.bench.progress import Progress
+
         started = time.perf_counter()
-        seqs = engine.generate(chats, [gen] * len(chats))
+        seqs = [engine.add_request(chat, gen) for chat in chats]
+        with Progress("bench kv_quant", f"the {kv_cache_dtype} KV cache", total=len(chats) * new_tokens,
+                      unit="tokens") as progress:
+            while engine.has_unfinished():
+                progress.update(len(engine.step()))
         return {"kv_cache_dtype": kv_cache_dtype, "blocks": engine.block_manager.num_blocks,
                 "seconds": time.perf_counter() - started,
                 "tokens": [s.generated_ids for s in seqs], "logprobs": [s.logprobs for s in seqs],
@@ -72,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = {}
     for kind in ("auto", "int8"):
-        print(f"[kv_quant] measuring the {kind} KV cache: {len(PROMPTS)} prompts x {args.new_tokens} greedy tokens",
-              file=sys.stderr, flush=True)
         quantization = None if args.quantization == "none" else args.quantization
         runs[kind] = _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb, quantization)
     result = compare(runs["auto"], runs["int8"])
