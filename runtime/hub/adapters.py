@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from kubellm.runtime.hub.cache import cache_dir, is_complete_adapter
@@ -67,11 +68,27 @@ def resolve_adapter(name: str, source: str, what: str = "--lora") -> Path:
     if source.startswith("hf://"):
         from kubellm.runtime.hub.download import download_hf
 
-        return check_adapter_dir(name, download_hf(source, adapter_cache_dir(source), adapter=True), what)
+        dest = adapter_cache_dir(source)
+        with _download_lock(dest):   # a local deployment's workers share the cache: one downloads, the rest wait
+            return check_adapter_dir(name, download_hf(source, dest, adapter=True), what)
     if source.startswith("pvc://"):
         raise ValueError(f"{what}: adapter {name!r}: {source!r} is a PersistentVolumeClaim, which only the "
                          "Kubernetes operator mounts (spec.adapters); here give the directory it is mounted at")
     return check_adapter_dir(name, source, what)
+
+
+@contextmanager
+def _download_lock(dest: Path):
+    """An exclusive lock beside `dest` while it is downloaded (download_hf's partial directory is per host)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:   # no fcntl (Windows): no lock
+            pass
+        yield
 
 
 def resolve_adapters(sources: dict[str, str], what: str = "--lora") -> dict[str, str]:

@@ -44,12 +44,14 @@ def test_serve_with_a_directory_and_an_hf_adapter(tiny_llama, adapters, cache, t
     with HFMirror(adapters["chat"], "org/chat-lora") as mirror:
         monkeypatch.setenv("HF_ENDPOINT", mirror.url)          # the workers inherit it
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        c = kubellm.serve(str(tiny_llama), deployment_name="lora", adapters={"sql": str(adapters["sql"]),
-                                                                             "chat": "hf://org/chat-lora"}, **ENGINE)
+        # Two workers share the cache: one downloads the hf:// adapter while the other waits for it.
+        c = kubellm.serve(str(tiny_llama), deployment_name="lora", replica_num=2,
+                          adapters={"sql": str(adapters["sql"]), "chat": "hf://org/chat-lora"}, **ENGINE)
         try:
             assert c.model_info().adapters == ["chat", "sql"]
             base, sql, chat = tokens(c), tokens(c, adapter="sql"), tokens(c, adapter="chat")
             assert len({tuple(base), tuple(sql), tuple(chat)}) == 3
+            assert [tokens(c, adapter="chat") for _ in range(2)] == [chat, chat]   # the other replica: the same
             deltas = [d.token_ids for d in c.stream(PROMPT, max_new_tokens=10, ignore_eos=True, adapter="chat")]
             assert sum(deltas, []) == chat
             # the worker downloaded the hf:// adapter into the deployment's cache, byte for byte
@@ -58,8 +60,10 @@ def test_serve_with_a_directory_and_an_hf_adapter(tiny_llama, adapters, cache, t
                 (adapters["chat"] / "adapter_model.safetensors").read_bytes()
             entry = json.loads((deployments.registry_dir() / "lora.json").read_text())
             assert entry["adapters"] == {"sql": str(adapters["sql"]), "chat": "hf://org/chat-lora"}
-            worker_log = (Path(entry["log_dir"]) / "worker-0.log").read_text()
-            assert "LoRA adapters: sql" in worker_log
+            for i in (0, 1):
+                assert "LoRA adapters: sql" in (Path(entry["log_dir"]) / f"worker-{i}.log").read_text()
+            fetched = [path for method, path, _ in mirror.requests if method == "GET" and "/resolve/" in path]
+            assert len([p for p in fetched if p.endswith("adapter_model.safetensors")]) == 1   # downloaded once
         finally:
             c.terminate_server()
 
