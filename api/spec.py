@@ -106,6 +106,9 @@ class EngineSpec(_Spec):
         None, description="weights: unset serves the checkpoint as stored (float, AWQ / GPTQ as its "
                           "quantization_config says, a GGUF file's 4- / 8-bit blocks); int8: weight-only int8 made "
                           "on load; float: de-quantize on load; awq / gptq / gguf: insist on that format")
+    kvCacheDtype: Literal["auto", "int8"] = Field(
+        "auto", description="auto: the KV cache holds the model's dtype; int8: int8 values with a float32 scale per "
+                            "token and KV head, about 2x the bf16 cache's blocks (LMDeploy's quant_policy=8)")
 
 
 class AdapterSpec(_Spec):
@@ -144,6 +147,7 @@ RUNTIME_NAMES = {
     "enablePrefixCaching": "enable_prefix_caching", "modelImpl": "model_impl", "eviction": "eviction",
     "numCpuBlocks": "num_cpu_blocks", "ropeScalingFactor": "rope_scaling_factor", "useLognAttn": "use_logn_attn",
     "maxLoraRank": "max_lora_rank", "quantization": "quantization",
+    "kvCacheDtype": "kv_cache_dtype",
     "maxNewTokens": "max_new_tokens", "temperature": "temperature", "topP": "top_p", "topK": "top_k",
     "repetitionPenalty": "repetition_penalty",
     # LimitsSpec's worker limits (the others are the router's flags: resources.router_deployment)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantization", default=None, choices=["int8", "float", "awq", "gptq", "gguf"],
                        help="weights: unset, as the checkpoint stores them (float, AWQ, GPTQ, GGUF); int8: weight-only "
                             "int8 made on load; float: de-quantize on load (docs/quantization.md)")
+        p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
+                       help="auto: the KV cache holds the model's dtype; int8: int8 with a scale per token and head "
+                            "(about 2x the bf16 blocks; LMDeploy's quant_policy=8)")
 
     def drain_flag(p, what: str) -> None:
         """--drain-timeout (the operator passes spec.drain.timeoutSeconds)."""
@@ -187,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="offline: that shape with random bf16 weights instead of --model (nothing downloaded), "
                             "plus batch-1 decode tokens/s against the memory-bandwidth roofline")
     bench.add_argument("--enforce-eager", action="store_true", help="offline: no CUDA graphs for decode steps")
+    bench.add_argument("--formats", default="auto",
+                       help="offline: weight formats whose batch-1 decode is measured against the read-bandwidth "
+                            "roofline, comma-separated from float32,int8,q4 (q4: the GGUF as stored); auto: all on "
+                            "CPU, none on a GPU; none")
+    bench.add_argument("--baseline", choices=["hf", "llama.cpp"], default="hf",
+                       help="offline: hf (the workload against Hugging Face generate) or llama.cpp (llama-cpp-python "
+                            "on the same GGUF file, batch 1 and --batch-size concurrent requests; the bench extra)")
     bench.add_argument("--workload", choices=["short", "shared-prefix"], default="short",
                        help="serve: short (six short prompts, --target vs --direct) or shared-prefix (long system "
                             "prompts shared by many requests: the routing policies side by side on 2 workers)")

@@ -26,7 +26,7 @@ EVERY_FIELD = {
     "engine": {"dtype": "bfloat16", "maxBatchSize": 7, "maxNumBatchedTokens": 999, "kvCacheFraction": 0.3,
                "blockSize": 8, "sessionLen": 321, "enablePrefixCaching": False, "modelImpl": "transformers",
                "eviction": "copy", "numCpuBlocks": 12, "ropeScalingFactor": 2.5, "useLognAttn": True,
-               "maxLoraRank": 16, "quantization": "int8"},
+               "maxLoraRank": 16, "quantization": "int8", "kvCacheDtype": "int8"},
     "generation": {"maxNewTokens": 11, "temperature": 0.6, "topP": 0.8, "topK": 5, "repetitionPenalty": 1.2},
 }
 
