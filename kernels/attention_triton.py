@@ -38,27 +38,6 @@ MAX_SPLITS = 32
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
-                     cache_stride_slot, cache_stride_h,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
-    # A negative slot is a padding row (a CUDA-graph batch bucket larger than the real batch).
-    # (slot + heads * 0: the test is a tile, not a scalar; Triton's interpreter rejects a
-    # scalar condition and-ed into a tile mask.)
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & (slot + heads * 0 >= 0)
-    dest = slot * cache_stride_slot + heads * cache_stride_h + dims
-    key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask)
-    value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask)
-    tl.store(k_cache_ptr + dest, key, mask=mask)
-    tl.store(v_cache_ptr + dest, value, mask=mask)
-
-
-@triton.jit
 def _quantize_store(x, cache_ptr, scale_ptr, dest, scale_dest, mask, head_mask):
     """x [BLOCK_H, BLOCK_D] as int8 with one scale per row (head): max|x| / 127 (kv_int8.py)."""
     x = x.to(tl.float32)
@@ -70,23 +49,30 @@ def _quantize_store(x, cache_ptr, scale_ptr, dest, scale_dest, mask, head_mask):
 
 
 @triton.jit
-def _write_kv_int8_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
-                          key_stride_t, key_stride_h, value_stride_t, value_stride_h,
-                          cache_stride_slot, cache_stride_h, scale_stride_slot,
-                          NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
+                     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
+                     cache_stride_slot, cache_stride_h, scale_stride_slot,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & (slot + heads * 0 >= 0)   # slot < 0: padding row
-    head_mask = tl.max(mask.to(tl.int32), 1) > 0
+    # A negative slot is a padding row (a CUDA-graph batch bucket larger than the real batch).
+    # (slot + heads * 0: the test is a tile, not a scalar; Triton's interpreter rejects a
+    # scalar condition and-ed into a tile mask.)
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & (slot + heads * 0 >= 0)
     dest = slot * cache_stride_slot + heads * cache_stride_h + dims
-    scale_dest = slot * scale_stride_slot + tl.arange(0, BLOCK_H)
     key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask, other=0.0)
     value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask, other=0.0)
-    _quantize_store(key, k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
-    _quantize_store(value, v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
+    if KV_INT8:
+        head_mask = tl.max(mask.to(tl.int32), 1) > 0
+        scale_dest = slot * scale_stride_slot + tl.arange(0, BLOCK_H)
+        _quantize_store(key, k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
+        _quantize_store(value, v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
+    else:
+        tl.store(k_cache_ptr + dest, key, mask=mask)
+        tl.store(v_cache_ptr + dest, value, mask=mask)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -99,21 +85,16 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         return
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride() == v_cache.stride()
     assert key.stride(-1) == 1 and value.stride(-1) == 1
-    if k_scale is not None:
+    int8 = k_scale is not None
+    if int8:
         assert k_scale.is_contiguous() and v_scale.is_contiguous()
-        _write_kv_int8_kernel[(num_tokens,)](
-            key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            k_cache.stride(1), k_cache.stride(2), k_scale.stride(1),
-            NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim))
-        return
+    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not written unless int8
     _write_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, k_scales, v_scales, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(1), k_cache.stride(2), k_scales.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim))
+        BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim), KV_INT8=int8)
 
 
 @triton.jit
