@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from kubellm.kernels import quant, quant_cpu
 
 SHAPES = [(576, 1536), (1536, 576), (576, 49152)]   # (in_features K, out_features N)

@@ -15,6 +15,7 @@ these (`prepare_*`); with KUBELLM_KERNELS=reference it keeps quant.py's form and
 from __future__ import annotations
 
 import torch
+
 from kubellm.kernels import quant
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4pack kernel takes

@@ -8,9 +8,11 @@ what makes decode (few rows, bound by reading weights) faster than a bf16 GEMM.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
 from kubellm.kernels.triton_support import dot_dtype, dot_precision
+
+import triton  # noqa: E402  (triton_support settles TRITON_INTERPRET first)
+import triton.language as tl  # noqa: E402
 
 
 @triton.jit

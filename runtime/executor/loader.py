@@ -15,15 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubellm.runtime.executor.checkpoint import (
-    ModelDirError,
-    find_checkpoint,
-    open_tensors,
-)
-from kubellm.runtime.executor.layers.quantization import QuantizationError
-from kubellm.runtime.executor.stages import is_elsewhere
 from torch import nn
 from tqdm.auto import tqdm
+
+from kubellm.runtime.executor.checkpoint import ModelDirError, find_checkpoint, open_tensors
+from kubellm.runtime.executor.layers.quantization import QuantizationError
+from kubellm.runtime.executor.stages import is_elsewhere
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 log = logging.getLogger("kubellm.loader")
@@ -52,11 +49,25 @@ def load_hf_config(path: Path):
     try:  # trust_remote_code=False: a checkpoint's own Python never runs, and transformers never asks
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError) as err:
-        from kubellm.runtime.executor.models.transformers_backend import (
-            unreadable_config,
-        )
+        from kubellm.runtime.executor.models.transformers_backend import unreadable_config
 
         raise ModelDirError(unreadable_config(path, err)) from err
+
+
+def plan_for_checkpoint(path: Path, hf_config, config):
+    """The quantization plan (layers/quantization/) for a model directory and an EngineConfig; None: float."""
+    from kubellm.runtime.executor.layers.quantization import QuantizationError, plan_quantization
+
+    if config.load_format == "random":
+        if config.quantization:
+            raise QuantizationError("quantization: load_format='random' fills float weights; leave quantization unset")
+        return None
+    checkpoint = find_checkpoint(path)
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    return plan_quantization(config.quantization, qc, checkpoint.format if checkpoint else "safetensors",
+                             hf_config.model_type, config.model_impl)
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:

@@ -13,9 +13,9 @@ from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
-from kubellm.runtime.executor.layers.quantization import building, plan_for_checkpoint
+from kubellm.runtime.executor.layers.quantization import building
 from kubellm.runtime.executor.layers.long_context import with_long_context_options
-from kubellm.runtime.executor.loader import load_weights
+from kubellm.runtime.executor.loader import load_weights, plan_for_checkpoint
 from kubellm.runtime.executor.lora import load_adapters
 from kubellm.runtime.executor.models import model_class
 from kubellm.runtime.executor.random_weights import fill_random_weights

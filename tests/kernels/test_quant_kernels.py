@@ -3,6 +3,7 @@ against the plain-PyTorch reference (kernels/quant.py), on shapes that are not t
 
 import pytest
 import torch
+
 from kubellm.kernels import quant, quant_cpu
 
 pytest.importorskip("triton")

@@ -48,6 +48,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the selected positions only; the tensor ranks' vocabulary slices gathered.
     `bias` (Phi): split by vocabulary like the weight."""
 
+    is_lm_head = True   # a quantized table it holds alone is never gathered by row (layers/quantization/)
+
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         super().__init__(vocab_size, hidden_size)
         if bias:

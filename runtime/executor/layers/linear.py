@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kubellm.runtime.executor.layers.quantization import linear_method_for_new_layer
 from kubellm.runtime.executor.parallel import all_reduce, tp_rank, tp_size
-from torch import nn
 
 
 class LinearBase(nn.Module):

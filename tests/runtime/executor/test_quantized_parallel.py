@@ -3,6 +3,7 @@ reads its slices of the packed tensors, and the group gives one process's greedy
 kernels, so every rank computes in float32 as the single process does)."""
 
 import pytest
+
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
 from quant_checkpoints import write_awq, write_gguf

@@ -3,6 +3,7 @@ and float32 (de-quantized on load, which must equal transformers reading the sam
 
 import pytest
 import torch
+
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
 

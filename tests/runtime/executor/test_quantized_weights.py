@@ -8,13 +8,10 @@ independently (its own de-quantizer and un-permutation) and gives the reference'
 
 import pytest
 import torch
+
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
-from kubellm.runtime.executor.layers.quantization import (
-    QuantizationError,
-    QuantPlan,
-    plan_quantization,
-)
+from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan, plan_quantization
 from quant_checkpoints import write_awq, write_gguf, write_gptq
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then"]

@@ -109,22 +109,6 @@ def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
     return QuantPlan("gptq", serve, bits, group, zero_offset=1 if fmt == "gptq" else 0)
 
 
-def plan_for_checkpoint(path, hf_config, config) -> QuantPlan | None:
-    """The plan for a model directory and an EngineConfig (reads only the directory's listing)."""
-    from kubellm.runtime.executor.checkpoint import find_checkpoint
-
-    if config.load_format == "random":
-        if config.quantization:
-            _refuse("quantization: load_format='random' fills float weights; leave quantization unset")
-        return None
-    checkpoint = find_checkpoint(path)
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict()
-    return plan_quantization(config.quantization, qc, checkpoint.format if checkpoint else "safetensors",
-                             hf_config.model_type, config.model_impl)
-
-
 _BUILDING: ContextVar[QuantPlan | None] = ContextVar("kubellm_quant_plan", default=None)
 
 

@@ -9,9 +9,10 @@ columns, a row-parallel one its K rows and K/group scale rows.
 from __future__ import annotations
 
 import torch
+
 from kubellm.kernels import quant
 from kubellm.runtime.executor.layers.quantization import QuantPlan
-from kubellm.runtime.executor.layers.quantization.method import Part
+from kubellm.runtime.executor.layers.quantization.layout import Part
 from kubellm.runtime.executor.layers.quantization.packed import Int4Rows
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)            # AutoAWQ's pack order: nibble i <- column ORDER[i]
@@ -41,7 +42,7 @@ class AWQFormat:
         self.required = tuple(self.parts)
 
     def read(self, name, loaded, out_span, in_span, layer):
-        from kubellm.runtime.executor.layers.quantization.method import read_part
+        from kubellm.runtime.executor.layers.quantization.layout import read_part
 
         return read_part(self.parts[name], loaded, out_span, in_span)
 

@@ -18,14 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kubellm.runtime.executor.layers.quantization import QuantizationError
-from kubellm.runtime.executor.layers.quantization.method import IN_MISFIT, stored_span
-from kubellm.runtime.executor.layers.quantization.packed import (
-    FloatRows,
-    Int4Rows,
-    Int8Rows,
-    int8_per_channel,
-)
+from kubellm.runtime.executor.layers.quantization.layout import IN_MISFIT, stored_span
+from kubellm.runtime.executor.layers.quantization.packed import FloatRows, Int4Rows, Int8Rows, int8_per_channel
 
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
@@ -184,7 +180,7 @@ class GGUFFormat:
     """The linears' (and embedding's) reader for GGUF tensors: one stored part, `weight`."""
 
     def __init__(self):
-        from kubellm.runtime.executor.layers.quantization.method import Part
+        from kubellm.runtime.executor.layers.quantization.layout import Part
 
         self.parts = {"weight": Part(0, 1, 1, 32)}
         self.required = ("weight",)

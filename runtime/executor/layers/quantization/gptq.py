@@ -9,10 +9,11 @@ zero - 1 in the default 'gptq' checkpoint_format and zero itself in 'gptq_v2'.
 from __future__ import annotations
 
 import torch
+
 from kubellm.kernels import quant
 from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan
 from kubellm.runtime.executor.layers.quantization.awq import unpack_int32
-from kubellm.runtime.executor.layers.quantization.method import Part, read_part
+from kubellm.runtime.executor.layers.quantization.layout import Part, read_part
 from kubellm.runtime.executor.layers.quantization.packed import Int4Rows
 
 

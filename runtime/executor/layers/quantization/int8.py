@@ -8,7 +8,8 @@ gives the same tokens as one process.
 from __future__ import annotations
 
 import torch
-from kubellm.runtime.executor.layers.quantization.method import Part
+
+from kubellm.runtime.executor.layers.quantization.layout import Part
 from kubellm.runtime.executor.layers.quantization.packed import Int8Rows
 
 

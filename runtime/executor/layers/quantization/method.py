@@ -12,54 +12,12 @@ one layer's pieces are held in their checkpoint form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan
-from kubellm.runtime.executor.layers.quantization.packed import (
-    QuantizedWeight,
-    combine,
-    serve_as,
-)
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Part:
-    """Where one stored tensor keeps output channels and input columns.
-    `*_factor`: logical elements per stored element on that axis (None on the input axis: one stored row
-    for the whole input, GPTQ's group_size -1)."""
-    out_axis: int | None
-    out_factor: int
-    in_axis: int | None
-    in_factor: int | None
-    optional: bool = False
-
-
-def stored_span(start: int, size: int, factor: int | None, what: str) -> slice:
-    if factor is None:
-        return slice(0, 1)
-    if start % factor or size % factor:
-        raise QuantizationError(what.format(start=start, size=size, factor=factor))
-    return slice(start // factor, (start + size) // factor)
-
-
-OUT_MISFIT = ("tensor_parallel: this rank's {size} output channels (from channel {start}) are not a multiple of "
-              "the {factor} that the checkpoint packs into one stored element; use a tensor_parallel that splits "
-              "each projection into multiples of {factor}")
-IN_MISFIT = ("group_size: {factor} does not divide this rank's {size} input columns (from column {start}) of a "
-             "row-parallel layer; use a tensor_parallel whose shards hold whole groups, or a checkpoint with a "
-             "smaller group_size")
-
-
-def read_part(part: Part, loaded, out_span: tuple[int, int] | None, in_span: tuple[int, int] | None):
-    """This rank's slice of a stored tensor; a span None means all of that axis."""
-    index = [slice(None)] * (2 if part.out_axis is not None and part.in_axis is not None else 1)
-    if out_span is not None and part.out_axis is not None:
-        index[part.out_axis] = stored_span(*out_span, part.out_factor, OUT_MISFIT)
-    if in_span is not None and part.in_axis is not None:
-        index[part.in_axis] = stored_span(*in_span, part.in_factor, IN_MISFIT)
-    return loaded[tuple(index)] if len(index) == 2 else loaded[index[0]]
+from kubellm.runtime.executor.layers.quantization import QuantPlan
+from kubellm.runtime.executor.layers.quantization.layout import Part
+from kubellm.runtime.executor.layers.quantization.packed import QuantizedWeight, combine, serve_as
 
 
 def format_for(plan: QuantPlan):
@@ -155,10 +113,9 @@ class QuantizedEmbeddingMethod(_Placeholders):
         rows = serve_as(rows, self.plan.serve)
         if end - layer.start < layer.shard_size:
             rows = _pad_rows(rows, layer.shard_size)
-        from kubellm.runtime.executor.layers.embed_head import ParallelLMHead
-
         # an untied LM head only multiplies; an embedding (tied or not) is also gathered by row
-        self.weight = QuantizedWeight(rows, self.dtype, self.device, gather=not isinstance(layer, ParallelLMHead))
+        gather = not getattr(type(layer), "is_lm_head", False)
+        self.weight = QuantizedWeight(rows, self.dtype, self.device, gather=gather)
         layer.quantized = self.weight
 
     def missing(self) -> list[str]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kubellm.kernels import dispatch, quant, quant_cpu
 from torch import nn
+
+from kubellm.kernels import dispatch, quant, quant_cpu
 
 
 @dataclass
