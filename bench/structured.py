@@ -45,14 +45,14 @@ class FillTimer:
         self.sampler, self.original_apply = sampler, sampler.apply_bitmask
         timer = self
 
-        def timed(cls, grammars, bitmask):
+        def timed(cls, grammars, bitmask, rows):
             start = time.perf_counter()
-            timer.original.__func__(cls, grammars, bitmask)
+            timer.original.__func__(cls, grammars, bitmask, rows)
             timer.seconds.append(time.perf_counter() - start)
 
-        def timed_apply(logits, bitmask, rows):
+        def timed_apply(logits, bitmask, rows, apply_rows=None):
             start = time.perf_counter()
-            out = timer.original_apply(logits, bitmask, rows)
+            out = timer.original_apply(logits, bitmask, rows, apply_rows)
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
             timer.seconds.append(time.perf_counter() - start)

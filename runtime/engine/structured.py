@@ -1,7 +1,7 @@
 """Structured outputs: a request's JSON schema, regex, choice list or EBNF grammar as a token mask per step.
 
 Built on xgrammar (picked by measurement, docs/structured-outputs.md): a grammar is compiled once per distinct
-constraint (xgrammar's compiler caches by its text), each sequence gets its own matcher, and at every step rank 0's
+constraint (JSON schemas here, by their sorted text; the rest by xgrammar's compiler cache), each sequence gets its own matcher, and at every step rank 0's
 sampler asks all the batch's matchers for their next-token bitmasks in one call (`SequenceGrammar.fill_rows`:
 xgrammar's BatchGrammarMatcher, rows filled in parallel threads into one int32 tensor) and applies them in one op.
 A matcher advances only on tokens the engine appends (`accept`), never on a recomputed prefill, so preemption
@@ -76,7 +76,6 @@ class StructuredOutputs:
                                                               for s in gen.guided_choice))
         return c.compile_grammar(gen.guided_grammar, root_rule_name="root")
 
-
     def _compile_json(self, schema: str, whitespace: str | None):
         """A JSON schema's grammar, compiled once per (schema, whitespace) (the last _CACHED kept)."""
         key = (schema, whitespace)
@@ -129,16 +128,24 @@ class SequenceGrammar:
         self.matcher = matcher
 
     @classmethod
-    def fill_rows(cls, grammars: list["SequenceGrammar"], bitmask) -> None:
-        """Row i of `bitmask` (int32 [len(grammars), ceil(vocab / 32)], on the host) := grammars[i]'s allowed
-        next tokens; all rows in one call, in parallel threads."""
+    def fill_rows(cls, grammars: list["SequenceGrammar"], bitmask, rows: list[int]) -> None:
+        """Row rows[i] of `bitmask` (int32 [batch, ceil(vocab / 32)], on the host) := grammars[i]'s allowed next
+        tokens; all of them in one call, in parallel threads."""
         if cls._batch is None:
             with cls._batch_lock:
                 if cls._batch is None:
                     import xgrammar
 
                     cls._batch = xgrammar.BatchGrammarMatcher(max_threads="auto")
-        cls._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+        cls._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, rows)
+
+    @staticmethod
+    def apply_rows(logits, bitmask, rows: list[int]) -> None:
+        """-inf in `logits`' rows `rows` wherever the same row of `bitmask` has the token's bit clear, in place
+        (xgrammar's kernel; the sampler uses it for logits on the host)."""
+        import xgrammar
+
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
     def accept(self, token: int) -> bool:
         """Advance past `token` (the engine appended it). False if the grammar refuses it."""

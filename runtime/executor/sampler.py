@@ -116,24 +116,29 @@ def _triples(triples: list[tuple[int, int, float]], device, *names: str) -> dict
 
 
 def grammar_bitmask(grammars: list, vocab: int) -> tuple[torch.Tensor, list[int]]:
-    """The constrained rows' allowed tokens as one packed int32 bitmask [R, ceil(vocab / 32)] (bit t of a row set:
-    token t allowed), filled by the grammars' own batch call (engine/structured.py: every row at once, in
-    parallel threads), and which rows of the batch they are."""
+    """The batch's allowed tokens as one packed int32 bitmask [B, ceil(vocab / 32)] (bit t of a row set: token t
+    allowed; an unconstrained row all set), the constrained rows filled by the grammars' own batch call
+    (engine/structured.py: every row at once, in parallel threads); and which rows those are."""
     rows = [row for row, g in enumerate(grammars) if g is not None]
-    bitmask = torch.full((len(rows), -(-vocab // 32)), -1, dtype=torch.int32)
-    type(grammars[rows[0]]).fill_rows([grammars[r] for r in rows], bitmask)
+    bitmask = torch.full((len(grammars), -(-vocab // 32)), -1, dtype=torch.int32)
+    type(grammars[rows[0]]).fill_rows([grammars[r] for r in rows], bitmask, rows)
     return bitmask, rows
 
 
 _BITS: dict = {}   # device -> arange(32): each bit's shift, made once per device
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """-inf where a constrained row's bit is clear: unpacked on the device and applied in one masked_fill."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], apply_rows=None) -> torch.Tensor:
+    """-inf where a constrained row's bit is clear. On the host, by the grammars' own kernel when they have one
+    (`apply_rows`: xgrammar's, 14x faster there than unpacking: 1.8 ms against 26 ms for 16 rows of 49k); on a
+    device, unpacked there and applied in one masked_fill (a few small kernels)."""
     device = logits.device
+    if apply_rows is not None and device.type == "cpu":
+        apply_rows(logits, bitmask, rows)
+        return logits
     if device not in _BITS:
         _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    bitmask = bitmask.to(device, non_blocking=True)
+    bitmask = bitmask[rows].to(device, non_blocking=True)
     allowed = ((bitmask.unsqueeze(-1) >> _BITS[device]) & 1).bool().flatten(1)[:, :logits.shape[1]]
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
@@ -200,7 +205,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     if batch.banned_rows.numel():
         logits = logits.index_put((batch.banned_rows, batch.banned_cols), torch.tensor(float("-inf"), device=logits.device))
     if bitmask is not None:   # last: no bias or penalty can bring back a token the grammar refuses
-        logits = apply_bitmask(logits, *bitmask)
+        kind = type(next(g for g in batch.grammars if g is not None))
+        logits = apply_bitmask(logits, *bitmask, getattr(kind, "apply_rows", None))
     greedy_ids = logits.argmax(dim=-1)
     if batch.greedy.all():
         token_ids = greedy_ids

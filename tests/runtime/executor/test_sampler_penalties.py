@@ -23,9 +23,9 @@ class AllowedSet:
         self.allowed = sorted(allowed)
 
     @classmethod
-    def fill_rows(cls, grammars, bitmask):
-        bitmask.zero_()
-        for row, g in enumerate(grammars):
+    def fill_rows(cls, grammars, bitmask, rows):
+        bitmask[rows] = 0
+        for row, g in zip(rows, grammars):
             for t in g.allowed:
                 word = int(bitmask[row, t // 32]) & 0xFFFFFFFF | (1 << (t % 32))
                 bitmask[row, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
@@ -103,13 +103,16 @@ def test_rows_without_these_options_build_no_tensors():
     assert b.presence is None and b.bias_rows is None and b.grammars is None
 
 
-def test_apply_bitmask_unpacks_every_bit_including_the_sign_bit():
+@pytest.mark.parametrize("kernel", ["torch", "xgrammar"])
+def test_apply_bitmask_unpacks_every_bit_including_the_sign_bit(kernel):
+    from kubellm.runtime.engine.structured import SequenceGrammar
+
     logits = torch.zeros(3, 70)
-    bitmask = torch.zeros(2, 3, dtype=torch.int32)
-    bitmask[0, 0] = -2 ** 31        # bit 31 only: token 31
-    bitmask[0, 2] = 0b10 | 0b1000   # tokens 65 and 67
-    bitmask[1, 1] = 1               # token 32
-    out = apply_bitmask(logits.clone(), bitmask, [0, 2])
+    bitmask = torch.full((3, 3), -1, dtype=torch.int32)
+    bitmask[0] = torch.tensor([-2 ** 31, 0, 0b10 | 0b1000])   # token 31 (the sign bit), tokens 65 and 67
+    bitmask[1, 0] = 0                                          # row 1 is not constrained: its bits are not read
+    bitmask[2] = torch.tensor([0, 1, 0])                       # token 32
+    out = apply_bitmask(logits.clone(), bitmask, [0, 2], SequenceGrammar.apply_rows if kernel == "xgrammar" else None)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [31, 65, 67]
     assert torch.isfinite(out[1]).all()   # an unconstrained row is untouched
     assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [32]
