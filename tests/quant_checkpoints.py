@@ -99,17 +99,19 @@ def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = Fals
         if not _is_linear(name):
             quantized[name] = reference[name] = w
             continue
-        q, zeros, scales = _rtn_asym(w, group_size)
+        group = w.shape[1] if group_size == -1 else group_size   # -1: one group per output channel
+        q, zeros, scales = _rtn_asym(w, group)
         zeros = zeros.clamp(min=1)   # v1 stores zero - 1; a zero of 0 would wrap to 15 (AutoGPTQ's known quirk)
         base = name.removesuffix(".weight")
         quantized[f"{base}.qweight"] = pack_int32(q.contiguous()).t().contiguous()     # [K/8, N]: packed along K
         quantized[f"{base}.qzeros"] = pack_int32((zeros - 1).t().contiguous())        # [G, N/8]
         quantized[f"{base}.scales"] = scales.t().contiguous()
-        quantized[f"{base}.g_idx"] = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
-        reference[name] = _dequantized(q, zeros, scales, group_size)
+        quantized[f"{base}.g_idx"] = (torch.arange(w.shape[1]) // group).to(torch.int32)
+        reference[name] = _dequantized(q, zeros, scales, group)
     config = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
               "checkpoint_format": "gptq"}
-    return (_write(quantized, out / "gptq", config, src), _write(reference, out / "gptq-reference", None, src))
+    name = "gptq" if group_size != -1 else "gptq-per-channel"
+    return (_write(quantized, out / name, config, src), _write(reference, out / f"{name}-reference", None, src))
 
 
 GGUF_LINEARS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

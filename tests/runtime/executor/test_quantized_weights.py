@@ -48,6 +48,7 @@ def _logits(path, ids, **kw):
 def quantized(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized")
     return {"awq": write_awq(tiny_llama, out), "gptq": write_gptq(tiny_llama, out),
+            "gptq-per-channel": write_gptq(tiny_llama, out, group_size=-1),
             "gguf-Q4_0": write_gguf(tiny_llama, out, "Q4_0"), "gguf-Q4_1": write_gguf(tiny_llama, out, "Q4_1"),
             "gguf-Q8_0": write_gguf(tiny_llama, out, "Q8_0", embedding_qtype="Q4_1")}
 
@@ -98,7 +99,7 @@ def test_transformers_backend_is_refused():
 
 
 # -- tokens equal the de-quantized float reference ---------------------------------------------------
-@pytest.mark.parametrize("name", ["awq", "gptq", "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-per-channel", "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
 def test_greedy_tokens_equal_the_dequantized_float_reference(quantized, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     checkpoint, reference = quantized[name]
