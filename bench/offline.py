@@ -37,12 +37,71 @@ def run_hf(model, pad_id: int, work: Workload, batch_size: int, progress: Progre
     return time.perf_counter() - start
 
 
+# --formats: each weight format's EngineConfig options (layers/quantization/). "q4" is the checkpoint as stored:
+# the embedded model's GGUF holds Q4_1 layers (and a Q8_0 embedding tied to the LM head).
+FORMAT_OPTIONS = {"float32": dict(quantization="float", dtype="float32"), "int8": dict(quantization="int8"),
+                  "q4": dict()}
+
+
+def parse_formats(text: str | None, device: str) -> list[str]:
+    """`--formats`: comma-separated names of FORMAT_OPTIONS; "auto" is all of them on CPU, none on a GPU (the
+    random-model roofline is the GPU's); "none" none. Pure: tested by table."""
+    if text in (None, "auto"):
+        return list(FORMAT_OPTIONS) if device == "cpu" else []
+    if text == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FORMAT_OPTIONS]
+    if unknown:
+        raise ValueError(f"--formats: {', '.join(unknown)} unknown; use a comma-separated list of "
+                         f"{', '.join(FORMAT_OPTIONS)}, or auto / none")
+    return names
+
+
+def format_rooflines(model: str, formats: list[str], base: dict, progress: Progress, rounds: int = 3,
+                     prompt_len: int = 32, new_tokens: int = 64) -> dict:
+    """Per weight format, batch-1 decode tok/s against the read-bandwidth roofline (bench/roofline.py), with the
+    bandwidth measured once for all of them. Short prompt and reply: on CPU the weights dominate a step's bytes."""
+    import torch
+
+    from kubellm.bench import roofline as bench_roofline
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.engine.engine import LLMEngine
+
+    progress.switch("read bandwidth (torch.sum over 1 GiB)", total=None)
+    bandwidth = bench_roofline.measure_bandwidth(torch.device("cpu"))
+    out = {"bandwidth_GBps": bandwidth / 1e9, "formats": {}}
+    for name in formats:
+        progress.switch(f"kubellm {name} batch-1 decode (roofline)", total=None)
+        engine = LLMEngine(model, EngineConfig.build(**{**base, **FORMAT_OPTIONS[name]}), show_progress=False)
+        try:
+            out["formats"][name] = bench_roofline.batch1_decode(engine, prompt_len, new_tokens, bandwidth=bandwidth,
+                                                                rounds=rounds)
+        finally:
+            engine.destroy()
+    return out
+
+
+def format_formats(r: dict) -> str:
+    lines = [f"bandwidth    {r['bandwidth_GBps']:8.1f} GB/s read (torch.sum over 1 GiB, best of 5)"]
+    float32 = r["formats"].get("float32")
+    for name, d in r["formats"].items():
+        vs = f", {d['decode_tok_s'] / float32['decode_tok_s']:.2f}x float32" if float32 and name != "float32" else ""
+        lines.append(f"{name:<8} b=1 {d['decode_tok_s']:8.1f} tok/s  roofline {d['roofline_tok_s']:7.1f} tok/s "
+                     f"({d['weight_GB'] * 1e3:.0f} MB/step)  {100 * d['roofline_fraction']:5.1f} % of it{vs}")
+    return "\n".join(lines)
+
+
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
             lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False,
-            device: str = "auto", show_progress: bool = True, on_engine_result=None) -> dict:
+            device: str = "auto", show_progress: bool = True, on_engine_result=None, formats: str | None = None,
+            baseline: str = "hf") -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
     bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline.
+    `formats` (parse_formats): the same roofline on CPU per weight format of `model`. `baseline`: "hf" (the
+    workload against HF generate) or "llama.cpp" (bench/llama_cpp.py: batch 1 and 16 concurrent requests on the
+    same GGUF file, instead of HF generate).
     `show_progress`: the side being measured, tokens done / total and an ETA on stderr (bench/progress.py).
     `on_engine_result(result)`: called with kubellm's figures before HF generate runs (`bench gpu` keeps them
     should HF's side not finish in time)."""
@@ -59,7 +118,15 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     if random_model:
         model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
         options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)
+    if baseline not in ("hf", "llama.cpp"):
+        raise ValueError(f"--baseline: {baseline!r} unknown; use hf or llama.cpp")
+    if baseline == "llama.cpp":
+        from kubellm.bench import llama_cpp
+
+        llama_cpp.import_llama_cpp()   # before minutes of benchmarking: say now if it is missing
     engine = LLMEngine(model, EngineConfig.build(**options), show_progress=show_progress)
+    cpu = engine.runner.device.type == "cpu"
+    names = parse_formats(formats, "cpu" if cpu else "cuda") if not random_model else []
     work = make_workload(engine.tokenizer.hf, num_prompts, prompt_len, new_tokens, seed, lengths)
     warm = Workload(work.prompts[:2], [4, 4])
     progress = Progress("bench offline", "kubellm warm-up", total=warm.generated_tokens, unit="tokens",
@@ -68,6 +135,8 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     if random_model:
         progress.switch("kubellm batch-1 decode (roofline)", total=None)
     decode = bench_roofline.batch1_decode(engine) if random_model else None
+    if baseline == "llama.cpp":
+        return _against_llama_cpp(engine, work, names, options, progress)
     progress.switch("kubellm", total=work.generated_tokens)
     engine_s = run_engine(engine, work, progress)
     result = {"model": str(engine.model_path), "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
@@ -82,6 +151,8 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
         on_engine_result(dict(result))
     device, dtype_ = engine.runner.device, engine.runner.dtype
     engine.destroy()
+    if names:
+        result["rooflines"] = format_rooflines(result["model"], names, options, progress)
     if not skip_hf:
         progress.switch("loading HF generate's model", total=None)
         if random_model:  # the same shapes with HF's own random init: speed does not depend on values
@@ -105,7 +176,32 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     return result
 
 
+def _against_llama_cpp(engine, work: Workload, names: list[str], options: dict, progress: Progress) -> dict:
+    import torch
+
+    from kubellm.bench import llama_cpp
+
+    model = str(engine.model_path)
+    result = {"model": model, "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
+              "threads": torch.get_num_threads(), "baseline": "llama.cpp",
+              "llama_cpp": llama_cpp.compare(engine, model, work.prompts, concurrency=options["max_batch_size"],
+                                             progress=progress)}
+    engine.destroy()
+    if names:
+        result["rooflines"] = format_rooflines(model, names, options, progress)
+    progress.close()
+    return result
+
+
 def format_result(r: dict) -> str:
+    if r.get("baseline") == "llama.cpp":
+        from kubellm.bench.llama_cpp import format_compare
+
+        lines = [f"model        {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads)",
+                 format_compare(r["llama_cpp"])]
+        if "rooflines" in r:
+            lines.append(format_formats(r["rooflines"]))
+        return "\n".join(lines)
     lines = [f"model        {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads)",
              f"workload     {r['prompts']} prompts ({r['lengths']} lengths), {r['prompt_tokens']} prompt tokens, "
              f"{r['generated_tokens']} generated tokens, batch cap {r['batch_size']}",
@@ -118,6 +214,8 @@ def format_result(r: dict) -> str:
 
         lines += [f"random model {r['random_model']} (random bf16 weights from a config; nothing downloaded)",
                   format_decode(r["decode"])]
+    if "rooflines" in r:
+        lines.append(format_formats(r["rooflines"]))
     return "\n".join(lines)
 
 
@@ -126,6 +224,7 @@ def command(args) -> int:
     result = offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
                      prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
                      seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths,
-                     random_model=args.random_model, enforce_eager=args.enforce_eager)
+                     random_model=args.random_model, enforce_eager=args.enforce_eager,
+                     formats=args.formats, baseline=args.baseline)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

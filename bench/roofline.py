@@ -58,36 +58,60 @@ def make_random_checkpoint(directory: str | Path, name: str) -> Path:
 
 
 def measure_bandwidth(device: torch.device, size_bytes: int = 2 ** 30, repeats: int = 20) -> float:
-    """Bytes/s of a large copy (each byte read once and written once)."""
+    """Bytes/s a decode step can read: on a GPU a large copy (each byte read once and written once); on CPU a
+    torch.sum over a 1 GiB buffer (reads only, as a decode step's weights are), the best of `repeats` (2 CPU
+    cores shared with other jobs: the best run is the machine's, the others are the neighbours')."""
     if device.type != "cuda":
-        size_bytes, repeats = min(size_bytes, 2 ** 28), 5
+        return measure_read_bandwidth(size_bytes, min(repeats, 5))
     src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
-    else:
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            dst.copy_(src)
-        seconds = time.perf_counter() - begin
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
     return 2 * size_bytes * repeats / seconds
 
 
+def measure_read_bandwidth(size_bytes: int = 2 ** 30, repeats: int = 5) -> float:
+    """CPU read bandwidth (bytes/s): torch.sum over a float32 buffer of size_bytes, best of `repeats`."""
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    buffer.sum()  # warm-up: pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - begin)
+    return size_bytes / best
+
+
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: all of them, except the input embedding (unless the LM head shares it)."""
-    total = 0
-    lm_head = getattr(getattr(model, "lm_head", None), "weight", None)
+    """Bytes of weights a decode step reads: all of them, except the input embedding (unless the LM head shares
+    it). Quantized layers (layers/quantization/) count their packed buffers as stored: a 4-bit weight is a quarter
+    of an int8 one, and that is the point of it."""
+    from kubellm.runtime.executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+
+    lm_head = getattr(model, "lm_head", None)
+    head_tensors = {id(getattr(lm_head, "weight", None)), id(getattr(getattr(lm_head, "quant_method", None), "weight",
+                                                                  None))}
+    total, seen = 0, set()
     for name, param in model.named_parameters():  # a tied weight is listed once
-        if "embed_tokens" in name and param is not lm_head:
+        if "embed_tokens" in name and id(param) not in head_tensors:
             continue
+        seen.add(id(param))
         total += param.numel() * param.element_size()
+    for module in model.modules():
+        packed = getattr(getattr(module, "quant_method", None), "weight", None)
+        if packed is None or not hasattr(packed, "nbytes") or id(packed) in seen:
+            continue
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead) \
+                and id(packed) not in head_tensors:
+            continue   # an untied input embedding: one row per token
+        seen.add(id(packed))
+        total += packed.nbytes
     return total
 
 
@@ -96,8 +120,10 @@ def kv_bytes_per_token(runner) -> int:
     return sum(2 * a.num_kv_heads * a.head_dim for a in layers) * torch.tensor([], dtype=runner.dtype).element_size()
 
 
-def batch1_decode(engine, prompt_len: int = 512, new_tokens: int = 256, seed: int = 0) -> dict:
-    """Decode tokens/s of one sequence (prefill time taken out) and the roofline for it."""
+def batch1_decode(engine, prompt_len: int = 512, new_tokens: int = 256, seed: int = 0,
+                  bandwidth: float | None = None, rounds: int = 1) -> dict:
+    """Decode tokens/s of one sequence (prefill time taken out) and the roofline for it. `bandwidth`: bytes/s
+    measured once by the caller (else here); `rounds`: the best of that many (on a shared CPU)."""
     from kubellm.runtime.config import GenerationConfig
 
     rng = random.Random(seed)
@@ -111,11 +137,9 @@ def batch1_decode(engine, prompt_len: int = 512, new_tokens: int = 256, seed: in
         return time.perf_counter() - begin
 
     timed(8)  # warm-up: kernels compiled, allocator settled
-    prefill_only = timed(1)
-    with_decode = timed(1 + new_tokens)
-    decode_s = with_decode - prefill_only
+    decode_s = min(timed(1 + new_tokens) - timed(1) for _ in range(rounds))
     runner = engine.runner
-    bandwidth = measure_bandwidth(runner.device)
+    bandwidth = bandwidth or measure_bandwidth(runner.device)
     weights = weight_bytes_per_step(runner.model)
     kv = kv_bytes_per_token(runner) * (prompt_len + new_tokens / 2)  # mean context over the decode
     roofline = bandwidth / (weights + kv)
