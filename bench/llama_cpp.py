@@ -45,15 +45,23 @@ class LlamaCppRunner:
     def __init__(self, gguf: Path, max_seqs: int, ctx_per_seq: int, threads: int):
         lc = import_llama_cpp()
         self.lc = lc
-        self.llm = lc.Llama(model_path=str(gguf), n_ctx=max_seqs * ctx_per_seq, n_batch=512, n_ubatch=512,
-                            n_threads=threads, n_threads_batch=threads, n_seq_max=max_seqs, verbose=False)
-        self.ctx = self.llm._ctx.ctx
+        self.llm = lc.Llama(model_path=str(gguf), n_ctx=64, n_batch=512, n_ubatch=512, n_threads=threads,
+                            n_threads_batch=threads, verbose=False)
+        # Llama() makes a one-sequence context; the batch needs one of max_seqs sequences sharing one KV cache
+        params = self.llm.context_params
+        params.n_ctx, params.n_seq_max, params.kv_unified = max_seqs * ctx_per_seq, max_seqs, True
+        params.n_batch = params.n_ubatch = 512   # Llama() cut them to its own n_ctx
+        new_context = getattr(lc, "llama_init_from_model", None) or lc.llama_new_context_with_model
+        self.ctx = new_context(self.llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {max_seqs} sequences x {ctx_per_seq} tokens")
         self.n_vocab = self.llm.n_vocab()
         self.max_seqs = max_seqs
         self.batch = lc.llama_batch_init(512, 0, max_seqs)
 
     def close(self) -> None:
         self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
         self.llm.close()
 
     def _clear(self) -> None:
