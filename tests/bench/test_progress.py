@@ -112,7 +112,8 @@ def test_a_short_offline_run_prints_progress_naming_each_side_with_an_eta(tiny_l
     err = capsys.readouterr().err
     total = result["generated_tokens"]
     for side in ("kubellm", "HF generate"):
-        lines = [line for line in err.splitlines() if line.startswith(f"bench offline: {side} ")]
+        # this side's own lines (the roofline steps of each weight format are sides of their own)
+        lines = [line for line in err.splitlines() if re.match(rf"bench offline: {side} \d", line)]
         assert lines, err
         assert any(re.search(rf" \d+/{total} tokens \(\d+%\), \d+:\d\d elapsed, ETA \d+:\d\d$", line) for line in lines)
         assert lines[-1].endswith(f"{total}/{total} tokens (100%), " + lines[-1].split(", ")[1] + ", done")

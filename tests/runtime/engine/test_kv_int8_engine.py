@@ -123,5 +123,5 @@ def test_lmdeploy_quant_policy_8_is_the_int8_cache():
     for config_class in (PytorchEngineConfig, TurbomindEngineConfig):
         assert backend_options(config_class(quant_policy=8)).engine == {"kv_cache_dtype": "int8"}
         EngineConfig.build(**backend_options(config_class(quant_policy=8)).engine)
-        with pytest.raises(ConfigError, match=r"quant_policy: 4 .*int4.*quant_policy=8"):
+        with pytest.raises(ConfigError, match=r"quant_policy: 4: an int4 KV cache .*quant_policy=8"):
             backend_options(config_class(quant_policy=4))
