@@ -47,9 +47,10 @@ class LlamaCppRunner:
         self.lc = lc
         self.llm = lc.Llama(model_path=str(gguf), n_ctx=64, n_batch=512, n_ubatch=512, n_threads=threads,
                             n_threads_batch=threads, verbose=False)
-        # Llama() makes a one-sequence context; the batch needs one of max_seqs sequences sharing one KV cache
+        # Llama() makes a one-sequence context; the batch needs one of max_seqs sequences, each its own KV stream
+        # (a unified cache makes every sequence attend over all n_ctx slots, masked: 16x the attention work)
         params = self.llm.context_params
-        params.n_ctx, params.n_seq_max, params.kv_unified = max_seqs * ctx_per_seq, max_seqs, True
+        params.n_ctx, params.n_seq_max, params.kv_unified = max_seqs * ctx_per_seq, max_seqs, False
         params.n_batch = params.n_ubatch = 512   # Llama() cut them to its own n_ctx
         new_context = getattr(lc, "llama_init_from_model", None) or lc.llama_new_context_with_model
         self.ctx = new_context(self.llm._model.model, params)
