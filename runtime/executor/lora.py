@@ -231,12 +231,16 @@ def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapte
             loader = getattr(param, "weight_loader", default_weight_loader)
             # The loaders read checkpoint layout: Conv1D checkpoints (fan_in_fan_out) store weights [in, out].
             a_in, b_in = (a.t(), b.t()) if adapter.fan_in_fan_out else (a, b)
-            if isinstance(layer, RowParallelLinear):   # input features split: cut A's columns, B whole
-                a_piece = _rank_piece((a.shape[0], param.shape[1]), loader, a_in, None)
-                b_piece = b
-            else:                                      # output features split (or none): cut B's rows, A whole
-                a_piece = a
-                b_piece = _rank_piece((param.shape[0], b.shape[1]), loader, b_in, shard_id)
+            try:
+                if isinstance(layer, RowParallelLinear):   # input features split: cut A's columns, B whole
+                    a_piece = _rank_piece((a.shape[0], param.shape[1]), loader, a_in, None)
+                    b_piece = b
+                else:                                      # output features split (or none): cut B's rows, A whole
+                    a_piece = a
+                    b_piece = _rank_piece((param.shape[0], b.shape[1]), loader, b_in, shard_id)
+            except (RuntimeError, ValueError) as err:   # e.g. a layer another library shards its own way
+                raise AdapterError(f"adapters[{adapter.name!r}]: {module}'s matrices ({tuple(a.shape)}, "
+                                   f"{tuple(b.shape)}) do not fit this rank's layer {tuple(param.shape)}: {err}") from err
             blocks.setdefault(layer_name, []).append((slot, a_piece, b_piece))
     for layer_name, layer_blocks in blocks.items():
         layer = model.get_submodule(layer_name)
