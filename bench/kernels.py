@@ -218,7 +218,7 @@ NEEDS_GPU = ("kubellm bench kernels needs a CUDA GPU: on CPU the Triton kernels 
 
 def main(as_json: bool = False) -> int:
     if not torch.cuda.is_available():
-        print(NEEDS_GPU)
+        print(NEEDS_GPU + " `kubellm bench kernels --cpu` measures the CPU paths.")
         return 2
     result = run()
     print(json.dumps(result) if as_json else format_rows(result))
@@ -226,5 +226,8 @@ def main(as_json: bool = False) -> int:
 
 
 def command(args) -> int:
-    """`kubellm bench kernels`."""
+    """`kubellm bench kernels` (Triton, a GPU); `--cpu`: the CPU paths (bench/kernels_cpu.py)."""
+    if getattr(args, "cpu", False):
+        from kubellm.bench import kernels_cpu
+        return kernels_cpu.main(as_json=args.json)
     return main(as_json=args.json)

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "fuzz: --requests generated hostile requests (REST and gRPC) against a 2-replica tiny "
                             "deployment, checking nothing 5xx, dies, hangs or leaks; "
                             "parallel: one process vs a tensor x pipeline group; "
-                            "kernels: Triton kernels vs PyTorch SDPA / references (GPU); "
+                            "kernels: Triton kernels vs PyTorch SDPA / references (GPU; --cpu: the CPU paths); "
                             "gpu: every GPU check in one call, written to --out-dir (docs/gpu/README.md)")
     bench.add_argument("--target", default=None,
                        help="serve: gRPC address of a router or worker (default 127.0.0.1:50051); fuzz: a running "
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-model", choices=["llama3-8b", "llama3-tiny"], default=None,
                        help="offline: that shape with random bf16 weights instead of --model (nothing downloaded), "
                             "plus batch-1 decode tokens/s against the memory-bandwidth roofline")
+    bench.add_argument("--cpu", action="store_true",
+                       help="kernels: the CPU paths of a decode step (matmuls per weight format, attention) instead "
+                            "of the Triton kernels")
     bench.add_argument("--enforce-eager", action="store_true", help="offline: no CUDA graphs for decode steps")
     bench.add_argument("--formats", default="auto",
                        help="offline: weight formats whose batch-1 decode is measured against the read-bandwidth "

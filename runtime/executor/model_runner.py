@@ -13,6 +13,7 @@ from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
+from kubellm.runtime.executor.layers.cpu_weights import pack_cpu_weights
 from kubellm.runtime.executor.layers.quantization import building
 from kubellm.runtime.executor.layers.long_context import with_long_context_options
 from kubellm.runtime.executor.loader import load_weights, plan_for_checkpoint
@@ -78,6 +79,7 @@ class ModelRunner:
             load_adapters(self.model, None if config.load_format == "random" else path, hf_config, config.adapters,
                           config.max_lora_rank, self.device, self.dtype)
         self.model.eval()
+        pack_cpu_weights(self.model, self.device)   # last: loading and adapters write the plain tensors
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sliding_windows = {a.sliding_window for a in self.attention_layers}
         self.session_len = session_len

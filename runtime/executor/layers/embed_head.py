@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.kernels.linear_cpu import linear
 from kubellm.runtime.executor.layers.quantization import embedding_method_for_new_layer
 from kubellm.runtime.executor.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
@@ -49,6 +50,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     `bias` (Phi): split by vocabulary like the weight."""
 
     is_lm_head = True   # a quantized table it holds alone is never gathered by row (layers/quantization/)
+    packed_weight = None   # on CPU, a tied head's own packed copy of the embedding (layers/cpu_weights.py)
 
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         super().__init__(vocab_size, hidden_size)
@@ -59,8 +61,10 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("bias", None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias) if self.quant_method is None else \
-            self.quant_method.apply(hidden, self.bias)
+        if self.quant_method is not None:
+            logits = self.quant_method.apply(hidden, self.bias)
+        else:
+            logits = linear(hidden, self.weight if self.packed_weight is None else self.packed_weight, self.bias)
         return all_gather_last_dim(logits)[:, : self.vocab_size]
 
 

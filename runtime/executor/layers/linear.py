@@ -15,9 +15,9 @@ cuts this rank's slice out of the packed layout; `forward` is the same either wa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kubellm.kernels.linear_cpu import linear
 from kubellm.runtime.executor.layers.quantization import linear_method_for_new_layer
 from kubellm.runtime.executor.parallel import all_reduce, tp_rank, tp_size
 
@@ -67,7 +67,7 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)   # a plain or (on CPU, after loading) packed weight
 
 
 class ColumnParallelLinear(LinearBase):
@@ -150,5 +150,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if tp_rank() == 0 else None
-        y = self.quant_method.apply(x, bias) if self.quant_method is not None else F.linear(x, self.weight, bias)
+        y = self.quant_method.apply(x, bias) if self.quant_method is not None else linear(x, self.weight, bias)
         return all_reduce(y)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kubellm.kernels import dispatch, quant, quant_cpu
+from kubellm.kernels import dispatch, linear_cpu, quant, quant_cpu
 
 
 @dataclass
@@ -90,7 +90,11 @@ class QuantizedWeight(nn.Module):
     """A [out, in] weight in one of the forms below (buffers), with `linear(x, bias)` and `rows(ids)`.
 
     form "float" (weight), "int4" (qweight, scales, mins: quant.py), "int8" (qweight, scales: quant.py),
-    "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out])."""
+    "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out]).
+    A float weight on CPU is multiplied in oneDNN's packed layout (kernels/linear_cpu.py): `weight` itself, or,
+    when it is also gathered by row, `packed`, a copy beside it (not a buffer: a step reads one of the two)."""
+
+    packed: torch.Tensor | None = None
 
     def __init__(self, rows: Rows, dtype: torch.dtype, device: torch.device, gather: bool = False):
         """`gather`: the weight is also an embedding table, so rows(ids) must work (int4pack cannot)."""
@@ -99,7 +103,13 @@ class QuantizedWeight(nn.Module):
         cpu = _on_cpu_fast_path(device)
         if isinstance(rows, FloatRows):
             self.form = "float"
-            self._keep(weight=rows.weight.to(dtype))
+            weight = rows.weight.to(dtype)
+            if cpu and linear_cpu.available() and linear_cpu.can_pack(weight):
+                if gather:
+                    self.packed = linear_cpu.pack(weight)
+                else:
+                    weight = linear_cpu.pack(weight)
+            self._keep(weight=weight)
         elif isinstance(rows, Int4Rows):
             k, groups = rows.qweight.shape[1] * 2, rows.scales.shape[1]
             self.group_size = k // groups
@@ -125,7 +135,7 @@ class QuantizedWeight(nn.Module):
 
     def _keep(self, **tensors):
         for name, t in tensors.items():
-            self.register_buffer(name, t.contiguous(), persistent=False)
+            self.register_buffer(name, t if t.is_mkldnn else t.contiguous(), persistent=False)
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +151,7 @@ class QuantizedWeight(nn.Module):
             return dispatch.int4_linear(x, self.qweight, self.scales, self.mins, bias)
         if form == "int8":
             return dispatch.int8_linear(x, self.qweight, self.scales, bias)
-        return torch.nn.functional.linear(x, self.weight, bias)
+        return linear_cpu.linear(x, self.weight if self.packed is None else self.packed, bias)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the weight in `dtype` (an embedding lookup)."""
