@@ -147,7 +147,7 @@ def compare(engine, model_dir: str | Path, prompts: list[list[int]], new_tokens:
             result[label] = {"requests": len(ps), "kubellm_tok_s": generated / best["kubellm"],
                              "llama_cpp_tok_s": generated / best["llama.cpp"],
                              "ratio": best["llama.cpp"] / best["kubellm"],
-                             "same_leading_tokens": min(same)}
+                             "same_leading_tokens": min(same), "mean_leading_tokens": sum(same) / len(same)}
     finally:
         llama.close()
     return result
@@ -166,6 +166,6 @@ def format_compare(r: dict) -> str:
     for key, d in r.items():
         if isinstance(d, dict):
             lines.append(f"{key:<12} kubellm {d['kubellm_tok_s']:7.1f} tok/s  llama.cpp {d['llama_cpp_tok_s']:7.1f} "
-                         f"tok/s  ratio {d['ratio']:.2f}x  ({d['requests']} requests; first "
-                         f"{d['same_leading_tokens']} tokens equal)")
+                         f"tok/s  ratio {d['ratio']:.2f}x  ({d['requests']} requests; leading tokens equal: min "
+                         f"{d['same_leading_tokens']}, mean {d.get('mean_leading_tokens', d['same_leading_tokens']):.1f})")
     return "\n".join(lines)

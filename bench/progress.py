@@ -45,7 +45,10 @@ def eta_seconds(done: float, total: float, elapsed: float) -> float | None:
 def format_line(bench: str, side: str, done: float, total: float | None, unit: str, elapsed: float,
                 note: str = "") -> str:
     """`bench offline: kubellm 1200/5800 tokens (21%), 0:12 elapsed, ETA 0:45` (pure: tested by table)."""
-    count = f"{done:g}/{total:g} {unit} ({100 * done / total:.0f}%)" if total else f"{done:g} {unit}"
+    if total:
+        count = f"{done:g}/{total:g} {unit} ({100 * done / total:.0f}%)"
+    else:   # a phase of unknown length (a roofline, a load) counts nothing: say it runs, not "0 tokens"
+        count = f"{done:g} {unit}" if done else "running"
     eta = eta_seconds(done, total or 0, elapsed)
     tail = f", ETA {clock(eta)}" if eta is not None and done < (total or 0) else ""
     if total and done >= total:

@@ -223,24 +223,31 @@ def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapte
             target, shard_id = place
             param = params.get(target)
             layer_name = target.removesuffix(".weight")
-            layer = model.get_submodule(layer_name) if param is not None else None
-            if not _is_projection(layer, param):
+            try:
+                layer = model.get_submodule(layer_name)
+            except AttributeError:
+                layer = None
+            # a quantized linear (layers/quantization/) holds placeholders, not a float weight: its geometry says
+            # what this rank multiplies, and its own float loader cuts the adapter's matrices the same way
+            quantized = isinstance(layer, LinearBase) and layer.quant_method is not None
+            if not quantized and not _is_projection(layer, param):
                 raise AdapterError(f"adapters[{adapter.name!r}]: it targets {module}, which {model_name} has no "
                                    "linear layer for (LoRA applies to attention and MLP projections; embeddings, "
                                    "the LM head and MoE experts are not supported)")
-            loader = getattr(param, "weight_loader", default_weight_loader)
+            shape = (layer.output_size, layer.input_size) if quantized else tuple(param.shape)
+            loader = layer.weight_loader if quantized else getattr(param, "weight_loader", default_weight_loader)
             # The loaders read checkpoint layout: Conv1D checkpoints (fan_in_fan_out) store weights [in, out].
             a_in, b_in = (a.t(), b.t()) if adapter.fan_in_fan_out else (a, b)
             try:
                 if isinstance(layer, RowParallelLinear):   # input features split: cut A's columns, B whole
-                    a_piece = _rank_piece((a.shape[0], param.shape[1]), loader, a_in, None)
+                    a_piece = _rank_piece((a.shape[0], shape[1]), loader, a_in, None)
                     b_piece = b
                 else:                                      # output features split (or none): cut B's rows, A whole
                     a_piece = a
-                    b_piece = _rank_piece((param.shape[0], b.shape[1]), loader, b_in, shard_id)
+                    b_piece = _rank_piece((shape[0], b.shape[1]), loader, b_in, shard_id)
             except (RuntimeError, ValueError) as err:   # e.g. a layer another library shards its own way
                 raise AdapterError(f"adapters[{adapter.name!r}]: {module}'s matrices ({tuple(a.shape)}, "
-                                   f"{tuple(b.shape)}) do not fit this rank's layer {tuple(param.shape)}: {err}") from err
+                                   f"{tuple(b.shape)}) do not fit this rank's layer {shape}: {err}") from err
             blocks.setdefault(layer_name, []).append((slot, a_piece, b_piece))
     for layer_name, layer_blocks in blocks.items():
         layer = model.get_submodule(layer_name)

@@ -35,6 +35,8 @@ def test_eta(done, total, elapsed, eta):
     (("bench offline", "HF generate", 5800, 5800, "tokens", 75.0),
      "bench offline: HF generate 5800/5800 tokens (100%), 1:15 elapsed, done"),
     (("bench serve", "deploy, 16 streams", 3, None, "requests", 4.0), "bench serve: deploy, 16 streams 3 requests, 0:04 elapsed"),
+    (("bench offline", "kubellm q4 batch-1 decode", 0, None, "tokens", 6.0),
+     "bench offline: kubellm q4 batch-1 decode running, 0:06 elapsed"),
     (("bench kernels", "Triton / SDPA", 2, 15, "shapes", 10.0, "paged decode batch 1"),
      "bench kernels: Triton / SDPA 2/15 shapes (13%), 0:10 elapsed, ETA 1:05 [paged decode batch 1]"),
 ])

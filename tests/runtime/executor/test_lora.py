@@ -213,3 +213,65 @@ def test_pipeline_takes_adapters_as_lmdeploy_and_kubellm_spell_them(tiny_llama, 
     ref = greedy_with(merged_model(tiny_llama, adapters["alpha"]),
                       [pipe.tokenizer.hf.encode(prompt)], NEW_TOKENS)[0]["token_ids"]
     assert lmdeploy_style == kubellm_style == ref[:len(lmdeploy_style)] and base != lmdeploy_style
+
+
+def _int8_rounded_peft(base, adapter):
+    """The reference for an adapter on an int8 base: transformers' model with every decoder linear rounded to int8
+    per output channel (kernels/quant.py's quantize_int8, what quantization='int8' does on load), then the adapter
+    applied unmerged by peft, so its delta stays float as kubellm's does."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.kernels import quant
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(quant.dequantize_int8(*quant.quantize_int8(module.weight)))
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def test_adapter_on_an_int8_base_matches_peft_on_the_rounded_weights(tiny_llama, adapters, monkeypatch):
+    """A quantized base keeps no float weight: the adapter is cut by the layer's geometry and added to the
+    quantized product. Reference kernels: the CPU int8 path multiplies in bf16, the reference in float32."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    engine = engine_for(tiny_llama, quantization="int8", adapters={"alpha": str(adapters["alpha"])})
+    try:
+        assert engine.runner.model.model.layers[0].self_attn.qkv_proj.quantized.form == "int8"
+        prompts = encode(engine, PROMPTS)
+        seqs = engine.generate(prompts * 2, [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name)
+                                             for name in ["alpha"] * len(prompts) + [None] * len(prompts)])
+    finally:
+        engine.destroy()
+    refs = greedy_with(_int8_rounded_peft(tiny_llama, adapters["alpha"]), prompts, NEW_TOKENS)
+    for seq, ref in zip(seqs, refs):
+        _matches(seq, ref)
+    assert [s.generated_ids for s in seqs[:len(prompts)]] != [s.generated_ids for s in seqs[len(prompts):]]
+
+
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_adapter_on_an_awq_base_matches_peft_merged_into_its_dequantized_weights(tiny_llama, adapters, tmp_path,
+                                                                                 monkeypatch, kernels):
+    """AWQ 4-bit linears (packed int32 placeholders, no float weight at all) with an adapter. The reference
+    kernels compute in float32, so the tokens are peft's merged into the de-quantized checkpoint; the CPU path
+    (int4pack, bf16 activations) must run the same adapter and change the tokens the same way at first."""
+    from quant_checkpoints import write_awq
+
+    monkeypatch.setenv("KUBELLM_KERNELS", kernels)
+    awq, dequantized = write_awq(tiny_llama, tmp_path)
+    engine = engine_for(awq, adapters={"alpha": str(adapters["alpha"])})
+    try:
+        prompts = encode(engine, PROMPTS)
+        seqs = engine.generate(prompts * 2, [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name)
+                                             for name in ["alpha"] * len(prompts) + [None] * len(prompts)])
+    finally:
+        engine.destroy()
+    refs = greedy_with(merged_model(dequantized, adapters["alpha"]), prompts, NEW_TOKENS)
+    if kernels == "reference":
+        for seq, ref in zip(seqs, refs):
+            _matches(seq, ref)
+    else:   # bf16 activations: the first tokens, where the paths have not yet parted
+        assert sum(seq.generated_ids[0] == ref["token_ids"][0] for seq, ref in zip(seqs, refs)) >= len(refs) - 1
+    assert [s.generated_ids for s in seqs[:len(prompts)]] != [s.generated_ids for s in seqs[len(prompts):]]
