@@ -149,9 +149,9 @@ def bench_attention(min_seconds: float = MIN_SECONDS, context: int = 512, heads=
         qg = q.view(batch, hkv, hq // hkv, d)
         valid = (torch.arange(blocks_per_seq * block) < lens.unsqueeze(1))[:, None, None, :]
 
-        def boolean_mask():   # the same gather as the engine's, then SDPA over the whole table with a boolean mask
-            k = cache.index_select(0, tables.flatten()).view(batch, -1, hkv, d).transpose(1, 2)
-            return F.scaled_dot_product_attention(qg, k, k, attn_mask=valid, scale=d ** -0.5)
+        def boolean_mask():   # the engine's gathers (keys, values), then SDPA over the whole table, boolean mask
+            k, v = (cache.index_select(0, tables.flatten()).view(batch, -1, hkv, d).transpose(1, 2) for _ in "kv")
+            return F.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=d ** -0.5)
 
         engine_ms = time_calls([lambda: attention.paged_decode_attention(q, cache, cache, tables, lens, d ** -0.5)],
                                min_seconds)
