@@ -233,22 +233,30 @@ def _int8_rounded_peft(base, adapter):
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
+def _alpha_and_base(path, adapter, **options):
+    """(the quantized layers' forms, prompts, the sequences under adapter "alpha", the same prompts' base-model
+    sequences), from one batch."""
+    engine = engine_for(path, adapters={"alpha": str(adapter)}, **options)
+    try:
+        prompts = encode(engine, PROMPTS)
+        seqs = engine.generate(prompts * 2, [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name)
+                                             for name in ["alpha"] * len(prompts) + [None] * len(prompts)])
+        forms = {m.form for m in engine.runner.model.modules() if type(m).__name__ == "QuantizedWeight"}
+        return forms, prompts, seqs[:len(prompts)], seqs[len(prompts):]
+    finally:
+        engine.destroy()
+
+
 def test_adapter_on_an_int8_base_matches_peft_on_the_rounded_weights(tiny_llama, adapters, monkeypatch):
     """A quantized base keeps no float weight: the adapter is cut by the layer's geometry and added to the
     quantized product. Reference kernels: the CPU int8 path multiplies in bf16, the reference in float32."""
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
-    engine = engine_for(tiny_llama, quantization="int8", adapters={"alpha": str(adapters["alpha"])})
-    try:
-        assert engine.runner.model.model.layers[0].self_attn.qkv_proj.quantized.form == "int8"
-        prompts = encode(engine, PROMPTS)
-        seqs = engine.generate(prompts * 2, [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name)
-                                             for name in ["alpha"] * len(prompts) + [None] * len(prompts)])
-    finally:
-        engine.destroy()
+    forms, prompts, alpha, base = _alpha_and_base(tiny_llama, adapters["alpha"], quantization="int8")
+    assert forms == {"int8"}
     refs = greedy_with(_int8_rounded_peft(tiny_llama, adapters["alpha"]), prompts, NEW_TOKENS)
-    for seq, ref in zip(seqs, refs):
+    for seq, ref in zip(alpha, refs):
         _matches(seq, ref)
-    assert [s.generated_ids for s in seqs[:len(prompts)]] != [s.generated_ids for s in seqs[len(prompts):]]
+    assert [s.generated_ids for s in alpha] != [s.generated_ids for s in base]
 
 
 @pytest.mark.parametrize("kernels", ["reference", "auto"])
@@ -261,17 +269,12 @@ def test_adapter_on_an_awq_base_matches_peft_merged_into_its_dequantized_weights
 
     monkeypatch.setenv("KUBELLM_KERNELS", kernels)
     awq, dequantized = write_awq(tiny_llama, tmp_path)
-    engine = engine_for(awq, adapters={"alpha": str(adapters["alpha"])})
-    try:
-        prompts = encode(engine, PROMPTS)
-        seqs = engine.generate(prompts * 2, [GenerationConfig(max_new_tokens=NEW_TOKENS, adapter=name)
-                                             for name in ["alpha"] * len(prompts) + [None] * len(prompts)])
-    finally:
-        engine.destroy()
+    forms, prompts, alpha, base = _alpha_and_base(awq, adapters["alpha"])
+    assert forms == ({"int4"} if kernels == "reference" else {"int4_cpu"})
     refs = greedy_with(merged_model(dequantized, adapters["alpha"]), prompts, NEW_TOKENS)
     if kernels == "reference":
-        for seq, ref in zip(seqs, refs):
+        for seq, ref in zip(alpha, refs):
             _matches(seq, ref)
     else:   # bf16 activations: the first tokens, where the paths have not yet parted
-        assert sum(seq.generated_ids[0] == ref["token_ids"][0] for seq, ref in zip(seqs, refs)) >= len(refs) - 1
-    assert [s.generated_ids for s in seqs[:len(prompts)]] != [s.generated_ids for s in seqs[len(prompts):]]
+        assert sum(seq.generated_ids[0] == ref["token_ids"][0] for seq, ref in zip(alpha, refs)) >= len(refs) - 1
+    assert [s.generated_ids for s in alpha] != [s.generated_ids for s in base]
