@@ -93,3 +93,27 @@ def test_untied_head_is_packed_in_place(tiny_llama):
         assert not engine.runner.model.model.embed_tokens.weight.is_mkldnn
     finally:
         engine.destroy()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_served_as_float_packs_its_linears_and_only_a_tied_table_gets_a_copy(tiny_llama, tiny_llama_tied,
+                                                                                  tmp_path, tied):
+    """quantization='float' on a GGUF: every linear multiplies on a packed weight; the embedding table stays plain
+    for lookups, and gets a packed copy on its first matmul only when it is also the LM head."""
+    pytest.importorskip("gguf")
+    from parity import run
+    from quant_checkpoints import write_gguf
+
+    gguf_dir, _ = write_gguf(tiny_llama_tied if tied else tiny_llama, tmp_path, "Q8_0")
+    engine = _engine(gguf_dir, quantization="float")
+    try:
+        run(engine, _parity_prompts(engine)[:2])
+        weights = {name: m for name, m in engine.runner.model.named_modules() if type(m).__name__ == "QuantizedWeight"}
+        table = weights["model.embed_tokens.quantized"]
+        assert not table.weight.is_mkldnn
+        assert (table.packed is not None) == tied
+        others = [m for name, m in weights.items() if name != "model.embed_tokens.quantized"]
+        assert others and all(m.form == "float" and m.weight.is_mkldnn for m in others)
+    finally:
+        engine.destroy()

@@ -92,9 +92,11 @@ class QuantizedWeight(nn.Module):
     form "float" (weight), "int4" (qweight, scales, mins: quant.py), "int8" (qweight, scales: quant.py),
     "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out]).
     A float weight on CPU is multiplied in oneDNN's packed layout (kernels/linear_cpu.py): `weight` itself, or,
-    when it is also gathered by row, `packed`, a copy beside it (not a buffer: a step reads one of the two)."""
+    when it is also gathered by row, `packed`, a copy made on its first matmul (only a table tied to the LM head
+    has one; not a buffer: a step reads one of the two)."""
 
     packed: torch.Tensor | None = None
+    pack_on_use = False
 
     def __init__(self, rows: Rows, dtype: torch.dtype, device: torch.device, gather: bool = False):
         """`gather`: the weight is also an embedding table, so rows(ids) must work (int4pack cannot)."""
@@ -106,7 +108,7 @@ class QuantizedWeight(nn.Module):
             weight = rows.weight.to(dtype)
             if cpu and linear_cpu.available() and linear_cpu.can_pack(weight):
                 if gather:
-                    self.packed = linear_cpu.pack(weight)
+                    self.pack_on_use = True
                 else:
                     weight = linear_cpu.pack(weight)
             self._keep(weight=weight)
@@ -151,6 +153,8 @@ class QuantizedWeight(nn.Module):
             return dispatch.int4_linear(x, self.qweight, self.scales, self.mins, bias)
         if form == "int8":
             return dispatch.int8_linear(x, self.qweight, self.scales, bias)
+        if self.pack_on_use and self.packed is None:
+            self.packed = linear_cpu.pack(self.weight)
         return linear_cpu.linear(x, self.weight if self.packed is None else self.packed, bias)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
