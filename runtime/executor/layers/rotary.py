@@ -106,9 +106,24 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    _step = None   # (positions, dtype, cos, sin) of the step being run, on CPU
+
+    def _cos_sin_of_step(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer of a step rotates the same `positions` tensor (this module is shared by all layers): on
+        CPU its rows are looked up once per step, not once per layer. Not on a GPU: a CUDA graph replays the
+        lookups it captured, and its static positions buffer is refilled in place between replays."""
+        step = self._step
+        if step is not None and step[0] is positions and step[1] == dtype:
+            return step[2], step[3]
         cos, sin = self.cos_sin(positions)
-        q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        if positions.device.type == "cpu":
+            self._step = (positions, dtype, cos, sin)
+        return cos, sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = self._cos_sin_of_step(positions, q.dtype)
+        q, k = apply_rotary(q, k, cos, sin)
         if self.logn_length is not None:  # Qwen scales the rotated queries; the cached keys stay as they are
             q = q * logn_scale(positions, self.logn_length).to(q.dtype)[:, None, None]
         return q, k
