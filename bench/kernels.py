@@ -227,7 +227,7 @@ def main(as_json: bool = False) -> int:
 
 def command(args) -> int:
     """`kubellm bench kernels` (Triton, a GPU); `--cpu`: the CPU paths (bench/kernels_cpu.py)."""
-    if getattr(args, "cpu", False):
+    if args.cpu:
         from kubellm.bench import kernels_cpu
         return kernels_cpu.main(as_json=args.json)
     return main(as_json=args.json)

@@ -53,7 +53,7 @@ def _copies(nbytes: int, cache_bytes: int) -> int:
     return max(2, -(-4 * cache_bytes // max(nbytes, 1)))
 
 
-def _candidates(out_features: int, in_features: int, rows: int, gen: torch.Generator):
+def _candidates(out_features: int, in_features: int, gen: torch.Generator):
     """(format, kernel, weight bytes, make(weight float32) -> fn(x) , x dtype, used by the engine)."""
     from kubellm.kernels import linear_cpu, quant, quant_cpu
 
@@ -104,16 +104,14 @@ def _candidates(out_features: int, in_features: int, rows: int, gen: torch.Gener
 
 
 def bench_matmuls(shapes: dict = SMOLLM2_SHAPES, rows=ROWS, cache_bytes: int = CACHE_BYTES,
-                  min_seconds: float = MIN_SECONDS, progress=None, slow_references: bool = True) -> list[dict]:
+                  min_seconds: float = MIN_SECONDS, progress=None) -> list[dict]:
     """One row per (projection, row count, candidate); `speedup` is over float32 F.linear at that shape."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for name, (n, k) in shapes.items():
         for m in rows:
             baseline_ms = None
-            for fmt, kernel, nbytes, make, act, engine in _candidates(n, k, m, gen):
-                if not slow_references and kernel.startswith("reference") and n * k > 4_000_000:
-                    continue
+            for fmt, kernel, nbytes, make, act, engine in _candidates(n, k, gen):
                 if progress is not None:
                     progress.update(0, note=f"{name} {m} rows: {fmt} {kernel}")
                 copies = _copies(nbytes, cache_bytes)

@@ -167,5 +167,5 @@ def format_compare(r: dict) -> str:
         if isinstance(d, dict):
             lines.append(f"{key:<12} kubellm {d['kubellm_tok_s']:7.1f} tok/s  llama.cpp {d['llama_cpp_tok_s']:7.1f} "
                          f"tok/s  ratio {d['ratio']:.2f}x  ({d['requests']} requests; leading tokens equal: min "
-                         f"{d['same_leading_tokens']}, mean {d.get('mean_leading_tokens', d['same_leading_tokens']):.1f})")
+                         f"{d['same_leading_tokens']}, mean {d['mean_leading_tokens']:.1f})")
     return "\n".join(lines)

@@ -24,15 +24,12 @@ def pack_cpu_weights(model: nn.Module, device: torch.device) -> int:
                if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead) and m.quant_method is None}
     packed = 0
     for module in model.modules():
-        if isinstance(module, ParallelLMHead):
-            weight = module.weight if module.quant_method is None else None
-            if weight is not None and linear_cpu.can_pack(weight):
-                if id(weight) in lookups:
-                    module.packed_weight = linear_cpu.pack(weight)
-                else:
-                    module.weight = nn.Parameter(linear_cpu.pack(weight), requires_grad=False)
-                packed += 1
-        elif isinstance(module, LinearBase) and module.quant_method is None and linear_cpu.can_pack(module.weight):
+        if not isinstance(module, ParallelLMHead | LinearBase) or module.quant_method is not None \
+                or not linear_cpu.can_pack(module.weight):
+            continue
+        if isinstance(module, ParallelLMHead) and id(module.weight) in lookups:
+            module.packed_weight = linear_cpu.pack(module.weight)
+        else:
             module.weight = nn.Parameter(linear_cpu.pack(module.weight), requires_grad=False)
-            packed += 1
+        packed += 1
     return packed
