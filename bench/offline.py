@@ -95,7 +95,7 @@ def format_formats(r: dict) -> str:
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
             lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False,
-            device: str = "auto", show_progress: bool = True, on_engine_result=None, formats: str | None = None,
+            compile: bool = False, device: str = "auto", show_progress: bool = True, on_engine_result=None, formats: str | None = None,
             baseline: str = "hf") -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
     bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline.
@@ -115,6 +115,8 @@ def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=
     from kubellm.runtime.engine.engine import LLMEngine
 
     options = dict(max_batch_size=batch_size, dtype=dtype, enforce_eager=enforce_eager, device=device)
+    if compile:   # kubellm's side only (EngineConfig.compile: CPU decode steps through torch.compile)
+        options["compile"] = True
     if random_model:
         model = str(bench_roofline.make_random_checkpoint(tempfile.mkdtemp(prefix="kubellm-random-"), random_model))
         options.update(load_format="random", dtype="bfloat16" if dtype == "auto" else dtype)
@@ -224,7 +226,7 @@ def command(args) -> int:
     result = offline(args.model, num_prompts=args.num_prompts, batch_size=args.batch_size,
                      prompt_len=(args.min_prompt, args.max_prompt), new_tokens=(args.min_new, args.max_new),
                      seed=args.seed, dtype=args.dtype, skip_hf=args.no_baseline, lengths=args.lengths,
-                     random_model=args.random_model, enforce_eager=args.enforce_eager,
+                     random_model=args.random_model, enforce_eager=args.enforce_eager, compile=args.compile,
                      formats=args.formats, baseline=args.baseline)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

@@ -50,8 +50,9 @@ def _decode_mask(context_lens: torch.Tensor, width: int, sliding_window: int | N
     with it than with a boolean one at 16 sequences (`kubellm bench kernels --cpu`)."""
     global _decode_mask_cache
     cached = _decode_mask_cache
+    compiling = torch.compiler.is_compiling()   # a compiled step builds it once itself, and keeps nothing
     cpu = context_lens.device.type == "cpu"
-    if cpu and cached is not None and cached[1:4] == (width, sliding_window, dtype) and \
+    if cpu and not compiling and cached is not None and cached[1:4] == (width, sliding_window, dtype) and \
             torch.equal(cached[0], context_lens):
         return cached[4]
     k_pos = torch.arange(width, device=context_lens.device)
@@ -61,7 +62,8 @@ def _decode_mask(context_lens: torch.Tensor, width: int, sliding_window: int | N
     mask = valid[:, None, None, :]
     if cpu:   # (a GPU step may be a CUDA graph capture: nothing of it is kept)
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-        _decode_mask_cache = (context_lens.clone(), width, sliding_window, dtype, mask)
+        if not compiling:
+            _decode_mask_cache = (context_lens.clone(), width, sliding_window, dtype, mask)
     return mask
 
 
@@ -73,14 +75,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     # [B, Hkv, M*bs, D] views of the gathered blocks (index_select copies whole blocks at once).
-    blocks = block_tables.flatten()
-    k = gather_blocks(k_cache, k_scale, blocks, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = gather_blocks(v_cache, v_scale, blocks, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # (Sizes spelled out, not -1: a compiled step then knows the table has a row per query.)
+    blocks, keys = block_tables.flatten(), block_tables.shape[1] * k_cache.shape[1]
+    k = gather_blocks(k_cache, k_scale, blocks, q.dtype).view(batch, keys, num_kv_heads, head_dim).transpose(1, 2)
+    v = gather_blocks(v_cache, v_scale, blocks, q.dtype).view(batch, keys, num_kv_heads, head_dim).transpose(1, 2)
     # Grouped-query attention without repeating K/V: a group's query heads act as its query rows.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    if q.device.type == "cpu" and batch == 1:
+    if q.device.type == "cpu" and batch == 1 and not torch.compiler.is_compiling():
         # One sequence: its keys cut to its context (and window), no mask. torch's CPU SDPA with a mask is up to
-        # 8x slower than without at 512 keys (`kubellm bench kernels --cpu`); on a CPU reading the length is free.
+        # 8x slower than without at 512 keys (`kubellm bench kernels --cpu`); on a CPU reading the length is free
+        # (not in a compiled step: a length read from a tensor would end its graph).
         end = int(context_lens[0])
         begin = 0 if sliding_window is None else max(0, end - sliding_window)
         out = F.scaled_dot_product_attention(qg, k[:, :, begin:end], v[:, :, begin:end], scale=scale)

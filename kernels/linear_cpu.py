@@ -11,6 +11,8 @@ row (a tied embedding) keeps its plain tensor beside it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -34,8 +36,23 @@ def available() -> bool:
         return False
 
 
+# Off while a model is built for compiled decode steps (runtime/executor/cpu_compile.py): inductor's freezing
+# packs the weights its own way and cannot trace an opaque mkldnn tensor.
+_packing = contextvars.ContextVar("kubellm_linear_cpu_packing", default=True)
+
+
+@contextlib.contextmanager
+def packing(enabled: bool):
+    """Whether weights built or loaded inside may be packed (can_pack says no to every one when not)."""
+    token = _packing.set(enabled)
+    try:
+        yield
+    finally:
+        _packing.reset(token)
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16)
+    return (_packing.get() and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16)
             and not weight.is_mkldnn and weight.numel() > 0)
 
 

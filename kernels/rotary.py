@@ -7,7 +7,10 @@ import torch
 
 def _adjacent(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether k's heads follow q's in each row of one buffer (both views of a packed [q | k | v] projection), so
-    both can be rotated as one tensor: half the small ops of a decode step's rotary on CPU."""
+    both can be rotated as one tensor: half the small ops of a decode step's rotary on CPU. Never while
+    torch.compile traces (it cannot read storage addresses; its fused loop needs no shortcut)."""
+    if torch.compiler.is_compiling():
+        return False
     return (q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
             and q.dtype == k.dtype and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
             and (q.shape[0] == 1 or q.stride(0) == k.stride(0))   # one row: its stride is arbitrary

@@ -120,7 +120,11 @@ class EngineConfig(_Strict):
         64, ge=1, description="largest LoRA rank an adapter may have (vLLM's max_lora_rank)")
     enforce_eager: bool = Field(
         False, description="run decode steps eagerly instead of replaying CUDA graphs captured per batch-size "
-        "bucket (GPU only; CPU is always eager)")
+        "bucket (GPU only; on CPU see compile)")
+    compile: bool = Field(
+        False, description="CPU: run decode steps through torch.compile (inductor, frozen weights, max-autotune "
+        "GEMMs), about 1.5-2.3x faster than eager; the first start compiles for one to three minutes, later ones "
+        "read inductor's cache; the compiled step keeps its own packed copy of float weights (docs/cpu-compile.md)")
     # What one request may ask for (docs/grpc.md, "Request limits"): past these it is refused with the limit named.
     max_prompts_per_request: int = Field(
         256, ge=1, description="most prompts in one request (a batch); each is its own sequence in the engine")
@@ -153,6 +157,13 @@ class EngineConfig(_Strict):
         if self.eviction == "copy" and self.num_cpu_blocks == 0:
             raise ValueError("num_cpu_blocks: eviction='copy' swaps preempted sequences to host memory but "
                              "num_cpu_blocks is 0; set num_cpu_blocks (host KV blocks) or use eviction='recompute'")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_is_not_eager(self):
+        if self.compile and self.enforce_eager:
+            raise ValueError("compile: asks for compiled decode steps but enforce_eager asks for eager ones; "
+                             "set one of them")
         return self
 
     @property

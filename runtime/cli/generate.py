@@ -12,6 +12,8 @@ def engine_options(args) -> dict:
     options = {"dtype": args.dtype, "device": args.device, "max_batch_size": args.max_batch_size}
     if args.session_len:
         options["session_len"] = args.session_len
+    if args.compile:
+        options["compile"] = True
     return options
 
 

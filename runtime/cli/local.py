@@ -93,7 +93,7 @@ def serve(args) -> int:
                 "max_request_bytes", "max_streams_per_connection", "rate_limit", "rate_limit_burst",
                 "max_prompts_per_request", "model_impl", "eviction", "num_cpu_blocks", "rope_scaling_factor",
                 "use_logn_attn", "max_lora_rank", "quantization",
-                 "kv_cache_dtype"):
+                 "kv_cache_dtype", "compile"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value

@@ -39,7 +39,7 @@ def worker_configs(args):
     options = _json_object(args.config, "--config", "EngineConfig") if args.config else {}
     for name in ("tensor_parallel", "pipeline_parallel", "dtype", "device", "max_batch_size", "session_len",
                  "model_impl", "eviction", "num_cpu_blocks", "rope_scaling_factor", "use_logn_attn", "max_lora_rank", "quantization",
-                 "kv_cache_dtype"):
+                 "kv_cache_dtype", "compile"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value

@@ -11,6 +11,8 @@ from kubellm.runtime.executor import parallel
 from kubellm.runtime.config import EngineConfig
 from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
+from kubellm.kernels import linear_cpu
+from kubellm.runtime.executor.cpu_compile import check_device, compile_decode
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
 from kubellm.runtime.executor.layers.cpu_weights import pack_cpu_weights
@@ -62,7 +64,19 @@ class ModelRunner:
         else:
             self.stage = whole_model(hf_config.num_hidden_layers)
         self.micro_batches = config.pipeline_micro_batches or self.parallel.pp
+        check_device(config, self.device)
         self.quantization = plan_for_checkpoint(path, hf_config, config)   # None: float weights
+        with linear_cpu.packing(not config.compile):   # a compiled step packs its weights itself
+            self._build_model(path, hf_config, config, session_len, show_progress)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.sliding_windows = {a.sliding_window for a in self.attention_layers}
+        self.session_len = session_len
+        self.num_blocks = 0          # no KV cache until allocate_kv_cache
+        self.host_kv_cache = None    # eviction='copy': per block part, [layer, host block, ...] (pinned on a GPU)
+        self.decode_graphs = None    # None: every step eager
+        self.compiled_decode = None  # CPU, EngineConfig.compile: decode steps through torch.compile
+
+    def _build_model(self, path: Path, hf_config, config: EngineConfig, session_len: int, show_progress: bool):
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -80,12 +94,6 @@ class ModelRunner:
                           config.max_lora_rank, self.device, self.dtype)
         self.model.eval()
         pack_cpu_weights(self.model, self.device)   # last: loading and adapters write the plain tensors
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.sliding_windows = {a.sliding_window for a in self.attention_layers}
-        self.session_len = session_len
-        self.num_blocks = 0          # no KV cache until allocate_kv_cache
-        self.host_kv_cache = None    # eviction='copy': per block part, [layer, host block, ...] (pinned on a GPU)
-        self.decode_graphs = None    # None: every step eager
 
     # -- the KV cache ---------------------------------------------------------------------------------
     @property
@@ -122,7 +130,7 @@ class ModelRunner:
         (they replay the cache's addresses, so they follow it)."""
         layer = self.attention_layers[0]
         shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.decode_graphs = None
+        self.decode_graphs = self.compiled_decode = None
         cache_dtype = torch.int8 if self.kv_int8 else self.dtype
         for attn in self.attention_layers:
             attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
@@ -133,6 +141,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self._allocate_host_kv_cache(shape[1:])
         self.decode_graphs = capture_decode_graphs(self, self.session_len)
+        self.compiled_decode = compile_decode(self)   # (a new cache is new inputs: compiled again)
 
     def _cache_tensors(self, attn: PagedAttention) -> list[torch.Tensor]:
         """What one layer's KV blocks are made of: keys and values, and an int8 cache's scales of each."""
@@ -222,7 +231,9 @@ class ModelRunner:
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
     def _run_model(self, chunks: list[SeqChunk], intermediate=None):
-        input_ids, positions, metadata, sample_rows = self._prepare(chunks)
+        return self._run_prepared(*self._prepare(chunks), intermediate)
+
+    def _run_prepared(self, input_ids, positions, metadata, sample_rows, intermediate=None):
         if self.decode_graphs is not None and self.decode_graphs.can_run(metadata, len(input_ids)):
             return self.decode_graphs.run(input_ids, positions, metadata), sample_rows
         set_context(metadata)
@@ -239,7 +250,11 @@ class ModelRunner:
             self.swap_blocks(batch.blocks_to_swap_out, batch.blocks_to_swap_in)
         wants_logits = batch.num_samples > 0
         if self.parallel.pp == 1:
-            hidden, sample_rows = self._run_model(batch.chunks)
+            prepared = self._prepare(batch.chunks)
+            if self.compiled_decode is not None and self.compiled_decode.can_run(prepared[2], len(prepared[0]),
+                                                                                 len(prepared[3])):
+                return self.compiled_decode.run(*prepared[:3])   # every row a decode, every one sampled
+            hidden, sample_rows = self._run_prepared(*prepared)
             # prompt_logprobs' rows after the sampled ones; every tensor rank computes the same rows
             rows = prompt_logprob_rows(batch.chunks, sample_rows)
             return self.model.compute_logits(hidden[rows]) if wants_logits or len(rows) else None

@@ -26,7 +26,7 @@ EVERY_FIELD = {
     "engine": {"dtype": "bfloat16", "maxBatchSize": 7, "maxNumBatchedTokens": 999, "kvCacheFraction": 0.3,
                "blockSize": 8, "sessionLen": 321, "enablePrefixCaching": False, "modelImpl": "transformers",
                "eviction": "copy", "numCpuBlocks": 12, "ropeScalingFactor": 2.5, "useLognAttn": True,
-               "maxLoraRank": 16, "quantization": "int8", "kvCacheDtype": "int8"},
+               "maxLoraRank": 16, "quantization": "int8", "kvCacheDtype": "int8", "compile": True},
     "generation": {"maxNewTokens": 11, "temperature": 0.6, "topP": 0.8, "topK": 5, "repetitionPenalty": 1.2},
 }
 
@@ -92,7 +92,8 @@ def test_serve_file_and_local_deployments_get_every_setting(tmp_path):
 
 @pytest.mark.parametrize("device", ["gpu", "cpu"])
 def test_the_command_shows_the_layout_and_a_cpu_device(device):
-    spec = LLMDeploymentSpec.model_validate({**EVERY_FIELD, "device": device})
+    engine = {**EVERY_FIELD["engine"], "compile": device == "cpu"}   # compile is a CPU option
+    spec = LLMDeploymentSpec.model_validate({**EVERY_FIELD, "device": device, "engine": engine})
     args = spec.runtime_settings().worker_args("/m", "/etc/kubellm", port=1)
     assert args[args.index("--tensor-parallel") + 1] == "2" and args[args.index("--pipeline-parallel") + 1] == "3"
     assert ("--device" in args) == (device == "cpu")

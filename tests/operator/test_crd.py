@@ -288,6 +288,7 @@ INVALID = {
     "unknown eviction": ({"model": SOURCE, "engine": {"eviction": "swap"}}, "engine.eviction"),
     "copy eviction without host blocks": ({"model": SOURCE, "engine": {"eviction": "copy"}}, "engine.numCpuBlocks"),
     "negative host blocks": ({"model": SOURCE, "engine": {"numCpuBlocks": -1}}, "engine.numCpuBlocks"),
+    "compile on GPUs": ({"model": SOURCE, "engine": {"compile": True}}, "engine.compile"),
     "rope scaling below 1": ({"model": SOURCE, "engine": {"ropeScalingFactor": 0.5}}, "engine.ropeScalingFactor"),
     "zero lora rank": ({"model": SOURCE, "engine": {"maxLoraRank": 0}}, "engine.maxLoraRank"),
     "adapter name not a label": ({"model": SOURCE, "adapters": [{"name": "SQL_lora", "source": "/a/sql"}]},
@@ -322,6 +323,7 @@ VALID = [
     {"model": {"source": "smollm2-135m"}, "networkPolicy": {"enabled": False}},
     {"model": SOURCE, "engine": {"modelImpl": "transformers", "eviction": "copy", "numCpuBlocks": 256,
                                  "ropeScalingFactor": 4.0, "useLognAttn": True, "maxLoraRank": 16}},
+    {"model": SOURCE, "device": "cpu", "engine": {"compile": True}},
     {"model": SOURCE, "adapters": [{"name": "sql", "source": "hf://org/sql-lora@v1"},
                                    {"name": "chat-2", "source": "pvc://adapters/chat"},
                                    {"name": "code", "source": "/opt/adapters/code"}]},
@@ -402,7 +404,9 @@ def test_cel_and_python_rules_agree(spec_schema):
         {"model": model},
         optional={"tensorParallel": st.integers(1, 8), "pipelineParallel": st.integers(1, 4),
                   "gpusPerPod": st.integers(1, 8), "replicas": st.integers(-1, 3), "restApi": rest,
-                  "router": st.fixed_dictionaries({}, optional={"port": st.sampled_from([8080, 50051])})})
+                  "router": st.fixed_dictionaries({}, optional={"port": st.sampled_from([8080, 50051])}),
+                  "device": st.sampled_from(["gpu", "cpu"]),
+                  "engine": st.fixed_dictionaries({}, optional={"compile": st.booleans()})})
 
     @hypothesis.settings(max_examples=150, deadline=None, database=None)
     @hypothesis.given(body)

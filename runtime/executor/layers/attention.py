@@ -25,6 +25,9 @@ class PagedAttention(nn.Module):
         ctx = get_context()
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, **scales)
+        if not ctx.prefills:   # decodes only: every row, no count read (a compiled step would specialize on it)
+            return paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables,
+                                          ctx.decode_context_lens, self.scale, self.sliding_window, **scales)
         out = torch.empty_like(q)
         nd = ctx.num_decode
         if nd:

@@ -112,6 +112,9 @@ class RotaryEmbedding(nn.Module):
         """Every layer of a step rotates the same `positions` tensor (this module is shared by all layers): on
         CPU its rows are looked up once per step, not once per layer. Not on a GPU: a CUDA graph replays the
         lookups it captured, and its static positions buffer is refilled in place between replays."""
+        if torch.compiler.is_compiling():   # a compiled step computes it once by itself (and keeps nothing)
+            cos, sin = self.cos_sin(positions)
+            return cos.to(dtype), sin.to(dtype)
         step = self._step
         if step is not None and step[0] is positions and step[1] == dtype:
             return step[2], step[3]

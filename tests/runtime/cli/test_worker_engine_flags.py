@@ -30,10 +30,10 @@ def adapter_dir(path, weights="adapter_model.safetensors"):
 def test_the_engine_flags_reach_engine_config():
     config, _ = worker_configs(parse("--model-impl", "transformers", "--eviction", "copy", "--num-cpu-blocks", "32",
                                      "--rope-scaling-factor", "2.5", "--use-logn-attn", "--max-lora-rank", "16",
-                                     "--quantization", "int8", "--kv-cache-dtype", "int8"))
+                                     "--quantization", "int8", "--kv-cache-dtype", "int8", "--compile"))
     assert (config.model_impl, config.eviction, config.num_cpu_blocks, config.rope_scaling_factor,
-            config.use_logn_attn, config.max_lora_rank, config.quantization, config.kv_cache_dtype) == \
-        ("transformers", "copy", 32, 2.5, True, 16, "int8", "int8")
+            config.use_logn_attn, config.max_lora_rank, config.quantization, config.kv_cache_dtype,
+            config.compile) == ("transformers", "copy", 32, 2.5, True, 16, "int8", "int8", True)
 
 
 def test_unset_flags_keep_the_config_files_values(tmp_path):

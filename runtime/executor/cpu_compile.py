@@ -1,0 +1,110 @@
+"""On CPU, decode steps through torch.compile (EngineConfig.compile); prefill stays eager.
+
+An eager CPU decode step runs some 70 small ops per layer around its four matmuls, each a few microseconds
+of dispatch, and multiplies with torch's general kernels. Inductor fuses the norms, rotary, activation and
+casts into a few C++ loops, and with frozen weights and max-autotune multiplies with GEMMs it packs and picks
+for these shapes (MKL packed float, its own int8 / int4 weight-only templates). On SmolLM2 the step is 1.5-2.3x
+faster (docs/cpu-compile.md); the price is a compile at load and a packed copy of the float weights.
+
+- What runs compiled: a step of decodes only (no prefill chunk, no LoRA adapter token), from the token ids to
+  the logits (the LM head included). Every other step runs eagerly on the same weights and the same KV cache.
+- Shapes are dynamic (batch and block-table width), but torch specializes a size of 1: batch 1 is its own graph,
+  and block tables are padded to at least two columns so width 1 never makes another. Both graphs are compiled
+  at warm-up (load), so no request waits for a compile.
+- Only on CPU, one rank (tensor and pipeline parallel steps stay eager), kubellm's own model files.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from kubellm.kernels import dispatch
+from kubellm.runtime.executor.context import AttentionMetadata, set_context
+
+# Inductor options of the compiled step (torch._inductor.config): weights become constants it packs once
+# (freezing), and each GEMM is the fastest of its candidates, measured at compile time (max-autotune).
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+log = logging.getLogger(__name__)
+WARMUP_BATCHES = (1, 2)   # one graph each: size 1 is specialized, 2 stands for every larger batch
+MIN_TABLE_WIDTH = 2
+RECOMPILE_LIMIT = 64
+
+
+def why_not_compiled(runner) -> str | None:
+    """Why this runner's decode steps cannot be compiled, or None when they can (and EngineConfig.compile asks)."""
+    if not runner.config.compile:
+        return "compile is not set"
+    if getattr(runner.model, "eager_reason", None):  # the Transformers backend
+        return runner.model.eager_reason
+    if runner.parallel.pp > 1 or runner.parallel.tp > 1:
+        return "tensor/pipeline parallel steps run eagerly"
+    if dispatch.use_triton(torch.empty(0, device=runner.device)):
+        return "KUBELLM_KERNELS selects the Triton kernels"
+    return None
+
+
+def check_device(config, device: torch.device) -> None:
+    """compile is a CPU option: on a GPU decode steps replay CUDA graphs instead."""
+    if config.compile and device.type != "cpu":
+        raise ValueError(f"compile: compiles CPU decode steps, but the model runs on {device}; on a GPU decode "
+                         "steps replay CUDA graphs already (leave enforce_eager unset) — unset compile")
+
+
+class CompiledDecode:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        # Dynamo keeps the graphs per function, and every instance shares this one: each model (and KV cache dtype)
+        # of a process adds two. Past the limit it would run the function eagerly, without a word.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.step = torch.compile(self._logits, dynamic=True, options=INDUCTOR_OPTIONS)
+        self.runs = 0   # for tests and benchmarks: how many steps ran compiled
+
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(self.model(input_ids, positions))
+
+    def can_run(self, metadata: AttentionMetadata, num_tokens: int, num_samples: int) -> bool:
+        """A step of decodes only, each sampled, no adapter."""
+        return (num_tokens > 0 and metadata.num_decode == num_tokens == num_samples and not metadata.prefills
+                and metadata.adapter_mask is None)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The logits [n, vocab] of a decode-only step of n sequences."""
+        tables = metadata.decode_block_tables
+        if tables.shape[1] < MIN_TABLE_WIDTH:   # past a sequence's length a column is never read
+            metadata.decode_block_tables = F.pad(tables, (0, MIN_TABLE_WIDTH - tables.shape[1]))
+        set_context(metadata)
+        try:
+            logits = self.step(input_ids, positions)
+        finally:
+            set_context(None)
+        self.runs += 1
+        return logits
+
+    @torch.inference_mode()
+    def warm_up(self, device: torch.device) -> None:
+        """Compile both graphs now: decodes at position 0 over block 0 (no sequence holds a block yet, and a
+        sequence's prefill writes its own keys before anything reads them)."""
+        for batch in WARMUP_BATCHES:
+            def zeros():   # one tensor each: the graph would otherwise assume they are one
+                return torch.zeros(batch, dtype=torch.long, device=device)
+            metadata = AttentionMetadata(slot_mapping=zeros(), num_decode=batch,
+                                         decode_block_tables=torch.zeros(batch, MIN_TABLE_WIDTH, dtype=torch.long,
+                                                                         device=device),
+                                         decode_context_lens=torch.ones(batch, dtype=torch.long, device=device))
+            self.run(zeros(), zeros(), metadata)
+        self.runs = 0
+
+
+def compile_decode(runner) -> CompiledDecode | None:
+    """The runner's compiled decode step, compiled now, or None where decode steps run eagerly."""
+    reason = why_not_compiled(runner)
+    if reason is not None:
+        if runner.config.compile:
+            log.warning("compile: decode steps run eagerly: %s", reason)
+        return None
+    compiled = CompiledDecode(runner.model)
+    compiled.warm_up(runner.device)
+    return compiled
