@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 PHASES = ("download", "weights", "warmup")
 # download: resolve the model (hf:// download, GGUF conversion of the embedded default);
 # weights:  build the model (and join the group's other ranks) and read the checkpoint into it;
-# warmup:   allocate the KV cache and capture the CUDA graphs (and agree on its size across ranks).
+# warmup:   allocate the KV cache and capture the CUDA graphs or compile the CPU decode step (and agree on its
+#           size across ranks).
 
 
 @dataclass

@@ -42,7 +42,7 @@ SLOW_LOAD_SECONDS = 60.0
 SLOW_PHASE_HINTS = {
     "download": "keep the model in a persistent cache (kubellm models pull / download) so a restart skips it",
     "weights": "the checkpoint is read slowly: a faster or local disk helps",
-    "warmup": "CUDA graph capture and the KV cache: enforce_eager skips the capture",
+    "warmup": "CUDA graph capture (on CPU with compile: the decode step's compile) and the KV cache",
 }
 # How long a terminated worker lets its requests in flight finish (`kubellm worker --drain-timeout`); the
 # pod's terminationGracePeriodSeconds covers it (operator/resources.py, spec.drain.timeoutSeconds).
