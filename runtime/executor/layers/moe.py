@@ -102,8 +102,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        out = self.dense(x, weights, chosen) if capturing else self.sparse(x, weights, chosen)
+        # A CUDA graph or a compiled CPU step (cpu_compile.py) cannot follow a host sync: every expert, densely.
+        static = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        out = self.dense(x, weights, chosen) if static else self.sparse(x, weights, chosen)
         return all_reduce(out)
 
     def sparse(self, x, weights, chosen) -> torch.Tensor:
