@@ -9,9 +9,9 @@ import torch.distributed as dist
 
 from kubellm.runtime.executor import parallel
 from kubellm.runtime.config import EngineConfig
+from kubellm.kernels import linear_cpu
 from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
-from kubellm.kernels import linear_cpu
 from kubellm.runtime.executor.cpu_compile import check_device, compile_decode
 from kubellm.runtime.executor.cuda_graphs import capture_decode_graphs
 from kubellm.runtime.executor.layers.attention import PagedAttention
