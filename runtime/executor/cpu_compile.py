@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from kubellm.kernels import dispatch
 from kubellm.runtime.executor.context import AttentionMetadata, set_context
 
+log = logging.getLogger(__name__)
+
 # Inductor options of the compiled step (torch._inductor.config): weights become constants it packs once
 # (freezing), and each GEMM is the fastest of its candidates, measured at compile time (max-autotune).
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-log = logging.getLogger(__name__)
 WARMUP_BATCHES = (1, 2)   # one graph each: size 1 is specialized, 2 stands for every larger batch
 MIN_TABLE_WIDTH = 2
 RECOMPILE_LIMIT = 64
