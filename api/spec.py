@@ -109,7 +109,7 @@ class EngineSpec(_Spec):
     kvCacheDtype: Literal["auto", "int8"] = Field(
         "auto", description="auto: the KV cache holds the model's dtype; int8: int8 values with a float32 scale per "
                             "token and KV head, about 2x the bf16 cache's blocks (LMDeploy's quant_policy=8)")
-    compile: bool = Field(False, description="CPU workers: decode steps through torch.compile, 1.5-2.3x faster; "
+    compile: bool = Field(False, description="CPU workers: decode steps through torch.compile, about 2.4x faster; "
                                              "the pod compiles for a few minutes at start (count it in "
                                              "startupTimeoutSeconds); a GPU replays CUDA graphs instead")
 

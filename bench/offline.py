@@ -95,8 +95,8 @@ def format_formats(r: dict) -> str:
 def offline(model: str, num_prompts: int = 64, batch_size: int = 16, prompt_len=(8, 512),
             new_tokens=(8, 512), seed: int = 0, dtype: str = "auto", skip_hf: bool = False,
             lengths: str = "longtail", random_model: str | None = None, enforce_eager: bool = False,
-            compile: bool = False, device: str = "auto", show_progress: bool = True, on_engine_result=None, formats: str | None = None,
-            baseline: str = "hf") -> dict:
+            compile: bool = False, device: str = "auto", show_progress: bool = True, on_engine_result=None,
+            formats: str | None = None, baseline: str = "hf") -> dict:
     """`random_model` (a name in bench_roofline.RANDOM_MODELS, e.g. llama3-8b): that shape with random
     bf16 weights instead of `model`, plus batch-1 decode speed against the memory-bandwidth roofline.
     `formats` (parse_formats): the same roofline on CPU per weight format of `model`. `baseline`: "hf" (the

@@ -52,8 +52,8 @@ def packing(enabled: bool):
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (_packing.get() and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16)
-            and not weight.is_mkldnn and weight.numel() > 0)
+    return (_packing.get() and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.dtype in (torch.float32, torch.bfloat16) and not weight.is_mkldnn and weight.numel() > 0)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ COMMANDS = {
 }
 
 
-COMPILE_HELP = ("CPU: decode steps through torch.compile, 1.5-2.3x faster; the first start compiles for a few "
+COMPILE_HELP = ("CPU: decode steps through torch.compile, about 2.4x faster; the first start compiles for a few "
                 "minutes, later ones read the cache (docs/cpu-compile.md)")
 
 
@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--max-batch-size", type=int, default=64)
         p.add_argument("--session-len", type=int, default=None)
-        p.add_argument("--compile", action="store_true", default=None,
-                       help=COMPILE_HELP)
+        p.add_argument("--compile", action="store_true", default=None, help=COMPILE_HELP)
 
     def model_flags(p) -> None:
         """Engine options past the basics (`kubellm worker`, `kubellm serve`); unset: the --config file's, else
@@ -88,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantization", default=None, choices=["int8", "float", "awq", "gptq", "gguf"],
                        help="weights: unset, as the checkpoint stores them (float, AWQ, GPTQ, GGUF); int8: weight-only "
                             "int8 made on load; float: de-quantize on load (docs/quantization.md)")
-        p.add_argument("--compile", action="store_true", default=None,
-                       help=COMPILE_HELP)
+        p.add_argument("--compile", action="store_true", default=None, help=COMPILE_HELP)
         p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
                        help="auto: the KV cache holds the model's dtype; int8: int8 with a scale per token and head "
                             "(about 2x the bf16 blocks; LMDeploy's quant_policy=8)")

@@ -3,7 +3,7 @@
 An eager CPU decode step runs some 70 small ops per layer around its four matmuls, each a few microseconds
 of dispatch, and multiplies with torch's general kernels. Inductor fuses the norms, rotary, activation and
 casts into a few C++ loops, and with frozen weights and max-autotune multiplies with GEMMs it packs and picks
-for these shapes (MKL packed float, its own int8 / int4 weight-only templates). On SmolLM2 the step is 1.5-2.3x
+for these shapes (MKL packed float, its own int8 / int4 weight-only templates). On SmolLM2 the step is about 2.4x
 faster (docs/cpu-compile.md); the price is a compile at load and a packed copy of the float weights.
 
 - What runs compiled: a step of decodes only (no prefill chunk, no LoRA adapter token), from the token ids to
@@ -68,8 +68,7 @@ class CompiledDecode:
 
     def can_run(self, metadata: AttentionMetadata, num_tokens: int, num_samples: int) -> bool:
         """A step of decodes only, each sampled, no adapter."""
-        return (num_tokens > 0 and metadata.num_decode == num_tokens == num_samples and not metadata.prefills
-                and metadata.adapter_mask is None)
+        return num_tokens > 0 and metadata.num_decode == num_tokens == num_samples and metadata.adapter_mask is None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """The logits [n, vocab] of a decode-only step of n sequences."""
