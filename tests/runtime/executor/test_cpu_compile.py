@@ -2,7 +2,8 @@
 
 Real inductor compiles on the tiny checkpoints (a C++ compiler builds the kernels), against the same engine
 run eagerly: greedy ids equal, logprobs close. The batch shrinks as sequences finish and block tables grow
-past the warm-up's width, and no step compiles again after the warm-up.
+past the warm-up's width, and no step compiles again after the warm-up (checked with every guard evaluated;
+the engine's own steps evaluate only those that tell its two graphs apart).
 """
 
 from __future__ import annotations
@@ -49,14 +50,36 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_llama, options):
                                                       compile=True, **options), show_progress=False)
     compiled = engine.runner.compiled_decode
     assert compiled is not None and compiled.runs == 0   # compiled at load; the warm-up steps are not counted
-    graphs = graphs_compiled()
     gens = [GenerationConfig(max_new_tokens=n, ignore_eos=True, logprobs=0) for n in NEW_TOKENS]
+    # First with every guard evaluated: any change a guard catches (shape, dtype, a metadata field) compiles again.
+    compiled.warm = False
+    graphs = graphs_compiled()
     seqs = engine.generate(PROMPTS, gens)
     assert compiled.runs >= max(NEW_TOKENS) - 1   # every step after the prefill ran compiled
     assert graphs_compiled() == graphs, "a step compiled again after the warm-up"
     assert [s.generated_ids for s in seqs] == eager_ids
+    # Then as the engine runs them: only the guards that tell the two graphs apart.
+    compiled.warm = True
+    seqs = engine.generate(PROMPTS, gens)
+    assert graphs_compiled() == graphs
+    assert [s.generated_ids for s in seqs] == eager_ids
     for got, expected in zip((s.logprobs for s in seqs), eager_logprobs):
         assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_two_models_of_one_shape_keep_their_own_graphs(tiny_llama, tmp_path):
+    """Frozen weights are constants of a graph, and past the warm-up only the guards telling a model's two graphs
+    apart run: each model compiles its own function, so a second model of the same shape never runs the first's."""
+    from tiny_models import make_checkpoint
+
+    other = make_checkpoint(tmp_path / "other", "llama", seed=1)
+    expected = [generate(path)[1] for path in (tiny_llama, other)]
+    engines = [generate(path, compile=True)[0] for path in (tiny_llama, other)]
+    gens = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in NEW_TOKENS]
+    got = [[s.generated_ids for s in engine.generate(PROMPTS, gens)] for engine in engines]
+    assert expected[0] != expected[1]   # else the test could not tell the models apart
+    assert got == expected
+    assert all(engine.runner.compiled_decode.runs > 0 for engine in engines)
 
 
 def test_a_sliding_window_model_decodes_compiled_as_eager(tiny_mistral):
