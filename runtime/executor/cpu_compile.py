@@ -56,6 +56,9 @@ def check_device(config, device: torch.device) -> None:
                          "steps replay CUDA graphs already (leave enforce_eager unset) — unset compile")
 
 
+_instances = itertools.count()
+
+
 def _decode_logits(model: torch.nn.Module):
     """The compiled function: token ids and positions to logits, as its own code object (dynamo keeps graphs and
     their guards per code object, so every model's two graphs are its own and fast guard checks never have to
@@ -67,12 +70,8 @@ def _decode_logits(model: torch.nn.Module):
                               logits.__closure__)
 
 
-_instances = itertools.count()
-
-
 class CompiledDecode:
     def __init__(self, model: torch.nn.Module):
-        self.model = model
         self.step = torch.compile(_decode_logits(model), dynamic=True)
         self.warm = False   # past warm-up: both graphs exist, and only the guards telling them apart run
         self.runs = 0   # for tests and benchmarks: how many steps ran compiled
