@@ -9,8 +9,9 @@ the speed-up over float32 `F.linear` (MKL on the plain tensor, what the engine u
 
 Candidates, per weight format (the `engine` column marks what the layers use on CPU):
 - float32 / bfloat16: `F.linear`, and oneDNN on the weight packed once (kernels/linear_cpu.py);
-- int8 (per output channel): `aten._weight_int8pack_mm` with bfloat16 or float32 activations
-  (kernels/quant_cpu.py), and the plain-PyTorch reference (de-quantize, then `F.linear`; kernels/quant.py);
+- int8 (per output channel): kubellm's C++ kernel with float32 activations (kernels/native.py, where it
+  builds), `aten._weight_int8pack_mm` with bfloat16 or float32 activations (kernels/quant_cpu.py), and the
+  plain-PyTorch reference (de-quantize, then `F.linear`; kernels/quant.py);
 - int4 (group 32): `aten._weight_int4pack_mm_for_cpu` with bfloat16 activations, and the reference.
 
 Then decode attention over a paged cache (kernels/attention.py): one sequence with its keys cut to its
@@ -53,9 +54,9 @@ def _copies(nbytes: int, cache_bytes: int) -> int:
     return max(2, -(-4 * cache_bytes // max(nbytes, 1)))
 
 
-def _candidates(out_features: int, in_features: int, gen: torch.Generator):
-    """(format, kernel, weight bytes, make(weight float32) -> fn(x) , x dtype, used by the engine)."""
-    from kubellm.kernels import linear_cpu, quant, quant_cpu
+def _candidates(out_features: int, in_features: int, gen: torch.Generator, rows: int):
+    """(format, kernel, weight bytes, make(weight float32) -> fn(x) , x dtype, used by the engine at `rows`)."""
+    from kubellm.kernels import linear_cpu, native, quant, quant_cpu
 
     n, k = out_features, in_features
     group = 32
@@ -86,7 +87,12 @@ def _candidates(out_features: int, in_features: int, gen: torch.Generator):
         scales = scales.to(act)
         return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)
 
+    def int8_native(w):
+        q, scales = int8_parts(w)
+        return lambda x: native.int8_linear(x, q, scales)
+
     f32, bf16 = torch.float32, torch.bfloat16
+    native_rows = native.available() and rows <= quant_cpu.NATIVE_INT8_ROWS   # quant_cpu.int8_linear's choice
     return [
         ("float32", "F.linear (MKL)", 4 * n * k, lambda w: (lambda x: F.linear(x, w)), f32, False),
         ("float32", "oneDNN packed", 4 * n * k, lambda w: (lambda x, p=linear_cpu.pack(w): linear_cpu.linear(x, p, None)),
@@ -94,7 +100,10 @@ def _candidates(out_features: int, in_features: int, gen: torch.Generator):
         ("bfloat16", "F.linear", 2 * n * k, lambda w: (lambda x, b=w.to(bf16): F.linear(x, b)), bf16, False),
         ("bfloat16", "oneDNN packed", 2 * n * k,
          lambda w: (lambda x, p=linear_cpu.pack(w.to(bf16)): linear_cpu.linear(x, p, None)), bf16, True),
-        ("int8", "_weight_int8pack_mm, bf16 activations", n * k + 2 * n, lambda w: int8pack(w, bf16), bf16, True),
+        *([("int8", "kubellm C++ (native.py), f32 activations", n * k + 2 * n, int8_native, f32, native_rows)]
+          if native.available() else []),
+        ("int8", "_weight_int8pack_mm, bf16 activations", n * k + 2 * n, lambda w: int8pack(w, bf16), bf16,
+         not native_rows),
         ("int8", "_weight_int8pack_mm, f32 activations", n * k + 4 * n, lambda w: int8pack(w, f32), f32, False),
         ("int8", "reference (de-quantize + F.linear)", n * k + 4 * n, int8_ref, f32, False),
         ("int4", "_weight_int4pack_mm_for_cpu, bf16 activations", n * k // 2 + 4 * n * k // group, int4pack, bf16,
@@ -111,7 +120,7 @@ def bench_matmuls(shapes: dict = SMOLLM2_SHAPES, rows=ROWS, cache_bytes: int = C
     for name, (n, k) in shapes.items():
         for m in rows:
             baseline_ms = None
-            for fmt, kernel, nbytes, make, act, engine in _candidates(n, k, gen):
+            for fmt, kernel, nbytes, make, act, engine in _candidates(n, k, gen, m):
                 if progress is not None:
                     progress.update(0, note=f"{name} {m} rows: {fmt} {kernel}")
                 copies = _copies(nbytes, cache_bytes)

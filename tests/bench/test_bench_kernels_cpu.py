@@ -25,6 +25,17 @@ def test_matmul_rows_cover_every_format_and_mark_the_engines_paths():
         assert sorted(r["format"] for r in at if r["engine"]) == ["bfloat16", "float32", "int4", "int8"]
 
 
+def test_the_int8_path_marked_follows_the_row_count():
+    from kubellm.kernels import native, quant_cpu
+
+    if not native.available():
+        pytest.skip("kubellm's C++ kernels do not build here")
+    beyond = quant_cpu.NATIVE_INT8_ROWS + 1
+    rows = kernels_cpu.bench_matmuls(TINY, rows=(1, beyond), cache_bytes=2 ** 16, min_seconds=0.001)
+    marked = {r["rows"]: r["kernel"] for r in rows if r["format"] == "int8" and r["engine"]}
+    assert marked == {1: "kubellm C++ (native.py), f32 activations", beyond: "_weight_int8pack_mm, bf16 activations"}
+
+
 def test_weights_are_cycled_past_the_cache():
     assert kernels_cpu._copies(2 ** 20, 32 * 2 ** 20) == 128
     assert kernels_cpu._copies(2 ** 30, 32 * 2 ** 20) == 2   # never fewer than two
