@@ -14,6 +14,9 @@ dependency; without it this baseline stops with an error saying how to install i
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +40,32 @@ def import_llama_cpp():
     except ImportError as error:
         raise RuntimeError(f"{INSTALL_HINT} ({error})") from None
     return llama_cpp
+
+
+# Built with -march=native on an AMX CPU, llama-cpp-python 0.3.36's ggml loads an invalid AMX tile config and
+# dies of a general protection fault on the first matmul (ggml-org/llama.cpp PR 26954). Building without AMX works.
+AMX_REBUILD = ("CMAKE_ARGS='-DCMAKE_C_FLAGS=-mno-amx-tile -DCMAKE_CXX_FLAGS=-mno-amx-tile' "
+               "pip install --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36")
+
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_threads=int(sys.argv[2]), verbose=False)
+llm.eval(llm.tokenize(b"Hello"))
+"""
+
+
+def probe(gguf: Path, threads: int, timeout: float = 300) -> None:
+    """Runs llama.cpp once on `gguf` in a child process, so that a crash of its native code (the AMX build
+    above) is an error naming the fix instead of the end of the whole benchmark."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(gguf), str(threads)], capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode == 0:
+        return
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        raise RuntimeError(f"llama.cpp crashed ({name}) running {gguf.name}: a llama-cpp-python built for this "
+                           f"CPU's AMX does that (its tile config bug). Rebuild it without AMX: {AMX_REBUILD}")
+    raise RuntimeError(f"llama.cpp failed on {gguf.name}: {done.stderr.strip()[-2000:]}")
 
 
 class LlamaCppRunner:
@@ -117,6 +146,7 @@ def compare(engine, model_dir: str | Path, prompts: list[list[int]], new_tokens:
 
     gguf = find_gguf(model_dir)
     threads = threads or torch.get_num_threads()
+    probe(gguf, threads)
     batch = prompts[:concurrency]
     ctx_per_seq = max(map(len, batch)) + new_tokens + 8
     llama = LlamaCppRunner(gguf, max_seqs=concurrency, ctx_per_seq=ctx_per_seq, threads=threads)
