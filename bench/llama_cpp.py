@@ -44,14 +44,22 @@ def import_llama_cpp():
 
 # Built with -march=native on an AMX CPU, llama-cpp-python 0.3.36's ggml loads an invalid AMX tile config and
 # dies of a general protection fault on the first matmul (ggml-org/llama.cpp PR 26954). Building without AMX works.
-AMX_REBUILD = ("CMAKE_ARGS='-DCMAKE_C_FLAGS=-mno-amx-tile -DCMAKE_CXX_FLAGS=-mno-amx-tile' "
-               "pip install --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36")
+_NO_AMX = r"-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"   # CMAKE_ARGS is split like a shell line
+AMX_REBUILD = (f"CMAKE_ARGS='-DCMAKE_C_FLAGS={_NO_AMX} -DCMAKE_CXX_FLAGS={_NO_AMX}' pip install --force-reinstall "
+               "--no-cache-dir --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36")
 
 _PROBE = """
 import sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_threads=int(sys.argv[2]), verbose=False)
-llm.eval(llm.tokenize(b"Hello"))
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_threads=int(sys.argv[2]), verbose=False)
+llm("The capital of France is Paris. " * 4, max_tokens=4)   # a prompt of several tokens, then decode steps
 """
+
+
+def _has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def probe(gguf: Path, threads: int, timeout: float = 300) -> None:
@@ -63,8 +71,10 @@ def probe(gguf: Path, threads: int, timeout: float = 300) -> None:
         return
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
-        raise RuntimeError(f"llama.cpp crashed ({name}) running {gguf.name}: a llama-cpp-python built for this "
-                           f"CPU's AMX does that (its tile config bug). Rebuild it without AMX: {AMX_REBUILD}")
+        if _has_amx():
+            raise RuntimeError(f"llama.cpp crashed ({name}) running {gguf.name}: a llama-cpp-python built for "
+                               f"this CPU's AMX does that (its tile config bug). Rebuild it without AMX: {AMX_REBUILD}")
+        raise RuntimeError(f"llama.cpp crashed ({name}) running {gguf.name}: {done.stderr.strip()[-2000:]}")
     raise RuntimeError(f"llama.cpp failed on {gguf.name}: {done.stderr.strip()[-2000:]}")
 
 
