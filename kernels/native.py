@@ -5,7 +5,7 @@ decode shapes (int8_linear_cpu.cpp says which and by how much). Each is a `torch
 (`torch.ops.kubellm.*`) with a fake implementation, so `torch.compile` calls it as an opaque kernel.
 
 The build runs the C++ compiler once per source, torch version and CPU (`-march=native`), into
-`$KUBELLM_CACHE/kernels` (else ~/.cache/kubellm/kernels), and takes about 30 s on two cores. Where
+`$KUBELLM_KERNEL_CACHE` (else ~/.cache/kubellm/kernels), and takes about 7 s on two cores. Where
 it cannot run (no g++ in the image, a failed build) `available()` is False and the callers keep
 torch's operators; KUBELLM_NATIVE_KERNELS=0 turns the kernels off.
 """
@@ -36,9 +36,9 @@ loaded = False
 
 
 def _cache_root() -> Path:
-    # runtime/hub/cache.py's root; kernels sit below the runtime, so the two lines are repeated here
-    env = os.environ.get("KUBELLM_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "kubellm") / "kernels"
+    # Not under $KUBELLM_CACHE: a build is the machine's, not a model's, and tests point that at fresh folders.
+    env = os.environ.get("KUBELLM_KERNEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kubellm" / "kernels"
 
 
 def _cpu_signature() -> str:

@@ -98,7 +98,7 @@ def _fresh_process(env: dict, tmp_path) -> str:
             "y = quant_cpu.int8_linear(torch.randn(1, 32), q, s)\n"
             "print(native.available(), native.loaded, tuple(y.shape))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "KUBELLM_CACHE": str(tmp_path), **env})
+                          env={**os.environ, "KUBELLM_KERNEL_CACHE": str(tmp_path), **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip() + "\n" + done.stderr
 
