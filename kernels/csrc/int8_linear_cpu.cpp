@@ -3,10 +3,10 @@
 // Decode multiplies a few rows by every weight, so the step is bound by how fast the int8 weights stream
 // from memory. Each block of weight rows is read once, widened to float32 in registers, and multiplied by
 // every activation row while it sits in L1 (activations stay float32: no bfloat16 rounding of x).
-// torch's `_weight_int8pack_mm` and inductor's weight-only template read these weights well below the
-// machine's bandwidth at one row (docs/cpu-compile.md); this loop reads them near it.
+// torch's `_weight_int8pack_mm` reads these weights at about half the machine's bandwidth at one row
+// (docs/quantization.md); this loop reads them near it.
 //
-// Built on first use by kernels/int8_linear_ext.py with -march=native; without AVX-512 the portable loop
+// Built on first use by kernels/native.py with -march=native; without AVX-512 the portable loop
 // below is what the compiler vectorizes.
 
 #include <ATen/Parallel.h>
@@ -15,8 +15,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -26,7 +26,7 @@
 namespace {
 
 // One core's misses on a stream of int8 rows run at about 7 GB/s here, well below its share of the
-// bandwidth; software prefetches 8 KiB ahead into L2 bring it to 10-11 (docs/cpu-compile.md).
+// bandwidth; software prefetches 8 KiB ahead into L2 bring it to 10-11 (docs/quantization.md).
 constexpr int64_t kPrefetchAhead = 8 * 1024;
 
 // acc[t * R + r] = sum_k x[t][k] * w[r][k] for T activation rows and R int8 weight rows.
