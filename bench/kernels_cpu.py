@@ -101,7 +101,7 @@ def _candidates(out_features: int, in_features: int, gen: torch.Generator, rows:
         ("bfloat16", "oneDNN packed", 2 * n * k,
          lambda w: (lambda x, p=linear_cpu.pack(w.to(bf16)): linear_cpu.linear(x, p, None)), bf16, True),
         *([("int8", "kubellm C++ (native.py), f32 activations", n * k + 2 * n, int8_native, f32, native_rows)]
-          if native.available() else []),
+          if native.loaded else []),
         ("int8", "_weight_int8pack_mm, bf16 activations", n * k + 2 * n, lambda w: int8pack(w, bf16), bf16,
          not native_rows),
         ("int8", "_weight_int8pack_mm, f32 activations", n * k + 4 * n, lambda w: int8pack(w, f32), f32, False),

@@ -51,7 +51,8 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _flags(torch_dir: Path) -> list[str]:
+def _flags() -> list[str]:
+    torch_dir = Path(torch.__file__).parent
     includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"]
     lib = torch_dir / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -61,9 +62,8 @@ def _flags(torch_dir: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    torch_dir = Path(torch.__file__).parent
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, sys.version, _cpu_signature(),
-                                    *_flags(torch_dir)]).encode()).hexdigest()[:16]
+                                    *_flags()]).encode()).hexdigest()[:16]
     return _cache_root() / f"int8_linear_cpu-{key}.so"
 
 
@@ -75,7 +75,7 @@ def build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *_flags(Path(torch.__file__).parent)],
+        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *_flags()],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{done.stderr[-4000:]}")

@@ -29,9 +29,9 @@ namespace {
 // bandwidth; software prefetches 8 KiB ahead into L2 bring it to 10-11 (docs/quantization.md).
 constexpr int64_t kPrefetchAhead = 8 * 1024;
 
-// acc[t * R + r] = sum_k x[t][k] * w[r][k] for T activation rows and R int8 weight rows.
+// acc[t * R + r] = sum_k x[t][k] * w[r][k] for T activation rows and R int8 weight rows, each k_size long.
 template <int T, int R>
-inline void dot_block(const float* x, int64_t ldx, const int8_t* w, int64_t k_size, float* acc) {
+inline void dot_block(const float* x, const int8_t* w, int64_t k_size, float* acc) {
 #ifdef KUBELLM_AVX512
   // U independent sums per output when T x R alone would not hide the FMA latency
   constexpr int U = T * R >= 4 ? 1 : 4 / (T * R);
@@ -47,7 +47,7 @@ inline void dot_block(const float* x, int64_t ldx, const int8_t* w, int64_t k_si
     for (int r = 0; r < R; ++r)
       wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + r * k_size + at)));
     for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * ldx + at);
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * k_size + at);
       for (int r = 0; r < R; ++r) sum[u][t][r] = _mm512_fmadd_ps(xv, wv[r], sum[u][t][r]);
     }
   };
@@ -65,7 +65,7 @@ inline void dot_block(const float* x, int64_t ldx, const int8_t* w, int64_t k_si
 #else
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) {
-      const float* xt = x + t * ldx;
+      const float* xt = x + t * k_size;
       const int8_t* wr = w + r * k_size;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -87,13 +87,13 @@ inline void rows_block(const float* x, int64_t m_size, int64_t k_size, const int
       for (int r = 0; r < R; ++r) y[(m + t) * n_size + n0 + r] = acc[t * R + r] * scale[r];
   };
   for (; m + 4 <= m_size; m += 4) {
-    dot_block<4, R>(x + m * k_size, k_size, w, k_size, acc);
+    dot_block<4, R>(x + m * k_size, w, k_size, acc);
     emit(4);
   }
   switch (m_size - m) {
-    case 3: dot_block<3, R>(x + m * k_size, k_size, w, k_size, acc); emit(3); break;
-    case 2: dot_block<2, R>(x + m * k_size, k_size, w, k_size, acc); emit(2); break;
-    case 1: dot_block<1, R>(x + m * k_size, k_size, w, k_size, acc); emit(1); break;
+    case 3: dot_block<3, R>(x + m * k_size, w, k_size, acc); emit(3); break;
+    case 2: dot_block<2, R>(x + m * k_size, w, k_size, acc); emit(2); break;
+    case 1: dot_block<1, R>(x + m * k_size, w, k_size, acc); emit(1); break;
     default: break;
   }
 }

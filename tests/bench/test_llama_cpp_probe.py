@@ -23,7 +23,6 @@ def test_probe_reports_a_crash_with_its_fix(monkeypatch, script, error):
             llama_cpp.probe(Path("m.gguf"), 2)
 
 
-
 def test_a_crash_without_amx_is_not_blamed_on_it(monkeypatch):
     monkeypatch.setattr(llama_cpp, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGABRT)")
     monkeypatch.setattr(llama_cpp, "_has_amx", lambda: False)
