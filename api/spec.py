@@ -106,9 +106,11 @@ class EngineSpec(_Spec):
         None, description="weights: unset serves the checkpoint as stored (float, AWQ / GPTQ as its "
                           "quantization_config says, a GGUF file's 4- / 8-bit blocks); int8: weight-only int8 made "
                           "on load; float: de-quantize on load; awq / gptq / gguf: insist on that format")
-    kvCacheDtype: Literal["auto", "int8"] = Field(
+    kvCacheDtype: Literal["auto", "int8", "int4"] = Field(
         "auto", description="auto: the KV cache holds the model's dtype; int8: int8 values with a float32 scale per "
-                            "token and KV head, about 2x the bf16 cache's blocks (LMDeploy's quant_policy=8)")
+                            "token and KV head, about 2x the bf16 cache's blocks (LMDeploy's quant_policy=8); int4: "
+                            "4-bit values with a float32 scale and zero per token and KV head, about 3x the bf16 "
+                            "cache's blocks at head size 64 (quant_policy=4)")
     compile: bool = Field(False, description="CPU workers: decode steps through torch.compile, about 2.4x faster; "
                                              "the pod compiles for a few minutes at start (count it in "
                                              "startupTimeoutSeconds); a GPU replays CUDA graphs instead")

@@ -44,7 +44,7 @@ STEP_BUDGETS = {
     "cuda_graphs": 60,
     "roofline_8b": 90,
     "quant_gemm": 50,
-    "int8_kv_attention": 60,
+    "int8_kv_attention": 75,
     "offline_vs_hf": 150,
     "gpu_tests": 120,
 }

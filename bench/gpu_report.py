@@ -38,6 +38,7 @@ def headline(report: dict) -> dict:
         "w4a16_speedup_b1": quant.get("w4a16_speedup_b1"),
         "w8a16_speedup_b1": quant.get("w8a16_speedup_b1"),
         "int8_kv_decode_speedup": kv.get("speedup_geomean"),
+        "int4_kv_decode_speedup": kv.get("int4_speedup_geomean"),
     }
 
 
@@ -115,8 +116,11 @@ def _step_figures(name: str, step: dict) -> str:
                                  f"of {_num(s.get('roofline_tok_s'), 1)}" if "roofline_fraction" in s else "",
         "quant_gemm": lambda s: f"batch 1: W4A16 {_num(s.get('w4a16_speedup_b1'))}x, W8A16 "
                                 f"{_num(s.get('w8a16_speedup_b1'))}x bf16",
-        "int8_kv_attention": lambda s: f"int8 / bf16 KV decode {_num(s.get('speedup_geomean'))}x; engine agreement "
-                                       f"{_num(s.get('engine_token_agreement'))}, blocks x{_num(s.get('kv_blocks_gain'))}",
+        "int8_kv_attention": lambda s: f"int8 / bf16 KV decode {_num(s.get('speedup_geomean'))}x, int4 "
+                                       f"{_num(s.get('int4_speedup_geomean'))}x; engine agreement int8 "
+                                       f"{_num(s.get('engine_token_agreement'))}, int4 "
+                                       f"{_num(s.get('int4_engine_token_agreement'))}; blocks int8 "
+                                       f"x{_num(s.get('kv_blocks_gain'))}, int4 x{_num(s.get('int4_kv_blocks_gain'))}",
         "gpu_tests": lambda s: f"{s.get('summary', '')}" if "counts" in s else "",
         "offline_vs_hf": lambda s: f"kubellm {_num(s.get('engine_tok_s'), 0)} tok/s, HF {_num(s.get('hf_tok_s'), 0)} "
                                    f"tok/s: {_num(s.get('ratio'))}x",

@@ -13,11 +13,13 @@ Tolerances (METHOD.md's bars): bf16 operands land between 1e-3 and 1e-2 relative
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import random
 import statistics
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -469,15 +471,18 @@ def quant_gemm(ctx: Context) -> dict:
             "w4a16_speedup_b16": geomean([r["w4a16_speedup"] for r in rows if r["rows"] == 16])}
 
 
-# --------------------------------------------------------------------------- int8 KV decode attention
+# --------------------------------------------------------------------------- int8 / int4 KV decode attention
 INT8_DECODE_SHAPES = [(1, 8192), (16, 2048), (64, 4096)]
+KV_FORMATS = {"int8": "kubellm.kernels.kv_int8", "int4": "kubellm.kernels.kv_int4"}
 
 
 def int8_kv_attention(ctx: Context) -> dict:
-    """Paged decode attention reading an int8 KV cache (per-token, per-head scales) against the bf16 cache:
-    speed, error against the reference on the same int8 cache and against exact bf16 attention; then, where
-    the engine takes kv_cache_dtype='int8', its greedy agreement with the bf16 cache and the blocks gained."""
-    kv_int8 = optional_module("kubellm.kernels.kv_int8")
+    """Paged decode attention reading a quantized KV cache (int8: a scale per token and head; int4: a scale and
+    zero) against the bf16 cache: speed, error against the reference on the same quantized cache and against
+    exact bf16 attention; then, where the engine takes kv_cache_dtype, its greedy agreement with the bf16
+    cache and the blocks gained. (Named for int8, its first format: earlier reports keep their keys.)"""
+    formats = {kind: optional_module(name) for kind, name in KV_FORMATS.items() if kind == "int8" or
+               importlib.util.find_spec(name) is not None}
     from kubellm.bench import kernels as bench_kernels
     from kubellm.kernels import attention, attention_triton
 
@@ -490,39 +495,47 @@ def int8_kv_attention(ctx: Context) -> dict:
     rows, checks, errors = [], {}, {}
     for batch, context in (INT8_DECODE_SHAPES if not ctx.tiny else DECODE_TINY):
         k_cache, v_cache, tables = bench_kernels._paged_cache([context] * batch, h, dtype, dev, gen)
-        (kq, ks), (vq, vs) = kv_int8.quantize(k_cache), kv_int8.quantize(v_cache)
         lens = torch.full((batch,), context, dtype=torch.long, device=dev)
         q = torch.randn(batch, h["num_heads"], h["head_dim"], device=dev, dtype=dtype, generator=gen)
-        scales = dict(k_scale=ks, v_scale=vs)
-        got = attention_triton.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales)
-        ref = attention.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales)
-        exact = attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
         label = f"batch {batch}, context {context}"
-        errors[label] = rel_error(got, ref)
-        checks[label] = errors[label] <= BF16_REL_TOL
-        int8_ms = time_ms(lambda: attention_triton.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales),
-                          ctx.cuda)
+        exact = attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
         bf16_ms = time_ms(lambda: attention_triton.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale),
                           ctx.cuda)
-        rows.append({"shape": label, "int8_ms": int8_ms, "bf16_ms": bf16_ms, "speedup": bf16_ms / int8_ms,
-                     "error_vs_exact_bf16": rel_error(got, exact)})
+        row = {"shape": label, "bf16_ms": bf16_ms}
+        for kind, kv in formats.items():
+            (kq, ks), (vq, vs) = kv.quantize(k_cache), kv.quantize(v_cache)
+            scales = dict(k_scale=ks, v_scale=vs)
+            got = attention_triton.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales)
+            ref = attention.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales)
+            key = label if kind == "int8" else f"{kind} {label}"
+            errors[key] = rel_error(got, ref)
+            checks[key] = errors[key] <= BF16_REL_TOL
+            ms = time_ms(lambda: attention_triton.paged_decode_attention(q, kq, vq, tables, lens, scale, **scales),
+                         ctx.cuda)
+            prefix = "" if kind == "int8" else f"{kind}_"
+            row.update({f"{kind}_ms": ms, f"{prefix}speedup": bf16_ms / ms,
+                        f"{prefix}error_vs_exact_bf16": rel_error(got, exact)})
+        rows.append(row)
     out = {"checks": checks, "rel_errors": errors, "rows": rows, "speedup_geomean": geomean([r["speedup"] for r in rows])}
-    out.update(_int8_kv_engine(ctx))
+    if "int4" in formats:
+        out["int4_speedup_geomean"] = geomean([r["int4_speedup"] for r in rows])
+    out.update(_quantized_kv_engine(ctx, list(formats)))
     return out
 
 
-def _int8_kv_engine(ctx: Context) -> dict:
+def _quantized_kv_engine(ctx: Context, kinds: list[str]) -> dict:
     from kubellm.runtime.config import EngineConfig, GenerationConfig
     from kubellm.runtime.engine.engine import LLMEngine
 
     if "kv_cache_dtype" not in EngineConfig.model_fields:
         return {"engine": "skipped: EngineConfig has no kv_cache_dtype"}
+    kinds = [k for k in kinds if k in typing.get_args(EngineConfig.model_fields["kv_cache_dtype"].annotation)]
     path = checkpoint(ctx)
     vocab = (TINY if ctx.tiny else MEDIUM)["vocab_size"]
     prompts = random_prompts(4 if ctx.tiny else 8, (5, 40) if ctx.tiny else (200, 1500), vocab, seed=11)
     new = 8 if ctx.tiny else 64
     tokens, blocks = {}, {}
-    for kv in ("auto", "int8"):
+    for kv in ("auto", *kinds):
         engine = LLMEngine(str(path), EngineConfig.build(dtype="bfloat16", device=ctx.device, max_batch_size=8,
                                                          kv_cache_dtype=kv), show_progress=False)
         try:
@@ -531,12 +544,17 @@ def _int8_kv_engine(ctx: Context) -> dict:
             blocks[kv] = engine.runner.kv_block_bytes()   # the cache's size is capped by what a batch can use
         finally:
             engine.destroy()
-    pairs = [(a, b) for x, y in zip(tokens["auto"], tokens["int8"]) for a, b in zip(x, y)]
-    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(tokens["auto"], tokens["int8"])]
-    return {"engine_token_agreement": sum(a == b for a, b in pairs) / len(pairs),
-            "engine_tokens_before_first_difference": statistics.mean(first),
-            "kv_block_bytes_bf16": blocks["auto"], "kv_block_bytes_int8": blocks["int8"],
-            "kv_blocks_gain": blocks["auto"] / blocks["int8"]}   # blocks in the same memory, int8 over bf16
+    out = {"kv_block_bytes_bf16": blocks["auto"]}
+    for kind in kinds:
+        pairs = [(a, b) for x, y in zip(tokens["auto"], tokens[kind]) for a, b in zip(x, y)]
+        first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                 for x, y in zip(tokens["auto"], tokens[kind])]
+        prefix = "" if kind == "int8" else f"{kind}_"
+        out.update({f"{prefix}engine_token_agreement": sum(a == b for a, b in pairs) / len(pairs),
+                    f"{prefix}engine_tokens_before_first_difference": statistics.mean(first),
+                    f"kv_block_bytes_{kind}": blocks[kind],
+                    f"{prefix}kv_blocks_gain": blocks["auto"] / blocks[kind]})   # blocks in the same memory
+    return out
 
 
 # --------------------------------------------------------------------------- the repository's GPU tests

@@ -1,9 +1,9 @@
-"""`python -m kubellm.bench.kv_quant`: the int8 KV cache (kv_cache_dtype='int8', LMDeploy's quant_policy=8)
-against the cache in the model's dtype, on the same model and prompts: greedy token agreement (tokens equal
-up to the first difference, per prompt), the logprob difference of the tokens both chose, and the KV blocks
-each cache holds in the same memory budget.
+"""`python -m kubellm.bench.kv_quant`: the quantized KV caches (kv_cache_dtype='int8' / 'int4', LMDeploy's
+quant_policy=8 / 4) against the cache in the model's dtype, on the same model and prompts: greedy token
+agreement (tokens equal up to the first difference, per prompt), the logprob difference of the tokens both
+chose, and the KV blocks each cache holds in the same memory budget.
 
-    python -m kubellm.bench.kv_quant --model smollm2-135m --new-tokens 200
+    python -m kubellm.bench.kv_quant --model smollm2-135m --new-tokens 200 [--kinds int8,int4]
 """
 
 from __future__ import annotations
@@ -49,50 +49,67 @@ def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: s
         engine.destroy()
 
 
-def compare(base: dict, int8: dict) -> dict:
+def compare(base: dict, quantized: dict) -> dict:
     """Agreement per prompt: the tokens equal before the first difference; logprob differences over those."""
     agreed, diffs = [], []
-    for a, b, la, lb in zip(base["tokens"], int8["tokens"], base["logprobs"], int8["logprobs"]):
+    for a, b, la, lb in zip(base["tokens"], quantized["tokens"], base["logprobs"], quantized["logprobs"]):
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         agreed.append(same)
         diffs += [abs(x - y) for x, y in zip(la[:same], lb[:same])]
     total = sum(len(t) for t in base["tokens"])
     return {"agreed_tokens": agreed, "agreement": sum(agreed) / total,
             "logprob_diff_mean": sum(diffs) / max(len(diffs), 1), "logprob_diff_max": max(diffs, default=0.0),
-            "blocks": {"base": base["blocks"], "int8": int8["blocks"]},
-            "blocks_ratio": int8["blocks"] / base["blocks"]}
+            "blocks": {"base": base["blocks"], quantized["kv_cache_dtype"]: quantized["blocks"]},
+            "blocks_ratio": quantized["blocks"] / base["blocks"]}
+
+
+KINDS = ("int8", "int4")
+
+
+def parse_kinds(value: str) -> list[str]:
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    wrong = [k for k in kinds if k not in KINDS]
+    if wrong or not kinds:
+        raise ValueError(f"--kinds {value!r}: give one or more of {', '.join(KINDS)}, comma-separated")
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubellm.bench.kv_quant", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="the quantized caches to compare (int8, int4)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-gb", type=float, default=0.25,
-                        help="the KV budget both caches get (cpu_memory_gb); blocks are counted in it")
+                        help="the KV budget every cache gets (cpu_memory_gb); blocks are counted in it")
     parser.add_argument("--quantization", default="float",
                         help="the weights (EngineConfig.quantization; float: the GGUF de-quantized, so only the KV "
-                             "cache differs between the two runs); 'none' keeps the checkpoint's own")
+                             "cache differs between the runs); 'none' keeps the checkpoint's own")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args(argv)
-    runs = {}
-    for kind in ("auto", "int8"):
-        quantization = None if args.quantization == "none" else args.quantization
-        runs[kind] = _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb, quantization)
-    result = compare(runs["auto"], runs["int8"])
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as err:
+        parser.error(str(err))
+    quantization = None if args.quantization == "none" else args.quantization
+    runs = {kind: _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb, quantization)
+            for kind in ("auto", *kinds)}
+    results = {kind: compare(runs["auto"], runs[kind]) for kind in kinds}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(results))
         return 0
     print(f"model {args.model}, {args.dtype} on {args.device}, {len(PROMPTS)} prompts x {args.new_tokens} tokens")
-    print(f"token agreement with the {args.dtype} cache: {result['agreement']:.1%} "
-          f"(tokens before the first difference, per prompt: {result['agreed_tokens']})")
-    print(f"logprob difference over the agreed tokens: mean {result['logprob_diff_mean']:.4f}, "
-          f"max {result['logprob_diff_max']:.4f}")
-    print(f"KV blocks in {args.memory_gb} GB: {result['blocks']['base']} ({args.dtype}) vs "
-          f"{result['blocks']['int8']} (int8): {result['blocks_ratio']:.2f}x")
-    for i, (a, b) in enumerate(zip(runs["auto"]["text"], runs["int8"]["text"])):
-        print(f"--- prompt {i}: {PROMPTS[i]!r}\n  {args.dtype}: {a[:160]!r}\n  int8: {b[:160]!r}")
+    for kind, result in results.items():
+        print(f"{kind}: token agreement with the {args.dtype} cache {result['agreement']:.1%} "
+              f"(tokens before the first difference, per prompt: {result['agreed_tokens']}); logprob difference "
+              f"over the agreed tokens: mean {result['logprob_diff_mean']:.4f}, max {result['logprob_diff_max']:.4f}; "
+              f"KV blocks in {args.memory_gb} GB: {result['blocks']['base']} ({args.dtype}) vs "
+              f"{result['blocks'][kind]}: {result['blocks_ratio']:.2f}x")
+    for i, prompt in enumerate(PROMPTS):
+        print(f"--- prompt {i}: {prompt!r}")
+        for kind in ("auto", *kinds):
+            print(f"  {args.dtype if kind == 'auto' else kind}: {runs[kind]['text'][i][:160]!r}")
     return 0
 
 

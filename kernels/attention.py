@@ -3,6 +3,9 @@
 The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim];
 a sequence's keys live in the blocks its block table lists, in order. These are the plain
 PyTorch references: they gather a sequence's blocks and run dense attention.
+
+A quantized cache comes with its scales (k_scale / v_scale): an int8 cache (kv_int8.py) or an int4 one
+(kv_int4.py, uint8 bytes of two codes, scales holding scale and zero); the cache's dtype says which.
 """
 
 from __future__ import annotations
@@ -10,16 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kubellm.kernels import kv_int8
+from kubellm.kernels import kv_int4, kv_int8
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                    v_scale: torch.Tensor | None = None) -> None:
-    """Store key/value [T, Hkv, D] at flat cache slots (block * block_size + offset) [T]; with scales
-    ([num_blocks, block_size, Hkv]) the cache is int8 (kv_int8.py)."""
+    """Store key/value [T, Hkv, D] at flat cache slots (block * block_size + offset) [T]; with scales the cache
+    is quantized (int8 or int4, by its dtype) as it is written."""
     if k_scale is not None:
-        kv_int8.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        kv_format(k_cache).write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
@@ -33,12 +36,17 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int |
     return allowed
 
 
+def kv_format(cache: torch.Tensor):
+    """The module that quantizes and dequantizes a quantized cache: kv_int4 for uint8, kv_int8 for int8."""
+    return kv_int4 if cache.dtype == torch.uint8 else kv_int8
+
+
 def gather_blocks(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
-    """The listed blocks [len(blocks), block_size, Hkv, D] of a cache, dequantized where it is int8."""
+    """The listed blocks [len(blocks), block_size, Hkv, D] of a cache, dequantized where it is quantized."""
     if scales is None:
         return cache.index_select(0, blocks)
-    return kv_int8.dequantize(cache.index_select(0, blocks), scales.index_select(0, blocks), dtype)
+    return kv_format(cache).dequantize(cache.index_select(0, blocks), scales.index_select(0, blocks), dtype)
 
 
 _decode_mask_cache: tuple | None = None   # (context_lens copy, width, window, dtype, mask): the step's, every layer's
@@ -115,7 +123,7 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q [n, Hq, D]; k/v [n, Hkv, D] are the chunk's own keys (already written to the cache). When
     the chunk is the whole context they are used directly; otherwise the cached prefix is read
     through the block table. `mask`: prefill_mask(...) built once per step by the caller (every
-    layer shares it); None builds it here. An int8 cache (scales given) is always read back, as the
+    layer shares it); None builds it here. A quantized cache (scales given) is always read back, as the
     Triton kernel reads it, so a chunk attends to the same (quantized) keys on either path.
     """
     n, num_heads, _ = q.shape

@@ -9,8 +9,10 @@ Softmax is the online (flash) form: a running max m, running sum l and an unnorm
 accumulator, in base 2 (exp2 is the fast path; scores are pre-multiplied by log2(e)).
 Head sizes that are not powers of two (80) are padded to the next one and masked.
 
-An int8 cache (kv_int8.py: one float32 scale per token and KV head, passed as k_scale / v_scale) is
-quantized by the write kernel and dequantized tile by tile as the attention kernels load it.
+A quantized cache (scales passed as k_scale / v_scale) is quantized by the write kernel and dequantized
+tile by tile as the attention kernels load it: int8 (kv_int8.py: one float32 scale per token and KV head)
+or int4 (kv_int4.py: uint8 bytes of two codes, a float32 scale and zero per token and KV head). KV_BITS
+says which: 16 for a cache in the model's dtype, 8, or 4; kv_bits() reads it off the cache's dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ MAX_SPLITS = 32
 # KV-cache write
 # ---------------------------------------------------------------------------------------------
 
+def kv_bits(cache: torch.Tensor, scales: torch.Tensor | None) -> int:
+    if scales is None:
+        return 16
+    return 4 if cache.dtype == torch.uint8 else 8
+
+
 @triton.jit
 def _quantize_store(x, cache_ptr, scale_ptr, dest, scale_dest, mask, head_mask):
     """x [BLOCK_H, BLOCK_D] as int8 with one scale per row (head): max|x| / 127 (kv_int8.py)."""
@@ -49,60 +57,96 @@ def _quantize_store(x, cache_ptr, scale_ptr, dest, scale_dest, mask, head_mask):
 
 
 @triton.jit
+def _quantize_store_int4(even, odd, cache_ptr, params_ptr, dest, params_dest, mask, head_mask):
+    """even / odd [BLOCK_H, BLOCK_D / 2]: a row's (head's) dimensions 2i and 2i + 1, stored as a byte of two
+    4-bit codes with the row's scale and zero (kv_int4.py: zero = min, scale = (max - min) / 15)."""
+    even, odd = even.to(tl.float32), odd.to(tl.float32)
+    zero = tl.minimum(tl.min(tl.where(mask, even, float("inf")), 1), tl.min(tl.where(mask, odd, float("inf")), 1))
+    top = tl.maximum(tl.max(tl.where(mask, even, float("-inf")), 1), tl.max(tl.where(mask, odd, float("-inf")), 1))
+    zero = tl.where(head_mask, zero, 0.0)   # (a padding head has no values: keep its arithmetic finite)
+    scale = tl.maximum(tl.where(head_mask, top, 0.0) - zero, 1e-10) / 15.0
+    low = tl.minimum(tl.maximum(tl.floor((even - zero[:, None]) / scale[:, None] + 0.5), 0.0), 15.0)
+    high = tl.minimum(tl.maximum(tl.floor((odd - zero[:, None]) / scale[:, None] + 0.5), 0.0), 15.0)
+    tl.store(cache_ptr + dest, (low.to(tl.int32) | (high.to(tl.int32) << 4)).to(tl.uint8), mask=mask)
+    tl.store(params_ptr + params_dest, scale, mask=head_mask)
+    tl.store(params_ptr + params_dest + 1, zero, mask=head_mask)
+
+
+@triton.jit
 def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
                      key_stride_t, key_stride_h, value_stride_t, value_stride_h,
-                     cache_stride_slot, cache_stride_h, scale_stride_slot,
+                     cache_stride_slot, cache_stride_h, scale_stride_slot, scale_stride_h,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_BITS: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_D)[None, :]
+    # An int4 cache's byte i holds dimensions 2i and 2i + 1: its tiles are half as wide, read twice.
+    width: tl.constexpr = HEAD_DIM // 2 if KV_BITS == 4 else HEAD_DIM
+    dims = tl.arange(0, BLOCK_D // 2 if KV_BITS == 4 else BLOCK_D)[None, :]
     # A negative slot is a padding row (a CUDA-graph batch bucket larger than the real batch).
     # (slot + heads * 0: the test is a tile, not a scalar; Triton's interpreter rejects a
     # scalar condition and-ed into a tile mask.)
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & (slot + heads * 0 >= 0)
+    mask = (heads < NUM_KV_HEADS) & (dims < width) & (slot + heads * 0 >= 0)
     dest = slot * cache_stride_slot + heads * cache_stride_h + dims
-    key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask, other=0.0)
-    value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask, other=0.0)
-    if KV_INT8:
-        head_mask = tl.max(mask.to(tl.int32), 1) > 0
-        scale_dest = slot * scale_stride_slot + tl.arange(0, BLOCK_H)
-        _quantize_store(key, k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
-        _quantize_store(value, v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
+    head_mask = tl.max(mask.to(tl.int32), 1) > 0
+    scale_dest = slot * scale_stride_slot + tl.arange(0, BLOCK_H) * scale_stride_h
+    key_at = key_ptr + token * key_stride_t + heads * key_stride_h
+    value_at = value_ptr + token * value_stride_t + heads * value_stride_h
+    if KV_BITS == 4:
+        _quantize_store_int4(tl.load(key_at + 2 * dims, mask=mask, other=0.0),
+                             tl.load(key_at + 2 * dims + 1, mask=mask, other=0.0),
+                             k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
+        _quantize_store_int4(tl.load(value_at + 2 * dims, mask=mask, other=0.0),
+                             tl.load(value_at + 2 * dims + 1, mask=mask, other=0.0),
+                             v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
     else:
-        tl.store(k_cache_ptr + dest, key, mask=mask)
-        tl.store(v_cache_ptr + dest, value, mask=mask)
+        key = tl.load(key_at + dims, mask=mask, other=0.0)
+        value = tl.load(value_at + dims, mask=mask, other=0.0)
+        if KV_BITS == 8:
+            _quantize_store(key, k_cache_ptr, k_scale_ptr, dest, scale_dest, mask, head_mask)
+            _quantize_store(value, v_cache_ptr, v_scale_ptr, dest, scale_dest, mask, head_mask)
+        else:
+            tl.store(k_cache_ptr + dest, key, mask=mask)
+            tl.store(v_cache_ptr + dest, value, mask=mask)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                    v_scale: torch.Tensor | None = None) -> None:
     """Store key/value [T, Hkv, D] at flat cache slots [T]; slots < 0 are skipped (padding). With
-    scales [num_blocks, block_size, Hkv] the cache is int8, quantized here (kv_int8.py's rule)."""
+    scales the cache is int8 or int4 (by its dtype), quantized here (kv_int8.py's, kv_int4.py's rule)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride() == v_cache.stride()
     assert key.stride(-1) == 1 and value.stride(-1) == 1
-    int8 = k_scale is not None
-    if int8:
+    bits = kv_bits(k_cache, k_scale)
+    if bits < 16:
         assert k_scale.is_contiguous() and v_scale.is_contiguous()
-    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not written unless int8
+    # (scales' stride 2 is the step from one head's scales to the next: 1 (int8) or 2 (int4, scale and zero))
+    k_scales, v_scales = (k_scale, v_scale) if bits < 16 else (k_cache, v_cache)
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, k_scales, v_scales, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(1), k_cache.stride(2), k_scales.stride(1),
+        k_cache.stride(1), k_cache.stride(2), k_scales.stride(1), k_scales.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim), KV_INT8=int8)
+        BLOCK_H=block(num_kv_heads, 1), BLOCK_D=block(head_dim), KV_BITS=bits)
 
 
 @triton.jit
 def _load_kv(cache_ptr, scale_ptr, offset, scale_offset, dims, kv_mask, valid,
-             KV_INT8: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] tile of keys or values from the cache; an int8 cache's rows times their scales."""
+             KV_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of keys or values from the cache; an int8 cache's rows times their scales,
+    an int4 cache's codes (two a byte, each byte read for both) times their scales plus their zeros."""
+    if KV_BITS == 4:
+        packed = tl.load(cache_ptr + offset[:, None] + (dims // 2)[None, :], mask=kv_mask, other=0)
+        codes = (packed.to(tl.int32) >> ((dims % 2) * 4)[None, :]) & 15
+        scale = tl.load(scale_ptr + scale_offset, mask=valid, other=0.0)
+        zero = tl.load(scale_ptr + scale_offset + 1, mask=valid, other=0.0)
+        return (codes.to(tl.float32) * scale[:, None] + zero[:, None]).to(DOT_DTYPE)
     tile = tl.load(cache_ptr + offset[:, None] + dims[None, :], mask=kv_mask, other=0)
-    if KV_INT8:
+    if KV_BITS == 8:
         scale = tl.load(scale_ptr + scale_offset, mask=valid, other=0.0)
         return (tile.to(tl.float32) * scale[:, None]).to(DOT_DTYPE)
     return tile.to(DOT_DTYPE)
@@ -118,8 +162,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    qk_scale, sliding_window,
                    q_stride_b, q_stride_h, out_stride_b, out_stride_h, table_stride_b,
                    cache_stride_block, cache_stride_pos, cache_stride_h,
-                   scale_stride_block, scale_stride_pos,
-                   KV_INT8: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   scale_stride_block, scale_stride_pos, scale_stride_h,
+                   KV_BITS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -160,15 +204,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         offset = (cache_block * cache_stride_block + (pos % CACHE_BLOCK_SIZE) * cache_stride_pos
                   + kv_head * cache_stride_h)
         kv_mask = valid[:, None] & dim_ok[None, :]
-        scale_offset = cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos + kv_head
-        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
+        scale_offset = (cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos
+                        + kv_head * scale_stride_h)
+        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_BITS, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
+        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_BITS, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -233,7 +278,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q [B, Hq, D]; block_tables [B, M]; context_lens [B] -> [B, Hq, D].
 
-    `num_splits` (tests, benchmarks) overrides the split-KV heuristic. With k_scale / v_scale the cache is int8.
+    `num_splits` (tests, benchmarks) overrides the split-KV heuristic. With k_scale / v_scale the cache is
+    quantized (int8 or int4, by its dtype).
     """
     batch, num_heads, head_dim = q.shape
     _, cache_block_size, num_kv_heads, _ = k_cache.shape
@@ -251,15 +297,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         split_out = split_lse = out  # unused
     block_d = block(head_dim)
-    int8 = k_scale is not None
-    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not read unless int8
+    bits = kv_bits(k_cache, k_scale)
+    k_scales, v_scales = (k_scale, v_scale) if bits < 16 else (k_cache, v_cache)   # not read unless quantized
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, out, split_out, split_lse,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        k_scales.stride(0), k_scales.stride(1),
-        KV_INT8=int8, CACHE_BLOCK_SIZE=cache_block_size, GROUP=group, HEAD_DIM=head_dim,
+        k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
+        KV_BITS=bits, CACHE_BLOCK_SIZE=cache_block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=block(group), BLOCK_D=block_d, BLOCK_N=_tile(DECODE_BLOCK_N, q.dtype),
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)
@@ -280,8 +326,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
                     num_queries, context_len, qk_scale, sliding_window,
                     q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                     cache_stride_block, cache_stride_pos, cache_stride_h,
-                    scale_stride_block, scale_stride_pos,
-                    KV_INT8: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    scale_stride_block, scale_stride_pos, scale_stride_h,
+                    KV_BITS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program = BLOCK_M query rows of one query head; keys come from the cache only."""
@@ -314,8 +360,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
         offset = (cache_block * cache_stride_block + (pos % CACHE_BLOCK_SIZE) * cache_stride_pos
                   + kv_head * cache_stride_h)
         kv_mask = valid[:, None] & dim_ok[None, :]
-        scale_offset = cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos + kv_head
-        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
+        scale_offset = (cache_block * scale_stride_block + (pos % CACHE_BLOCK_SIZE) * scale_stride_pos
+                        + kv_head * scale_stride_h)
+        k = _load_kv(k_cache_ptr, k_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_BITS, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
@@ -327,7 +374,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
         alpha = tl.exp2(m - m_shift)
         p = tl.exp2(scores - m_shift[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_INT8, DOT_DTYPE)
+        v = _load_kv(v_cache_ptr, v_scale_ptr, offset, scale_offset, dims, kv_mask, valid, KV_BITS, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -354,15 +401,15 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert block_table.dim() == 1 and block_table.stride(0) == 1
     block_m = _tile(PREFILL_BLOCK_M, q.dtype)
     grid = (triton.cdiv(num_queries, block_m), num_heads)
-    int8 = k_scale is not None
-    k_scales, v_scales = (k_scale, v_scale) if int8 else (k_cache, v_cache)   # not read unless int8
+    bits = kv_bits(k_cache, k_scale)
+    k_scales, v_scales = (k_scale, v_scale) if bits < 16 else (k_cache, v_cache)   # not read unless quantized
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, block_table, out,
         num_queries, int(context_len), scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        k_scales.stride(0), k_scales.stride(1),
-        KV_INT8=int8, CACHE_BLOCK_SIZE=cache_block_size, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        k_scales.stride(0), k_scales.stride(1), k_scales.stride(2),
+        KV_BITS=bits, CACHE_BLOCK_SIZE=cache_block_size, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=_tile(PREFILL_BLOCK_N, q.dtype), BLOCK_D=block(head_dim),
         HAS_WINDOW=sliding_window is not None,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), num_stages=NUM_STAGES)

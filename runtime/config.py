@@ -87,9 +87,11 @@ class EngineConfig(_Strict):
     use_logn_attn: bool = Field(
         False, description="Qwen's log-n attention scaling: past the trained length (config seq_length, else "
         "max_position_embeddings) queries are scaled by log(position) / log(trained length)")
-    kv_cache_dtype: Literal["auto", "int8"] = Field(
+    kv_cache_dtype: Literal["auto", "int8", "int4"] = Field(
         "auto", description="auto: the KV cache holds the model's dtype; int8: one int8 per value plus a float32 "
-        "scale per token and KV head (LMDeploy's quant_policy=8), about 2x (bf16) or 4x (fp32) the blocks")
+        "scale per token and KV head (LMDeploy's quant_policy=8), about 2x (bf16) or 4x (fp32) the blocks; "
+        "int4: 4 bits per value plus a float32 scale and zero per token and KV head (quant_policy=4), about "
+        "3x (bf16) or 6x (fp32) the blocks at head size 64")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prompt prefixes")
     tensor_parallel: int = Field(1, ge=1, description="ranks that split every layer's weights")
     pipeline_parallel: int = Field(1, ge=1, description="stages that split the layers; world size = tp x pp")

@@ -122,7 +122,8 @@ FIELDS = {
     "cache_block_seq_len": "mapped: block_size",
     "block_size": "mapped: block_size",
     "enable_prefix_caching": "mapped: enable_prefix_caching",
-    "quant_policy": "mapped: 8 -> kv_cache_dtype='int8' (int8 KV cache, a scale per token and head); 4 refused",
+    "quant_policy": "mapped: 8 -> kv_cache_dtype='int8' (int8 KV cache, a scale per token and head); "
+                    "4 -> kv_cache_dtype='int4' (int4 KV cache, a scale and zero per token and head)",
     "rope_scaling_factor": "mapped: rope_scaling_factor (0: off)",
     "use_logn_attn": "mapped: use_logn_attn",
     "download_dir": "mapped: where a Hub model id is downloaded",
@@ -202,11 +203,8 @@ def backend_options(config: TurbomindEngineConfig | PytorchEngineConfig) -> Back
                 refuse(name, f"{value!r}: kubellm reads Hugging Face checkpoints (safetensors, .bin or GGUF), "
                              "AWQ and GPTQ among them: use model_format=None, 'hf', 'awq' or 'gptq'")
         elif name == "quant_policy":
-            if value == 8:
-                out.engine["kv_cache_dtype"] = "int8"
-            elif value:
-                refuse(name, f"{value}: an int4 KV cache is not implemented; use quant_policy=8 (int8 KV cache, "
-                             "about half the bf16 cache's memory) or 0")
+            if value:   # (the field's Literal[0, 4, 8] admits nothing else)
+                out.engine["kv_cache_dtype"] = {8: "int8", 4: "int4"}[value]
         elif name == "dp":
             if value != 1:
                 refuse(name, "one pipeline is one engine; for data parallelism run replicas: "

@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights: unset, as the checkpoint stores them (float, AWQ, GPTQ, GGUF); int8: weight-only "
                             "int8 made on load; float: de-quantize on load (docs/quantization.md)")
         p.add_argument("--compile", action="store_true", default=None, help=COMPILE_HELP)
-        p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
+        p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "int4"],
                        help="auto: the KV cache holds the model's dtype; int8: int8 with a scale per token and head "
-                            "(about 2x the bf16 blocks; LMDeploy's quant_policy=8)")
+                            "(about 2x the bf16 blocks; LMDeploy's quant_policy=8); int4: 4 bits with a scale and "
+                            "zero per token and head (about 3x; quant_policy=4)")
 
     def drain_flag(p, what: str) -> None:
         """--drain-timeout (the operator passes spec.drain.timeoutSeconds)."""

@@ -97,13 +97,27 @@ class ModelRunner:
 
     # -- the KV cache ---------------------------------------------------------------------------------
     @property
-    def kv_int8(self) -> bool:
-        return self.config.kv_cache_dtype == "int8"
+    def kv_quantized(self) -> bool:
+        return self.config.kv_cache_dtype != "auto"
+
+    def kv_layout(self, head_dim: int) -> tuple[torch.dtype, int, tuple[int, ...], int]:
+        """(cache dtype, last dimension, the scales' trailing shape, bytes per token and head) of the KV cache:
+        the model's dtype; int8 with a float32 scale (kernels/kv_int8.py); or int4, two codes a byte, with a
+        float32 scale and zero (kernels/kv_int4.py)."""
+        kind = self.config.kv_cache_dtype
+        if kind == "int8":
+            return torch.int8, head_dim, (), head_dim + 4
+        if kind == "int4":
+            if head_dim % 2:
+                raise ValueError(f"kv_cache_dtype: int4 packs two values a byte, so it needs an even head size; "
+                                 f"this model's is {head_dim}: use kv_cache_dtype='int8' or 'auto'")
+            return torch.uint8, head_dim // 2, (2,), head_dim // 2 + 8
+        return self.dtype, head_dim, (), head_dim * self.dtype.itemsize
 
     def kv_block_bytes(self) -> int:
-        """Bytes of one KV block over this rank's attention layers (keys and values; an int8 cache's scales)."""
+        """Bytes of one KV block over this rank's attention layers (keys and values; a quantized cache's scales)."""
         layer = self.attention_layers[0]
-        per_head_token = layer.head_dim + 4 if self.kv_int8 else layer.head_dim * self.dtype.itemsize
+        per_head_token = self.kv_layout(layer.head_dim)[3]
         return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * per_head_token
 
     def max_kv_blocks(self) -> int:
@@ -129,28 +143,28 @@ class ModelRunner:
         """Give every attention layer a cache of num_blocks blocks, then capture the decode graphs
         (they replay the cache's addresses, so they follow it)."""
         layer = self.attention_layers[0]
-        shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        cache_dtype, last_dim, scale_dims, _ = self.kv_layout(layer.head_dim)
+        shape = (num_blocks, self.block_size, layer.num_kv_heads, last_dim)
         self.decode_graphs = self.compiled_decode = None
-        cache_dtype = torch.int8 if self.kv_int8 else self.dtype
         for attn in self.attention_layers:
             attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
-            if self.kv_int8:   # one scale per token and KV head (kernels/kv_int8.py)
-                attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
-                attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
+            if self.kv_quantized:   # per token and KV head: a scale (int8), a scale and zero (int4)
+                attn.k_scale = torch.zeros((*shape[:3], *scale_dims), dtype=torch.float32, device=self.device)
+                attn.v_scale = torch.zeros((*shape[:3], *scale_dims), dtype=torch.float32, device=self.device)
         self.num_blocks = num_blocks
         self._allocate_host_kv_cache(shape[1:])
         self.decode_graphs = capture_decode_graphs(self, self.session_len)
         self.compiled_decode = compile_decode(self)   # (a new cache is new inputs: compiled again)
 
     def _cache_tensors(self, attn: PagedAttention) -> list[torch.Tensor]:
-        """What one layer's KV blocks are made of: keys and values, and an int8 cache's scales of each."""
-        return [attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale] if self.kv_int8 else [attn.k_cache,
-                                                                                              attn.v_cache]
+        """What one layer's KV blocks are made of: keys and values, and a quantized cache's scales of each."""
+        return [attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale] if self.kv_quantized else [attn.k_cache,
+                                                                                                   attn.v_cache]
 
     def _allocate_host_kv_cache(self, block_shape) -> None:
         """eviction='copy': num_cpu_blocks host blocks for this rank's layers (its shard, its stage): per part
-        of a block (keys, values; an int8 cache's scales), [layer, host block, ...]."""
+        of a block (keys, values; a quantized cache's scales), [layer, host block, ...]."""
         if self.config.eviction != "copy":
             return
         pin = self.device.type == "cuda"

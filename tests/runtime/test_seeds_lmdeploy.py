@@ -39,6 +39,8 @@ from kubellm.runtime.lmdeploy_compat import FIELDS, backend_options, call_option
     (PytorchEngineConfig(enable_prefix_caching=False, eager_mode=True), {"enable_prefix_caching": False, "enforce_eager": True}),
     (PytorchEngineConfig(device_type="cpu", dtype="bfloat16"), {"device": "cpu", "dtype": "bfloat16"}),
     (PytorchEngineConfig(quant_policy=0, dp=1, ep=1, dp_rank=0), {}),
+    (TurbomindEngineConfig(quant_policy=4), {"kv_cache_dtype": "int4"}),
+    (PytorchEngineConfig(quant_policy=8), {"kv_cache_dtype": "int8"}),
     (TurbomindEngineConfig(model_format="hf"), {}),
     (TurbomindEngineConfig(model_format="awq"), {"quantization": "awq"}),
     (TurbomindEngineConfig(model_format="gptq"), {"quantization": "gptq"}),
@@ -70,7 +72,6 @@ def test_options_without_meaning_are_accepted_with_a_note(config, field):
 
 
 @pytest.mark.parametrize("config, field, why", [
-    (TurbomindEngineConfig(quant_policy=4), "TurbomindEngineConfig.quant_policy", "quant_policy=8"),
     (TurbomindEngineConfig(model_format="fp8"), "TurbomindEngineConfig.model_format", "'awq' or 'gptq'"),
     (PytorchEngineConfig(dp=2), "PytorchEngineConfig.dp", "replica_num"),
     (PytorchEngineConfig(ep=2), "PytorchEngineConfig.ep", "expert parallelism"),

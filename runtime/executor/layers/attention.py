@@ -16,8 +16,9 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D]; an int8
-        # cache (kv_cache_dtype='int8') also has scales [num_blocks, block_size, Hkv].
+        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D]. A quantized
+        # cache also has scales: int8 (kv_cache_dtype='int8') [num_blocks, block_size, Hkv]; int4 holds
+        # [..., Hkv, D / 2] bytes with scales [..., Hkv, 2] (scale, zero) (kernels/kv_int8.py, kv_int4.py).
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None
 

@@ -45,9 +45,9 @@ class BiasedPagedAttention(PagedAttention):
         return out
 
     def _gather(self, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, blocks * block_size, Hkv, D] keys and values of each row's blocks, in order (an int8 cache's
+        """[B, blocks * block_size, Hkv, D] keys and values of each row's blocks, in order (a quantized cache's
         dequantized to `dtype`)."""
-        batch, shape = block_tables.shape[0], self.k_cache.shape[2:]
+        batch, shape = block_tables.shape[0], (self.num_kv_heads, self.head_dim)   # (an int4 cache holds D / 2)
         flat = block_tables.flatten()
         return (gather_blocks(self.k_cache, self.k_scale, flat, dtype).view(batch, -1, *shape),
                 gather_blocks(self.v_cache, self.v_scale, flat, dtype).view(batch, -1, *shape))
