@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from kubellm.kernels import attention
 from kubellm.kernels.triton_support import block, dot_dtype, dot_precision
 
 import triton  # noqa: E402  (triton_support settles TRITON_INTERPRET first)
@@ -40,9 +41,8 @@ MAX_SPLITS = 32
 # ---------------------------------------------------------------------------------------------
 
 def kv_bits(cache: torch.Tensor, scales: torch.Tensor | None) -> int:
-    if scales is None:
-        return 16
-    return 4 if cache.dtype == torch.uint8 else 8
+    """16 for a cache in the model's dtype, else its format's (attention.kv_format tells them apart)."""
+    return 16 if scales is None else attention.kv_format(cache).BITS
 
 
 @triton.jit

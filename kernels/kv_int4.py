@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+BITS = 4
 LEVELS = 15.0
 TINY = 1e-10   # a constant head vector gets this scale rather than 0 (no 0/0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+BITS = 8
 QMAX = 127.0
 TINY = 1e-10   # an all-zero head vector gets this scale rather than 0 (no 0/0)
 
