@@ -1,7 +1,9 @@
 """`python -m kubellm.bench.kv_quant`: the quantized KV caches (kv_cache_dtype='int8' / 'int4', LMDeploy's
 quant_policy=8 / 4) against the cache in the model's dtype, on the same model and prompts: greedy token
 agreement (tokens equal up to the first difference, per prompt), the logprob difference of the tokens both
-chose, and the KV blocks each cache holds in the same memory budget.
+chose, the KV blocks each cache holds in the same memory budget, and the attention output's error with the
+keys stored as they are and rotated (as the engine stores them, kernels/key_rotation.py), side by side: a
+steadier measure than agreement, which one near-tie ends.
 
     python -m kubellm.bench.kv_quant --model smollm2-135m --new-tokens 200 [--kinds int8,int4]
 """
@@ -12,6 +14,8 @@ import argparse
 import json
 import sys
 import time
+
+import torch
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -41,12 +45,67 @@ def _run(model: str, kv_cache_dtype: str, new_tokens: int, dtype: str, device: s
                       unit="tokens") as progress:
             while engine.has_unfinished():
                 progress.update(len(engine.step()))
-        return {"kv_cache_dtype": kv_cache_dtype, "blocks": engine.block_manager.num_blocks,
-                "seconds": time.perf_counter() - started,
-                "tokens": [s.generated_ids for s in seqs], "logprobs": [s.logprobs for s in seqs],
-                "text": [s.text for s in seqs]}
+        result = {"kv_cache_dtype": kv_cache_dtype, "blocks": engine.block_manager.num_blocks,
+                  "seconds": time.perf_counter() - started,
+                  "tokens": [s.generated_ids for s in seqs], "logprobs": [s.logprobs for s in seqs],
+                  "text": [s.text for s in seqs]}
+        if kv_cache_dtype == "auto":   # the float cache's answers, read once more to record what attention sees
+            result["attention_inputs"] = _record_attention_inputs(engine, [s.token_ids for s in seqs])
+        return result
     finally:
         engine.destroy()
+
+
+def _record_attention_inputs(engine, token_ids: list[list[int]]) -> list[tuple]:
+    """Every layer's (q, k, v, scale) over whole answers (prompt and generated tokens, one prefill each), as the
+    float cache's attention receives them: what attention_error quantizes."""
+    from kubellm.runtime.config import GenerationConfig
+
+    records = []
+
+    def record(layer, args):
+        q, k, v = (x.detach().to("cpu", torch.float64) for x in args)
+        records.append((q, k, v, layer.scale))
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in engine.runner.attention_layers]
+    try:
+        for ids in token_ids:   # one at a time: each prefill is one whole answer
+            engine.generate([ids], [GenerationConfig(max_new_tokens=1)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return records
+
+
+def attention_error(records: list[tuple], kind: str) -> dict:
+    """The attention output's error when the keys and values come from a `kind` cache, relative to the float
+    cache's (the norm of the difference over the norm, averaged over layers and answers; causal, every head),
+    with the keys stored as they are and rotated as the engine stores them (kernels/key_rotation.py)."""
+    from kubellm.kernels import key_rotation, kv_int4, kv_int8
+
+    kv = {"int8": kv_int8, "int4": kv_int4}[kind]
+
+    def round_trip(x):
+        return kv.dequantize(*kv.quantize(x), x.dtype)
+
+    errors = {"plain": [], "rotated": []}
+    for q, k, v, scale in records:
+        exact = _causal_attention(q, k, v, scale)
+        rotation = key_rotation.rotation(k.shape[-1], k.dtype)
+        values = round_trip(v)
+        for name, keys in (("plain", round_trip(k)), ("rotated", round_trip(k @ rotation) @ rotation.T)):
+            error = (_causal_attention(q, keys, values, scale) - exact).norm() / exact.norm()
+            errors[name].append(error.item())
+    return {name: sum(e) / len(e) for name, e in errors.items()}
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention: q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    future = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).triu(1)
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(future, float("-inf")).softmax(-1), v)
 
 
 def compare(base: dict, quantized: dict) -> dict:
@@ -95,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     quantization = None if args.quantization == "none" else args.quantization
     runs = {kind: _run(args.model, kind, args.new_tokens, args.dtype, args.device, args.memory_gb, quantization)
             for kind in ("auto", *kinds)}
-    results = {kind: compare(runs["auto"], runs[kind]) for kind in kinds}
+    results = {kind: {**compare(runs["auto"], runs[kind]),
+                      "attention_error": attention_error(runs["auto"]["attention_inputs"], kind)} for kind in kinds}
     if args.json:
         print(json.dumps(results))
         return 0
@@ -105,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(tokens before the first difference, per prompt: {result['agreed_tokens']}); logprob difference "
               f"over the agreed tokens: mean {result['logprob_diff_mean']:.4f}, max {result['logprob_diff_max']:.4f}; "
               f"KV blocks in {args.memory_gb} GB: {result['blocks']['base']} ({args.dtype}) vs "
-              f"{result['blocks'][kind]}: {result['blocks_ratio']:.2f}x")
+              f"{result['blocks'][kind]}: {result['blocks_ratio']:.2f}x; attention output error "
+              f"{result['attention_error']['rotated']:.4f} with the keys rotated, against "
+              f"{result['attention_error']['plain']:.4f} stored as they are")
     for i, prompt in enumerate(PROMPTS):
         print(f"--- prompt {i}: {prompt!r}")
         for kind in ("auto", *kinds):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from kubellm.runtime.executor import parallel
 from kubellm.runtime.config import EngineConfig
-from kubellm.kernels import linear_cpu
+from kubellm.kernels import key_rotation, linear_cpu
 from kubellm.kernels.dispatch import prefill_attention_mask
 from kubellm.runtime.executor.context import AttentionMetadata, PrefillChunk, set_context
 from kubellm.runtime.executor.cpu_compile import check_device, compile_decode
@@ -146,12 +146,14 @@ class ModelRunner:
         cache_dtype, last_dim, scale_dims, _ = self.kv_layout(layer.head_dim)
         shape = (num_blocks, self.block_size, layer.num_kv_heads, last_dim)
         self.decode_graphs = self.compiled_decode = None
+        rotation = key_rotation.rotation(layer.head_dim, device=self.device) if self.kv_quantized else None
         for attn in self.attention_layers:
             attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
             if self.kv_quantized:   # per token and KV head: a scale (int8), a scale and zero (int4)
                 attn.k_scale = torch.zeros((*shape[:3], *scale_dims), dtype=torch.float32, device=self.device)
                 attn.v_scale = torch.zeros((*shape[:3], *scale_dims), dtype=torch.float32, device=self.device)
+            attn.key_rotation = rotation
         self.num_blocks = num_blocks
         self._allocate_host_kv_cache(shape[1:])
         self.decode_graphs = capture_decode_graphs(self, self.session_len)

@@ -4,6 +4,7 @@ engine's, tested in tests/runtime/engine/test_kv_quant_engine.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kubellm.bench import kv_quant
 
@@ -30,3 +31,31 @@ def test_agreement_counts_tokens_before_the_first_difference_and_their_logprobs(
     assert result["logprob_diff_max"] == pytest.approx(0.5)
     assert result["logprob_diff_mean"] == pytest.approx((0.05 + 0.5) / 6)
     assert result["blocks"] == {"base": 100, "int4": 320} and result["blocks_ratio"] == 3.2
+
+
+def _records(outliers: bool):
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(2):   # two "layers", GQA 2 over head size 64
+        q, k, v = (torch.randn(48, heads, 64, generator=generator, dtype=torch.float64) for heads in (4, 2, 2))
+        if outliers:
+            k[..., :2] = k[..., :2] * 4 + 10
+        records.append((q, k, v, 64 ** -0.5))
+    return records
+
+
+def test_causal_attention_is_sdpas():
+    q, k, v, scale = _records(outliers=False)[0]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True)
+    torch.testing.assert_close(kv_quant._causal_attention(q, k, v, scale), expected.transpose(0, 1))
+
+
+def test_attention_error_is_smaller_with_rotated_keys_and_with_more_bits():
+    errors = {kind: kv_quant.attention_error(_records(outliers=True), kind) for kind in ("int8", "int4")}
+    for kind, error in errors.items():
+        assert 0 < error["rotated"] < 0.8 * error["plain"], (kind, error)
+    assert errors["int8"]["plain"] < errors["int4"]["plain"] / 5
+    # without outlier dimensions there is little for the rotation to spread
+    calm = kv_quant.attention_error(_records(outliers=False), "int8")
+    assert calm["plain"] < errors["int8"]["plain"] / 2

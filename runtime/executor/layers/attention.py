@@ -9,6 +9,12 @@ from kubellm.kernels.dispatch import paged_decode_attention, paged_prefill_atten
 from kubellm.runtime.executor.context import get_context
 
 
+def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x @ rotation in float32 (the rotation is float32: 1/sqrt(D) is not exact in bf16, and a rotation rounded
+    to bf16 would scale every score a little)."""
+    return (x.float() @ rotation).to(x.dtype)
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None):
@@ -21,8 +27,19 @@ class PagedAttention(nn.Module):
         # [..., Hkv, D / 2] bytes with scales [..., Hkv, 2] (scale, zero) (kernels/kv_int8.py, kv_int4.py).
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None
+        # A quantized cache holds its keys rotated by this orthogonal [D, D] matrix (kernels/key_rotation.py):
+        # rotated, a key has no outlier dimension to set its scale. None: a float cache, nothing rotated.
+        self.key_rotation: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D]. Rotating q like k leaves every score as it was."""
+        rotation = self.key_rotation
+        if rotation is None:
+            return self.attend(q, k, v)
+        return self.attend(_rotate(q, rotation), _rotate(k, rotation), v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the step's keys and values in the cache, then attend over it."""
         ctx = get_context()
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, **scales)

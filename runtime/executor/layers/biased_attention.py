@@ -27,7 +27,7 @@ class BiasedPagedAttention(PagedAttention):
         self.alibi_slopes = alibi_slopes
         self.softcap = softcap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)

@@ -1,5 +1,6 @@
 """The engine on a quantized KV cache (kv_cache_dtype='int8' / 'int4', LMDeploy's quant_policy=8 / 4): tokens
-and logprobs equal to the float cache holding the dequantized values, the same tokens on the Triton kernels as on
+and logprobs equal to the float cache holding the dequantized values, the keys' rotation changing no float
+result, the same tokens on the Triton kernels as on
 the references, swapping (eviction='copy') and the prefix cache on quantized blocks, and the blocks gained in the
 same memory."""
 
@@ -35,6 +36,14 @@ def _fake_quantized_float_cache(monkeypatch, kind):
                         lambda q, k, v, *rest: prefill(q, round_trip(k), round_trip(v), *rest))
 
 
+def _rotate_keys(engine):
+    """Give a float cache's layers the rotation a quantized cache's have (kernels/key_rotation.py)."""
+    from kubellm.kernels import key_rotation
+
+    for layer in engine.runner.attention_layers:
+        layer.key_rotation = key_rotation.rotation(layer.head_dim)
+
+
 @pytest.fixture(params=[("llama", "int8"), ("qwen2", "int8"), ("bloom", "int8"), ("llama", "int4"), ("bloom", "int4")],
                 ids=lambda p: "-".join(p))
 def quantized_model(request, tmp_path_factory):
@@ -60,6 +69,7 @@ def test_quantized_cache_is_the_float_cache_of_its_dequantized_values(quantized_
         width = layer.head_dim // 2 if kind == "int4" else layer.head_dim
         assert layer.k_cache.dtype == CACHE_DTYPES[kind] and layer.k_cache.shape[-1] == width
         assert layer.k_scale.shape[:3] == layer.k_cache.shape[:3]
+        assert layer.key_rotation.shape == (layer.head_dim, layer.head_dim)
         prompts = encode(engine, PROMPTS)
         quantized = _run(engine, prompts)
     finally:
@@ -67,6 +77,8 @@ def test_quantized_cache_is_the_float_cache_of_its_dequantized_values(quantized_
     _fake_quantized_float_cache(monkeypatch, kind)
     engine = engine_for(tiny_model)
     try:
+        assert engine.runner.attention_layers[0].key_rotation is None   # a float cache rotates nothing
+        _rotate_keys(engine)   # (the same float ops as the quantized engine's, so equal to 1e-5)
         dequantized = _run(engine, prompts)
     finally:
         engine.destroy()
@@ -77,6 +89,23 @@ def test_quantized_cache_is_the_float_cache_of_its_dequantized_values(quantized_
     float_cache = hf_greedy(tiny_model, prompts, NEW_TOKENS)
     first = [r["logprobs"][0] for r in float_cache]
     assert [s.logprobs[0] for s in quantized] != pytest.approx(first, abs=1e-6)
+
+
+def test_rotated_keys_change_no_float_result(tiny_llama, monkeypatch):
+    """Queries rotated as the keys are: every score, and so every token and logprob, as without the rotation."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    results = []
+    for rotated in (False, True):
+        engine = engine_for(tiny_llama)
+        try:
+            if rotated:
+                _rotate_keys(engine)
+            results.append(_run(engine, encode(engine, PROMPTS)))
+        finally:
+            engine.destroy()
+    for a, b in zip(*results):
+        assert a.generated_ids == b.generated_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
