@@ -1,7 +1,10 @@
 """`python -m kubellm.bench.kv_quant`: its flag and the agreement it reports (pure; the runs themselves are the
-engine's, tested in tests/runtime/engine/test_kv_quant_engine.py)."""
+engine's, tested in tests/runtime/engine/test_kv_quant_engine.py), the attention error it measures, and one
+whole run on a tiny model."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -59,3 +62,16 @@ def test_attention_error_is_smaller_with_rotated_keys_and_with_more_bits():
     # without outlier dimensions there is little for the rotation to spread
     calm = kv_quant.attention_error(_records(outliers=False), "int8")
     assert calm["plain"] < errors["int8"]["plain"] / 2
+
+
+@pytest.mark.model
+def test_the_bench_runs_every_cache_and_records_attention_from_the_float_ones_answers(tiny_llama, capsys):
+    assert kv_quant.main(["--model", str(tiny_llama), "--new-tokens", "6", "--json", "--memory-gb", "0.01",
+                          "--quantization", "none"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"int8", "int4"}
+    for kind, result in results.items():
+        assert len(result["agreed_tokens"]) == len(kv_quant.PROMPTS)
+        assert result["blocks"]["base"] > 0 and result["blocks"][kind] >= result["blocks"]["base"]
+        assert 0 < result["attention_error"]["rotated"] and 0 < result["attention_error"]["plain"]
+    assert results["int8"]["attention_error"]["plain"] < results["int4"]["attention_error"]["plain"]
