@@ -100,12 +100,10 @@ def attention_error(records: list[tuple], kind: str) -> dict:
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense causal attention: q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    future = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).triu(1)
-    return torch.einsum("hqk,khd->qhd", scores.masked_fill(future, float("-inf")).softmax(-1), v)
+    """Dense causal attention (torch's SDPA, GQA): q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D]."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                           is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
 
 
 def compare(base: dict, quantized: dict) -> dict:
