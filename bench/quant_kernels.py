@@ -7,6 +7,8 @@ LM head) at 1 and 16 rows (decode batch sizes), float32 activations in and out a
 - float32 / bfloat16 `F.linear` on a float weight (the float baselines; bf16 keeps a 16-bit copy);
 - `aten._weight_int8pack_mm` (int8 per-row) and `aten._weight_int4pack_mm_for_cpu` (int4, groups of 32)
   with float32 activations and with bfloat16 activations (converted in the call);
+- the same bf16 int4pack call after gathering the input by a permutation: what a GPTQ act-order layer adds
+  (its columns stored group by group, layers/quantization/gptq.py);
 - `torch._dyn_quant_matmul_4bit` (KleidiAI's 4-bit path; a reference fallback off ARM);
 - oneDNN / fbgemm dynamic int8 through `torch.ao.nn.quantized.dynamic.Linear` (activations quantized per call);
 - dequantize-then-linear: int4 dequantized into a cached float32 block each call, then float32 `linear`;
@@ -75,6 +77,15 @@ def candidates(k: int, n: int, with_compile: bool):
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, GROUP, sz).float()
     out["int4pack_mm fp32 act"] = (n * k // 2, w4, lambda: int4pack(torch.float32))
     out["int4pack_mm bf16 act"] = (n * k // 2, w4, lambda: int4pack(torch.bfloat16))
+
+    # act-order: stored column j multiplies input column order[j], so the weight as the input sees it is
+    # w4 with its columns put back
+    order = torch.randperm(k, generator=gen)
+
+    def act_order_int4pack():
+        call = int4pack(torch.bfloat16)
+        return lambda x: call(x.index_select(-1, order))
+    out["int4pack bf16 act-order"] = (n * k // 2, w4[:, torch.argsort(order)], act_order_int4pack)
 
     def dyn_quant_4bit():
         # KleidiAI's symmetric int4 ((q - 8) * scale): same weights, since mins = -8 * scales

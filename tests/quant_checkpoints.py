@@ -90,27 +90,50 @@ def write_awq(src: Path, out: Path, group_size: int = 32) -> tuple[Path, Path]:
     return (_write(quantized, out / "awq", config, src), _write(reference, out / "awq-reference", None, src))
 
 
-def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = False) -> tuple[Path, Path]:
+# the projections that read one input: real GPTQ orders their columns by one Hessian, so by one permutation
+SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+                "up_proj": "mlp_in"}
+
+
+def _act_order(name: str, k: int, shared: bool, cache: dict):
+    """GPTQ's act-order: a permutation of the input columns (its Hessian's descending diagonal; random here)."""
+    import torch
+
+    layer, proj = name.split(".")[2], name.split(".")[-2]
+    key = (layer, SHARED_INPUT.get(proj, proj) if shared else proj)
+    if key not in cache:
+        cache[key] = torch.randperm(k, generator=torch.Generator().manual_seed(len(cache) + 1))
+    return cache[key]
+
+
+def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = False,
+               shared_order: bool = True) -> tuple[Path, Path]:
+    """`desc_act`: quantize the columns in a random order per input (per projection unless `shared_order`),
+    groups of group_size in that order, and write g_idx as GPTQ does (each column's group)."""
     import torch
     from kubellm.runtime.executor.layers.quantization.awq import pack_int32
 
-    quantized, reference = {}, {}
+    quantized, reference, orders = {}, {}, {}
     for name, w in _state(src).items():
         if not _is_linear(name):
             quantized[name] = reference[name] = w
             continue
-        group = w.shape[1] if group_size == -1 else group_size   # -1: one group per output channel
-        q, zeros, scales = _rtn_asym(w, group)
+        k = w.shape[1]
+        group = k if group_size == -1 else group_size   # -1: one group per output channel
+        perm = _act_order(name, k, shared_order, orders) if desc_act else torch.arange(k)
+        q, zeros, scales = _rtn_asym(w[:, perm], group)
         zeros = zeros.clamp(min=1)   # v1 stores zero - 1; a zero of 0 would wrap to 15 (AutoGPTQ's known quirk)
+        inverse = torch.argsort(perm)
         base = name.removesuffix(".weight")
-        quantized[f"{base}.qweight"] = pack_int32(q.contiguous()).t().contiguous()     # [K/8, N]: packed along K
+        quantized[f"{base}.qweight"] = pack_int32(q[:, inverse].contiguous()).t().contiguous()   # [K/8, N]
         quantized[f"{base}.qzeros"] = pack_int32((zeros - 1).t().contiguous())        # [G, N/8]
         quantized[f"{base}.scales"] = scales.t().contiguous()
-        quantized[f"{base}.g_idx"] = (torch.arange(w.shape[1]) // group).to(torch.int32)
-        reference[name] = _dequantized(q, zeros, scales, group)
+        quantized[f"{base}.g_idx"] = (inverse // group).to(torch.int32)
+        reference[name] = _dequantized(q, zeros, scales, group)[:, inverse]
     config = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
               "checkpoint_format": "gptq"}
-    name = "gptq" if group_size != -1 else "gptq-per-channel"
+    name = ("gptq" if group_size != -1 else "gptq-per-channel") + ("-act-order" if desc_act else "")
+    name += "" if shared_order else "-unshared"
     return (_write(quantized, out / name, config, src), _write(reference, out / f"{name}-reference", None, src))
 
 

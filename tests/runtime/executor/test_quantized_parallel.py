@@ -6,7 +6,7 @@ import pytest
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
-from quant_checkpoints import write_awq, write_gguf
+from quant_checkpoints import write_awq, write_gguf, write_gptq
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then",
            "Once upon a time, there was a little girl who lived in a village near the forest."]
@@ -37,7 +37,8 @@ def _run(path, tp=1, pp=1, **kw):
 def checkpoints(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized-parallel")
     return {"int8": (tiny_llama, {"quantization": "int8"}), "awq": (write_awq(tiny_llama, out)[0], {}),
-            "gguf": (write_gguf(tiny_llama, out, "Q4_1")[0], {})}
+            "gguf": (write_gguf(tiny_llama, out, "Q4_1")[0], {}),
+            "gptq-act-order": (write_gptq(tiny_llama, out, group_size=16, desc_act=True)[0], {})}
 
 
 @pytest.mark.parametrize("name", ["int8", "awq", "gguf"])
@@ -56,6 +57,17 @@ def test_pp2_gives_one_process_tokens(checkpoints, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     path, options = checkpoints[name]
     assert _run(path, pp=2, **options)[0] == _run(path, **options)[0]
+
+
+def test_act_order_under_tp2_and_pp2_gives_one_process_tokens(checkpoints, monkeypatch):
+    """act-order groups are scattered over the input, so a row-parallel rank holds parts of every group: it
+    reads all groups' scales and pads its parts (here groups of 16 over o_proj's 64 columns, 32 a rank)."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    path, _ = checkpoints["gptq-act-order"]
+    single, (rows, _) = _run(path)
+    sharded, (rows2, _) = _run(path, tp=2)
+    assert sharded == single and rows2 == rows // 2
+    assert _run(path, pp=2)[0] == single
 
 
 def test_a_group_that_splits_a_row_parallel_shard_is_refused_naming_group_size(tiny_llama, tmp_path):

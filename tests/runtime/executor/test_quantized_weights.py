@@ -1,4 +1,5 @@
-"""Quantized weights on tiny checkpoints: int8 made on load, AWQ, GPTQ and GGUF (Q4_0, Q4_1, Q8_0).
+"""Quantized weights on tiny checkpoints: int8 made on load, AWQ, GPTQ (with and without act-order) and GGUF
+(Q4_0, Q4_1, Q8_0).
 
 Each quantized checkpoint is compared with its de-quantized float twin (quant_checkpoints.py): with the
 reference kernels the greedy tokens are equal; with the CPU path (bf16 activations into torch's int4pack /
@@ -49,6 +50,8 @@ def quantized(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized")
     return {"awq": write_awq(tiny_llama, out), "gptq": write_gptq(tiny_llama, out),
             "gptq-per-channel": write_gptq(tiny_llama, out, group_size=-1),
+            "gptq-act-order": write_gptq(tiny_llama, out, desc_act=True),
+            "gptq-act-order-unshared": write_gptq(tiny_llama, out, desc_act=True, shared_order=False),
             "gguf-Q4_0": write_gguf(tiny_llama, out, "Q4_0"), "gguf-Q4_1": write_gguf(tiny_llama, out, "Q4_1"),
             "gguf-Q8_0": write_gguf(tiny_llama, out, "Q8_0", embedding_qtype="Q4_1")}
 
@@ -68,6 +71,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
     ("float", AWQ, "safetensors", QuantPlan("awq", "float", 4, 128)),
     (None, GPTQ, "safetensors", QuantPlan("gptq", "native", 4, 128, zero_offset=1)),
     (None, {**GPTQ, "checkpoint_format": "gptq_v2"}, "safetensors", QuantPlan("gptq", "native", 4, 128)),
+    (None, {**GPTQ, "desc_act": True}, "safetensors", QuantPlan("gptq", "native", 4, 128, 1, act_order=True)),
     (None, None, "gguf", QuantPlan("gguf", "native")),
     ("gguf", None, "gguf", QuantPlan("gguf", "native")),
     ("int8", None, "gguf", QuantPlan("gguf", "int8")),
@@ -81,7 +85,6 @@ def test_plan(requested, qc, fmt, want):
     ("awq", None, "safetensors", "llama", r"quantization: 'awq' was asked for but the model is a float checkpoint"),
     ("gptq", AWQ, "safetensors", "llama", r"quantization: 'gptq' .* is a awq checkpoint"),
     ("awq", None, "gguf", "llama", r"is a gguf checkpoint"),
-    (None, {**GPTQ, "desc_act": True}, "safetensors", "llama", r"quantization_config.desc_act: true \(act-order\)"),
     (None, {**GPTQ, "bits": 8}, "safetensors", "llama", r"quantization_config.bits: 8"),
     (None, {**AWQ, "version": "gemv"}, "safetensors", "llama", r"quantization_config.version: 'gemv'"),
     (None, {**AWQ, "group_size": 0}, "safetensors", "llama", r"quantization_config.group_size: 0"),
@@ -99,7 +102,8 @@ def test_transformers_backend_is_refused():
 
 
 # -- tokens equal the de-quantized float reference ---------------------------------------------------
-@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-per-channel", "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-per-channel", "gptq-act-order", "gptq-act-order-unshared",
+                                  "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
 def test_greedy_tokens_equal_the_dequantized_float_reference(quantized, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     checkpoint, reference = quantized[name]
@@ -124,7 +128,7 @@ def test_int8_on_load_equals_its_dequantized_weights(tiny_llama, tmp_path, monke
 
 
 @pytest.mark.parametrize("name,forms,tol", [
-    ("awq", {"int4_cpu"}, 0.03), ("gptq", {"int4_cpu"}, 0.03),
+    ("awq", {"int4_cpu"}, 0.03), ("gptq", {"int4_cpu"}, 0.03), ("gptq-act-order", {"int4_cpu"}, 0.03),
     ("gguf-Q4_0", {"int4_cpu", "int8_cpu"}, 0.03),
     # Q8_0's groups of 32 re-quantized per row for torch's int8 kernel (its embedding: Q4_1 -> int8 to gather)
     ("gguf-Q8_0", {"int8_cpu", "int4_cpu"}, 0.06)])
@@ -170,3 +174,56 @@ def test_float_and_int8_serving_of_quantized_checkpoints(quantized, monkeypatch)
 def test_asking_for_another_format_is_refused(quantized):
     with pytest.raises(QuantizationError, match="quantization: 'gptq' was asked for but the model is a awq"):
         _engine(quantized["awq"][0], quantization="gptq")
+
+
+# -- GPTQ act-order: groups scattered over the input columns ------------------------------------------
+def _gptq_formula(q, zeros, scales, g_idx):
+    """w [N, K] straight from GPTQ's definition: (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]."""
+    return ((q.float() - zeros[g_idx].float()) * scales[g_idx].float()).t()
+
+
+@pytest.mark.parametrize("k,group,span", [(64, 16, (0, 64)), (64, 16, (0, 32)), (64, 16, (40, 24)),
+                                          (96, 32, (8, 80)), (64, -1, (16, 32))])
+def test_act_order_rows_multiply_as_gptq_defines(k, group, span, monkeypatch):
+    """A rank's slice [start, start + size) of the input columns, act-order g_idx over all of them:
+    the stored rows, the input gathered in their order, give x @ w.T of the formula."""
+    from kubellm.runtime.executor.layers.quantization.gptq import act_order_rows
+    from kubellm.runtime.executor.layers.quantization.packed import QuantizedWeight
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    gen = torch.Generator().manual_seed(k + span[0])
+    n, groups = 24, (1 if group == -1 else k // group)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zeros, scales = torch.randint(0, 16, (groups, n), generator=gen), torch.rand(groups, n, generator=gen) + 0.1
+    g_idx = torch.argsort(torch.randperm(k, generator=gen)) // (k if group == -1 else group)
+    start, size = span
+    rows = act_order_rows(q[start:start + size], scales, -zeros * scales, g_idx[start:start + size],
+                          k if group == -1 else group)
+    want = _gptq_formula(q, zeros, scales, g_idx)[:, start:start + size]
+    assert torch.allclose(rows.dequantize(), want, atol=1e-5)
+    x = torch.randn(5, size, generator=gen)
+    weight = QuantizedWeight(rows, torch.float32, torch.device("cpu"))
+    assert torch.allclose(weight.linear(x, None), x @ want.t(), atol=1e-4)
+    assert weight.input_order is not None or group == -1   # one group: nothing to reorder
+    stored = rows.rows if weight.input_order is not None else rows
+    per_group = stored.qweight.shape[1] * 2 // stored.scales.shape[1]
+    assert per_group <= (k if group == -1 else group)   # padding never stores a group wider than it was
+
+
+def test_act_order_keeps_int4_with_an_input_order_and_unshared_orders_stay_exact(quantized):
+    """One order per input keeps the fused projections int4 (CPU kernels); a q / k / v that disagree cannot
+    share one gather of their input, so that fused layer is their exact float de-quantization."""
+    _, shared = _logits(quantized["gptq-act-order"][0], [5, 17, 42])
+    qkv = shared.model.layers[0].self_attn.qkv_proj.quantized
+    assert qkv.form == "int4_cpu" and qkv.input_order is not None and not qkv.pad_input
+    _, unshared = _logits(quantized["gptq-act-order-unshared"][0], [5, 17, 42])
+    attn = unshared.model.layers[0].self_attn
+    assert attn.qkv_proj.quantized.form == "float" and attn.o_proj.quantized.form == "int4_cpu"
+
+
+def test_act_order_g_idx_out_of_range_is_refused_naming_g_idx():
+    from kubellm.runtime.executor.layers.quantization.gptq import act_order_rows
+
+    q, scales = torch.zeros(16, 8, dtype=torch.long), torch.ones(2, 8)
+    with pytest.raises(QuantizationError, match=r"g_idx: must give each of the 16 input columns a group in \[0, 2\)"):
+        act_order_rows(q, scales, -scales, torch.full((16,), 2), 8)

@@ -33,6 +33,7 @@ class QuantPlan:
     bits: int = 4
     group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)
     zero_offset: int = 0         # GPTQ v1 checkpoints store zero - 1
+    act_order: bool = False      # GPTQ desc_act: g_idx maps each input column to its group
 
 
 def _refuse(message: str) -> None:
@@ -99,14 +100,12 @@ def _awq_plan(qc: dict, serve: str) -> QuantPlan:
 
 def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
     bits, group = _bits_and_group(qc, "GPTQ")
-    if qc.get("desc_act"):
-        _refuse("quantization_config.desc_act: true (act-order) is not supported: its groups are not contiguous "
-                "input columns, so a rank cannot read its slice; re-quantize with desc_act=False")
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         _refuse(f"quantization_config.checkpoint_format: {fmt!r}; kubellm reads 'gptq' (zeros stored minus one, "
                 "as AutoGPTQ and GPTQModel write by default) and 'gptq_v2'")
-    return QuantPlan("gptq", serve, bits, group, zero_offset=1 if fmt == "gptq" else 0)
+    return QuantPlan("gptq", serve, bits, group, zero_offset=1 if fmt == "gptq" else 0,
+                     act_order=bool(qc.get("desc_act")))
 
 
 _BUILDING: ContextVar[QuantPlan | None] = ContextVar("kubellm_quant_plan", default=None)

@@ -47,7 +47,24 @@ class FloatRows:
         return self.weight.float()
 
 
-Rows = Int4Rows | Int8Rows | FloatRows
+@dataclass
+class PermutedRows:
+    """Rows whose stored columns are this rank's input columns in another order: GPTQ's act-order groups
+    gathered so that each group's columns are contiguous. Stored column j multiplies input column order[j];
+    order[j] == width is a padding column (zero input), where a rank's slice holds unequal parts of groups."""
+    rows: Int4Rows
+    order: torch.Tensor
+    width: int
+
+    def dequantize(self) -> torch.Tensor:
+        """[n, width] in the input's own column order."""
+        w = self.rows.dequantize()
+        out = w.new_zeros(w.shape[0], self.width + 1)
+        out[:, self.order] = w
+        return out[:, :self.width]
+
+
+Rows = Int4Rows | Int8Rows | FloatRows | PermutedRows
 
 
 def int8_per_channel(rows: Rows) -> Int8Rows:
@@ -62,6 +79,12 @@ def combine(shards: list[tuple[int, Rows]]) -> Rows:
     kinds = {type(p) for p in parts}
     if len(parts) == 1:
         return parts[0]
+    if PermutedRows in kinds:
+        # one input feeds every shard, so one gather of it must serve all: the same order, or exact float
+        first = parts[0]
+        if kinds == {PermutedRows} and all(torch.equal(p.order, first.order) for p in parts):
+            return PermutedRows(combine(list(enumerate(p.rows for p in parts))), first.order, first.width)
+        return FloatRows(torch.cat([p.dequantize() for p in parts]))
     if kinds == {FloatRows}:
         return FloatRows(torch.cat([p.weight for p in parts]))
     groups = {p.scales.shape[1] for p in parts}
@@ -97,10 +120,16 @@ class QuantizedWeight(nn.Module):
 
     packed: torch.Tensor | None = None
     pack_on_use = False
+    pad_input = False   # PermutedRows whose order holds the zero padding column
 
     def __init__(self, rows: Rows, dtype: torch.dtype, device: torch.device, gather: bool = False):
         """`gather`: the weight is also an embedding table, so rows(ids) must work (int4pack cannot)."""
         super().__init__()
+        order = None   # buffer input_order: PermutedRows' input columns in stored order
+        if isinstance(rows, PermutedRows):
+            order, self.pad_input = rows.order.long(), bool((rows.order == rows.width).any())
+            rows = rows.rows
+        self.register_buffer("input_order", order, persistent=False)
         self.out_features = rows.qweight.shape[0] if not isinstance(rows, FloatRows) else rows.weight.shape[0]
         cpu = _on_cpu_fast_path(device)
         if isinstance(rows, FloatRows):
@@ -144,6 +173,10 @@ class QuantizedWeight(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.input_order is not None:
+            if self.pad_input:
+                x = torch.nn.functional.pad(x, (0, 1))
+            x = x.index_select(-1, self.input_order)
         form = self.form
         if form == "int4_cpu":
             return quant_cpu.int4_linear(x, self.qweight, self.scales_and_zeros, self.group_size, bias)
