@@ -41,16 +41,21 @@ def _is_linear(name: str) -> bool:
     return name.endswith(".weight") and any(f".{p}." in name for p in LINEARS)
 
 
-def _rtn_asym(w, group: int):
-    """Round-to-nearest 4-bit per group of input columns: (q [N, K] 0..15, zeros [N, G], scales fp16 [N, G])."""
+def _rtn(w, group: int, bits: int = 4, sym: bool = False):
+    """Round-to-nearest per group of input columns, as GPTQ's quantizer grids them: (q [N, K] 0..2^bits-1,
+    zeros [N, G], scales fp16 [N, G]); `sym`: the grid is centred, every zero (2^bits) / 2."""
     import torch
 
     n, k = w.shape
+    top = 2 ** bits - 1
     g = w.float().reshape(n, k // group, group)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-    scales = ((hi - lo) / 15).clamp(min=1e-5).half()
-    zeros = torch.round(-lo / scales.float()).clamp(0, 15)
-    q = torch.clamp(torch.round(g / scales.float().unsqueeze(-1)) + zeros.unsqueeze(-1), 0, 15)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    scales = ((hi - lo) / top).clamp(min=1e-5).half()
+    zeros = torch.full_like(lo, (top + 1) // 2) if sym else torch.round(-lo / scales.float()).clamp(0, top)
+    q = torch.clamp(torch.round(g / scales.float().unsqueeze(-1)) + zeros.unsqueeze(-1), 0, top)
     return q.reshape(n, k).to(torch.int32), zeros.to(torch.int32), scales
 
 
@@ -80,7 +85,7 @@ def write_awq(src: Path, out: Path, group_size: int = 32) -> tuple[Path, Path]:
         if not _is_linear(name):
             quantized[name] = reference[name] = w
             continue
-        q, zeros, scales = _rtn_asym(w, group_size)
+        q, zeros, scales = _rtn(w, group_size)
         base = name.removesuffix(".weight")
         quantized[f"{base}.qweight"] = pack_int32(q.t().contiguous(), ORDER)          # [K, N/8]
         quantized[f"{base}.qzeros"] = pack_int32(zeros.t().contiguous(), ORDER)       # [G, N/8]
@@ -106,10 +111,10 @@ def _act_order(name: str, k: int, shared: bool, cache: dict):
     return cache[key]
 
 
-def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = False,
-               shared_order: bool = True) -> tuple[Path, Path]:
+def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = False, shared_order: bool = True,
+               bits: int = 4, sym: bool = False) -> tuple[Path, Path]:
     """`desc_act`: quantize the columns in a random order per input (per projection unless `shared_order`),
-    groups of group_size in that order, and write g_idx as GPTQ does (each column's group)."""
+    groups of group_size in that order, and write g_idx as GPTQ does (each column's group). `bits` 4 or 8."""
     import torch
     from kubellm.runtime.executor.layers.quantization.awq import pack_int32
 
@@ -121,19 +126,19 @@ def write_gptq(src: Path, out: Path, group_size: int = 32, desc_act: bool = Fals
         k = w.shape[1]
         group = k if group_size == -1 else group_size   # -1: one group per output channel
         perm = _act_order(name, k, shared_order, orders) if desc_act else torch.arange(k)
-        q, zeros, scales = _rtn_asym(w[:, perm], group)
+        q, zeros, scales = _rtn(w[:, perm], group, bits, sym)
         zeros = zeros.clamp(min=1)   # v1 stores zero - 1; a zero of 0 would wrap to 15 (AutoGPTQ's known quirk)
         inverse = torch.argsort(perm)
         base = name.removesuffix(".weight")
-        quantized[f"{base}.qweight"] = pack_int32(q[:, inverse].contiguous()).t().contiguous()   # [K/8, N]
-        quantized[f"{base}.qzeros"] = pack_int32((zeros - 1).t().contiguous())        # [G, N/8]
+        quantized[f"{base}.qweight"] = pack_int32(q[:, inverse].contiguous(), bits=bits).t().contiguous()  # [K/p, N]
+        quantized[f"{base}.qzeros"] = pack_int32((zeros - 1).t().contiguous(), bits=bits)            # [G, N/p]
         quantized[f"{base}.scales"] = scales.t().contiguous()
         quantized[f"{base}.g_idx"] = (inverse // group).to(torch.int32)
         reference[name] = _dequantized(q, zeros, scales, group)[:, inverse]
-    config = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
               "checkpoint_format": "gptq"}
     name = ("gptq" if group_size != -1 else "gptq-per-channel") + ("-act-order" if desc_act else "")
-    name += "" if shared_order else "-unshared"
+    name += ("" if shared_order else "-unshared") + ("" if bits == 4 else f"-{bits}bit") + ("-sym" if sym else "")
     return (_write(quantized, out / name, config, src), _write(reference, out / f"{name}-reference", None, src))
 
 

@@ -38,10 +38,11 @@ def checkpoints(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized-parallel")
     return {"int8": (tiny_llama, {"quantization": "int8"}), "awq": (write_awq(tiny_llama, out)[0], {}),
             "gguf": (write_gguf(tiny_llama, out, "Q4_1")[0], {}),
-            "gptq-act-order": (write_gptq(tiny_llama, out, group_size=16, desc_act=True)[0], {})}
+            "gptq-act-order": (write_gptq(tiny_llama, out, group_size=16, desc_act=True)[0], {}),
+            "gptq-8bit": (write_gptq(tiny_llama, out, bits=8, sym=True)[0], {})}
 
 
-@pytest.mark.parametrize("name", ["int8", "awq", "gguf"])
+@pytest.mark.parametrize("name", ["int8", "awq", "gguf", "gptq-8bit"])
 def test_tp2_reads_its_slices_and_gives_one_process_tokens(checkpoints, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     path, options = checkpoints[name]

@@ -52,6 +52,9 @@ def quantized(tiny_llama, tmp_path_factory):
             "gptq-per-channel": write_gptq(tiny_llama, out, group_size=-1),
             "gptq-act-order": write_gptq(tiny_llama, out, desc_act=True),
             "gptq-act-order-unshared": write_gptq(tiny_llama, out, desc_act=True, shared_order=False),
+            "gptq-8bit-sym": write_gptq(tiny_llama, out, bits=8, sym=True),
+            "gptq-act-order-8bit-sym": write_gptq(tiny_llama, out, desc_act=True, bits=8, sym=True),
+            "gptq-8bit": write_gptq(tiny_llama, out, bits=8),
             "gguf-Q4_0": write_gguf(tiny_llama, out, "Q4_0"), "gguf-Q4_1": write_gguf(tiny_llama, out, "Q4_1"),
             "gguf-Q8_0": write_gguf(tiny_llama, out, "Q8_0", embedding_qtype="Q4_1")}
 
@@ -72,6 +75,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
     (None, GPTQ, "safetensors", QuantPlan("gptq", "native", 4, 128, zero_offset=1)),
     (None, {**GPTQ, "checkpoint_format": "gptq_v2"}, "safetensors", QuantPlan("gptq", "native", 4, 128)),
     (None, {**GPTQ, "desc_act": True}, "safetensors", QuantPlan("gptq", "native", 4, 128, 1, act_order=True)),
+    (None, {**GPTQ, "bits": 8}, "safetensors", QuantPlan("gptq", "native", 8, 128, zero_offset=1)),
     (None, None, "gguf", QuantPlan("gguf", "native")),
     ("gguf", None, "gguf", QuantPlan("gguf", "native")),
     ("int8", None, "gguf", QuantPlan("gguf", "int8")),
@@ -85,7 +89,8 @@ def test_plan(requested, qc, fmt, want):
     ("awq", None, "safetensors", "llama", r"quantization: 'awq' was asked for but the model is a float checkpoint"),
     ("gptq", AWQ, "safetensors", "llama", r"quantization: 'gptq' .* is a awq checkpoint"),
     ("awq", None, "gguf", "llama", r"is a gguf checkpoint"),
-    (None, {**GPTQ, "bits": 8}, "safetensors", "llama", r"quantization_config.bits: 8"),
+    (None, {**GPTQ, "bits": 3}, "safetensors", "llama", r"quantization_config.bits: 3; .* GPTQ .* of 4 or 8 bits"),
+    (None, {**AWQ, "bits": 8}, "safetensors", "llama", r"quantization_config.bits: 8; .* AWQ .* of 4 bits"),
     (None, {**AWQ, "version": "gemv"}, "safetensors", "llama", r"quantization_config.version: 'gemv'"),
     (None, {**AWQ, "group_size": 0}, "safetensors", "llama", r"quantization_config.group_size: 0"),
     (None, {"quant_method": "fp8"}, "safetensors", "llama", r"quantization_config.quant_method: 'fp8'"),
@@ -103,7 +108,7 @@ def test_transformers_backend_is_refused():
 
 # -- tokens equal the de-quantized float reference ---------------------------------------------------
 @pytest.mark.parametrize("name", ["awq", "gptq", "gptq-per-channel", "gptq-act-order", "gptq-act-order-unshared",
-                                  "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
+                                  "gptq-8bit-sym", "gptq-act-order-8bit-sym", "gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"])
 def test_greedy_tokens_equal_the_dequantized_float_reference(quantized, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     checkpoint, reference = quantized[name]
@@ -129,6 +134,7 @@ def test_int8_on_load_equals_its_dequantized_weights(tiny_llama, tmp_path, monke
 
 @pytest.mark.parametrize("name,forms,tol", [
     ("awq", {"int4_cpu"}, 0.03), ("gptq", {"int4_cpu"}, 0.03), ("gptq-act-order", {"int4_cpu"}, 0.03),
+    ("gptq-8bit-sym", {"int8_cpu"}, 0.03), ("gptq-act-order-8bit-sym", {"int8_cpu"}, 0.03),
     ("gguf-Q4_0", {"int4_cpu", "int8_cpu"}, 0.03),
     # Q8_0's groups of 32 re-quantized per row for torch's int8 kernel (its embedding: Q4_1 -> int8 to gather)
     ("gguf-Q8_0", {"int8_cpu", "int4_cpu"}, 0.06)])
@@ -197,7 +203,7 @@ def test_act_order_rows_multiply_as_gptq_defines(k, group, span, monkeypatch):
     zeros, scales = torch.randint(0, 16, (groups, n), generator=gen), torch.rand(groups, n, generator=gen) + 0.1
     g_idx = torch.argsort(torch.randperm(k, generator=gen)) // (k if group == -1 else group)
     start, size = span
-    rows = act_order_rows(q[start:start + size], scales, -zeros * scales, g_idx[start:start + size],
+    rows = act_order_rows(q[start:start + size], scales, zeros, g_idx[start:start + size],
                           k if group == -1 else group)
     want = _gptq_formula(q, zeros, scales, g_idx)[:, start:start + size]
     assert torch.allclose(rows.dequantize(), want, atol=1e-5)
@@ -226,4 +232,17 @@ def test_act_order_g_idx_out_of_range_is_refused_naming_g_idx():
 
     q, scales = torch.zeros(16, 8, dtype=torch.long), torch.ones(2, 8)
     with pytest.raises(QuantizationError, match=r"g_idx: must give each of the 16 input columns a group in \[0, 2\)"):
-        act_order_rows(q, scales, -scales, torch.full((16,), 2), 8)
+        act_order_rows(q, scales, torch.zeros(2, 8, dtype=torch.long), torch.full((16,), 2), 8)
+
+
+def test_asymmetric_8bit_gptq_is_int8_per_channel_close_to_its_reference(quantized, monkeypatch):
+    """The int8 kernels are symmetric: an 8-bit checkpoint with zero points other than 128 is re-quantized per
+    output channel, within int8's rounding of the de-quantized weights."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = quantized["gptq-8bit"]
+    ids = [5, 17, 42, 100, 7]
+    got, model = _logits(checkpoint, ids)
+    want, _ = _logits(reference, ids)
+    qkv = model.model.layers[0].self_attn.qkv_proj.quantized
+    assert qkv.form == "int8" and qkv.scales.shape[1] == 1
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()

@@ -30,7 +30,7 @@ class QuantizationError(ValueError):
 class QuantPlan:
     stored: str                  # float, awq, gptq or gguf
     serve: str                   # native, int8 or float
-    bits: int = 4
+    bits: int = 4                # AWQ 4; GPTQ 4 or 8
     group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)
     zero_offset: int = 0         # GPTQ v1 checkpoints store zero - 1
     act_order: bool = False      # GPTQ desc_act: g_idx maps each input column to its group
@@ -50,8 +50,8 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
         stored = str(qc.get("quant_method", "")).lower()
         if stored not in ("awq", "gptq"):
             _refuse(f"quantization_config.quant_method: {stored!r} checkpoints are not supported; kubellm reads "
-                    "AWQ and GPTQ 4-bit checkpoints, GGUF files (Q4_0, Q4_1, Q8_0; other types re-quantized to "
-                    "int8), or float checkpoints (quantization='int8' quantizes them on load)")
+                    "AWQ 4-bit and GPTQ 4- or 8-bit checkpoints, GGUF files (Q4_0, Q4_1, Q8_0; other types "
+                    "re-quantized to int8), or float checkpoints (quantization='int8' quantizes them on load)")
     else:
         stored = "float"
     if requested in STORED_FORMATS and requested != stored:
@@ -75,10 +75,11 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
     return QuantPlan(stored, serve)
 
 
-def _bits_and_group(qc: dict, method: str) -> tuple[int, int]:
+def _bits_and_group(qc: dict, method: str, supported: tuple[int, ...] = (4,)) -> tuple[int, int]:
     bits = qc.get("bits", qc.get("w_bit"))
-    if bits != 4:
-        _refuse(f"quantization_config.bits: {bits!r}; kubellm reads {method} checkpoints of 4 bits")
+    if bits not in supported:
+        _refuse(f"quantization_config.bits: {bits!r}; kubellm reads {method} checkpoints of "
+                f"{' or '.join(map(str, supported))} bits")
     group = qc.get("group_size", qc.get("q_group_size"))
     if not isinstance(group, int) or (group <= 0 and group != -1):
         _refuse(f"quantization_config.group_size: {group!r} must be a positive number of input columns per "
@@ -99,7 +100,7 @@ def _awq_plan(qc: dict, serve: str) -> QuantPlan:
 
 
 def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
-    bits, group = _bits_and_group(qc, "GPTQ")
+    bits, group = _bits_and_group(qc, "GPTQ", (4, 8))
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         _refuse(f"quantization_config.checkpoint_format: {fmt!r}; kubellm reads 'gptq' (zeros stored minus one, "

@@ -19,19 +19,22 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)            # AutoAWQ's pack order: nibble i <- 
 UNORDER = tuple(ORDER.index(c) for c in range(8))   # column c <- nibble UNORDER[c]
 
 
-def unpack_int32(packed: torch.Tensor, order=None) -> torch.Tensor:
-    """int32 [..., m] -> int32 [..., 8m] of 4-bit values; `order`: column c taken from nibble order[c]."""
-    shifts = torch.tensor(order if order is not None else range(8), dtype=torch.int32, device=packed.device) * 4
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+def unpack_int32(packed: torch.Tensor, order=None, bits: int = 4) -> torch.Tensor:
+    """int32 [..., m] -> int32 [..., (32 / bits) m] of `bits`-bit values; `order`: column c taken from field
+    order[c] (fields counted from the lowest bits)."""
+    per = 32 // bits
+    shifts = torch.tensor(order if order is not None else range(per), dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> (shifts * bits)) & ((1 << bits) - 1)).flatten(-2)
 
 
-def pack_int32(values: torch.Tensor, order=None) -> torch.Tensor:
-    """Inverse of unpack_int32 (for writing test checkpoints): [..., 8m] 4-bit values -> int32 [..., m]."""
-    v = values.to(torch.int32).reshape(*values.shape[:-1], -1, 8)
-    columns = order if order is not None else range(8)   # nibble i holds column columns[i]
+def pack_int32(values: torch.Tensor, order=None, bits: int = 4) -> torch.Tensor:
+    """Inverse of unpack_int32 (for writing test checkpoints): [..., (32 / bits) m] values -> int32 [..., m]."""
+    per = 32 // bits
+    v = values.to(torch.int32).reshape(*values.shape[:-1], -1, per)
+    columns = order if order is not None else range(per)   # field i holds column columns[i]
     out = torch.zeros(v.shape[:-1], dtype=torch.int32, device=values.device)
     for i, c in enumerate(columns):
-        out |= v[..., c] << (4 * i)
+        out |= v[..., c] << (bits * i)
     return out
 
 

@@ -52,7 +52,7 @@ class PermutedRows:
     """Rows whose stored columns are this rank's input columns in another order: GPTQ's act-order groups
     gathered so that each group's columns are contiguous. Stored column j multiplies input column order[j];
     order[j] == width is a padding column (zero input), where a rank's slice holds unequal parts of groups."""
-    rows: Int4Rows
+    rows: Int4Rows | Int8Rows
     order: torch.Tensor
     width: int
 
