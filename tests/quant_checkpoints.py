@@ -152,16 +152,19 @@ def _permute(w, heads: int):
 
 
 def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str = "Q8_0") -> tuple[Path, Path]:
-    """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer)."""
+    """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer).
+    Llama-family checkpoints are written as llama.cpp's converter writes them: architecture "llama" with q / k
+    rows permuted, or "qwen2" (rows as they are, q / k / v biases in F32)."""
     import gguf
     import numpy as np
     import torch
 
     config = json.loads((src / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    arch = "qwen2" if config["model_type"] == "qwen2" else "llama"
     state = _state(src)
     directory = _copy_dir(src, out / f"gguf-{qtype}")
-    writer = gguf.GGUFWriter(str(directory / "model.gguf"), "llama")
+    writer = gguf.GGUFWriter(str(directory / "model.gguf"), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -197,9 +200,11 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
             add("output_norm.weight", name, w, "F32")
         elif parts[:2] == ["model", "layers"]:
             i, module = parts[2], parts[-2]
-            if module in GGUF_LINEARS:
+            if module in GGUF_LINEARS and parts[-1] == "bias":
+                add(f"blk.{i}.{GGUF_LINEARS[module]}.bias", name, w, "F32")
+            elif module in GGUF_LINEARS:
                 gguf_name = f"blk.{i}.{GGUF_LINEARS[module]}.weight"
-                if module in ("q_proj", "k_proj"):   # written permuted; the reference keeps HF order
+                if arch == "llama" and module in ("q_proj", "k_proj"):   # permuted; the reference keeps HF order
                     h = heads if module == "q_proj" else kv_heads
                     add(gguf_name, name, _permute(w, h), qtype)
                     reference[name] = _permute_back(reference[name], h)

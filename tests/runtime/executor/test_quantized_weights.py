@@ -246,3 +246,19 @@ def test_asymmetric_8bit_gptq_is_int8_per_channel_close_to_its_reference(quantiz
     qkv = model.model.layers[0].self_attn.qkv_proj.quantized
     assert qkv.form == "int8" and qkv.scales.shape[1] == 1
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_qwen2_gguf_biases_and_unpermuted_rows(tiny_qwen2, tmp_path, monkeypatch):
+    """llama.cpp writes Qwen2 as architecture "qwen2": q / k rows as they are, the q / k / v biases in F32.
+    kubellm's tokens equal the de-quantized reference's, and transformers reads the file to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = write_gguf(tiny_qwen2, tmp_path, "Q8_0")
+    assert _greedy(checkpoint) == _greedy(reference)
+    ids = [5, 17, 42, 100, 7]
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0, -1]
+    got, _ = _logits(checkpoint, ids)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0)
