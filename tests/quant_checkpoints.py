@@ -222,3 +222,64 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
 
 def _permute_back(w, heads: int):
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", bits: int = 4, kind: str = "int",
+                             strategy: str = "group", group_size: int = 32, symmetric: bool = True,
+                             actorder: str | None = None) -> tuple[Path, Path]:
+    """A compressed-tensors checkpoint written by the library itself (llm-compressor's last steps): its
+    QuantizationConfig applied to the transformers model, each Linear's scales / zero points from its own
+    calculate_qparams on the weight's min / max (round-to-nearest; llm-compressor's GPTQ would search
+    better values, in the same layout), then its ModelCompressor compresses and saves. actorder 'group'
+    orders the columns as _act_order does (one permutation per input) and stores weight_g_idx. The
+    reference is the same model after the library's own decompress_model: float weights it de-quantized.
+    (compressed-tensors 0.20 no longer writes actorder 'group' / weight_g_idx; kubellm still reads it.)"""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric, strategy=strategy,
+                            group_size=group_size if strategy == "group" else None, actorder=actorder)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=["lm_head"], format=fmt)
+    apply_quantization_config(model, config)
+    orders = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        w = module.weight.data
+        n, k = w.shape
+        if strategy == "group":
+            perm = _act_order(f"{name}.weight", k, True, orders) if actorder == "group" else torch.arange(k)
+            grouped = w[:, perm].reshape(n, k // group_size, group_size)
+            lo, hi = grouped.amin(-1), grouped.amax(-1)
+            if actorder == "group":
+                module.weight_g_idx.data.copy_(torch.argsort(perm) // group_size)
+        elif strategy == "channel":
+            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        else:
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+        scale, zero = calculate_qparams(lo, hi, args)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    name = f"ct-{fmt}-{kind}{bits}-{strategy}" + ("" if symmetric else "-asym") + (f"-{actorder}" if actorder else "")
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(out / name)
+    compressor.update_config(out / name)
+    _copy_dir(src, out / name, skip=[f.name for f in (out / name).iterdir()])   # the tokenizer
+    compressor.decompress_model(model)
+    reference = {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
+    directory = _copy_dir(src, out / f"{name}-reference")
+    save_file({k: v.float().contiguous() for k, v in reference.items()}, str(directory / "model.safetensors"))
+    return out / name, directory

@@ -5,7 +5,7 @@ GPTQ as its config.json's `quantization_config` says, or a GGUF file's blocks) a
 (`native`: as stored; `int8`: weight-only int8, one scale per output channel, made on load; `float`:
 de-quantized on load). The model runner builds the model inside `building(plan)`; each linear layer
 asks `linear_method_for_new_layer` (and the embedding / LM head `embedding_method_for_new_layer`)
-whether it holds quantized weights. Readers: int8.py (float checkpoints), awq.py, gptq.py, gguf.py;
+whether it holds quantized weights. Readers: int8.py (float checkpoints), awq.py, gptq.py, compressed_tensors.py, gguf.py;
 the layer side: method.py; the stored forms and their matmuls: packed.py and kernels/quant*.py.
 """
 
@@ -20,6 +20,9 @@ from dataclasses import dataclass
 # checkpoints the GGUF name map covers; other families are refused by name rather than half-quantized.
 QUANTIZABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 STORED_FORMATS = ("awq", "gptq", "gguf")
+# compressed-tensors (llm-compressor's checkpoints) formats read: int weights packed into int32, int8
+# weights as they are, FP8 (e4m3) weights de-quantized on load (no FP8 kernels yet)
+COMPRESSED_TENSORS_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 
 
 class QuantizationError(ValueError):
@@ -34,6 +37,10 @@ class QuantPlan:
     group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)
     zero_offset: int = 0         # GPTQ v1 checkpoints store zero - 1
     act_order: bool = False      # GPTQ desc_act: g_idx maps each input column to its group
+    scheme: str = ""             # compressed-tensors: its format (COMPRESSED_TENSORS_FORMATS)
+    strategy: str = "group"      # compressed-tensors: group, channel, tensor or block (FP8)
+    symmetric: bool = True       # compressed-tensors: no zero points stored
+    block: tuple[int, int] = (0, 0)   # compressed-tensors block strategy: [out, in] per scale
 
 
 def _refuse(message: str) -> None:
@@ -48,10 +55,11 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
         stored = "gguf"
     elif qc:
         stored = str(qc.get("quant_method", "")).lower()
-        if stored not in ("awq", "gptq"):
+        if stored not in ("awq", "gptq", "compressed-tensors"):
             _refuse(f"quantization_config.quant_method: {stored!r} checkpoints are not supported; kubellm reads "
-                    "AWQ 4-bit and GPTQ 4- or 8-bit checkpoints, GGUF files (Q4_0, Q4_1, Q8_0; other types "
-                    "re-quantized to int8), or float checkpoints (quantization='int8' quantizes them on load)")
+                    "AWQ 4-bit and GPTQ 4- or 8-bit checkpoints, compressed-tensors (int4 / int8 / FP8 weights), "
+                    "GGUF files (Q4_0, Q4_1, Q8_0; other types re-quantized to int8), or float checkpoints "
+                    "(quantization='int8' quantizes them on load)")
     else:
         stored = "float"
     if requested in STORED_FORMATS and requested != stored:
@@ -72,6 +80,8 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
         return _awq_plan(qc, serve)
     if stored == "gptq":
         return _gptq_plan(qc, serve)
+    if stored == "compressed-tensors":
+        return _compressed_tensors_plan(qc, serve)
     return QuantPlan(stored, serve)
 
 
@@ -107,6 +117,48 @@ def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
                 "as AutoGPTQ and GPTQModel write by default) and 'gptq_v2'")
     return QuantPlan("gptq", serve, bits, group, zero_offset=1 if fmt == "gptq" else 0,
                      act_order=bool(qc.get("desc_act")))
+
+
+def _compressed_tensors_plan(qc: dict, serve: str) -> QuantPlan:
+    """llm-compressor's quantization_config: one weight scheme for every Linear (lm_head left float)."""
+    where = "quantization_config"
+    if qc.get("sparsity_config") or qc.get("transform_config"):
+        _refuse(f"{where}.sparsity_config / transform_config: sparse or transformed (SpinQuant, QuIP) "
+                "compressed-tensors checkpoints are not supported; use a dense quantized checkpoint")
+    ignored = [str(name) for name in qc.get("ignore") or [] if not str(name).endswith("lm_head")]
+    if ignored:
+        _refuse(f"{where}.ignore: {ignored[:3]} keep those layers float, which kubellm's quantized layers do not "
+                "mix; use a checkpoint that quantizes every decoder Linear (ignore: ['lm_head'])")
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [g.get("weights") for g in groups]
+    if not groups or any(w is None for w in weights) or any(w != weights[0] for w in weights):
+        _refuse(f"{where}.config_groups: kubellm reads one weight scheme for every Linear; this checkpoint has "
+                f"{len(groups)} group(s) with {'different' if groups else 'no'} weight schemes")
+    if not all("Linear" in (g.get("targets") or []) for g in groups):
+        _refuse(f"{where}.config_groups.*.targets: {[g.get('targets') for g in groups]}; kubellm reads schemes "
+                "that target 'Linear' (every linear layer)")
+    w = weights[0]
+    scheme = str(groups[0].get("format") or qc.get("format") or "").lower()
+    if scheme not in COMPRESSED_TENSORS_FORMATS:
+        _refuse(f"{where}.format: {scheme!r}; kubellm reads compressed-tensors formats "
+                f"{', '.join(COMPRESSED_TENSORS_FORMATS)}")
+    kind, bits, strategy = w.get("type", "int"), w.get("num_bits"), str(w.get("strategy", "tensor")).lower()
+    wanted = {"pack-quantized": ("int", (4, 8)), "int-quantized": ("int", (8,)), "naive-quantized": ("int", (8,)),
+              "float-quantized": ("float", (8,))}[scheme]
+    if kind != wanted[0] or bits not in wanted[1]:
+        _refuse(f"{where}.config_groups.*.weights: type {kind!r}, num_bits {bits!r}; the {scheme} format is read "
+                f"for type {wanted[0]!r} with num_bits {' or '.join(map(str, wanted[1]))}")
+    if strategy not in ("group", "channel", "tensor") + (("block",) if kind == "float" else ()):
+        _refuse(f"{where}.config_groups.*.weights.strategy: {strategy!r}; kubellm reads group, channel and tensor "
+                "scales (and block for FP8)")
+    group = {"group": w.get("group_size"), "channel": -1, "tensor": -1, "block": 0}[strategy]
+    if strategy == "group" and (not isinstance(group, int) or group <= 0):
+        _refuse(f"{where}.config_groups.*.weights.group_size: {group!r} must be a positive number of input columns")
+    block = tuple(w.get("block_structure") or (0, 0)) if strategy == "block" else (0, 0)
+    if strategy == "block" and (len(block) != 2 or min(block) <= 0):
+        _refuse(f"{where}.config_groups.*.weights.block_structure: {block!r} must be [rows, columns] per scale")
+    return QuantPlan("compressed-tensors", serve, bits, group, act_order=w.get("actorder") == "group",
+                     scheme=scheme, strategy=strategy, symmetric=bool(w.get("symmetric", True)), block=block)
 
 
 _BUILDING: ContextVar[QuantPlan | None] = ContextVar("kubellm_quant_plan", default=None)

@@ -27,6 +27,9 @@ def format_for(plan: QuantPlan):
     if plan.stored == "gptq":
         from kubellm.runtime.executor.layers.quantization.gptq import GPTQFormat
         return GPTQFormat(plan)
+    if plan.stored == "compressed-tensors":
+        from kubellm.runtime.executor.layers.quantization.compressed_tensors import CompressedTensorsFormat
+        return CompressedTensorsFormat(plan)
     if plan.stored == "gguf":
         from kubellm.runtime.executor.layers.quantization.gguf import GGUFFormat
         return GGUFFormat()

@@ -1,0 +1,91 @@
+"""compressed-tensors checkpoints (llm-compressor, `quant_method: compressed-tensors`): one weight scheme
+for every Linear, in one of its formats.
+
+- pack-quantized (W4A16 / W8A16): `weight_packed` int32 [N, K*bits/32], 32/bits values per int32 along the
+  input (column pj+i in field i), each stored as its signed value plus 2^(bits-1); `weight_scale` [N, G]
+  (strategy group; G = 1 for channel, [1] for tensor); `weight_zero_point` (asymmetric only) packed the
+  same way along the output axis, [N*bits/32, G]; `weight_g_idx` [K] with actorder 'group'.
+  w = (q - zero) * scale, so in the unsigned stored values it is GPTQ's form with zero 2^(bits-1) when
+  symmetric: the rows are gptq.py's (int4 with mins; symmetric int8 exactly; act-order gathered).
+- int-quantized (W8A8 int8): `weight` int8 [N, K] as it is, scales (and zero points) as above.
+- float-quantized (FP8 e4m3): `weight` float8 [N, K] times `weight_scale` (tensor, channel, group or block),
+  de-quantized on load: there are no FP8 kernels yet, so it is served in the engine's dtype (or int8).
+Activation quantization in the scheme (W8A8) is not applied: kubellm serves the weights, activations float.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan
+from kubellm.runtime.executor.layers.quantization.awq import unpack_int32
+from kubellm.runtime.executor.layers.quantization.gptq import act_order_rows, stored_rows
+from kubellm.runtime.executor.layers.quantization.layout import Part, read_part
+from kubellm.runtime.executor.layers.quantization.packed import FloatRows
+
+
+class CompressedTensorsFormat:
+    def __init__(self, plan: QuantPlan):
+        self.plan = plan
+        packed = plan.scheme == "pack-quantized"
+        per = 32 // plan.bits if packed else 1
+        if plan.strategy == "block":
+            rows, cols = plan.block
+            scale = Part(0, rows, 1, cols)
+        elif plan.strategy == "tensor":
+            scale = Part(None, 1, None, 1)
+        else:
+            scale = Part(0, 1, 1, plan.group_size if plan.group_size > 0 else None)
+        self.parts = {("weight_packed" if packed else "weight"): Part(0, 1, 1, per), "weight_scale": scale,
+                      "weight_shape": Part(None, 1, None, 1, optional=True),
+                      "weight_g_idx": Part(None, 1, 0, 1, optional=not plan.act_order)}
+        if not plan.symmetric:
+            self.parts["weight_zero_point"] = Part(0, per, 1, scale.in_factor) if plan.strategy != "tensor" else scale
+        self.required = tuple(n for n, p in self.parts.items() if not p.optional)
+
+    def read(self, name, loaded, out_span, in_span, layer):
+        if self.plan.act_order and name in ("weight_scale", "weight_zero_point"):
+            in_span = None   # a slice of columns may hold members of any group
+        return read_part(self.parts[name], loaded, out_span, in_span)
+
+    def to_rows(self, pieces, in_span, layer):
+        plan = self.plan
+        scales = torch.as_tensor(pieces["weight_scale"][:]).float()
+        if plan.scheme == "float-quantized":
+            w = torch.as_tensor(pieces["weight"][:]).float()
+            if scales.dim() == 2 and scales.shape != w.shape:   # one scale per block / group of the rows
+                scales = scales.repeat_interleave(w.shape[0] // scales.shape[0], 0)
+                scales = scales.repeat_interleave(w.shape[1] // scales.shape[1], 1)
+            return FloatRows(w * scales.reshape(scales.shape if scales.dim() == 2 else (-1, 1)))
+        offset = 1 << (plan.bits - 1)
+        if plan.scheme == "pack-quantized":
+            q = unpack_int32(pieces["weight_packed"], bits=plan.bits)                   # [N, K] unsigned
+        else:
+            q = torch.as_tensor(pieces["weight"][:]).to(torch.int32) + offset
+        n = q.shape[0]
+        scales = scales.reshape(-1, 1).expand(n, 1) if scales.numel() == 1 else scales.reshape(n, -1)
+        if plan.symmetric:
+            zeros = torch.full(scales.shape, offset, dtype=torch.int32)
+        else:
+            zp = torch.as_tensor(pieces["weight_zero_point"][:])
+            if plan.scheme == "pack-quantized":
+                zeros = unpack_int32(zp.t().contiguous(), bits=plan.bits).t()[:n]   # packed along the rows
+            else:
+                zeros = zp.to(torch.int32) + offset
+            zeros = zeros.reshape(-1, 1).expand(n, 1) if zeros.numel() == 1 else zeros.reshape(n, -1)
+        q, scales, zeros = q.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous()   # GPTQ's [K, N]
+        if plan.act_order:
+            group = plan.group_size if plan.group_size > 0 else layer._full_input_size()
+            g_idx = torch.as_tensor(pieces["weight_g_idx"][:]).long()
+            return act_order_rows(q, scales, zeros, g_idx, group, plan.bits)
+        return stored_rows(q, scales, zeros, plan.bits)
+
+    def check_optional(self, name, loaded, layer):
+        """weight_shape is implied by the layer; a g_idx without actorder 'group' must be the trivial one."""
+        if name != "weight_g_idx":
+            return
+        g_idx = torch.as_tensor(loaded[:]).long()
+        group = self.plan.group_size if self.plan.group_size > 0 else g_idx.numel()
+        if not torch.equal(g_idx, torch.arange(g_idx.numel()) // group):
+            raise QuantizationError("weight_g_idx: the input columns are reordered although the scheme's actorder "
+                                    "is not 'group'; set weights.actorder: group in config.json")

@@ -1,0 +1,166 @@
+"""compressed-tensors checkpoints (llm-compressor's format), written by the compressed-tensors library on tiny
+models: int4 / int8 packed (W4A16, W8A16, symmetric and with zero points, group and channel scales), int8 as
+it is (int-quantized) and FP8 (float-quantized). The reference is the library's own de-quantization of the
+same model (ModelCompressor.decompress_model); with the reference kernels kubellm's greedy tokens equal it."""
+
+import pytest
+import torch
+
+from kubellm.runtime.config import EngineConfig, GenerationConfig
+from kubellm.runtime.engine.engine import LLMEngine
+from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan, plan_quantization
+from quant_checkpoints import write_compressed_tensors
+
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then"]
+EXACT = {  # name -> write_compressed_tensors options; each is served exactly as the library de-quantizes it
+    "w4a16-group": {}, "w4a16-group-asym": {"symmetric": False}, "w4a16-channel": {"strategy": "channel"},
+    "w4a16-actorder-weight": {"actorder": "weight"}, "w8a16-group": {"bits": 8},
+    "w8a8-int-channel": {"fmt": "int-quantized", "bits": 8, "strategy": "channel"},
+    "fp8-channel": {"fmt": "float-quantized", "kind": "float", "bits": 8, "strategy": "channel"},
+    "fp8-tensor": {"fmt": "float-quantized", "kind": "float", "bits": 8, "strategy": "tensor"},
+}
+
+
+def _engine(path, tp=1, **kw):
+    config = EngineConfig(device="cpu", tensor_parallel=tp, block_size=4, num_kv_blocks=64, session_len=128, **kw)
+    return LLMEngine(path, config, show_progress=False)
+
+
+def _greedy(path, tp=1, **kw):
+    engine = _engine(path, tp, **kw)
+    try:
+        gens = [GenerationConfig(max_new_tokens=12, ignore_eos=True)] * len(PROMPTS)
+        return [s.token_ids for s in engine.generate(PROMPTS, gens)]
+    finally:
+        engine.destroy()
+
+
+@pytest.fixture(scope="module")
+def written(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compressed-tensors")
+    cache = {}
+
+    def get(name, **options):
+        if name not in cache:
+            cache[name] = write_compressed_tensors(tiny_llama, out, **(options or EXACT.get(name, {})))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_greedy_tokens_equal_the_librarys_dequantized_model(written, name, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = written(name)
+    assert _greedy(checkpoint) == _greedy(reference)
+
+
+def test_layers_hold_the_packed_forms(written):
+    """CPU path: W4A16 stays int4 (torch's int4pack), W8A16 int8, FP8 de-quantized to float."""
+    forms = {}
+    for name in ("w4a16-group", "w8a16-group", "fp8-channel"):
+        engine = _engine(written(name)[0])
+        try:
+            forms[name] = engine.runner.model.model.layers[0].self_attn.qkv_proj.quantized.form
+        finally:
+            engine.destroy()
+    assert forms == {"w4a16-group": "int4_cpu", "w8a16-group": "int8_cpu", "fp8-channel": "float"}
+
+
+def test_asymmetric_int8_is_the_librarys_model_requantized_per_channel(written, monkeypatch):
+    """The int8 kernels are symmetric: zero points other than 128 are folded in by re-quantizing each output
+    channel, which is int8 on load of the library's de-quantized model, logit for logit."""
+    from kubellm.runtime.executor.step import SeqChunk, StepBatch
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = written("w8a16-asym", bits=8, symmetric=False)
+    logits = []
+    for path, options in ((checkpoint, {}), (reference, {"quantization": "int8"}), (reference, {})):
+        engine = _engine(path, **options)
+        try:
+            batch = StepBatch(chunks=[SeqChunk(start=0, token_ids=[5, 17, 42, 100], block_table=[0, 1], samples=True)])
+            logits.append(engine.runner.forward(batch)[0].float())
+        finally:
+            engine.destroy()
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert not torch.allclose(logits[0], logits[2], atol=1e-3)   # not the float model: re-quantized
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["w4a16-group-asym", "w8a16-group", "fp8-channel"])
+def test_tp2_gives_one_process_tokens(written, name, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, _ = written(name)
+    assert _greedy(checkpoint, tp=2) == _greedy(checkpoint)
+
+
+# -- the plan: a pure decision ----------------------------------------------------------------------
+def _qc(weights=None, fmt="pack-quantized", **extra):
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+               **(weights or {})}
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": fmt}}, **extra}
+
+
+@pytest.mark.parametrize("qc,want", [
+    (_qc(), QuantPlan("compressed-tensors", "native", 4, 128, scheme="pack-quantized")),
+    (_qc({"symmetric": False, "strategy": "channel", "num_bits": 8}),
+     QuantPlan("compressed-tensors", "native", 8, -1, scheme="pack-quantized", strategy="channel", symmetric=False)),
+    (_qc({"actorder": "group"}), QuantPlan("compressed-tensors", "native", 4, 128, act_order=True,
+                                           scheme="pack-quantized")),
+    (_qc({"type": "float", "num_bits": 8, "strategy": "block", "block_structure": [128, 128]}, "float-quantized"),
+     QuantPlan("compressed-tensors", "native", 8, 0, scheme="float-quantized", strategy="block", block=(128, 128))),
+])
+def test_plan(qc, want):
+    assert plan_quantization(None, qc, "safetensors", "llama") == want
+
+
+@pytest.mark.parametrize("qc,message", [
+    (_qc(ignore=["lm_head", "model.layers.0.mlp.down_proj"]), r"quantization_config.ignore: \['model.layers.0"),
+    (_qc(sparsity_config={"format": "sparse-24-bitmask"}), r"quantization_config.sparsity_config"),
+    (_qc({"num_bits": 2}), r"weights: type 'int', num_bits 2; the pack-quantized format is read for .* 4 or 8"),
+    (_qc(fmt="marlin-24"), r"quantization_config.format: 'marlin-24'"),
+    (_qc({"strategy": "block"}), r"weights.strategy: 'block'"),
+    (_qc({"group_size": None}), r"weights.group_size: None"),
+    ({**_qc(), "config_groups": {"a": {"targets": ["Linear"], "weights": {"num_bits": 4}},
+                                 "b": {"targets": ["Linear"], "weights": {"num_bits": 8}}}},
+     r"config_groups: .* 2 group\(s\) with different weight schemes"),
+    ({**_qc(), "config_groups": {"a": {"targets": ["re:.*q_proj"], "weights": _qc()["config_groups"]["group_0"]
+                                       ["weights"]}}}, r"targets: \[\['re:.\*q_proj'\]\]"),
+])
+def test_plan_refusals_name_the_field(qc, message):
+    with pytest.raises(QuantizationError, match=message):
+        plan_quantization(None, qc, "safetensors", "llama")
+
+
+def test_actorder_group_checkpoints_with_g_idx(written, tmp_path, monkeypatch):
+    """Older llm-compressor releases wrote actorder 'group': groups scattered over the input, weight_g_idx
+    naming each column's (compressed-tensors 0.20 writes only 'weight'). Made here from the library's W4A16
+    checkpoint with its own packing functions: every Linear's columns and its reference's permuted alike."""
+    import json
+    import shutil
+
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = written("w4a16-group")
+    out, ref_out = tmp_path / "actorder", tmp_path / "actorder-reference"
+    shutil.copytree(checkpoint, out)
+    shutil.copytree(reference, ref_out)
+    state, ref_state = load_file(str(out / "model.safetensors")), load_file(str(ref_out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    for name in [n for n in state if n.endswith(".weight_packed")]:
+        base = name.removesuffix(".weight_packed")
+        shape = state[f"{base}.weight_shape"].tolist()
+        inverse = torch.argsort(torch.randperm(shape[1], generator=gen))   # column k takes old column inverse[k]
+        q = unpack_from_int32(state[name], 4, torch.Size(shape))
+        state[name] = pack_to_int32(q[:, inverse].contiguous(), 4)
+        state[f"{base}.weight_g_idx"] = (inverse // 32).to(torch.int32)
+        ref_state[f"{base}.weight"] = ref_state[f"{base}.weight"][:, inverse].contiguous()
+    save_file(state, str(out / "model.safetensors"))
+    save_file(ref_state, str(ref_out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (out / "config.json").write_text(json.dumps(config))
+    assert _greedy(out) == _greedy(ref_out)
+    assert _greedy(out) != _greedy(checkpoint)   # the permutation made another model: g_idx was needed
