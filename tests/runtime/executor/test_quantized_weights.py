@@ -152,18 +152,21 @@ def test_cpu_path_keeps_packed_weights_and_is_close_to_the_reference(quantized, 
     assert qkv.quantized.qweight.dtype in (torch.uint8, torch.int8)
 
 
-def test_transformers_reads_the_same_gguf_as_the_reference(quantized, monkeypatch):
+def _assert_transformers_reads_the_gguf_alike(checkpoint):
     """An independent reader: transformers de-quantizes the GGUF (and undoes llama.cpp's q/k permutation)."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
-    checkpoint, _ = quantized["gguf-Q4_1"]
     ids = [5, 17, 42, 100, 7]
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32).eval()
     with torch.inference_mode():
         want = hf(torch.tensor([ids])).logits[0, -1]
     got, _ = _logits(checkpoint, ids)
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0)
+
+
+def test_transformers_reads_the_same_gguf_as_the_reference(quantized, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    _assert_transformers_reads_the_gguf_alike(quantized["gguf-Q4_1"][0])
 
 
 def test_float_and_int8_serving_of_quantized_checkpoints(quantized, monkeypatch):
@@ -251,14 +254,7 @@ def test_asymmetric_8bit_gptq_is_int8_per_channel_close_to_its_reference(quantiz
 def test_qwen2_gguf_biases_and_unpermuted_rows(tiny_qwen2, tmp_path, monkeypatch):
     """llama.cpp writes Qwen2 as architecture "qwen2": q / k rows as they are, the q / k / v biases in F32.
     kubellm's tokens equal the de-quantized reference's, and transformers reads the file to the same logits."""
-    from transformers import AutoModelForCausalLM
-
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     checkpoint, reference = write_gguf(tiny_qwen2, tmp_path, "Q8_0")
     assert _greedy(checkpoint) == _greedy(reference)
-    ids = [5, 17, 42, 100, 7]
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32).eval()
-    with torch.inference_mode():
-        want = hf(torch.tensor([ids])).logits[0, -1]
-    got, _ = _logits(checkpoint, ids)
-    assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0)
+    _assert_transformers_reads_the_gguf_alike(checkpoint)

@@ -31,7 +31,7 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantPlan:
-    stored: str                  # float, awq, gptq or gguf
+    stored: str                  # float, awq, gptq, compressed-tensors or gguf
     serve: str                   # native, int8 or float
     bits: int = 4                # AWQ 4; GPTQ 4 or 8
     group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)

@@ -58,8 +58,9 @@ class CompressedTensorsFormat:
                 scales = scales.repeat_interleave(w.shape[1] // scales.shape[1], 1)
             return FloatRows(w * scales.reshape(scales.shape if scales.dim() == 2 else (-1, 1)))
         offset = 1 << (plan.bits - 1)
-        if plan.scheme == "pack-quantized":
-            q = unpack_int32(pieces["weight_packed"], bits=plan.bits)                   # [N, K] unsigned
+        if plan.scheme == "pack-quantized":   # [N, K] unsigned; the last int32 may be padding past K
+            width = in_span[1] if in_span is not None else layer._full_input_size()
+            q = unpack_int32(pieces["weight_packed"], bits=plan.bits)[:, :width]
         else:
             q = torch.as_tensor(pieces["weight"][:]).to(torch.int32) + offset
         n = q.shape[0]
