@@ -230,6 +230,16 @@ def test_act_order_keeps_int4_with_an_input_order_and_unshared_orders_stay_exact
     assert attn.qkv_proj.quantized.form == "float" and attn.o_proj.quantized.form == "int4_cpu"
 
 
+def test_act_order_served_as_float_is_its_reference_and_as_int8_is_int8(quantized, monkeypatch):
+    """De-quantizing act-order rows puts the columns back in the input's order (the padding dropped)."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = quantized["gptq-act-order"]
+    assert _greedy(checkpoint, quantization="float") == _greedy(reference)
+    _, model = _logits(checkpoint, [5, 17, 42], quantization="int8")
+    qkv = model.model.layers[0].self_attn.qkv_proj.quantized
+    assert qkv.form == "int8" and qkv.input_order is None
+
+
 def test_act_order_g_idx_out_of_range_is_refused_naming_g_idx():
     from kubellm.runtime.executor.layers.quantization.gptq import act_order_rows
 
