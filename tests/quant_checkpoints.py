@@ -230,9 +230,8 @@ def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", 
     """A compressed-tensors checkpoint written by the library itself (llm-compressor's last steps): its
     QuantizationConfig applied to the transformers model, each Linear's scales / zero points from its own
     calculate_qparams on the weight's min / max (round-to-nearest; llm-compressor's GPTQ would search
-    better values, in the same layout), then its ModelCompressor compresses and saves. actorder 'group'
-    orders the columns as _act_order does (one permutation per input) and stores weight_g_idx. The
-    reference is the same model after the library's own decompress_model: float weights it de-quantized.
+    better values, in the same layout), then its ModelCompressor compresses and saves. The reference is
+    the same model after the library's own decompress_model: float weights it de-quantized.
     (compressed-tensors 0.20 no longer writes actorder 'group' / weight_g_idx; kubellm still reads it.)"""
     import torch
     from compressed_tensors.compressors import ModelCompressor
@@ -252,18 +251,14 @@ def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", 
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
                                 ignore=["lm_head"], format=fmt)
     apply_quantization_config(model, config)
-    orders = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not hasattr(module, "weight_scale"):
             continue
         w = module.weight.data
         n, k = w.shape
         if strategy == "group":
-            perm = _act_order(f"{name}.weight", k, True, orders) if actorder == "group" else torch.arange(k)
-            grouped = w[:, perm].reshape(n, k // group_size, group_size)
+            grouped = w.reshape(n, k // group_size, group_size)
             lo, hi = grouped.amin(-1), grouped.amax(-1)
-            if actorder == "group":
-                module.weight_g_idx.data.copy_(torch.argsort(perm) // group_size)
         elif strategy == "channel":
             lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
         else:

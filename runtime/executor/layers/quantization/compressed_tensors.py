@@ -24,6 +24,11 @@ from kubellm.runtime.executor.layers.quantization.layout import Part, read_part
 from kubellm.runtime.executor.layers.quantization.packed import FloatRows
 
 
+def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, groups] from a per-group / per-channel tensor, or from the one value of strategy tensor."""
+    return t.reshape(1, 1).expand(rows, 1) if t.numel() == 1 else t.reshape(rows, -1)
+
+
 class CompressedTensorsFormat:
     def __init__(self, plan: QuantPlan):
         self.plan = plan
@@ -64,7 +69,7 @@ class CompressedTensorsFormat:
         else:
             q = torch.as_tensor(pieces["weight"][:]).to(torch.int32) + offset
         n = q.shape[0]
-        scales = scales.reshape(-1, 1).expand(n, 1) if scales.numel() == 1 else scales.reshape(n, -1)
+        scales = _per_row(scales, n)
         if plan.symmetric:
             zeros = torch.full(scales.shape, offset, dtype=torch.int32)
         else:
@@ -73,7 +78,7 @@ class CompressedTensorsFormat:
                 zeros = unpack_int32(zp.t().contiguous(), bits=plan.bits).t()[:n]   # packed along the rows
             else:
                 zeros = zp.to(torch.int32) + offset
-            zeros = zeros.reshape(-1, 1).expand(n, 1) if zeros.numel() == 1 else zeros.reshape(n, -1)
+            zeros = _per_row(zeros, n)
         q, scales, zeros = q.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous()   # GPTQ's [K, N]
         if plan.act_order:
             group = plan.group_size if plan.group_size > 0 else layer._full_input_size()
