@@ -20,7 +20,10 @@ import json
 import shutil
 from pathlib import Path
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the decoder linears AutoAWQ / GPTQModel quantize: Llama / Qwen / Gemma, OPT (out_proj, fc1, fc2), Phi (dense),
+# Mixtral's experts (w1, w2, w3; the router `gate` stays float, as those libraries keep it)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2",
+           "dense", "w1", "w2", "w3")
 
 
 def _state(path: Path) -> dict:
@@ -97,15 +100,15 @@ def write_awq(src: Path, out: Path, group_size: int = 32) -> tuple[Path, Path]:
 
 # the projections that read one input: real GPTQ orders their columns by one Hessian, so by one permutation
 SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
-                "up_proj": "mlp_in"}
+                "up_proj": "mlp_in", "w1": "mlp_in", "w3": "mlp_in"}
 
 
 def _act_order(name: str, k: int, shared: bool, cache: dict):
     """GPTQ's act-order: a permutation of the input columns (its Hessian's descending diagonal; random here)."""
     import torch
 
-    layer, proj = name.split(".")[2], name.split(".")[-2]
-    key = (layer, SHARED_INPUT.get(proj, proj) if shared else proj)
+    parent, proj = name.split(".")[:-2], name.split(".")[-2]   # the attention / MLP / expert the projection is in
+    key = (".".join(parent), SHARED_INPUT.get(proj, proj) if shared else proj)
     if key not in cache:
         cache[key] = torch.randperm(k, generator=torch.Generator().manual_seed(len(cache) + 1))
     return cache[key]

@@ -170,6 +170,23 @@ def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename)
     return name_for_us, None
 
 
+def _no_place(model: nn.Module, stored: str, target: str, file_name: str) -> str:
+    """Why checkpoint tensor `stored` fits nowhere: a float weight of a layer the plan holds quantized (the
+    checkpoint keeps it float), else a name the architecture does not have."""
+    layer_name, _, part = target.rpartition(".")
+    try:
+        method = getattr(model.get_submodule(layer_name), "quant_method", None)
+    except AttributeError:
+        method = None
+    if method is not None and part in ("weight", "bias"):
+        return (f"checkpoint tensor {stored!r} in {file_name} is float, but {layer_name} is read quantized "
+                f"({method.plan.stored}: {', '.join(method.format.required)}); kubellm quantizes every decoder "
+                "linear of a checkpoint alike, so checkpoints that keep some of them float "
+                "(quantization_config.modules_to_not_convert, or a quantizer that skipped them) are not supported")
+    return (f"checkpoint tensor {stored!r} in {file_name} has no place in {type(model).__name__}; is "
+            "config.json's architecture right?")
+
+
 def _check_quantized_layers(model: nn.Module, path: Path) -> None:
     """Every quantized layer got all its parts (a fused projection whose checkpoint lacks a shard would
     otherwise pass the per-parameter check: its placeholders were loaded by the other shards)."""
@@ -215,8 +232,7 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
                 target, shard_id = place
                 param = params.get(target)
                 if param is None:
-                    raise ModelDirError(f"checkpoint tensor {stored!r} in {file.name} has no place in "
-                                        f"{type(model).__name__}; is config.json's architecture right?")
+                    raise ModelDirError(_no_place(model, stored, target, file.name))
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 piece = _Counted(f.tensor(stored), report)
                 try:

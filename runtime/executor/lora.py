@@ -29,6 +29,7 @@ from kubellm.runtime.executor.checkpoint import find_checkpoint, open_tensors
 from kubellm.runtime.executor.context import current_adapter_mask
 from kubellm.runtime.executor.layers.embed_head import VocabParallelEmbedding
 from kubellm.runtime.executor.layers.linear import LinearBase, RowParallelLinear
+from kubellm.runtime.executor.layers.moe import ExpertMLP
 from kubellm.runtime.executor.loader import _placement, default_weight_loader
 from kubellm.runtime.executor.parallel import all_reduce
 
@@ -198,6 +199,15 @@ def _is_projection(layer: nn.Module | None, param) -> bool:
             and (isinstance(layer, nn.Linear | LinearBase) or hasattr(param, "weight_loader")))
 
 
+def _is_expert(model: nn.Module, layer_name: str) -> bool:
+    """A MoE expert's linear: it multiplies only the tokens routed to it, so the step's per-token adapter
+    mask does not line up with its rows."""
+    try:
+        return isinstance(model.get_submodule(layer_name.rpartition(".")[0]), ExpertMLP)
+    except AttributeError:   # no such layer: refused as no linear layer
+        return False
+
+
 def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapters: list[Adapter],
                     device: torch.device, dtype: torch.dtype) -> int:
     """Hook every layer the adapters target (adapters[i] is mask column i); returns the layers hooked.
@@ -230,7 +240,7 @@ def attach_adapters(model: nn.Module, model_path: Path | None, hf_config, adapte
             # a quantized linear (layers/quantization/) holds placeholders, not a float weight: its geometry says
             # what this rank multiplies, and its own float loader cuts the adapter's matrices the same way
             quantized = isinstance(layer, LinearBase) and layer.quant_method is not None
-            if not quantized and not _is_projection(layer, param):
+            if _is_expert(model, layer_name) or (not quantized and not _is_projection(layer, param)):
                 raise AdapterError(f"adapters[{adapter.name!r}]: it targets {module}, which {model_name} has no "
                                    "linear layer for (LoRA applies to attention and MLP projections; embeddings, "
                                    "the LM head and MoE experts are not supported)")

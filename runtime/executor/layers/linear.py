@@ -131,9 +131,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs summed with an all-reduce."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce: bool = True):
         assert input_size % tp_size() == 0, (input_size, tp_size())
         super().__init__(input_size // tp_size(), output_size, bias)
+        self.reduce = reduce   # False: the caller sums partial outputs first, then reduces once (experts)
 
     def _input_shard(self):
         return tp_rank() * self.input_size, self.input_size
@@ -151,4 +152,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if tp_rank() == 0 else None
         y = self.quant_method.apply(x, bias) if self.quant_method is not None else linear(x, self.weight, bias)
-        return all_reduce(y)
+        return all_reduce(y) if self.reduce else y

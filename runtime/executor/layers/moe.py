@@ -3,7 +3,9 @@
 Tensor parallel shards every expert the way a dense MLP is sharded: each rank holds the same
 slice of every expert's w1/w3 (column split of the intermediate dim) and of w2 (row split), so
 each rank computes its partial output for every routed token and one all-reduce sums them. Any
-tensor-parallel size that divides the intermediate size works, whatever the expert count.
+tensor-parallel size that divides the intermediate size works, whatever the expert count. Each
+expert is an ExpertMLP of linear layers, so quantized checkpoints (AWQ / GPTQ Mixtral) and int8 on
+load shard and load as a dense MLP's do.
 
 The experts run one at a time over the tokens routed to them (plain PyTorch, as transformers
 does); there is no fused MoE kernel yet. Which experts a step needs is known only on the host
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.runtime.executor.layers.activation import SiluAndMul
-from kubellm.runtime.executor.parallel import all_reduce, tp_rank, tp_size
+from kubellm.runtime.executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.parallel import all_reduce, tp_size
 
 
 class ReplicatedLinear(nn.Module):
@@ -33,49 +36,24 @@ class ReplicatedLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class ExpertWeights(nn.Module):
-    """All experts' copies of one projection, [num_experts, out, in], this rank's slice of each.
+class ExpertMLP(nn.Module):
+    """One expert, sharded as a dense MLP: w1 (gate) and w3 (up) as one column-parallel matmul, w2
+    row-parallel without its all-reduce (SparseMoE sums every expert's partial output, then reduces once).
+    LinearBase layers, so an expert holds a quantization plan's weights (AWQ, GPTQ, int8) like any linear."""
 
-    `kind` "w13": w1 (gate) and w3 (up) packed along out, each column-split; shard id
-    (expert, 0 for w1 / 1 for w3). `kind` "w2": row-split along in; shard id (expert, None).
-    """
-
-    def __init__(self, kind: str, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.kind = kind
-        self.local = intermediate_size // tp_size()
-        shape = (num_experts, 2 * self.local, hidden_size) if kind == "w13" else (num_experts, hidden_size, self.local)
-        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.w13 = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
+        self.w2 = RowParallelLinear(intermediate_size, hidden_size, reduce=False)
+        self.act = SiluAndMul()
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id):
-        expert, part = shard_id
-        n, start = self.local, tp_rank() * self.local
-        if self.kind == "w13":
-            param.data[expert, part * n:(part + 1) * n].copy_(loaded[start:start + n])
-        else:
-            param.data[expert].copy_(loaded[:, start:start + n])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w13(x)))
 
 
-class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        if intermediate_size % tp_size():
-            raise ValueError(f"tensor_parallel: {tp_size()} does not split the experts' intermediate size "
-                             f"{intermediate_size}")
-        self.w13 = ExpertWeights("w13", num_experts, hidden_size, intermediate_size)
-        self.w2 = ExpertWeights("w2", num_experts, hidden_size, intermediate_size)
-
-
-def expert_checkpoint_mapping(num_experts: int) -> dict:
-    """packed_modules_mapping entries for Mixtral's per-expert checkpoint tensors
-    (`...experts.<e>.w1.weight` and so on) into the stacked ExpertWeights."""
-    mapping = {}
-    for e in range(num_experts):
-        mapping[f"experts.{e}.w1"] = ("experts.w13", (e, 0))
-        mapping[f"experts.{e}.w3"] = ("experts.w13", (e, 1))
-        mapping[f"experts.{e}.w2"] = ("experts.w2", (e, None))
-    return mapping
+# Mixtral's per-expert checkpoint tensors (`...experts.<e>.w1.weight`, its qweight, ...) -> ExpertMLP's parts,
+# for models' packed_modules_mapping (w2 keeps its name)
+EXPERT_CHECKPOINT_MAPPING = {"w1": ("w13", 0), "w3": ("w13", 1)}
 
 
 class SparseMoE(nn.Module):
@@ -86,9 +64,11 @@ class SparseMoE(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok: {top_k} must be between 1 and the {num_experts} experts")
         self.num_experts, self.top_k = num_experts, top_k
+        if intermediate_size % tp_size():
+            raise ValueError(f"tensor_parallel: {tp_size()} does not split the experts' intermediate size "
+                             f"{intermediate_size}")
         self.gate = ReplicatedLinear(hidden_size, num_experts)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        self.act = SiluAndMul()
+        self.experts = nn.ModuleList(ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] float32, renormalised over the chosen; chosen experts [T, k])."""
@@ -97,8 +77,7 @@ class SparseMoE(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True), chosen
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(F.linear(x, self.experts.w13.weight[e]))
-        return F.linear(h, self.experts.w2.weight[e])
+        return self.experts[e](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)

@@ -20,6 +20,9 @@ from kubellm.runtime.executor.layers.activation import Activation
 from kubellm.runtime.executor.layers.attention import PagedAttention
 from kubellm.runtime.executor.layers.norm import LayerNorm
 from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, RowParallelLinear, split_heads
+from kubellm.runtime.executor.layers.quantization import active_plan
+from kubellm.runtime.executor.layers.quantization.int8 import FloatFormat
+from kubellm.runtime.executor.layers.quantization.packed import QuantizedWeight
 from kubellm.runtime.executor.layers.rotary import RotaryEmbedding
 from kubellm.runtime.executor.models.base import CausalLM
 from kubellm.runtime.executor.parallel import tp_rank, tp_size
@@ -61,6 +64,10 @@ class FalconQKV(nn.Module):
             self.kv_start = rank // (tp // kv_heads)
         self.q_start = rank * self.num_heads
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        # Under a plan (int8 made on load: Falcon checkpoints are read float only), the gathered rows are
+        # quantized as soon as they are in, and the float copy is dropped.
+        self.int8_on_load = active_plan() is not None
+        self.quantized: QuantizedWeight | None = None
         self.weight = nn.Parameter(torch.empty(out, config.hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if config.bias:
@@ -93,8 +100,14 @@ class FalconQKV(nn.Module):
             q, k, v = per_head[:, 0], per_head[:, 1], per_head[:, 2]
         rest = param.shape[1:]
         param.data.copy_(torch.cat([t.reshape(-1, *rest) for t in (q, k, v)]))
+        if self.int8_on_load and param is self.weight:
+            self.quantized = QuantizedWeight(FloatFormat().to_rows({"weight": param.data}, None, self), param.dtype,
+                                             param.device)
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

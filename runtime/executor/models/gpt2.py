@@ -44,11 +44,12 @@ class RowOffset:
 
 
 def conv1d_loader(param: nn.Parameter):
-    """Wrap `param.weight_loader` so that 2-D (weight) tensors are read transposed."""
+    """Wrap a weight's `weight_loader` so that its Conv1D tensor is read transposed (also where the weight is
+    a quantization plan's placeholder: int8 made on load)."""
     inner = param.weight_loader
 
     def load(p, loaded, shard_id=None):
-        inner(p, Transposed(loaded) if p.dim() == 2 else loaded, *(() if shard_id is None else (shard_id,)))
+        inner(p, Transposed(loaded), *(() if shard_id is None else (shard_id,)))
 
     param.weight_loader = load
 
@@ -59,15 +60,17 @@ class FusedQKV(QKVParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int):
         super().__init__(hidden_size, head_dim, num_heads, num_heads, bias=True)
         self.hidden_size = hidden_size
-        for param in (self.weight, self.bias):
-            param.weight_loader = self.fused_loader
+        for param, conv1d in ((self.weight, True), (self.bias, False)):
+            param.weight_loader = self.fused_loader(param.weight_loader, conv1d)
 
-    def fused_loader(self, param: nn.Parameter, loaded, shard_id=None):
-        if param.dim() == 2:
-            loaded = Transposed(loaded)
-        for i, part in enumerate("qkv"):
-            QKVParallelLinear.weight_loader(self, param, RowOffset(loaded, i * self.hidden_size, self.hidden_size),
-                                            part)
+    def fused_loader(self, inner, conv1d: bool):
+        """The parameter's own loader (float, or a quantization placeholder's) once per q / k / v part."""
+        def load(param: nn.Parameter, loaded, shard_id=None):
+            if conv1d:
+                loaded = Transposed(loaded)
+            for i, part in enumerate("qkv"):
+                inner(param, RowOffset(loaded, i * self.hidden_size, self.hidden_size), part)
+        return load
 
 
 class GPT2Attention(nn.Module):

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from kubellm.runtime.executor.layers.moe import SparseMoE, expert_checkpoint_mapping
+from kubellm.runtime.executor.layers.moe import EXPERT_CHECKPOINT_MAPPING, SparseMoE
 from kubellm.runtime.executor.models.llama import LlamaForCausalLM
-from kubellm.runtime.executor.stages import PipelineStage
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    def __init__(self, config, max_positions: int, stage: PipelineStage | None = None):
-        super().__init__(config, max_positions, stage)
-        self.packed_modules_mapping = {**LlamaForCausalLM.packed_modules_mapping,
-                                       **expert_checkpoint_mapping(config.num_local_experts)}
+    packed_modules_mapping = {**LlamaForCausalLM.packed_modules_mapping, **EXPERT_CHECKPOINT_MAPPING}
 
     def make_mlp(self, config) -> nn.Module:
         return SparseMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,

@@ -29,7 +29,8 @@ import re
 import torch
 from torch import nn
 
-from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from kubellm.runtime.executor.layers.linear import ColumnParallelLinear, LinearBase, RowParallelLinear
+from kubellm.runtime.executor.layers.quantization import active_plan
 from kubellm.runtime.executor.models import transformers_attention as attention
 from kubellm.runtime.executor.parallel import tp_size
 from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, whole_model
@@ -37,7 +38,9 @@ from kubellm.runtime.executor.stages import MissingLayer, PipelineStage, whole_m
 # final norms some families define before their layer list (OPT)
 _FINAL_NORMS = ("final_layer_norm", "final_layernorm", "final_norm", "ln_f", "norm_f")
 # base_model_tp_plan styles and what they become here
-_COLUMN, _ROW, _WHOLE = "colwise", "rowwise", ("embedding_rowwise",)
+# (replicated_with_grad_allreduce: a per-head norm kept whole on every rank, Qwen3's q_norm / k_norm; its
+# all-reduce is for gradients only)
+_COLUMN, _ROW, _WHOLE = "colwise", "rowwise", ("embedding_rowwise", "replicated_with_grad_allreduce")
 
 
 # -- can transformers run it? (pure decisions over the config) -------------------------------------------
@@ -189,6 +192,8 @@ class TransformersForCausalLM(nn.Module):
         tp = tp_size()
         if tp > 1:
             _apply_tp_plan(self.base, config)
+        if active_plan() is not None:
+            _quantizable_linears(layers, stage)
         windows = attention.layer_windows(config)
         self.paged = [attention.attach_paged_attention(config, layers[i], i, windows[i], tp)
                       for i in range(stage.start, stage.end)]
@@ -406,3 +411,15 @@ def _apply_tp_plan(base: nn.Module, config) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(base.get_submodule(parent_name), child,
                 parallel(module.in_features, module.out_features, bias=module.bias is not None))
+
+
+def _quantizable_linears(layers: nn.ModuleList, stage: PipelineStage) -> None:
+    """Under a quantization plan, this stage's decoder linears that are still transformers' nn.Linear
+    become whole (replicated) LinearBase layers, which hold the plan's quantized weights; the tensor-parallel
+    ones (_apply_tp_plan) already are. Embeddings and the LM head stay float, as AWQ / GPTQ keep them."""
+    for i in range(stage.start, stage.end):
+        for name, module in list(layers[i].named_modules()):
+            if type(module) is nn.Linear:
+                parent_name, _, child = name.rpartition(".")
+                setattr(layers[i].get_submodule(parent_name), child,
+                        LinearBase(module.in_features, module.out_features, bias=module.bias is not None))

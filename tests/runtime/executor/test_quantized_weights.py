@@ -94,16 +94,11 @@ def test_plan(requested, qc, fmt, want):
     (None, {**AWQ, "version": "gemv"}, "safetensors", "llama", r"quantization_config.version: 'gemv'"),
     (None, {**AWQ, "group_size": 0}, "safetensors", "llama", r"quantization_config.group_size: 0"),
     (None, {"quant_method": "fp8"}, "safetensors", "llama", r"quantization_config.quant_method: 'fp8'"),
-    ("int8", None, "safetensors", "gpt2", r"quantization: int8 weights are served for llama, mistral, qwen2"),
+    (None, AWQ, "safetensors", "gpt2", r"quantization: awq checkpoints cannot be served for 'gpt2' models"),
 ])
 def test_plan_refusals_name_the_field(requested, qc, fmt, model_type, message):
     with pytest.raises(QuantizationError, match=message):
         plan_quantization(requested, qc, fmt, model_type)
-
-
-def test_transformers_backend_is_refused():
-    with pytest.raises(QuantizationError, match="model_impl: 'transformers'"):
-        plan_quantization("int8", None, "safetensors", "llama", "transformers")
 
 
 # -- tokens equal the de-quantized float reference ---------------------------------------------------

@@ -16,10 +16,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-# The model files whose linears are LinearBase layers end to end (attention and MLP) and whose
-# checkpoints the GGUF name map covers; other families are refused by name rather than half-quantized.
-QUANTIZABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 STORED_FORMATS = ("awq", "gptq", "gguf")
+# What each family's layers hold quantized: the stored formats read ("float": a float checkpoint,
+# int8 made on load). Every linear of the decoder is a LinearBase in these model files; the GGUF name map
+# covers the Llama family only; GPT-2's Conv1D and Falcon's fused query_key_value have no packed reader.
+# Other model types run on the transformers backend, whose decoder linears become LinearBase layers
+# when a plan is active (BACKEND_FORMATS).
+_EVERY_FORMAT = ("float", "awq", "gptq", "compressed-tensors", "gguf")
+BACKEND_FORMATS = ("float", "awq", "gptq", "compressed-tensors")
+FAMILY_FORMATS = {"llama": _EVERY_FORMAT, "mistral": _EVERY_FORMAT, "qwen2": _EVERY_FORMAT,
+                  "mixtral": BACKEND_FORMATS, "opt": BACKEND_FORMATS, "phi": BACKEND_FORMATS,
+                  "gpt2": ("float",), "falcon": ("float",)}
 # compressed-tensors (llm-compressor's checkpoints) formats read: int weights packed into int32, int8
 # weights as they are, FP8 (e4m3) weights de-quantized on load (no FP8 kernels yet)
 COMPRESSED_TENSORS_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
@@ -69,13 +76,14 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
     serve = {"int8": "int8", "float": "float"}.get(requested, "native")
     if stored == "float" and serve != "int8":
         return None
-    if model_type not in QUANTIZABLE_MODEL_TYPES:
-        _refuse(f"quantization: {stored if stored != 'float' else serve} weights are served for "
-                f"{', '.join(QUANTIZABLE_MODEL_TYPES)} models; this one is {model_type!r}: serve it in float "
-                "(quantization unset) or use a supported family")
-    if model_impl == "transformers":
-        _refuse("model_impl: 'transformers' runs transformers' own linear layers, which hold float weights; "
-                "quantized weights need kubellm's model files (model_impl='auto' or 'kubellm')")
+    reads = formats_read(model_type, model_impl)
+    if stored not in reads:
+        readers = sorted(m for m, formats in FAMILY_FORMATS.items() if stored in formats)
+        backend = "" if stored not in BACKEND_FORMATS else " and families run on the transformers backend"
+        what = "int8 made on load" if stored == "float" else f"{stored} checkpoints"
+        via = "on the transformers backend" if model_impl == "transformers" else f"for {model_type!r} models"
+        _refuse(f"quantization: {what} cannot be served {via}; they are read for {', '.join(readers)} "
+                f"models{backend}: serve it in float (quantization unset), or convert the checkpoint")
     if stored == "awq":
         return _awq_plan(qc, serve)
     if stored == "gptq":
@@ -83,6 +91,13 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
     if stored == "compressed-tensors":
         return _compressed_tensors_plan(qc, serve)
     return QuantPlan(stored, serve)
+
+
+def formats_read(model_type: str, model_impl: str = "auto") -> tuple[str, ...]:
+    """The stored formats a model's layers can hold quantized (FAMILY_FORMATS; the backend's otherwise)."""
+    if model_impl == "transformers" or model_type not in FAMILY_FORMATS:
+        return BACKEND_FORMATS
+    return FAMILY_FORMATS[model_type]
 
 
 def _bits_and_group(qc: dict, method: str, supported: tuple[int, ...] = (4,)) -> tuple[int, int]:
@@ -172,6 +187,11 @@ def building(plan: QuantPlan | None) -> Iterator[None]:
         yield
     finally:
         _BUILDING.reset(token)
+
+
+def active_plan() -> QuantPlan | None:
+    """The plan the layers being built take (None: float)."""
+    return _BUILDING.get()
 
 
 def linear_method_for_new_layer(layer):
