@@ -76,3 +76,36 @@ def test_a_group_that_splits_a_row_parallel_shard_is_refused_naming_group_size(t
     path, _ = write_awq(tiny_llama, tmp_path, group_size=64)
     with pytest.raises(ValueError, match=r"group_size: 64 does not divide this rank's 32 input columns"):
         _engine(path, tp=2)
+
+
+# -- beyond the Llama family ------------------------------------------------------------------------------
+def _tokens(path, tp=1, pp=1, **kw):
+    engine = _engine(path, tp, pp, **kw)
+    try:
+        gens = [GenerationConfig(max_new_tokens=8 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+        return [s.token_ids for s in engine.generate(PROMPTS, gens)]
+    finally:
+        engine.destroy()
+
+
+@pytest.mark.parametrize("case", ["mixtral-gptq-act-order", "qwen3-awq", "gpt2-int8", "falcon-int8"])
+def test_other_families_under_tp2_and_pp2_give_one_process_tokens(case, tmp_path, monkeypatch):
+    """Mixtral's experts (row-parallel w2 summed before one all-reduce), Qwen3 on the transformers backend
+    (its base_model_tp_plan's linears, q / k norms whole), GPT-2's transposed Conv1D rows, Falcon's gathered
+    query_key_value rows."""
+    from tiny_hf_families import make_family_checkpoint
+    from tiny_models import make_checkpoint
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    name, fmt = case.split("-", 1)
+    src = (make_family_checkpoint if name == "qwen3" else make_checkpoint)(tmp_path / name, name)
+    options, path = {}, src
+    if fmt == "int8":
+        options = {"quantization": "int8"}
+    elif fmt == "awq":
+        path = write_awq(src, tmp_path, group_size=16)[0]
+    else:
+        path = write_gptq(src, tmp_path, group_size=16, desc_act=True)[0]
+    single = _tokens(path, **options)
+    assert _tokens(path, tp=2, **options) == single
+    assert _tokens(path, pp=2, **options) == single
