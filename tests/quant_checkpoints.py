@@ -229,7 +229,7 @@ def _permute_back(w, heads: int):
 
 def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", bits: int = 4, kind: str = "int",
                              strategy: str = "group", group_size: int = 32, symmetric: bool = True,
-                             actorder: str | None = None) -> tuple[Path, Path]:
+                             actorder: str | None = None, ignore: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A compressed-tensors checkpoint written by the library itself (llm-compressor's last steps): its
     QuantizationConfig applied to the transformers model, each Linear's scales / zero points from its own
     calculate_qparams on the weight's min / max (round-to-nearest; llm-compressor's GPTQ would search
@@ -252,7 +252,7 @@ def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", 
     args = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric, strategy=strategy,
                             group_size=group_size if strategy == "group" else None, actorder=actorder)
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                ignore=["lm_head"], format=fmt)
+                                ignore=["lm_head", *ignore], format=fmt)
     apply_quantization_config(model, config)
     for module in model.modules():
         if not hasattr(module, "weight_scale"):
@@ -271,6 +271,7 @@ def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", 
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
     name = f"ct-{fmt}-{kind}{bits}-{strategy}" + ("" if symmetric else "-asym") + (f"-{actorder}" if actorder else "")
+    name += f"-ignore{len(ignore)}" if ignore else ""
     compressor = ModelCompressor.from_pretrained_model(model, fmt)
     compressor.compress_model(model)
     model.save_pretrained(out / name)
@@ -281,3 +282,42 @@ def write_compressed_tensors(src: Path, out: Path, fmt: str = "pack-quantized", 
     directory = _copy_dir(src, out / f"{name}-reference")
     save_file({k: v.float().contiguous() for k, v in reference.items()}, str(directory / "model.safetensors"))
     return out / name, directory
+
+
+FP8_MAX = 448.0   # float8 e4m3's largest value
+
+
+def write_fp8(src: Path, out: Path, block: tuple[int, int] | None = (16, 16)) -> tuple[Path, Path]:
+    """transformers' FP8 layout (`quant_method: fp8`; FineGrainedFP8 cannot quantize without a GPU, so written
+    here as it writes): each linear's weight in float8 e4m3, scaled per block of `block` (rows, columns) so
+    the block's largest magnitude is 448, `weight_scale_inv` [ceil(N / rows), ceil(K / columns)] the factor
+    that multiplies it back (the last block of a row or column may be partial). `block` None: AutoFP8's
+    layout, one `weight_scale` per tensor (0-d) and a static `input_scale` beside it."""
+    import torch
+
+    quantized, reference = {}, {}
+    for name, w in _state(src).items():
+        if not _is_linear(name):
+            quantized[name] = reference[name] = w
+            continue
+        base, (n, k) = name.removesuffix(".weight"), w.shape
+        if block is None:
+            scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+            expanded = scale
+            quantized[f"{base}.weight_scale"] = scale.float()
+            quantized[f"{base}.input_scale"] = torch.tensor(0.02)
+        else:
+            rows, cols = block
+            rb, cb = -(-n // rows), -(-k // cols)
+            padded = torch.zeros(rb * rows, cb * cols)
+            padded[:n, :k] = w.abs()
+            scale = (padded.reshape(rb, rows, cb, cols).amax((1, 3)) / FP8_MAX).clamp(min=1e-12)
+            expanded = scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+            quantized[f"{base}.weight_scale_inv"] = scale.float()
+        q = (w / expanded).to(torch.float8_e4m3fn)
+        quantized[name] = q
+        reference[name] = q.float() * expanded
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic" if block else "static"}
+    config["weight_block_size"] = list(block) if block else None
+    name = "fp8-" + (f"block{block[0]}x{block[1]}" if block else "tensor")
+    return (_write(quantized, out / name, config, src), _write(reference, out / f"{name}-reference", None, src))

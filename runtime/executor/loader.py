@@ -170,21 +170,17 @@ def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename)
     return name_for_us, None
 
 
-def _no_place(model: nn.Module, stored: str, target: str, file_name: str) -> str:
-    """Why checkpoint tensor `stored` fits nowhere: a float weight of a layer the plan holds quantized (the
-    checkpoint keeps it float), else a name the architecture does not have."""
+def _kept_float(model: nn.Module, target: str):
+    """(layer name, its QuantizedLinearMethod) where `target` is the float weight of a linear the plan reads
+    packed (the checkpoint kept that layer float); None otherwise."""
     layer_name, _, part = target.rpartition(".")
+    if part != "weight":
+        return None
     try:
         method = getattr(model.get_submodule(layer_name), "quant_method", None)
     except AttributeError:
-        method = None
-    if method is not None and part in ("weight", "bias"):
-        return (f"checkpoint tensor {stored!r} in {file_name} is float, but {layer_name} is read quantized "
-                f"({method.plan.stored}: {', '.join(method.format.required)}); kubellm quantizes every decoder "
-                "linear of a checkpoint alike, so checkpoints that keep some of them float "
-                "(quantization_config.modules_to_not_convert, or a quantizer that skipped them) are not supported")
-    return (f"checkpoint tensor {stored!r} in {file_name} has no place in {type(model).__name__}; is "
-            "config.json's architecture right?")
+        return None
+    return (layer_name, method) if hasattr(method, "load_float") else None
 
 
 def _check_quantized_layers(model: nn.Module, path: Path) -> None:
@@ -231,15 +227,22 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
                     continue
                 target, shard_id = place
                 param = params.get(target)
-                if param is None:
-                    raise ModelDirError(_no_place(model, stored, target, file.name))
-                loader = getattr(param, "weight_loader", default_weight_loader)
+                kept_float = _kept_float(model, target) if param is None else None
+                if param is None and kept_float is None:
+                    raise ModelDirError(f"checkpoint tensor {stored!r} in {file.name} has no place in "
+                                        f"{type(model).__name__}; is config.json's architecture right?")
                 piece = _Counted(f.tensor(stored), report)
                 try:
-                    loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
+                    if kept_float is not None:   # a float weight of a layer the plan reads packed
+                        layer_name, method = kept_float
+                        method.load_float(piece, shard_id)
+                        loaded_names.update(f"{layer_name}.{part}" for part in method.format.parts)
+                    else:
+                        loader = getattr(param, "weight_loader", default_weight_loader)
+                        loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
+                        loaded_names.add(target)
                 except QuantizationError as err:
                     raise QuantizationError(f"{stored} in {file.name}: {err}") from None
-                loaded_names.add(target)
                 report.tensors.append(stored)
                 nbytes = f.nbytes(stored)
                 report.checkpoint_bytes += nbytes

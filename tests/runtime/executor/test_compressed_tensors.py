@@ -85,6 +85,37 @@ def test_asymmetric_int8_is_the_librarys_model_requantized_per_channel(written, 
     assert not torch.allclose(logits[0], logits[2], atol=1e-3)   # not the float model: re-quantized
 
 
+# llm-compressor recipes often keep some layers float: a q_proj (one shard of the fused q / k / v) and every
+# down_proj by a regular expression
+IGNORED = ("model.layers.0.self_attn.q_proj", "re:.*down_proj$")
+
+
+def test_layers_the_recipe_ignored_are_served_float_and_the_rest_packed(written, monkeypatch):
+    from kubellm.runtime.executor.layers.linear import LinearBase
+
+    checkpoint, reference = written("w4a16-ignore", ignore=IGNORED)
+    engine = _engine(checkpoint)   # the CPU path
+    try:
+        forms = {name: m.quantized.form for name, m in engine.runner.model.named_modules()
+                 if isinstance(m, LinearBase)}
+    finally:
+        engine.destroy()
+    assert forms["model.layers.0.self_attn.qkv_proj"] == "float"   # one float shard: the fused layer exact float
+    assert forms["model.layers.1.self_attn.qkv_proj"] == "int4_cpu"
+    assert {f for n, f in forms.items() if n.endswith("down_proj")} == {"float"}
+    assert {f for n, f in forms.items() if n.endswith(("o_proj", "gate_up_proj"))} == {"int4_cpu"}
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    assert _greedy(checkpoint) == _greedy(reference)
+
+
+@pytest.mark.multiprocess
+def test_ignored_layers_under_tp2_give_one_process_tokens(written, monkeypatch):
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, _ = written("w4a16-ignore", ignore=IGNORED)
+    assert _greedy(checkpoint, tp=2) == _greedy(checkpoint)
+    assert _greedy(checkpoint, tp=2, quantization="int8") == _greedy(checkpoint, quantization="int8")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["w4a16-group-asym", "w8a16-group", "fp8-channel"])
 def test_tp2_gives_one_process_tokens(written, name, monkeypatch):
@@ -109,13 +140,15 @@ def _qc(weights=None, fmt="pack-quantized", **extra):
                                            scheme="pack-quantized")),
     (_qc({"type": "float", "num_bits": 8, "strategy": "block", "block_structure": [128, 128]}, "float-quantized"),
      QuantPlan("compressed-tensors", "native", 8, 0, scheme="float-quantized", strategy="block", block=(128, 128))),
+    # layers the quantizer ignored are stored float; the loader serves them float (test below)
+    (_qc(ignore=["lm_head", "re:.*down_proj$"]), QuantPlan("compressed-tensors", "native", 4, 128,
+                                                           scheme="pack-quantized")),
 ])
 def test_plan(qc, want):
     assert plan_quantization(None, qc, "safetensors", "llama") == want
 
 
 @pytest.mark.parametrize("qc,message", [
-    (_qc(ignore=["lm_head", "model.layers.0.mlp.down_proj"]), r"quantization_config.ignore: \['model.layers.0"),
     (_qc(sparsity_config={"format": "sparse-24-bitmask"}), r"quantization_config.sparsity_config"),
     (_qc({"num_bits": 2}), r"weights: type 'int', num_bits 2; the pack-quantized format is read for .* 4 or 8"),
     (_qc(fmt="marlin-24"), r"quantization_config.format: 'marlin-24'"),

@@ -141,14 +141,14 @@ def test_cpu_path_of_a_backend_family_holds_int4pack_and_stays_close(family, tmp
 
 # -- what each family reads, and refusals naming the field -------------------------------------------------
 @pytest.mark.parametrize("model_type,impl,reads", [
-    ("llama", "auto", ("float", "awq", "gptq", "compressed-tensors", "gguf")),
-    ("qwen2", "auto", ("float", "awq", "gptq", "compressed-tensors", "gguf")),
-    ("mixtral", "auto", ("float", "awq", "gptq", "compressed-tensors")),
-    ("opt", "auto", ("float", "awq", "gptq", "compressed-tensors")),
+    ("llama", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8", "gguf")),
+    ("qwen2", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8", "gguf")),
+    ("mixtral", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
+    ("opt", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
     ("gpt2", "auto", ("float",)),
     ("falcon", "auto", ("float",)),
-    ("qwen3", "auto", ("float", "awq", "gptq", "compressed-tensors")),
-    ("llama", "transformers", ("float", "awq", "gptq", "compressed-tensors")),
+    ("qwen3", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
+    ("llama", "transformers", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
 ])
 def test_formats_each_family_reads(model_type, impl, reads):
     assert formats_read(model_type, impl) == reads
@@ -177,10 +177,13 @@ def test_unreadable_family_and_format_pairs_are_refused(requested, qc, fmt, mode
         plan_quantization(requested, qc, fmt, model_type, impl)
 
 
-def test_a_checkpoint_that_keeps_some_decoder_linears_float_is_refused_naming_them(family, tmp_path):
-    """Bloom's names (query_key_value, dense_h_to_4h, dense_4h_to_h) are not among the test writer's
-    linears, so its AWQ copy quantizes only `dense`: the first float linear is named, and why."""
-    checkpoint, _ = write_awq(family("bloom"), tmp_path, group_size=16)
-    with pytest.raises(ValueError, match=r"is float, but transformer\.h\.\d\.\S+ is read quantized \(awq: qweight, "
-                                         r"qzeros, scales\).*modules_to_not_convert"):
-        _run(checkpoint)
+def test_linears_the_checkpoint_keeps_float_are_served_float(family, tmp_path, monkeypatch):
+    """Bloom's query_key_value, dense_h_to_4h and dense_4h_to_h are not among the test writer's linears, so
+    its AWQ copy quantizes only `dense`, as AutoAWQ's modules_to_not_convert would keep the rest float: those
+    layers are served float, exactly, and `dense` as int4."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = write_awq(family("bloom"), tmp_path, group_size=16)
+    tokens, linears, _ = _run(checkpoint)
+    assert tokens == _run(reference)[0]
+    forms = {m.quantized.form for m in linears if m.input_size == m.output_size}   # dense: 64 -> 64
+    assert forms == {"int4"} and {m.quantized.form for m in linears if m.input_size != m.output_size} == {"float"}

@@ -93,7 +93,7 @@ def test_plan(requested, qc, fmt, want):
     (None, {**AWQ, "bits": 8}, "safetensors", "llama", r"quantization_config.bits: 8; .* AWQ .* of 4 bits"),
     (None, {**AWQ, "version": "gemv"}, "safetensors", "llama", r"quantization_config.version: 'gemv'"),
     (None, {**AWQ, "group_size": 0}, "safetensors", "llama", r"quantization_config.group_size: 0"),
-    (None, {"quant_method": "fp8"}, "safetensors", "llama", r"quantization_config.quant_method: 'fp8'"),
+    (None, {"quant_method": "bitsandbytes"}, "safetensors", "llama", r"quantization_config.quant_method: 'bitsandbytes'"),
     (None, AWQ, "safetensors", "gpt2", r"quantization: awq checkpoints cannot be served for 'gpt2' models"),
 ])
 def test_plan_refusals_name_the_field(requested, qc, fmt, model_type, message):

@@ -22,8 +22,8 @@ STORED_FORMATS = ("awq", "gptq", "gguf")
 # covers the Llama family only; GPT-2's Conv1D and Falcon's fused query_key_value have no packed reader.
 # Other model types run on the transformers backend, whose decoder linears become LinearBase layers
 # when a plan is active (BACKEND_FORMATS).
-_EVERY_FORMAT = ("float", "awq", "gptq", "compressed-tensors", "gguf")
-BACKEND_FORMATS = ("float", "awq", "gptq", "compressed-tensors")
+_EVERY_FORMAT = ("float", "awq", "gptq", "compressed-tensors", "fp8", "gguf")
+BACKEND_FORMATS = ("float", "awq", "gptq", "compressed-tensors", "fp8")
 FAMILY_FORMATS = {"llama": _EVERY_FORMAT, "mistral": _EVERY_FORMAT, "qwen2": _EVERY_FORMAT,
                   "mixtral": BACKEND_FORMATS, "opt": BACKEND_FORMATS, "phi": BACKEND_FORMATS,
                   "gpt2": ("float",), "falcon": ("float",)}
@@ -38,7 +38,7 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantPlan:
-    stored: str                  # float, awq, gptq, compressed-tensors or gguf
+    stored: str                  # float, awq, gptq, compressed-tensors, fp8 or gguf
     serve: str                   # native, int8 or float
     bits: int = 4                # AWQ 4; GPTQ 4 or 8
     group_size: int = 0          # AWQ / GPTQ: input columns per scale (-1: one group per row)
@@ -62,9 +62,10 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
         stored = "gguf"
     elif qc:
         stored = str(qc.get("quant_method", "")).lower()
-        if stored not in ("awq", "gptq", "compressed-tensors"):
+        if stored not in ("awq", "gptq", "compressed-tensors", "fp8"):
             _refuse(f"quantization_config.quant_method: {stored!r} checkpoints are not supported; kubellm reads "
                     "AWQ 4-bit and GPTQ 4- or 8-bit checkpoints, compressed-tensors (int4 / int8 / FP8 weights), "
+                    "transformers' FP8 (quant_method 'fp8', block-wise or per tensor), "
                     "GGUF files (Q4_0, Q4_1, Q8_0; other types re-quantized to int8), or float checkpoints "
                     "(quantization='int8' quantizes them on load)")
     else:
@@ -90,6 +91,8 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
         return _gptq_plan(qc, serve)
     if stored == "compressed-tensors":
         return _compressed_tensors_plan(qc, serve)
+    if stored == "fp8":
+        return _fp8_plan(qc, serve)
     return QuantPlan(stored, serve)
 
 
@@ -134,16 +137,25 @@ def _gptq_plan(qc: dict, serve: str) -> QuantPlan:
                      act_order=bool(qc.get("desc_act")))
 
 
+def _fp8_plan(qc: dict, serve: str) -> QuantPlan:
+    """transformers' FineGrainedFP8 (`weight_block_size`: scales per block, DeepSeek / Qwen *-FP8) or AutoFP8
+    (no block size: one scale per tensor) checkpoints: e4m3 weights, read as compressed-tensors' FP8 is."""
+    block = qc.get("weight_block_size")
+    if block is None:
+        return QuantPlan("fp8", serve, 8, -1, scheme="float-quantized", strategy="tensor")
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        _refuse(f"quantization_config.weight_block_size: {block!r} must be [rows, columns] per scale (or null: "
+                "one scale per tensor)")
+    return QuantPlan("fp8", serve, 8, 0, scheme="float-quantized", strategy="block", block=tuple(block))
+
+
 def _compressed_tensors_plan(qc: dict, serve: str) -> QuantPlan:
     """llm-compressor's quantization_config: one weight scheme for every Linear (lm_head left float)."""
     where = "quantization_config"
     if qc.get("sparsity_config") or qc.get("transform_config"):
         _refuse(f"{where}.sparsity_config / transform_config: sparse or transformed (SpinQuant, QuIP) "
                 "compressed-tensors checkpoints are not supported; use a dense quantized checkpoint")
-    ignored = [str(name) for name in qc.get("ignore") or [] if not str(name).endswith("lm_head")]
-    if ignored:
-        _refuse(f"{where}.ignore: {ignored[:3]} keep those layers float, which kubellm's quantized layers do not "
-                "mix; use a checkpoint that quantizes every decoder Linear (ignore: ['lm_head'])")
+    # layers in `ignore` are stored float: the loader serves each such linear float (method.load_float)
     groups = list((qc.get("config_groups") or {}).values())
     weights = [g.get("weights") for g in groups]
     if not groups or any(w is None for w in weights) or any(w != weights[0] for w in weights):

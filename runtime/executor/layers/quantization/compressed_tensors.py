@@ -10,6 +10,10 @@ for every Linear, in one of its formats.
 - int-quantized (W8A8 int8): `weight` int8 [N, K] as it is, scales (and zero points) as above.
 - float-quantized (FP8 e4m3): `weight` float8 [N, K] times `weight_scale` (tensor, channel, group or block),
   de-quantized on load: there are no FP8 kernels yet, so it is served in the engine's dtype (or int8).
+  transformers' own FP8 checkpoints (`quant_method: fp8`: DeepSeek's, Qwen's *-FP8) are the same thing with
+  their scale named `weight_scale_inv` over blocks of `weight_block_size` (the last block of a row or column
+  may be partial); AutoFP8's (no block size) have one `weight_scale` per tensor and an `input_scale`, unused
+  here (the activations stay float).
 Activation quantization in the scheme (W8A8) is not applied: kubellm serves the weights, activations float.
 """
 
@@ -41,21 +45,35 @@ class CompressedTensorsFormat:
             scale = Part(None, 1, None, 1)
         else:
             scale = Part(0, 1, 1, plan.group_size if plan.group_size > 0 else None)
-        self.parts = {("weight_packed" if packed else "weight"): Part(0, 1, 1, per), "weight_scale": scale,
+        # transformers' fp8 checkpoints name a block's scale weight_scale_inv (it multiplies, as weight_scale does)
+        self.scale_name = "weight_scale_inv" if plan.stored == "fp8" and plan.strategy == "block" else "weight_scale"
+        self.parts = {("weight_packed" if packed else "weight"): Part(0, 1, 1, per), self.scale_name: scale,
                       "weight_shape": Part(None, 1, None, 1, optional=True),
-                      "weight_g_idx": Part(None, 1, 0, 1, optional=not plan.act_order)}
+                      "weight_g_idx": Part(None, 1, 0, 1, optional=not plan.act_order),
+                      "input_scale": Part(None, 1, None, 1, optional=True)}   # static FP8 activations: unused
         if not plan.symmetric:
             self.parts["weight_zero_point"] = Part(0, per, 1, scale.in_factor) if plan.strategy != "tensor" else scale
         self.required = tuple(n for n, p in self.parts.items() if not p.optional)
 
     def read(self, name, loaded, out_span, in_span, layer):
+        if name == self.scale_name and self.plan.strategy == "block":
+            return self._block_scales(loaded, out_span, in_span or (0, layer._full_input_size()))
         if self.plan.act_order and name in ("weight_scale", "weight_zero_point"):
             in_span = None   # a slice of columns may hold members of any group
         return read_part(self.parts[name], loaded, out_span, in_span)
 
+    def _block_scales(self, loaded, out_span, in_span) -> torch.Tensor:
+        """Each of this rank's weight elements' scale [rows, columns]: the scale tensor is tiny (one per block)
+        and read whole, so a rank's slice need not start or end on a block, and the last block may be partial."""
+        rows, cols = self.plan.block
+        scales = torch.as_tensor(loaded[:]).float()
+        (out_start, out_size), (in_start, in_size) = out_span, in_span
+        by_row = scales[torch.arange(out_start, out_start + out_size) // rows]
+        return by_row[:, torch.arange(in_start, in_start + in_size) // cols]
+
     def to_rows(self, pieces, in_span, layer):
         plan = self.plan
-        scales = torch.as_tensor(pieces["weight_scale"][:]).float()
+        scales = torch.as_tensor(pieces[self.scale_name][()]).float()
         if plan.scheme == "float-quantized":
             w = torch.as_tensor(pieces["weight"][:]).float()
             if scales.dim() == 2 and scales.shape != w.shape:   # one scale per block / group of the rows
@@ -87,7 +105,8 @@ class CompressedTensorsFormat:
         return stored_rows(q, scales, zeros, plan.bits)
 
     def check_optional(self, name, loaded, layer):
-        """weight_shape is implied by the layer; a g_idx without actorder 'group' must be the trivial one."""
+        """weight_shape is implied by the layer, input_scale unused; a g_idx without actorder 'group' must be
+        the trivial one."""
         if name != "weight_g_idx":
             return
         g_idx = torch.as_tensor(loaded[:]).long()

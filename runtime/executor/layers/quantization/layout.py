@@ -41,6 +41,8 @@ IN_MISFIT = ("group_size: {factor} does not divide this rank's {size} input colu
 
 def read_part(part: Part, loaded, out_span: tuple[int, int] | None, in_span: tuple[int, int] | None):
     """This rank's slice of a stored tensor; a span None means all of that axis."""
+    if part.out_axis is None and part.in_axis is None:
+        return loaded[()]   # all of it, a 0-d scalar too (AutoFP8's per-tensor scales)
     index = [slice(None)] * (2 if part.out_axis is not None and part.in_axis is not None else 1)
     if out_span is not None and part.out_axis is not None:
         index[part.out_axis] = stored_span(*out_span, part.out_factor, OUT_MISFIT)

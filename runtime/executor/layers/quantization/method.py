@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from kubellm.runtime.executor.layers.quantization import QuantPlan
+from kubellm.runtime.executor.layers.quantization.int8 import FloatFormat
 from kubellm.runtime.executor.layers.quantization.layout import Part
-from kubellm.runtime.executor.layers.quantization.packed import QuantizedWeight, combine, serve_as
+from kubellm.runtime.executor.layers.quantization.packed import FloatRows, QuantizedWeight, combine, serve_as
 
 
 def format_for(plan: QuantPlan):
@@ -27,13 +28,12 @@ def format_for(plan: QuantPlan):
     if plan.stored == "gptq":
         from kubellm.runtime.executor.layers.quantization.gptq import GPTQFormat
         return GPTQFormat(plan)
-    if plan.stored == "compressed-tensors":
+    if plan.stored in ("compressed-tensors", "fp8"):
         from kubellm.runtime.executor.layers.quantization.compressed_tensors import CompressedTensorsFormat
         return CompressedTensorsFormat(plan)
     if plan.stored == "gguf":
         from kubellm.runtime.executor.layers.quantization.gguf import GGUFFormat
         return GGUFFormat()
-    from kubellm.runtime.executor.layers.quantization.int8 import FloatFormat
     return FloatFormat()
 
 
@@ -75,8 +75,26 @@ class QuantizedLinearMethod(_Placeholders):
         pending = self.pending.setdefault(shard_id, {})
         pending[name] = piece
         if set(self.format.required) <= set(pending):
-            rows = self.format.to_rows(self.pending.pop(shard_id), in_span, self.layer)
-            self.done[shard_id] = (offset, rows)
+            self._shard_done(shard_id, offset, self.format.to_rows(self.pending.pop(shard_id), in_span, self.layer))
+
+    def load_float(self, loaded, shard_id) -> None:
+        """A float `weight` where the plan expected packed parts: the quantizer kept this layer (or shard) float
+        (AWQ / GPTQ `modules_to_not_convert`, compressed-tensors `ignore`). It is served float, exactly (int8
+        when the plan serves int8)."""
+        offset, out_span, in_span = self._spans(shard_id)
+        if self.plan.serve == "int8":   # scaled over whole rows, as int8 on load of a float checkpoint
+            float_format = FloatFormat()
+            piece = float_format.read("weight", loaded, out_span, in_span, self.layer)
+            rows = float_format.to_rows({"weight": piece}, in_span, self.layer)
+        else:
+            start, size = out_span
+            w = loaded[start:start + size] if in_span is None else \
+                loaded[start:start + size, in_span[0]:in_span[0] + in_span[1]]
+            rows = FloatRows(w.to(self.dtype))
+        self._shard_done(shard_id, offset, rows)
+
+    def _shard_done(self, shard_id, offset: int, rows) -> None:
+        self.done[shard_id] = (offset, rows)
         if len(self.done) == len(self.layer.output_shards()):
             rows = serve_as(combine(list(self.done.values())), self.plan.serve)
             self.done.clear()

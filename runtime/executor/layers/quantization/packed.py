@@ -87,6 +87,8 @@ def combine(shards: list[tuple[int, Rows]]) -> Rows:
         return FloatRows(torch.cat([p.dequantize() for p in parts]))
     if kinds == {FloatRows}:
         return FloatRows(torch.cat([p.weight for p in parts]))
+    if FloatRows in kinds:   # a shard the quantizer kept float: exact float for the whole layer
+        return FloatRows(torch.cat([p.dequantize() for p in parts]))
     groups = {p.scales.shape[1] for p in parts}
     if kinds == {Int4Rows} and len(groups) == 1:
         return Int4Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "mins")))
