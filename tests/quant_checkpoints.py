@@ -157,14 +157,15 @@ def _permute(w, heads: int):
 def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str = "Q8_0") -> tuple[Path, Path]:
     """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer).
     Llama-family checkpoints are written as llama.cpp's converter writes them: architecture "llama" with q / k
-    rows permuted, or "qwen2" (rows as they are, q / k / v biases in F32)."""
+    rows permuted, or "qwen2" / "qwen3" (rows as they are; Qwen2's q / k / v biases and Qwen3's q / k norms
+    in F32)."""
     import gguf
     import numpy as np
     import torch
 
     config = json.loads((src / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    arch = "qwen2" if config["model_type"] == "qwen2" else "llama"
+    arch = config["model_type"] if config["model_type"] in ("qwen2", "qwen3") else "llama"
     state = _state(src)
     directory = _copy_dir(src, out / f"gguf-{qtype}")
     writer = gguf.GGUFWriter(str(directory / "model.gguf"), arch)
@@ -214,7 +215,8 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
                 else:
                     add(gguf_name, name, w, qtype)
             else:
-                norm = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}[module]
+                norm = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                        "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}[module]
                 add(f"blk.{i}.{norm}.weight", name, w, "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

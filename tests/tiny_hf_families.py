@@ -1,6 +1,6 @@
 """Tiny random checkpoints of families kubellm has no model file for (the Transformers backend's):
 Bloom (ALiBi), GPT-Neo (unscaled, local layers), GPT-J, CodeGen, Gemma, Gemma 2 (soft-capping,
-sliding window), StableLM, GPT-NeoX (saved as `embed_out`, read as `lm_head`), Qwen3 (q / k norms). Same tokenizer, layout on disk and weight perturbation as
+sliding window), StableLM, GPT-NeoX (saved as `embed_out`, read as `lm_head`). Same tokenizer, layout on disk and weight perturbation as
 tiny_models.make_checkpoint; hidden 64, 4 heads of 16, 2 layers, seconds on a CPU.
 
     path = make_family_checkpoint(tmp_path / "bloom", "bloom")
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BACKEND_FAMILIES = ("bloom", "gpt_neo", "gptj", "codegen", "gemma", "gemma2", "stablelm", "gpt_neox", "qwen3")
+BACKEND_FAMILIES = ("bloom", "gpt_neo", "gptj", "codegen", "gemma", "gemma2", "stablelm", "gpt_neox")
 # Windows and caps small enough that the test prompts (up to ~20 tokens + 24 generated) cross them.
 WINDOW = 8
 
 
 def family_config(family: str, vocab_size: int, bos_id: int, eos_id: int, **overrides):
     from transformers import (BloomConfig, CodeGenConfig, Gemma2Config, GemmaConfig, GPTJConfig, GPTNeoConfig,
-                              GPTNeoXConfig, Qwen3Config, StableLmConfig)
+                              GPTNeoXConfig, StableLmConfig)
 
     # initializer_range 0.2: spread-out logits, few near-ties under greedy decoding
     ids = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, initializer_range=0.2)
@@ -37,7 +37,6 @@ def family_config(family: str, vocab_size: int, bos_id: int, eos_id: int, **over
                                       query_pre_attn_scalar=16)),
         "stablelm": (StableLmConfig, dict(rope, num_key_value_heads=2, use_qkv_bias=True)),
         "gpt_neox": (GPTNeoXConfig, dict(rope, rotary_pct=0.25)),
-        "qwen3": (Qwen3Config, dict(rope, num_key_value_heads=2, head_dim=16)),   # per-head q / k RMSNorm
     }
     if family not in table:
         raise ValueError(f"unknown family {family!r}; expected one of {BACKEND_FAMILIES}")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2")
 # Other families (not in ARCHS: their configs name heads and sizes their own way).
-FAMILIES = ("opt", "opt_postnorm", "gpt2", "phi", "falcon", "falcon_mq", "falcon_serial", "mixtral")
-TIED_FAMILIES = ("opt", "opt_postnorm", "gpt2", "falcon", "falcon_mq", "falcon_serial")  # as released
+FAMILIES = ("opt", "opt_postnorm", "gpt2", "phi", "falcon", "falcon_mq", "falcon_serial", "mixtral", "qwen3")
+TIED_FAMILIES = ("opt", "opt_postnorm", "gpt2", "falcon", "falcon_mq", "falcon_serial", "qwen3")  # as released
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -173,7 +173,7 @@ def _config(arch: str, vocab_size: int, bos_id: int, eos_id: int, tie: bool, ove
 
 def _family_config(arch: str, vocab_size: int, bos_id: int, eos_id: int, tie: bool):
     """hidden 64, 4 heads of 16, MLP 128, 2 layers (3 for falcon_serial), each family's names."""
-    from transformers import FalconConfig, GPT2Config, MixtralConfig, OPTConfig, PhiConfig
+    from transformers import FalconConfig, GPT2Config, MixtralConfig, OPTConfig, PhiConfig, Qwen3Config
 
     ids = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=tie)
     if arch.startswith("opt"):
@@ -200,6 +200,10 @@ def _family_config(arch: str, vocab_size: int, bos_id: int, eos_id: int, tie: bo
             kwargs.update(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True,
                           num_hidden_layers=3)
         return FalconConfig, kwargs
+    if arch == "qwen3":  # each head's q and k RMS-normed
+        return Qwen3Config, dict(ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2)
     if arch == "mixtral":
         return MixtralConfig, dict(ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -1,4 +1,5 @@
-"""Llama family: Llama 1/2/3, Mistral (sliding window) and Qwen2 (QKV bias).
+"""Llama family: Llama 1/2/3, Mistral (sliding window), Qwen2 (QKV bias) and Qwen3 (each head's q and k
+RMS-normed before the rotary embedding).
 
 Grouped-query attention, packed QKV and gate/up projections, optional tied embeddings; pre-norm
 layers that fuse each residual add into the next RMSNorm. Mixtral reuses the layer with experts.
@@ -25,7 +26,7 @@ def head_dim_of(config) -> int:
 
 
 def sliding_window_of(config) -> int | None:
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         return None
     return getattr(config, "sliding_window", None)
 
@@ -45,9 +46,17 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # one cos/sin table shared by all layers
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                                    sliding_window_of(config))
+        if config.model_type == "qwen3":   # one RMSNorm over head_dim, shared by the heads (replicated)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = split_heads(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
@@ -105,3 +114,4 @@ class LlamaForCausalLM(CausalLM):
 
 MistralForCausalLM = LlamaForCausalLM
 Qwen2ForCausalLM = LlamaForCausalLM
+Qwen3ForCausalLM = LlamaForCausalLM

@@ -90,7 +90,7 @@ def test_a_transformers_backend_family_reads_fp8(tmp_path, monkeypatch):
     from tiny_hf_families import make_family_checkpoint
 
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
-    checkpoint, reference = write_fp8(make_family_checkpoint(tmp_path / "qwen3", "qwen3"), tmp_path, (16, 16))
+    checkpoint, reference = write_fp8(make_family_checkpoint(tmp_path / "gemma", "gemma"), tmp_path, (16, 16))
     assert _greedy(checkpoint) == _greedy(reference)
 
 

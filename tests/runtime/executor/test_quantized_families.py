@@ -1,6 +1,6 @@
-"""Quantized weights beyond the Llama family: OPT, Phi and Mixtral (kubellm's model files; Mixtral's experts
+"""Quantized weights beyond the Llama family: OPT, Phi, Qwen3 and Mixtral (kubellm's model files; Mixtral's experts
 are linear layers too), GPT-2 and Falcon (int8 made on load: Conv1D and the fused query_key_value), and the
-families on the transformers backend (Qwen3, Gemma, Bloom), whose decoder linears become kubellm's linear
+families on the transformers backend (Gemma, StableLM, Bloom), whose decoder linears become kubellm's linear
 layers under a quantization plan.
 
 Each quantized checkpoint is compared with its de-quantized float twin (quant_checkpoints.py), reference
@@ -20,8 +20,8 @@ from kubellm.runtime.executor.layers.quantization import (QuantizationError, Qua
 from quant_checkpoints import write_awq, write_gptq
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then"]
-MODEL_FILES = ("opt", "phi", "mixtral", "gpt2", "falcon", "falcon_mq", "falcon_serial")
-BACKEND = ("qwen3", "gemma", "bloom")
+MODEL_FILES = ("opt", "phi", "mixtral", "qwen3", "gpt2", "falcon", "falcon_mq", "falcon_serial")
+BACKEND = ("gemma", "stablelm", "bloom")
 
 _paths: dict = {}
 
@@ -60,7 +60,7 @@ def _decoder_linears(state: dict) -> list[str]:
 
 
 # -- stored formats: AWQ, GPTQ with act-order ------------------------------------------------------------
-@pytest.mark.parametrize("name", ["opt", "phi", "mixtral", "qwen3", "gemma"])
+@pytest.mark.parametrize("name", ["opt", "phi", "mixtral", "qwen3", "gemma", "stablelm"])
 @pytest.mark.parametrize("fmt", ["awq", "gptq-act-order"])
 def test_stored_formats_give_the_dequantized_reference_tokens(family, name, fmt, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
@@ -106,7 +106,7 @@ def test_int8_on_load_equals_its_dequantized_weights(family, name, tmp_path, mon
     held = [m.quantized for m in linears if getattr(m, "quantized", None) is not None]
     assert held and all(q.form == "int8" and q.qweight.dtype == torch.int8 for q in held)
     # one int8 weight per checkpoint linear, where kubellm's model files fuse q / k / v and Mixtral's w1 / w3
-    fused_per_layer = {"opt": 2, "phi": 2, "mixtral": 2 + 4}.get(name, 0)   # the tiny Mixtral has 4 experts
+    fused_per_layer = {"opt": 2, "phi": 2, "qwen3": 2 + 1, "mixtral": 2 + 4}.get(name, 0)   # Mixtral: 4 experts
     layers = AutoConfig.from_pretrained(src).num_hidden_layers
     assert len(held) == count - fused_per_layer * layers
 
@@ -118,8 +118,8 @@ def test_int8_on_load_keeps_no_float_copy_of_falcons_fused_rows(family):
 
 
 def test_cpu_path_of_a_backend_family_holds_int4pack_and_stays_close(family, tmp_path):
-    """Qwen3 on the transformers backend with the CPU kernels: bf16 activations into int4pack."""
-    checkpoint, reference = write_awq(family("qwen3"), tmp_path, group_size=32)
+    """Gemma on the transformers backend with the CPU kernels: bf16 activations into int4pack."""
+    checkpoint, reference = write_awq(family("gemma"), tmp_path, group_size=32)
     from kubellm.runtime.executor.step import SeqChunk, StepBatch
 
     def logits(path):
@@ -147,7 +147,8 @@ def test_cpu_path_of_a_backend_family_holds_int4pack_and_stays_close(family, tmp
     ("opt", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
     ("gpt2", "auto", ("float",)),
     ("falcon", "auto", ("float",)),
-    ("qwen3", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
+    ("qwen3", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8", "gguf")),
+    ("gemma", "auto", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
     ("llama", "transformers", ("float", "awq", "gptq", "compressed-tensors", "fp8")),
 ])
 def test_formats_each_family_reads(model_type, impl, reads):
@@ -158,18 +159,18 @@ AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, 
 
 
 def test_plans_beyond_the_llama_family():
-    assert plan_quantization(None, AWQ, "safetensors", "qwen3") == QuantPlan("awq", "native", 4, 128)
+    assert plan_quantization(None, AWQ, "safetensors", "gemma") == QuantPlan("awq", "native", 4, 128)
     assert plan_quantization("int8", None, "safetensors", "gpt2") == QuantPlan("float", "int8")
     assert plan_quantization("int8", None, "safetensors", "llama", "transformers") == QuantPlan("float", "int8")
 
 
 @pytest.mark.parametrize("requested,qc,fmt,model_type,impl,message", [
     (None, AWQ, "safetensors", "gpt2", "auto", r"awq checkpoints cannot be served for 'gpt2' models; they are read "
-                                               r"for llama, mistral, mixtral, opt, phi, qwen2 models and families "
+                                               r"for llama, mistral, mixtral, opt, phi, qwen2, qwen3 models and families "
                                                r"run on the transformers backend"),
     (None, AWQ, "safetensors", "falcon", "auto", r"awq checkpoints cannot be served for 'falcon'"),
     (None, None, "gguf", "phi", "auto", r"gguf checkpoints cannot be served for 'phi' models; they are read for "
-                                        r"llama, mistral, qwen2 models: serve it in float"),
+                                        r"llama, mistral, qwen2, qwen3 models: serve it in float"),
     (None, None, "gguf", "llama", "transformers", r"gguf checkpoints cannot be served on the transformers backend"),
 ])
 def test_unreadable_family_and_format_pairs_are_refused(requested, qc, fmt, model_type, impl, message):

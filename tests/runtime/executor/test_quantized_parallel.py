@@ -88,20 +88,20 @@ def _tokens(path, tp=1, pp=1, **kw):
         engine.destroy()
 
 
-@pytest.mark.parametrize("case", ["mixtral-gptq-act-order", "qwen3-awq", "gpt2-int8", "falcon-int8"])
-def test_other_families_under_tp2_and_pp2_give_one_process_tokens(case, tmp_path, monkeypatch):
-    """Mixtral's experts (row-parallel w2 summed before one all-reduce), Qwen3 on the transformers backend
-    (its base_model_tp_plan's linears, q / k norms whole), GPT-2's transposed Conv1D rows, Falcon's gathered
-    query_key_value rows."""
-    from tiny_hf_families import make_family_checkpoint
+@pytest.mark.parametrize("arch,fmt,impl", [("mixtral", "gptq-act-order", "auto"), ("qwen3", "awq", "auto"),
+                                           ("llama", "awq", "transformers"), ("gpt2", "int8", "auto"),
+                                           ("falcon", "int8", "auto")])
+def test_other_families_under_tp2_and_pp2_give_one_process_tokens(arch, fmt, impl, tmp_path, monkeypatch):
+    """Mixtral's experts (row-parallel w2 summed before one all-reduce), Qwen3 (q / k norms whole on every rank),
+    the transformers backend (its base_model_tp_plan's linears quantized), GPT-2's transposed Conv1D rows,
+    Falcon's gathered query_key_value rows."""
     from tiny_models import make_checkpoint
 
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
-    name, fmt = case.split("-", 1)
-    src = (make_family_checkpoint if name == "qwen3" else make_checkpoint)(tmp_path / name, name)
-    options, path = {}, src
+    src = make_checkpoint(tmp_path / arch, arch)
+    options, path = {"model_impl": impl}, src
     if fmt == "int8":
-        options = {"quantization": "int8"}
+        options["quantization"] = "int8"
     elif fmt == "awq":
         path = write_awq(src, tmp_path, group_size=16)[0]
     else:

@@ -148,11 +148,13 @@ def test_cpu_path_keeps_packed_weights_and_is_close_to_the_reference(quantized, 
 
 
 def _assert_transformers_reads_the_gguf_alike(checkpoint):
-    """An independent reader: transformers de-quantizes the GGUF (and undoes llama.cpp's q/k permutation)."""
-    from transformers import AutoModelForCausalLM
+    """An independent reader: transformers de-quantizes the GGUF (and undoes llama.cpp's q/k permutation). The
+    config is the directory's: transformers' GGUF config mapping drops Qwen3's head_dim (key_length)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     ids = [5, 17, 42, 100, 7]
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, gguf_file="model.gguf", dtype=torch.float32,
+                                              config=AutoConfig.from_pretrained(checkpoint)).eval()
     with torch.inference_mode():
         want = hf(torch.tensor([ids])).logits[0, -1]
     got, _ = _logits(checkpoint, ids)
@@ -256,10 +258,15 @@ def test_asymmetric_8bit_gptq_is_int8_per_channel_close_to_its_reference(quantiz
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
-def test_qwen2_gguf_biases_and_unpermuted_rows(tiny_qwen2, tmp_path, monkeypatch):
-    """llama.cpp writes Qwen2 as architecture "qwen2": q / k rows as they are, the q / k / v biases in F32.
-    kubellm's tokens equal the de-quantized reference's, and transformers reads the file to the same logits."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_unpermuted_rows_biases_and_norms(arch, tiny_qwen2, tmp_path, monkeypatch):
+    """llama.cpp writes Qwen2 / Qwen3 as architecture "qwen2" / "qwen3": q / k rows as they are, Qwen2's q / k / v
+    biases and Qwen3's q / k norms (attn_q_norm, attn_k_norm) in F32. kubellm's tokens equal the de-quantized
+    reference's, and transformers reads the file to the same logits."""
+    from tiny_models import make_checkpoint
+
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
-    checkpoint, reference = write_gguf(tiny_qwen2, tmp_path, "Q8_0")
+    src = tiny_qwen2 if arch == "qwen2" else make_checkpoint(tmp_path / arch, arch, tie_word_embeddings=True)
+    checkpoint, reference = write_gguf(src, tmp_path, "Q8_0")
     assert _greedy(checkpoint) == _greedy(reference)
     _assert_transformers_reads_the_gguf_alike(checkpoint)
