@@ -19,9 +19,9 @@ from dataclasses import dataclass
 STORED_FORMATS = ("awq", "gptq", "gguf")
 # What each family's layers hold quantized: the stored formats read ("float": a float checkpoint,
 # int8 made on load). Every linear of the decoder is a LinearBase in these model files; the GGUF name map
-# covers the Llama family (Llama, Mistral, Qwen2, Qwen3) only; GPT-2's Conv1D and Falcon's fused query_key_value have no packed reader.
-# Other model types run on the transformers backend, whose decoder linears become LinearBase layers
-# when a plan is active (BACKEND_FORMATS).
+# covers the Llama family (Llama, Mistral, Qwen2, Qwen3) only; GPT-2's Conv1D and Falcon's fused
+# query_key_value have no packed reader. Other model types run on the transformers backend, whose decoder
+# linears become LinearBase layers when a plan is active (BACKEND_FORMATS).
 _EVERY_FORMAT = ("float", "awq", "gptq", "compressed-tensors", "fp8", "gguf")
 BACKEND_FORMATS = ("float", "awq", "gptq", "compressed-tensors", "fp8")
 FAMILY_FORMATS = {"llama": _EVERY_FORMAT, "mistral": _EVERY_FORMAT, "qwen2": _EVERY_FORMAT,
