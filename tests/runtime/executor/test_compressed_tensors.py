@@ -289,3 +289,18 @@ def test_fp8_plan(qc, want):
 def test_a_malformed_block_size_is_refused_naming_it(block):
     with pytest.raises(QuantizationError, match=r"quantization_config.weight_block_size: .* must be \[rows, columns\]"):
         plan_quantization(None, {**FP8, "weight_block_size": block}, "safetensors", "llama")
+
+
+def test_a_block_size_the_scales_do_not_cover_is_refused_naming_the_tensor(fp8_written, tmp_path):
+    """Scales written for blocks of 48 read as blocks of 16 (config.json edited): too few of them, an error
+    that names the scale tensor and the block size, not an index error."""
+    import json
+    import shutil
+
+    checkpoint = shutil.copytree(fp8_written["block48"][0], tmp_path / "wrong-block")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [16, 16]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"weight_scale_inv in model.safetensors: weight_scale_inv: shape "
+                                                r"\(\d+, \d+\) has too few blocks .* check the block size"):
+        _engine(checkpoint)

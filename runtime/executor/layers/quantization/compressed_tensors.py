@@ -68,6 +68,12 @@ class CompressedTensorsFormat:
         rows, cols = self.plan.block
         scales = torch.as_tensor(loaded[:]).float()
         (out_start, out_size), (in_start, in_size) = out_span, in_span
+        needed = (-(-(out_start + out_size) // rows), -(-(in_start + in_size) // cols))
+        if scales.dim() != 2 or scales.shape[0] < needed[0] or scales.shape[1] < needed[1]:
+            raise QuantizationError(f"{self.scale_name}: shape {tuple(scales.shape)} has too few blocks for blocks of "
+                                    f"[{rows}, {cols}] over rows up to {out_start + out_size} and columns up to "
+                                    f"{in_start + in_size} (at least {list(needed)}); check the block size "
+                                    "(weight_block_size / block_structure) in config.json")
         by_row = scales[torch.arange(out_start, out_start + out_size) // rows]
         return by_row[:, torch.arange(in_start, in_start + in_size) // cols]
 
