@@ -171,8 +171,8 @@ def _placement(model: nn.Module, name: str, packed: dict, aliases: dict, rename)
 
 
 def _kept_float(model: nn.Module, target: str):
-    """(layer name, its QuantizedLinearMethod) where `target` is the float weight of a linear the plan reads
-    packed (the checkpoint kept that layer float); None otherwise."""
+    """The QuantizedLinearMethod of the linear whose float weight `target` is, where the plan reads that layer
+    packed (the checkpoint kept it float); None otherwise."""
     layer_name, _, part = target.rpartition(".")
     if part != "weight":
         return None
@@ -180,7 +180,7 @@ def _kept_float(model: nn.Module, target: str):
         method = getattr(model.get_submodule(layer_name), "quant_method", None)
     except AttributeError:
         return None
-    return (layer_name, method) if hasattr(method, "load_float") else None
+    return method if hasattr(method, "load_float") else None
 
 
 def _check_quantized_layers(model: nn.Module, path: Path) -> None:
@@ -234,9 +234,7 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
                 piece = _Counted(f.tensor(stored), report)
                 try:
                     if kept_float is not None:   # a float weight of a layer the plan reads packed
-                        layer_name, method = kept_float
-                        method.load_float(piece, shard_id)
-                        loaded_names.update(f"{layer_name}.{part}" for part in method.format.parts)
+                        kept_float.load_float(piece, shard_id)
                     else:
                         loader = getattr(param, "weight_loader", default_weight_loader)
                         loader(param, piece, shard_id) if shard_id is not None else loader(param, piece)
@@ -251,7 +249,11 @@ def load_weights(model: nn.Module, path: Path, show_progress: bool = True) -> Lo
     tied = {n for n, p in params.items() if n not in loaded_names and any(
         p is params[m] for m in loaded_names)}
     optional = {n for n, p in params.items() if getattr(p, "optional", False)}   # e.g. GPTQ's g_idx
-    missing = sorted(set(params) - loaded_names - tied - optional)
+    # a quantized layer that is complete (perhaps from a float weight the checkpoint kept) needs no more parts
+    installed = {f"{name}.{part}" for name, module in model.named_modules()
+                 if (method := getattr(module, "quant_method", None)) is not None and not method.missing()
+                 for part in method.format.parts}
+    missing = sorted(set(params) - loaded_names - tied - optional - installed)
     if missing:
         raise ModelDirError(f"checkpoint in {str(path)!r} lacks weights for {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))

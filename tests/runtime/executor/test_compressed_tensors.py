@@ -91,10 +91,16 @@ def test_asymmetric_int8_is_the_librarys_model_requantized_per_channel(written, 
 IGNORED = ("model.layers.0.self_attn.q_proj", "re:.*down_proj$")
 
 
-def test_layers_the_recipe_ignored_are_served_float_and_the_rest_packed(written, monkeypatch):
+@pytest.mark.parametrize("name,options,packed", [
+    ("w4a16-ignore", {}, "int4_cpu"),
+    # int8 / FP8 values are stored under `weight`, as the kept-float layers are: told apart by dtype
+    ("w8a8-int-ignore", {"fmt": "int-quantized", "bits": 8, "strategy": "channel"}, "int8_cpu"),
+    ("fp8-ignore", {"fmt": "float-quantized", "kind": "float", "bits": 8, "strategy": "channel"}, "float"),
+])
+def test_layers_the_recipe_ignored_are_served_float_and_the_rest_packed(written, name, options, packed, monkeypatch):
     from kubellm.runtime.executor.layers.linear import LinearBase
 
-    checkpoint, reference = written("w4a16-ignore", ignore=IGNORED)
+    checkpoint, reference = written(name, ignore=IGNORED, **options)
     engine = _engine(checkpoint)   # the CPU path
     try:
         forms = {name: m.quantized.form for name, m in engine.runner.model.named_modules()
@@ -102,9 +108,9 @@ def test_layers_the_recipe_ignored_are_served_float_and_the_rest_packed(written,
     finally:
         engine.destroy()
     assert forms["model.layers.0.self_attn.qkv_proj"] == "float"   # one float shard: the fused layer exact float
-    assert forms["model.layers.1.self_attn.qkv_proj"] == "int4_cpu"
+    assert forms["model.layers.1.self_attn.qkv_proj"] == packed
     assert {f for n, f in forms.items() if n.endswith("down_proj")} == {"float"}
-    assert {f for n, f in forms.items() if n.endswith(("o_proj", "gate_up_proj"))} == {"int4_cpu"}
+    assert {f for n, f in forms.items() if n.endswith(("o_proj", "gate_up_proj"))} == {packed}
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     assert _greedy(checkpoint) == _greedy(reference)
 

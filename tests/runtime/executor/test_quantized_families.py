@@ -188,3 +188,17 @@ def test_linears_the_checkpoint_keeps_float_are_served_float(family, tmp_path, m
     assert tokens == _run(reference)[0]
     forms = {m.quantized.form for m in linears if m.input_size == m.output_size}   # dense: 64 -> 64
     assert forms == {"int4"} and {m.quantized.form for m in linears if m.input_size != m.output_size} == {"float"}
+
+
+@pytest.mark.parametrize("dropped", ["model.layers.1.self_attn.o_proj.scales", "model.layers.0.input_layernorm.weight"])
+def test_a_checkpoint_missing_a_part_still_names_it(tiny_llama, tmp_path, dropped):
+    """Layers complete from a float weight count as loaded; an incomplete one, or a missing float tensor, does not."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, _ = write_awq(tiny_llama, tmp_path, group_size=16)
+    state = load_file(str(checkpoint / "model.safetensors"))
+    del state[dropped]
+    save_file(state, str(checkpoint / "model.safetensors"))
+    layer = dropped.rsplit(".", 1)[0]
+    with pytest.raises(ValueError, match=rf"lacks .*{layer.replace('.', '[.]')}"):
+        _run(checkpoint)

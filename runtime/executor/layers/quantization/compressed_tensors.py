@@ -28,6 +28,10 @@ from kubellm.runtime.executor.layers.quantization.layout import Part, read_part
 from kubellm.runtime.executor.layers.quantization.packed import FloatRows
 
 
+# a tensor's dtype as torch or safetensors names it, for the float types a kept-float layer is stored in
+_PLAIN_FLOATS = {"F16", "BF16", "F32", "F64", "FLOAT16", "BFLOAT16", "FLOAT32", "FLOAT64"}
+
+
 def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows, groups] from a per-group / per-channel tensor, or from the one value of strategy tensor."""
     return t.reshape(1, 1).expand(rows, 1) if t.numel() == 1 else t.reshape(rows, -1)
@@ -54,6 +58,13 @@ class CompressedTensorsFormat:
         if not plan.symmetric:
             self.parts["weight_zero_point"] = Part(0, per, 1, scale.in_factor) if plan.strategy != "tensor" else scale
         self.required = tuple(n for n, p in self.parts.items() if not p.optional)
+
+    def is_kept_float(self, name, loaded) -> bool:
+        """A plain float `weight` where int8 / FP8 values are stored: a layer the recipe left float (`ignore`)."""
+        if name != "weight" or self.plan.scheme == "pack-quantized":
+            return False
+        dtype = loaded.dtype if isinstance(loaded, torch.Tensor) else getattr(loaded, "get_dtype", lambda: None)()
+        return str(dtype).removeprefix("torch.").upper() in _PLAIN_FLOATS
 
     def read(self, name, loaded, out_span, in_span, layer):
         if name == self.scale_name and self.plan.strategy == "block":

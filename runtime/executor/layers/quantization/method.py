@@ -70,6 +70,9 @@ class QuantizedLinearMethod(_Placeholders):
         if self.format.parts[name].optional:   # checked, not kept
             self.format.check_optional(name, loaded, self.layer)
             return
+        if getattr(self.format, "is_kept_float", lambda *_: False)(name, loaded):
+            self.load_float(loaded, shard_id)
+            return
         offset, out_span, in_span = self._spans(shard_id)
         piece = self.format.read(name, loaded, out_span, in_span, self.layer)
         pending = self.pending.setdefault(shard_id, {})
