@@ -158,7 +158,9 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer).
     Llama-family checkpoints are written as llama.cpp's converter writes them: architecture "llama" with q / k
     rows permuted, or "qwen2" / "qwen3" (rows as they are; Qwen2's q / k / v biases and Qwen3's q / k norms
-    in F32)."""
+    in F32). The file also carries the tokenizer as llama.cpp's converter writes a byte-level BPE one
+    (`tokenizer.ggml.*`: tokens, merges, token types, special ids, chat template), so model.gguf alone is a
+    model too, as llama.cpp users have it."""
     import gguf
     import numpy as np
     import torch
@@ -181,6 +183,7 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config["head_dim"])
     writer.add_vocab_size(config["vocab_size"])
+    _add_tokenizer(writer, src)
     reference = {}
 
     def add(gguf_name: str, hf: str, w: torch.Tensor, kind: str):
@@ -223,6 +226,30 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     writer.write_tensors_to_file()
     writer.close()
     return directory, _write(reference, out / f"gguf-{qtype}-reference", None, src)
+
+
+def _add_tokenizer(writer, src: Path) -> None:
+    """llama.cpp's converter's `tokenizer.ggml.*` for a byte-level BPE tokenizer.json (its `_set_vocab_gpt2`)."""
+    import gguf
+
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    settings = json.loads((src / "tokenizer_config.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    vocab.update(special)
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    merges = tokenizer["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(special[settings["bos_token"]])
+    writer.add_eos_token_id(special[settings["eos_token"]])
+    writer.add_pad_token_id(special[settings["pad_token"]])
+    writer.add_add_bos_token(False)
+    if settings.get("chat_template"):
+        writer.add_chat_template(settings["chat_template"])
 
 
 def _permute_back(w, heads: int):

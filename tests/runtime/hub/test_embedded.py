@@ -39,10 +39,10 @@ def test_unknown_plain_name_raises(tmp_path, monkeypatch):
 
 
 def test_file_is_not_a_model_directory(tmp_path):
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(ModelNotFoundError, match="is a file, not a model directory"):
-        resolve_model(str(gguf))
+    weights = tmp_path / "model.safetensors"   # a GGUF file is a model (test_gguf_model.py); other files are not
+    weights.write_bytes(b"{}")
+    with pytest.raises(ModelNotFoundError, match="is a file, not a model directory.*a GGUF file"):
+        resolve_model(str(weights))
 
 
 def test_existing_directory_is_returned_as_is(tmp_path):

@@ -110,11 +110,16 @@ def _reader(path: str, mtime_ns: int):
     return gguf.GGUFReader(path)
 
 
+def open_reader(path: Path):
+    """The file's parsed `gguf.GGUFReader` (metadata and memory-mapped tensors), shared by this process."""
+    return _reader(str(path), path.stat().st_mtime_ns)
+
+
 class GGUFFile:
     """The tensors of one .gguf file under Hugging Face names (the `open_tensors` interface of checkpoint.py)."""
 
     def __init__(self, path: Path):
-        self.reader = reader = _reader(str(path), path.stat().st_mtime_ns)
+        self.reader = reader = open_reader(path)
         arch = field(reader, "general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise QuantizationError(f"model: {path.name} is a GGUF of architecture {arch!r}; kubellm reads GGUF "
