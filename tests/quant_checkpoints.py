@@ -184,6 +184,8 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     writer.add_rope_dimension_count(config["head_dim"])
     writer.add_vocab_size(config["vocab_size"])
     _add_tokenizer(writer, src)
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(config))
     reference = {}
 
     def add(gguf_name: str, hf: str, w: torch.Tensor, kind: str):
@@ -226,6 +228,28 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     writer.write_tensors_to_file()
     writer.close()
     return directory, _write(reference, out / f"gguf-{qtype}-reference", None, src)
+
+
+def _llama3_rope_freqs(config: dict):
+    """llama.cpp's converter's rope_freqs for Llama 3's rope scaling (LlamaModel.generate_extra_tensors)."""
+    import math
+
+    import numpy as np
+
+    scaling, dim = config["rope_scaling"], config["head_dim"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi / (1.0 / config["rope_theta"] ** (i / dim))
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _add_tokenizer(writer, src: Path) -> None:

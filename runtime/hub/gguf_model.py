@@ -111,6 +111,7 @@ def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | No
     # default (Qwen3's 128), while llama.cpp writes it as the key length.
     if (head_dim := field(reader, f"{field(reader, 'general.architecture')}.attention.key_length")) is not None:
         config.head_dim = int(head_dim)
+    scaling = rope_scaling(reader, config)
     # A GGUF without `output.weight` ties the LM head to the embeddings (SmolLM2 does).
     config.tie_word_embeddings = all(t.name != "output.weight" for t in reader.tensors)
     complete_tokenizer(tokenizer, config, reader)
@@ -125,7 +126,68 @@ def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | No
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _plain_tokenizer_class(out_dir)
+    if scaling is not None:
+        _write_rope_scaling(out_dir, scaling)
     make_portable(out_dir)
+
+
+def rope_scaling(reader, config) -> dict | None:
+    """The config's rope_scaling from llama.cpp's metadata, which transformers does not read: `rope.scaling.type`
+    linear / yarn with its factor, or Llama 3's per-frequency `rope_freqs` tensor, whose llama3 parameters are the
+    ones that reproduce it (any that do give the same frequencies)."""
+    from kubellm.runtime.executor.layers.quantization.gguf import field
+
+    arch = field(reader, "general.architecture")
+    kind, factor = field(reader, f"{arch}.rope.scaling.type"), field(reader, f"{arch}.rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        original = field(reader, f"{arch}.rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": float(factor),
+                **({"original_max_position_embeddings": int(original)} if original else {})}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        return None
+    import numpy as np
+
+    stored = np.asarray(freqs.data, dtype=np.float64).reshape(-1)
+    theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+                  or getattr(config, "rope_theta", 10000.0))
+    dim = 2 * len(stored)
+    # Parameters with the same ratios give the same factors; low 1 first (Llama 3.x's) makes the answer unique.
+    for low in (1.0, 0.5, 2.0, 4.0):
+        for high in (4.0, 2.0, 8.0, 1.0, 16.0, 32.0):
+            for original in (8192, 4096, 2048, 16384, 32768, 1024, 512, 256, 128, 64, 65536, 131072):
+                if high <= low:
+                    continue
+                want = llama3_rope_factors(theta, dim, float(stored.max()), low, high, original)
+                if np.allclose(want, stored, rtol=1e-5, atol=0):
+                    return {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise GGUFModelError("model: the GGUF's rope_freqs.weight fits no llama3 rope scaling (factor, low / high "
+                         "frequency factors, original context); serve it from a directory with its config.json")
+
+
+def llama3_rope_factors(theta: float, dim: int, factor: float, low: float, high: float, original: int):
+    """Llama 3's divisor of each rotary frequency, as transformers' `_compute_llama3_parameters` applies it."""
+    import numpy as np
+
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = (original / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, between))
+
+
+def _write_rope_scaling(out_dir: Path, scaling: dict) -> None:
+    """Both spellings: transformers 4 reads `rope_scaling`, 5 `rope_parameters` (with rope_theta inside)."""
+    import json
+
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["rope_scaling"] = scaling
+    if "rope_parameters" in config:
+        config["rope_parameters"] = {**config["rope_parameters"], **scaling}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _plain_tokenizer_class(out_dir: Path) -> None:

@@ -43,7 +43,7 @@ def _bare(directory: Path, out: Path) -> Path:
     return out / "model.gguf"
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1")])
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("llama3", "Q8_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1")])
 def test_a_bare_gguf_serves_the_tokens_of_its_hugging_face_directory(arch, qtype, request, tmp_path):
     from transformers import AutoTokenizer
 
@@ -59,6 +59,8 @@ def test_a_bare_gguf_serves_the_tokens_of_its_hugging_face_directory(arch, qtype
     config, original = (json.loads((d / "config.json").read_text()) for d in (made, source))
     assert {k: config.get(k) for k in CONFIG_FIELDS} == {k: original.get(k) for k in CONFIG_FIELDS}
     assert config["rms_norm_eps"] == pytest.approx(original["rms_norm_eps"], rel=1e-6)   # GGUF holds a float32
+    # Llama 3's rope scaling comes back from the rope_freqs tensor llama.cpp writes in its place
+    assert config.get("rope_scaling") == original.get("rope_scaling")
     ours, theirs = AutoTokenizer.from_pretrained(made), AutoTokenizer.from_pretrained(source)
     assert [ours(t).input_ids for t in TEXTS] == [theirs(t).input_ids for t in TEXTS]
     assert ours.chat_template == theirs.chat_template and ours.eos_token == theirs.eos_token
