@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubellm.runtime.gguf_file import open_reader
 from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
 from kubellm.runtime.hub.gguf_model import bare_gguf, complete_tokenizer, gguf_model_dir, make_portable, write_model_dir
 
@@ -253,8 +254,6 @@ def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
     if config.tie_word_embeddings:
         model.tie_weights()
     del gguf_model
-
-    from kubellm.runtime.executor.layers.quantization.gguf import open_reader
 
     complete_tokenizer(tokenizer, config, open_reader(gguf_path))
     _fix_tokenizer(spec, tokenizer)

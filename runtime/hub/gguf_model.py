@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from kubellm.runtime.gguf_file import SUPPORTED_ARCHITECTURES, field, open_reader
 from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
 
 # transformers' GGUF tokenizer conversion picks the pre-tokenizer by architecture (Qwen's digit-splitting regex for
@@ -71,8 +72,6 @@ def gguf_model_dir(gguf_path: Path) -> Path:
 
 def check_servable(gguf_path: Path) -> None:
     """Refuse, naming the field, a GGUF whose metadata cannot make a model directory."""
-    from kubellm.runtime.executor.layers.quantization.gguf import SUPPORTED_ARCHITECTURES, field, open_reader
-
     try:
         reader = open_reader(gguf_path)
     except Exception as error:   # gguf raises ValueError / struct errors for a file that is not GGUF
@@ -91,8 +90,6 @@ def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | No
     """config.json, the tokenizer, generation_config.json and the file itself (`link`, default a hard link or a
     copy) in `out_dir`. `fix_tokenizer(tokenizer, config)` corrects what a known model's metadata gets wrong."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from kubellm.runtime.executor.layers.quantization.gguf import field, open_reader
 
     log(f"reading {gguf_path.name}'s config and tokenizer")
     reader = open_reader(gguf_path)
@@ -135,8 +132,6 @@ def rope_scaling(reader, config) -> dict | None:
     """The config's rope_scaling from llama.cpp's metadata, which transformers does not read: `rope.scaling.type`
     linear / yarn with its factor, or Llama 3's per-frequency `rope_freqs` tensor, whose llama3 parameters are the
     ones that reproduce it (any that do give the same frequencies)."""
-    from kubellm.runtime.executor.layers.quantization.gguf import field
-
     arch = field(reader, "general.architecture")
     kind, factor = field(reader, f"{arch}.rope.scaling.type"), field(reader, f"{arch}.rope.scaling.factor")
     if kind == "linear" and factor:
@@ -205,8 +200,6 @@ def complete_tokenizer(tokenizer, config, reader) -> None:
     """What transformers' GGUF tokenizer conversion leaves out: the file's bos / eos where it lost them, a pad
     token, a length limit (without one transformers uses a huge sentinel), and the file's pre-tokenizer."""
     from tokenizers import pre_tokenizers
-
-    from kubellm.runtime.executor.layers.quantization.gguf import field
 
     tokens = field(reader, "tokenizer.ggml.tokens")
     for role in ("bos", "eos"):   # transformers' conversion drops them for some tokenizers

@@ -12,7 +12,6 @@ for its rotary layout; `GGUFTensor` undoes that with a row order, so rows are in
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from kubellm.runtime.executor.layers.quantization import QuantizationError
 from kubellm.runtime.executor.layers.quantization.layout import IN_MISFIT, stored_span
 from kubellm.runtime.executor.layers.quantization.packed import FloatRows, Int4Rows, Int8Rows, int8_per_channel
+from kubellm.runtime.gguf_file import SUPPORTED_ARCHITECTURES, field, open_reader
 
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
@@ -30,7 +30,6 @@ BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -47,11 +46,6 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     """GGUF row of each Hugging Face row of attn_q / attn_k (llama.cpp's `permute` interleaves each head's halves)."""
     d = rows // heads
     return torch.arange(rows).reshape(heads, d // 2, 2).permute(0, 2, 1).reshape(-1)
-
-
-def field(reader, key: str):
-    value = reader.fields.get(key)
-    return None if value is None else value.contents()
 
 
 class GGUFTensor:
@@ -99,20 +93,6 @@ class GGUFTensor:
         data = np.asarray(self._rows(start, stop))
         values = gguf.quants.dequantize(data, self.type) if self.quantized else data
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[:, cols]
-
-
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, mtime_ns: int):
-    """One parse per file: GGUFReader reads every metadata field (SmolLM2's 49k-token vocabulary and its
-    merges: seconds), and a load opens the file to list it, to plan stages and to read it."""
-    import gguf
-
-    return gguf.GGUFReader(path)
-
-
-def open_reader(path: Path):
-    """The file's parsed `gguf.GGUFReader` (metadata and memory-mapped tensors), shared by this process."""
-    return _reader(str(path), path.stat().st_mtime_ns)
 
 
 class GGUFFile:
