@@ -37,6 +37,7 @@ def headline(report: dict) -> dict:
         "offline_ratio": offline.get("ratio"),
         "w4a16_speedup_b1": quant.get("w4a16_speedup_b1"),
         "w8a16_speedup_b1": quant.get("w8a16_speedup_b1"),
+        "fp8_speedup_b1": quant.get("fp8_speedup_b1"),
         "int8_kv_decode_speedup": kv.get("speedup_geomean"),
         "int4_kv_decode_speedup": kv.get("int4_speedup_geomean"),
     }
@@ -115,7 +116,7 @@ def _step_figures(name: str, step: dict) -> str:
         "roofline_8b": lambda s: f"{_num(s.get('decode_tok_s'), 1)} tok/s = {_num(100 * s['roofline_fraction'], 1)}% "
                                  f"of {_num(s.get('roofline_tok_s'), 1)}" if "roofline_fraction" in s else "",
         "quant_gemm": lambda s: f"batch 1: W4A16 {_num(s.get('w4a16_speedup_b1'))}x, W8A16 "
-                                f"{_num(s.get('w8a16_speedup_b1'))}x bf16",
+                                f"{_num(s.get('w8a16_speedup_b1'))}x, FP8 {_num(s.get('fp8_speedup_b1'))}x bf16",
         "int8_kv_attention": lambda s: f"int8 / bf16 KV decode {_num(s.get('speedup_geomean'))}x, int4 "
                                        f"{_num(s.get('int4_speedup_geomean'))}x; engine agreement int8 "
                                        f"{_num(s.get('engine_token_agreement'))}, int4 "
@@ -162,12 +163,12 @@ def markdown(report: dict) -> str:
     quant = report.get("steps", {}).get("quant_gemm", {})
     if quant.get("rows"):
         lines += ["", "## Quantized GEMMs against bf16 (speedup = bf16 time / quantized time)", "",
-                  "| linear | rows x K -> N | bf16 ms | W4A16 ms | W4A16 x | W8A16 ms | W8A16 x |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| linear | rows x K -> N | bf16 ms | W4A16 ms | W4A16 x | W8A16 ms | W8A16 x | FP8 ms | FP8 x |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in quant["rows"]:
             lines.append(f"| {r['linear']} | {r['rows']} x {r['k']} -> {r['n']} | {r['bf16_ms']:.4f} | "
                          f"{r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f} | {r['w8a16_ms']:.4f} | "
-                         f"{r['w8a16_speedup']:.2f} |")
+                         f"{r['w8a16_speedup']:.2f} | {_num(r.get('fp8_ms'), 4)} | {_num(r.get('fp8_speedup'))} |")
     tests = report.get("steps", {}).get("gpu_tests", {}).get("tests", {})
     failed = {name: t for name, t in tests.items() if t["outcome"] in ("failed", "error")}
     if failed:

@@ -422,11 +422,13 @@ def offline_vs_hf(ctx: Context) -> dict:
 LLAMA8B_LINEARS = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 TINY_LINEARS = [("qkv", 128, 192), ("down", 256, 128)]
 INT4_GROUP = 128
+FP8_GROUP = 128
 
 
 def quant_gemm(ctx: Context) -> dict:
-    """W4A16 (int4, groups of 128, scales + mins) and W8A16 (int8 per output channel) dequantize-GEMMs in
-    Triton against the bf16 GEMM of the same (dequantized) weights, at Llama-3-8B's linear shapes."""
+    """W4A16 (int4, groups of 128, scales + mins), W8A16 (int8 per output channel) and FP8 (e4m3, a float32
+    scale per 128 columns, as DeepSeek's / Qwen's *-FP8 blocks; sm89+) dequantize-GEMMs in Triton against the
+    bf16 GEMM of the same (dequantized) weights, at Llama-3-8B's linear shapes."""
     quant = optional_module("kubellm.kernels.quant")
     quant_triton = optional_module("kubellm.kernels.quant_triton")
     import torch.nn.functional as F
@@ -434,6 +436,7 @@ def quant_gemm(ctx: Context) -> dict:
     dev, dtype = ctx.device, torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(random.randrange(2 ** 31))
     group = 32 if ctx.tiny else INT4_GROUP
+    fp8 = not ctx.cuda or torch.cuda.get_device_capability() >= (8, 9)   # Triton's e4m3 conversion
     rows, checks, errors = [], {}, {}
     for name, k, n in (TINY_LINEARS if ctx.tiny else LLAMA8B_LINEARS):
         q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev, generator=gen)
@@ -442,6 +445,8 @@ def quant_gemm(ctx: Context) -> dict:
         w4 = quant.dequantize_int4(q4, scales, mins).to(dtype)
         q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=gen)
         s8 = (torch.rand(n, 1, device=dev, generator=gen) * 0.002 + 0.0005).to(dtype)
+        qf = (torch.randn(n, k, device=dev, generator=gen) * 64).to(torch.float8_e4m3fn)
+        sf = torch.rand(n, k // FP8_GROUP, device=dev, generator=gen) * 0.0002 + 0.00005
         for m in (1, 16):
             x = torch.randn(m, k, device=dev, dtype=dtype, generator=gen)
             label = f"{name} {m} x {k} -> {n}"
@@ -452,10 +457,16 @@ def quant_gemm(ctx: Context) -> dict:
             bf16_ms = time_ms(lambda: F.linear(x, w4), ctx.cuda)
             w4_ms = time_ms(lambda: quant_triton.int4_linear(x, q4, scales, mins), ctx.cuda)
             w8_ms = time_ms(lambda: quant_triton.int8_linear(x, q8, s8), ctx.cuda)
-            rows.append({"linear": name, "rows": m, "k": k, "n": n, "bf16_ms": bf16_ms, "w4a16_ms": w4_ms,
-                         "w8a16_ms": w8_ms, "w4a16_speedup": bf16_ms / w4_ms, "w8a16_speedup": bf16_ms / w8_ms,
-                         "bf16_GBps": 2 * n * k / bf16_ms / 1e6, "w4a16_GBps": n * k / 2 / w4_ms / 1e6,
-                         "w8a16_GBps": n * k / w8_ms / 1e6})
+            row = {"linear": name, "rows": m, "k": k, "n": n, "bf16_ms": bf16_ms, "w4a16_ms": w4_ms,
+                   "w8a16_ms": w8_ms, "w4a16_speedup": bf16_ms / w4_ms, "w8a16_speedup": bf16_ms / w8_ms,
+                   "bf16_GBps": 2 * n * k / bf16_ms / 1e6, "w4a16_GBps": n * k / 2 / w4_ms / 1e6,
+                   "w8a16_GBps": n * k / w8_ms / 1e6}
+            if fp8:
+                ef = rel_error(quant_triton.fp8_linear(x, qf, sf), quant.fp8_linear(x, qf, sf))
+                errors[f"FP8 {label}"], checks[f"FP8 {label}"] = ef, ef <= BF16_REL_TOL
+                fp8_ms = time_ms(lambda: quant_triton.fp8_linear(x, qf, sf), ctx.cuda)
+                row.update(fp8_ms=fp8_ms, fp8_speedup=bf16_ms / fp8_ms, fp8_GBps=n * k / fp8_ms / 1e6)
+            rows.append(row)
             ctx.save_partial({"checks": checks, "rel_errors": errors, "rows": rows})
     try:
         importlib.import_module("kubellm.runtime.executor.layers.quantization")
@@ -466,6 +477,7 @@ def quant_gemm(ctx: Context) -> dict:
     return {"checks": checks, "rel_errors": errors, "rows": rows, "int4_group": group, "quantized_layers": layers,
             "w4a16_speedup_b1": geomean([r["w4a16_speedup"] for r in b1]),
             "w8a16_speedup_b1": geomean([r["w8a16_speedup"] for r in b1]),
+            "fp8_speedup_b1": geomean([r["fp8_speedup"] for r in b1]) if fp8 else None,
             "w4a16_speedup_b16": geomean([r["w4a16_speedup"] for r in rows if r["rows"] == 16])}
 
 

@@ -116,3 +116,9 @@ def int4_linear(x, qweight, scales, mins, bias=None):
 def int8_linear(x, qweight, scales, bias=None):
     impl = _triton_module("quant") if use_triton(x) else quant
     return impl.int8_linear(x, qweight, scales, bias)
+
+
+def fp8_linear(x, qweight, scales, bias=None):
+    """float8_e4m3fn weights with float32 group scales (quant.py); Triton needs sm89+ on the GPU."""
+    impl = _triton_module("quant") if use_triton(x) else quant
+    return impl.fp8_linear(x, qweight, scales, bias)

@@ -8,8 +8,12 @@ int8-on-load into them):
   AWQ / GPTQ's `(q - zero) * scale` is min = -zero * scale; GGUF Q4_0 is min = -8 * scale; Q4_1 is its own.
 - int8, group-wise symmetric: `qweight` int8 [N, K], `scales` [N, K/group]; w = q * scale. One
   group per row (K/group = 1) is per-output-channel int8; GGUF Q8_0 has groups of 32.
+- fp8, group-wise: `qweight` float8_e4m3fn [N, K], `scales` float32 [N, K/group]; w = q * scale. FP8
+  checkpoints (compressed-tensors, transformers' fp8) as stored: a block of [rows, columns] is one
+  scale per `columns` group, repeated on each of its rows.
 
-`scales` / `mins` are stored in the activations' dtype.
+`scales` / `mins` of int4 / int8 are stored in the activations' dtype; fp8's stay float32 (a block's
+scale multiplies up to 128 x 128 weights).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 or fp8 `qweight` (any dtype that casts to float exactly) times its group scales."""
     group = qweight.shape[1] // scales.shape[1]
     return qweight.to(scales.dtype) * scales.repeat_interleave(group, 1)
+
 
 
 def int4_linear(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tensor:
@@ -46,6 +52,10 @@ def int4_linear(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tens
 
 def int8_linear(x: torch.Tensor, qweight, scales, bias=None) -> torch.Tensor:
     return F.linear(x, dequantize_int8(qweight, scales).to(x.dtype), bias)
+
+
+def fp8_linear(x: torch.Tensor, qweight, scales, bias=None) -> torch.Tensor:
+    return F.linear(x, dequantize_int8(qweight, scales.float()).to(x.dtype), bias)
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

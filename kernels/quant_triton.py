@@ -1,8 +1,12 @@
-"""Triton dequantize-GEMMs for the stored forms of quant.py (int4 group-wise affine, int8 group-wise).
+"""Triton dequantize-GEMMs for the stored forms of quant.py (int4 group-wise affine, int8 and fp8 group-wise).
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of x @ W^T, dequantizing a [BLOCK_N, BLOCK_K] tile of
 W in registers per step of K: the weights are read from memory once, in their packed bytes, which is
 what makes decode (few rows, bound by reading weights) faster than a bf16 GEMM.
+
+fp8 (e4m3) weights are loaded as their bytes and bitcast: a masked load's `other` cannot be an fp8 value,
+and the e4m3 -> float32 conversion needs Hopper / Ada (sm89) on the GPU (the layers de-quantize on load
+elsewhere: packed.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, K,
                            stride_xm, stride_qn, stride_sn, stride_om,
-                           GROUP: tl.constexpr, INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           GROUP: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,6 +45,8 @@ def _dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, 
             w = q.to(tl.float32) * scale + low
         else:
             q = tl.load(q_ptr + rn[:, None].to(tl.int64) * stride_qn + ks[None, :], mask=w_mask, other=0)
+            if FP8:
+                q = q.to(tl.float8e4nv, bitcast=True)
             w = q.to(tl.float32) * scale
         acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)), input_precision=PRECISION)
     if HAS_BIAS:
@@ -49,7 +55,7 @@ def _dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, M, N, 
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(x, qweight, scales, mins, bias, int4: bool):
+def _launch(x, qweight, scales, mins, bias, int4: bool, fp8: bool = False):
     shape = x.shape
     rows = x.reshape(-1, shape[-1]).contiguous()
     m, k = rows.shape
@@ -62,7 +68,7 @@ def _launch(x, qweight, scales, mins, bias, int4: bool):
         _dequant_matmul_kernel[grid](
             rows, qweight, scales, mins if mins is not None else scales, bias if bias is not None else scales, out,
             m, n, k, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            GROUP=k // scales.shape[1], INT4=int4, HAS_BIAS=bias is not None,
+            GROUP=k // scales.shape[1], INT4=int4, FP8=fp8, HAS_BIAS=bias is not None,
             DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.reshape(*shape[:-1], n)
@@ -74,3 +80,8 @@ def int4_linear(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tens
 
 def int8_linear(x: torch.Tensor, qweight, scales, bias=None) -> torch.Tensor:
     return _launch(x, qweight, scales.contiguous(), None, bias, int4=False)
+
+
+def fp8_linear(x: torch.Tensor, qweight, scales, bias=None) -> torch.Tensor:
+    """float8_e4m3fn `qweight` [N, K], float32 `scales` [N, K/group]."""
+    return _launch(x, qweight.view(torch.uint8), scales.contiguous(), None, bias, int4=False, fp8=True)

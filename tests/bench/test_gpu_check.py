@@ -177,6 +177,9 @@ def test_the_whole_check_runs_on_cpu_and_writes_its_report(tmp_path, capsys):
         if status == "skipped":
             assert name in ("quant_gemm", "int8_kv_attention") and "not built" in data["steps"][name]["reason"]
     assert data["steps"]["engine_vs_hf"]["tokens_compared"] > 0
+    quant = data["steps"]["quant_gemm"]   # the FP8 kernel too: Triton interpreted is not sm89-bound
+    assert quant["fp8_speedup_b1"] > 0 and any(k.startswith("FP8 ") for k in quant["checks"])
+    assert all(quant["checks"].values()), quant["rel_errors"]
     assert data["steps"]["offline_vs_hf"]["ratio"] > 0 and data["offline_ratio"] == data["steps"]["offline_vs_hf"]["ratio"]
     assert 0 < data["roofline_fraction"] and data["kernel_ratios"]
     assert all(t["met"] is None for t in data["targets"].values())   # a CPU run meets no GPU target

@@ -60,6 +60,43 @@ def test_triton_int8_matches_reference(groups):
     assert torch.allclose(want, x @ w.t(), atol=0.02 * want.abs().max(), rtol=0)   # int8 is close to float
 
 
+def _fp8(n, k, groups, gen):
+    """e4m3 weights over the whole range (subnormals to 448, both signs) and float32 scales per group."""
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-3, 2.6, k)[torch.randperm(k, generator=gen)]
+    return w.to(torch.float8_e4m3fn), torch.rand(n, groups, generator=gen) * 0.01 + 1e-4
+
+
+@pytest.mark.parametrize("m,n,k,groups", [(1, 96, 256, 2), (5, 70, 128, 1), (33, 130, 384, 3), (16, 64, 192, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fp8_matches_reference(m, n, k, groups, dtype):
+    """Blocks of 128 columns (groups = K / 128), per channel (1 group), and a scale per column."""
+    gen = torch.Generator().manual_seed(m * n + groups)
+    qweight, scales = _fp8(n, k, groups, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    want = quant.fp8_linear(x.float(), qweight, scales, bias.float())
+    got = quant_triton.fp8_linear(x, qweight, scales, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(got.float(), want, atol=tol * want.abs().max(), rtol=0)
+    # the reference is the stored values times their scales, exactly
+    w = qweight.float() * scales.repeat_interleave(k // groups, 1)
+    assert torch.allclose(want, x.float() @ w.t() + bias.float(), atol=1e-5 * want.abs().max(), rtol=0)
+
+
+def test_dispatch_runs_fp8_on_triton_when_asked(monkeypatch):
+    from kubellm.kernels import dispatch
+
+    gen = torch.Generator().manual_seed(6)
+    qweight, scales = _fp8(48, 128, 1, gen)
+    x = torch.randn(3, 128, generator=gen)
+    want = quant.fp8_linear(x, qweight, scales)
+    monkeypatch.setenv("KUBELLM_KERNELS", "triton")
+    assert torch.allclose(dispatch.fp8_linear(x, qweight, scales), want, atol=1e-4 * want.abs().max(), rtol=0)
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    assert torch.equal(dispatch.fp8_linear(x, qweight, scales), want)
+
+
 def test_cpu_int4_path_matches_reference_within_bf16():
     gen = torch.Generator().manual_seed(3)
     qweight, scales, mins = _int4(96, 128, 32, gen)

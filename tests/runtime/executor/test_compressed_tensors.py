@@ -212,8 +212,8 @@ def test_actorder_group_checkpoints_with_g_idx(written, tmp_path, monkeypatch):
 # reader as float-quantized above: greedy tokens equal the de-quantized reference (quant_checkpoints.write_fp8),
 # and transformers, reading the same file with its own FP8 de-quantizer, gives the same logits.
 IDS = [5, 17, 42, 100, 7]
-# blocks of 16 divide every tiny projection; 48 leaves partial last blocks (64 and 128 are not multiples)
-LAYOUTS = {"block16": (16, 16), "block48": (48, 48), "tensor": None}
+# blocks of 16 divide every tiny projection; 48 and 36 leave partial last blocks (64 and 128 are not multiples)
+LAYOUTS = {"block16": (16, 16), "block48": (48, 48), "block36": (36, 36), "tensor": None}
 
 
 def _logits_and_forms(path, **kw):
@@ -252,6 +252,40 @@ def test_transformers_reads_the_same_fp8_checkpoint_alike(fp8_written):
     got, forms = _logits_and_forms(checkpoint)
     assert forms == {"float"}
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("name,forms", [("block16", {"fp8"}), ("tensor", {"fp8"}), ("block48", {"fp8"}),
+                                        ("block36", {"float"})])
+def test_fp8_stays_fp8_where_a_kernel_multiplies_it(fp8_written, name, forms, monkeypatch):
+    """With the reference kernels, as with Triton on an sm89+ GPU, the e4m3 bytes are what a layer keeps (one
+    byte a weight, and a float32 scale per block's columns), and the logits are the de-quantized reference's.
+    Blocks of 48 columns over 64 / 128 inputs are kept with a scale per 16 (gcd(48, 64)); blocks of 36 would
+    need one per 4 columns (gcd 4), more bytes than bf16, so those layers are de-quantized instead."""
+    from kubellm.runtime.executor.layers.quantization.packed import QuantizedWeight
+
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = fp8_written[name]
+    engine = _engine(checkpoint)
+    try:
+        weights = [m for m in engine.runner.model.modules() if isinstance(m, QuantizedWeight)]
+        assert {w.form for w in weights} == forms
+        for w in weights:
+            if w.form == "fp8":
+                assert w.qweight.dtype == torch.float8_e4m3fn and w.scales.dtype == torch.float32
+                assert w.nbytes <= 1.25 * w.qweight.numel()   # + a float32 scale per 16 columns at most
+    finally:
+        engine.destroy()
+    got, _ = _logits_and_forms(checkpoint)
+    want, _ = _logits_and_forms(reference)
+    assert torch.allclose(got, want, atol=1e-5 * want.abs().max(), rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_fp8_kept_under_tp2_gives_one_process_tokens(fp8_written, monkeypatch):
+    """Blocks of 16: every rank's rows and columns start on a block, so each rank keeps its FP8 slices."""
+    monkeypatch.setenv("KUBELLM_KERNELS", "reference")
+    checkpoint, reference = fp8_written["block16"]
+    assert _greedy(checkpoint, tp=2) == _greedy(reference)
 
 
 def test_fp8_served_int8_on_request(fp8_written):
@@ -310,3 +344,37 @@ def test_a_block_size_the_scales_do_not_cover_is_refused_naming_the_tensor(fp8_w
     with pytest.raises(QuantizationError, match=r"weight_scale_inv in model.safetensors: weight_scale_inv: shape "
                                                 r"\(\d+, \d+\) has too few blocks .* check the block size"):
         _engine(checkpoint)
+
+
+@pytest.mark.parametrize("device,capability,mode,kept", [
+    ("cuda", (9, 0), "auto", True),        # Hopper: Triton's e4m3 conversion
+    ("cuda", (8, 9), "auto", True),        # Ada
+    ("cuda", (8, 0), "auto", False),       # Ampere: no e4m3 in Triton, de-quantized on load
+    ("cuda", (8, 0), "reference", True),
+    ("cpu", None, "auto", False),          # the CPU's float linear beats de-quantizing per call
+    ("cpu", None, "triton", False),
+    ("cpu", None, "reference", True),
+])
+def test_fp8_is_kept_where_a_kernel_multiplies_it(device, capability, mode, kept, monkeypatch):
+    from kubellm.runtime.executor.layers.quantization import packed
+
+    monkeypatch.setenv("KUBELLM_KERNELS", mode)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: capability)
+    assert packed.fp8_kept(torch.device(device)) is kept
+
+
+def test_fused_fp8_shards_stay_fp8_when_their_groups_agree():
+    from kubellm.runtime.executor.layers.quantization.packed import FloatRows, Fp8Rows, combine
+
+    gen = torch.Generator().manual_seed(7)
+
+    def shard(rows, groups):
+        return Fp8Rows(torch.randn(rows, 64, generator=gen).to(torch.float8_e4m3fn), torch.rand(rows, groups))
+    q, k, v = shard(32, 4), shard(16, 4), shard(16, 2)
+    qk = combine([(32, k), (0, q)])
+    assert isinstance(qk, Fp8Rows) and qk.qweight.shape == (48, 64)
+    assert torch.equal(qk.dequantize(), torch.cat([q.dequantize(), k.dequantize()]))
+    for mixed in ([(0, q), (32, v)], [(0, q), (32, FloatRows(torch.randn(16, 64)))]):
+        rows = combine(mixed)   # other groups, or a shard kept float: exact float for the whole layer
+        assert isinstance(rows, FloatRows)
+        assert torch.equal(rows.weight[:32], q.dequantize())

@@ -28,7 +28,7 @@ FAMILY_FORMATS = {"llama": _EVERY_FORMAT, "mistral": _EVERY_FORMAT, "qwen2": _EV
                   "qwen3": _EVERY_FORMAT, "mixtral": BACKEND_FORMATS, "opt": BACKEND_FORMATS,
                   "phi": BACKEND_FORMATS, "gpt2": ("float",), "falcon": ("float",)}
 # compressed-tensors (llm-compressor's checkpoints) formats read: int weights packed into int32, int8
-# weights as they are, FP8 (e4m3) weights de-quantized on load (no FP8 kernels yet)
+# weights as they are, FP8 (e4m3) weights (kept FP8 where a kernel multiplies them: packed.fp8_kept)
 COMPRESSED_TENSORS_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 
 

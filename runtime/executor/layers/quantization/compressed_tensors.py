@@ -9,7 +9,8 @@ for every Linear, in one of its formats.
   symmetric: the rows are gptq.py's (int4 with mins; symmetric int8 exactly; act-order gathered).
 - int-quantized (W8A8 int8): `weight` int8 [N, K] as it is, scales (and zero points) as above.
 - float-quantized (FP8 e4m3): `weight` float8 [N, K] times `weight_scale` (tensor, channel, group or block),
-  de-quantized on load: there are no FP8 kernels yet, so it is served in the engine's dtype (or int8).
+  kept FP8 (`Fp8Rows`: a scale per group of columns) where a kernel multiplies it (Triton on sm89+ GPUs,
+  the reference), de-quantized on load elsewhere (the CPU); int8 or float when the plan says.
   transformers' own FP8 checkpoints (`quant_method: fp8`: DeepSeek's, Qwen's *-FP8) are the same thing with
   their scale named `weight_scale_inv` over blocks of `weight_block_size` (the last block of a row or column
   may be partial); AutoFP8's (no block size) have one `weight_scale` per tensor and an `input_scale`, unused
@@ -19,13 +20,15 @@ Activation quantization in the scheme (W8A8) is not applied: kubellm serves the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kubellm.runtime.executor.layers.quantization import QuantizationError, QuantPlan
 from kubellm.runtime.executor.layers.quantization.awq import unpack_int32
 from kubellm.runtime.executor.layers.quantization.gptq import act_order_rows, stored_rows
 from kubellm.runtime.executor.layers.quantization.layout import Part, read_part
-from kubellm.runtime.executor.layers.quantization.packed import FloatRows
+from kubellm.runtime.executor.layers.quantization.packed import FloatRows, Fp8Rows
 
 
 # a tensor's dtype as torch or safetensors names it, for the float types a kept-float layer is stored in
@@ -35,6 +38,19 @@ _PLAIN_FLOATS = {"F16", "BF16", "F32", "F64", "FLOAT16", "BFLOAT16", "FLOAT32", 
 def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows, groups] from a per-group / per-channel tensor, or from the one value of strategy tensor."""
     return t.reshape(1, 1).expand(rows, 1) if t.numel() == 1 else t.reshape(rows, -1)
+
+
+# A scale per fewer FP8 columns costs more bytes than it saves (a float32 scale per 8 e4m3 weights: 1.5 bytes each)
+FP8_MIN_GROUP = 8
+
+
+def _one_per_group(per_element: torch.Tensor, group: int) -> torch.Tensor | None:
+    """[n, k / group] from each element's scale [n, k] when every group of columns shares one; else None."""
+    n, k = per_element.shape
+    if group < FP8_MIN_GROUP:
+        return None
+    grouped = per_element.reshape(n, k // group, group)
+    return grouped[:, :, 0] if torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)) else None
 
 
 class CompressedTensorsFormat:
@@ -92,11 +108,7 @@ class CompressedTensorsFormat:
         plan = self.plan
         scales = torch.as_tensor(pieces[self.scale_name][()]).float()
         if plan.scheme == "float-quantized":
-            w = torch.as_tensor(pieces["weight"][:]).float()
-            if scales.dim() == 2 and scales.shape != w.shape:   # one scale per block / group of the rows
-                scales = scales.repeat_interleave(w.shape[0] // scales.shape[0], 0)
-                scales = scales.repeat_interleave(w.shape[1] // scales.shape[1], 1)
-            return FloatRows(w * scales.reshape(scales.shape if scales.dim() == 2 else (-1, 1)))
+            return self._fp8_rows(torch.as_tensor(pieces["weight"][:]), scales)
         offset = 1 << (plan.bits - 1)
         if plan.scheme == "pack-quantized":   # [N, K] unsigned; the last int32 may be padding past K
             width = in_span[1] if in_span is not None else layer._full_input_size()
@@ -120,6 +132,25 @@ class CompressedTensorsFormat:
             g_idx = torch.as_tensor(pieces["weight_g_idx"][:]).long()
             return act_order_rows(q, scales, zeros, g_idx, group, plan.bits)
         return stored_rows(q, scales, zeros, plan.bits)
+
+    def _fp8_rows(self, w: torch.Tensor, scales: torch.Tensor):
+        """e4m3 weights as stored, with one float32 scale per group of columns of each row (quant.py's fp8
+        form): per tensor and per channel one group, per group its own; per block, groups of gcd(block columns,
+        K) where a rank's columns start on one (a partial last block or a TP slice inside a block still does).
+        Anything else (e5m2, groups under FP8_MIN_GROUP columns) is de-quantized here."""
+        n, k = w.shape
+        if scales.numel() == 1:   # strategy tensor
+            scales = scales.reshape(1, 1).expand(n, 1)
+        elif scales.dim() < 2:    # strategy channel, stored [n]
+            scales = scales.reshape(n, 1)
+        elif scales.shape[0] != n:
+            scales = scales.repeat_interleave(n // scales.shape[0], 0)
+        grouped = scales
+        if self.plan.strategy == "block":   # _block_scales gave each element's scale
+            grouped = _one_per_group(scales, math.gcd(self.plan.block[1], k))
+        if grouped is None or w.dtype != torch.float8_e4m3fn or k % grouped.shape[1]:
+            return FloatRows(w.float() * scales.repeat_interleave(k // scales.shape[1], 1))
+        return Fp8Rows(w, grouped.float().contiguous())
 
     def check_optional(self, name, loaded, layer):
         """weight_shape is implied by the layer, input_scale unused; a g_idx without actorder 'group' must be

@@ -1,11 +1,13 @@
 """One layer's quantized weight once loaded: rows in a common form, and the module that multiplies with it.
 
-Every format's reader (awq.py, gptq.py, gguf.py, int8.py) turns this rank's slice of its checkpoint
-tensors into `Int4Rows`, `Int8Rows` or `FloatRows` (a fused projection's shards one by one); `combine`
+Every format's reader (awq.py, gptq.py, gguf.py, int8.py, compressed_tensors.py) turns this rank's slice of
+its checkpoint tensors into `Int4Rows`, `Int8Rows`, `Fp8Rows` or `FloatRows` (a fused projection's shards one
+by one); `combine`
 stacks the shards, `serve_as` applies the plan's serving form (int8 on load, de-quantize to float), and
 `QuantizedWeight` keeps the result in the form its device computes fastest with (kernels/quant*.py):
 the int4pack / int8pack layouts of torch's CPU kernels on CPU, quant.py's layout for Triton on a GPU and
-for the reference (KUBELLM_KERNELS=reference).
+for the reference (KUBELLM_KERNELS=reference). FP8 stays FP8 where a kernel multiplies it (`fp8_kept`), and is
+de-quantized once, on load, elsewhere.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ class Int8Rows:
 
 
 @dataclass
+class Fp8Rows:
+    """w = q * scales per group; qweight float8_e4m3fn [n, k], scales float32 [n, groups]."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return quant.dequantize_int8(self.qweight, self.scales.float())
+
+
+@dataclass
 class FloatRows:
     weight: torch.Tensor
 
@@ -64,7 +76,7 @@ class PermutedRows:
         return out[:, :self.width]
 
 
-Rows = Int4Rows | Int8Rows | FloatRows | PermutedRows
+Rows = Int4Rows | Int8Rows | Fp8Rows | FloatRows | PermutedRows
 
 
 def int8_per_channel(rows: Rows) -> Int8Rows:
@@ -74,7 +86,8 @@ def int8_per_channel(rows: Rows) -> Int8Rows:
 
 def combine(shards: list[tuple[int, Rows]]) -> Rows:
     """Stack shards (offset, rows) in output order. Shards of different kinds or group counts (a GGUF
-    may store q as Q4_1 and v as Q8_0) become int8 per output channel together."""
+    may store q as Q4_1 and v as Q8_0) become int8 per output channel together; with a float or FP8 shard
+    among them, float."""
     parts = [rows for _, rows in sorted(shards, key=lambda s: s[0])]
     kinds = {type(p) for p in parts}
     if len(parts) == 1:
@@ -87,9 +100,11 @@ def combine(shards: list[tuple[int, Rows]]) -> Rows:
         return FloatRows(torch.cat([p.dequantize() for p in parts]))
     if kinds == {FloatRows}:
         return FloatRows(torch.cat([p.weight for p in parts]))
-    if FloatRows in kinds:   # a shard the quantizer kept float: exact float for the whole layer
+    groups = {p.scales.shape[1] for p in parts if not isinstance(p, FloatRows)}
+    if kinds == {Fp8Rows} and len(groups) == 1:
+        return Fp8Rows(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+    if FloatRows in kinds or Fp8Rows in kinds:   # a shard kept float, or FP8 scaled otherwise: exact float
         return FloatRows(torch.cat([p.dequantize() for p in parts]))
-    groups = {p.scales.shape[1] for p in parts}
     if kinds == {Int4Rows} and len(groups) == 1:
         return Int4Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "mins")))
     if kinds == {Int8Rows} and len(groups) == 1:
@@ -111,10 +126,22 @@ def _on_cpu_fast_path(device: torch.device) -> bool:
     return device.type == "cpu" and dispatch.kernel_mode() != "reference"
 
 
+def fp8_kept(device: torch.device) -> bool:
+    """FP8 weights stay FP8 where a kernel multiplies them as they are: a GPU of compute capability 8.9 or
+    more with Triton (its e4m3 conversion: Ada, Hopper), or the reference (KUBELLM_KERNELS=reference).
+    Elsewhere they are de-quantized on load: the CPU's oneDNN float linear, or a GPU's bf16 GEMM, beats
+    de-quantizing on every call."""
+    if device.type == "cuda":
+        reference = dispatch.kernel_mode() == "reference"
+        return reference or (dispatch.triton_installed() and torch.cuda.get_device_capability(device) >= (8, 9))
+    return not _on_cpu_fast_path(device)
+
+
 class QuantizedWeight(nn.Module):
     """A [out, in] weight in one of the forms below (buffers), with `linear(x, bias)` and `rows(ids)`.
 
     form "float" (weight), "int4" (qweight, scales, mins: quant.py), "int8" (qweight, scales: quant.py),
+    "fp8" (qweight float8_e4m3fn, scales float32: quant.py),
     "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out]).
     A float weight on CPU is multiplied in oneDNN's packed layout (kernels/linear_cpu.py): `weight` itself, or,
     when it is also gathered by row, `packed`, a copy made on its first matmul (only a table tied to the LM head
@@ -134,6 +161,12 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("input_order", order, persistent=False)
         self.out_features = rows.qweight.shape[0] if not isinstance(rows, FloatRows) else rows.weight.shape[0]
         cpu = _on_cpu_fast_path(device)
+        if isinstance(rows, Fp8Rows):
+            if fp8_kept(device):
+                self.form = "fp8"
+                self._keep(qweight=rows.qweight, scales=rows.scales.float())
+                return
+            rows = FloatRows(rows.dequantize())
         if isinstance(rows, FloatRows):
             self.form = "float"
             weight = rows.weight.to(dtype)
@@ -188,6 +221,8 @@ class QuantizedWeight(nn.Module):
             return dispatch.int4_linear(x, self.qweight, self.scales, self.mins, bias)
         if form == "int8":
             return dispatch.int8_linear(x, self.qweight, self.scales, bias)
+        if form == "fp8":
+            return dispatch.fp8_linear(x, self.qweight, self.scales, bias)
         if self.pack_on_use and self.packed is None:
             self.packed = linear_cpu.pack(self.weight)
         return linear_cpu.linear(x, self.weight if self.packed is None else self.packed, bias)
@@ -196,7 +231,7 @@ class QuantizedWeight(nn.Module):
         """Rows `ids` of the weight in `dtype` (an embedding lookup)."""
         if self.form == "float":
             return torch.nn.functional.embedding(ids, self.weight)
-        if self.form in ("int8", "int8_cpu"):
+        if self.form in ("int8", "int8_cpu", "fp8"):
             scales = self.scales if self.scales.dim() == 2 else self.scales.unsqueeze(1)
             return quant.dequantize_int8(self.qweight[ids], scales[ids].float()).to(dtype)
         if self.form == "int4":
