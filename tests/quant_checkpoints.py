@@ -374,3 +374,69 @@ def write_fp8(src: Path, out: Path, block: tuple[int, int] | None = (16, 16)) ->
     config["weight_block_size"] = list(block) if block else None
     name = "fp8-" + (f"block{block[0]}x{block[1]}" if block else "tensor")
     return (_write(quantized, out / name, config, src), _write(reference, out / f"{name}-reference", None, src))
+
+
+# llama.cpp's metadata for families whose converter stores every tensor as it is (no permutation, no offset),
+# under gguf's own name map: what transformers de-quantizes and kubellm serves float.
+def _rotary_dims(config) -> int:
+    factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+    return int(factor * (config.hidden_size // config.num_attention_heads))
+
+
+def _stablelm_metadata(writer, config):
+    writer.add_rope_dimension_count(_rotary_dims(config))
+    writer.add_parallel_residual(bool(config.use_parallel_residual))
+    writer.add_layer_norm_eps(config.layer_norm_eps)
+
+
+def _phi3_metadata(writer, config):
+    writer.add_rope_dimension_count(_rotary_dims(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+NAME_MAP_FAMILIES = {"stablelm": ("STABLELM", _stablelm_metadata), "phi3": ("PHI3", _phi3_metadata)}
+
+
+def write_gguf_by_name_map(src: Path, out: Path, qtype: str = "Q8_0") -> tuple[Path, Path]:
+    """(model.gguf alone in a directory, the float32 twin of its de-quantized values) for a StableLM or Phi-3
+    checkpoint: every 2-D weight in `qtype`, norms and biases F32, names from gguf's tensor map for the
+    architecture, metadata and tokenizer as llama.cpp's converter writes them."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src)
+    arch_name, metadata = NAME_MAP_FAMILIES[config.model_type]
+    arch = gguf.MODEL_ARCH[arch_name]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    directory = out / f"gguf-{config.model_type}-{qtype}"
+    directory.mkdir(parents=True)
+    writer = gguf.GGUFWriter(str(directory / "model.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    metadata(writer, config)
+    _add_tokenizer(writer, src)
+    reference = {}
+    for name, w in _state(src).items():
+        base, suffix = name.rsplit(".", 1)
+        gguf_name = f"{names.get_name(base)}.{suffix}"
+        if w.dim() == 2:
+            t = gguf.GGMLQuantizationType[qtype]
+            data = gguf.quants.quantize(w.float().numpy(), t)
+            writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=t)
+            reference[name] = torch.from_numpy(gguf.quants.dequantize(data, t).astype(np.float32))
+        else:
+            writer.add_tensor(gguf_name, w.float().numpy())
+            reference[name] = w.float()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory / "model.gguf", _write(reference, out / f"gguf-{config.model_type}-{qtype}-reference", None, src)

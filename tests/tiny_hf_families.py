@@ -17,7 +17,7 @@ WINDOW = 8
 
 def family_config(family: str, vocab_size: int, bos_id: int, eos_id: int, **overrides):
     from transformers import (BloomConfig, CodeGenConfig, Gemma2Config, GemmaConfig, GPTJConfig, GPTNeoConfig,
-                              GPTNeoXConfig, StableLmConfig)
+                              GPTNeoXConfig, Phi3Config, StableLmConfig)
 
     # initializer_range 0.2: spread-out logits, few near-ties under greedy decoding
     ids = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, initializer_range=0.2)
@@ -37,9 +37,11 @@ def family_config(family: str, vocab_size: int, bos_id: int, eos_id: int, **over
                                       query_pre_attn_scalar=16)),
         "stablelm": (StableLmConfig, dict(rope, num_key_value_heads=2, use_qkv_bias=True)),
         "gpt_neox": (GPTNeoXConfig, dict(rope, rotary_pct=0.25)),
+        # not in BACKEND_FAMILIES: the GGUF tests' Phi-3 (fused qkv_proj and gate_up_proj)
+        "phi3": (Phi3Config, dict(rope, num_key_value_heads=2, pad_token_id=eos_id)),
     }
     if family not in table:
-        raise ValueError(f"unknown family {family!r}; expected one of {BACKEND_FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(table)}")
     cls, kwargs = table[family]
     return cls(**{**ids, **kwargs, **overrides})
 

@@ -28,9 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubellm.runtime.gguf_file import open_reader
 from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
-from kubellm.runtime.hub.gguf_model import bare_gguf, complete_tokenizer, gguf_model_dir, make_portable, write_model_dir
+from kubellm.runtime.hub.gguf_model import bare_gguf, gguf_model_dir, write_model_dir
 
 # SmolLM2-Instruct's own template (as in HuggingFaceTB/SmolLM2-135M-Instruct): ChatML with a
 # default system prompt. Written out only when a GGUF file carries no template of its own.
@@ -153,7 +152,7 @@ def pull(name: str, force: bool = False, dequantize: bool = False) -> Path:
     # leaves only a hidden temporary directory, never a half-written `<name>` that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory_name}.tmp-", dir=models_dir))
     try:
-        (_dequantize_gguf if dequantize else _convert_gguf)(spec, gguf_path, tmp)
+        _convert_gguf(spec, gguf_path, tmp, dequantize)
         install(tmp, target, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,80 +198,11 @@ def _gguf_in_installed_package(spec: KnownModel) -> Path | None:
     return None
 
 
-def _float32_kwargs() -> dict:
-    # transformers 4.56 renamed `torch_dtype` to `dtype`; 5.x no longer takes the old name.
-    import torch
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: torch.float32}
-
-
-def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
-    """A directory kubellm serves the GGUF from: its config and tokenizer as Hugging Face files, and the file."""
-    write_model_dir(gguf_path, out_dir, fix_tokenizer=lambda tokenizer, config: _fix_tokenizer(spec, tokenizer))
-    _check_saved(spec, out_dir)
-
-
-def _dequantize_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path) -> None:
-    """De-quantize a GGUF file into a float32 Hugging Face directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    log(f"converting {gguf_path.name} to a Hugging Face checkpoint (once; takes about a minute)")
-    gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
-    dtype = _float32_kwargs()
-
-    load_kwargs = {}
-    try:
-        # transformers 5 can keep GGUF weights packed in custom modules, which cannot be saved;
-        # ask for plain dense weights. Older versions always de-quantize and lack this class.
-        from transformers import GgufConfig
-
-        load_kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_file, **dtype, **load_kwargs
-    )
-
-    # A model loaded from GGUF carries a `quantization_config` that makes save_pretrained refuse
-    # (and would make loaders expect GGUF blocks). Copy the dense weights into a plain model.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    # A GGUF without `output.weight` ties the LM head to the embeddings (SmolLM2 does); trust
-    # the weights over the converter's config.
-    config.tie_word_embeddings = torch.equal(
-        gguf_model.get_input_embeddings().weight, gguf_model.get_output_embeddings().weight
-    )
-    model = AutoModelForCausalLM.from_config(config, **dtype)
-    model.load_state_dict(gguf_model.state_dict())
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    del gguf_model
-
-    complete_tokenizer(tokenizer, config, open_reader(gguf_path))
-    _fix_tokenizer(spec, tokenizer)
-
-    # One source of truth for special tokens: the tokenizer. The config, the generation config
-    # and the tokenizer files then agree (eos = <|im_end|> ends an assistant turn).
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-    log(f"writing {out_dir}")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    make_portable(out_dir)
+def _convert_gguf(spec: KnownModel, gguf_path: Path, out_dir: Path, dequantize: bool = False) -> None:
+    """A directory kubellm serves the GGUF from: its config and tokenizer as Hugging Face files, and the file
+    (`dequantize`: float32 safetensors instead)."""
+    write_model_dir(gguf_path, out_dir, fix_tokenizer=lambda tokenizer, config: _fix_tokenizer(spec, tokenizer),
+                    dequantize=dequantize)
     _check_saved(spec, out_dir)
 
 

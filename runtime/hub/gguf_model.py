@@ -27,6 +27,8 @@ from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remo
 # splits every digit before it.
 BYTE_LEVEL_PRE_TOKENIZERS = frozenset({"gpt-2"})
 DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
+# transformers reads these GGUF architectures too, but they are not decoders kubellm serves
+NOT_DECODER_ARCHITECTURES = frozenset({"general", "tokenizer", "t5", "umt5", "mamba"})
 
 
 class GGUFModelError(ValueError):
@@ -57,38 +59,51 @@ def gguf_model_dir(gguf_path: Path) -> Path:
     target = models_dir / directory_name
     if is_complete(target):
         return target
-    check_servable(gguf_path)
+    direct = check_servable(gguf_path)
     models_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(models_dir, directory_name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory_name}.tmp-", dir=models_dir))
     try:
-        write_model_dir(gguf_path, tmp, link=_link_or_symlink)
+        write_model_dir(gguf_path, tmp, link=_link_or_symlink, dequantize=not direct)
         install(tmp, target, force=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{gguf_path.name} is served from {target} (its config and tokenizer, read from the file)")
+    what = "its config and tokenizer, read from the file" if direct else "de-quantized to float32 by transformers"
+    log(f"{gguf_path.name} is served from {target} ({what})")
     return target
 
 
-def check_servable(gguf_path: Path) -> None:
-    """Refuse, naming the field, a GGUF whose metadata cannot make a model directory."""
+def float_architectures() -> tuple[str, ...]:
+    """Decoder architectures transformers de-quantizes from GGUF, beyond those kubellm reads block for block."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return tuple(a for a in GGUF_SUPPORTED_ARCHITECTURES
+                 if a not in SUPPORTED_ARCHITECTURES and a not in NOT_DECODER_ARCHITECTURES)
+
+
+def check_servable(gguf_path: Path) -> bool:
+    """Whether the executor reads the file's blocks as they are (True) or a float32 copy must be made (False,
+    an architecture only transformers reads); refuses, naming the field, a GGUF that cannot make a model."""
     try:
         reader = open_reader(gguf_path)
     except Exception as error:   # gguf raises ValueError / struct errors for a file that is not GGUF
         raise GGUFModelError(f"model: {gguf_path.name} is not a readable GGUF file ({error})") from None
     arch = field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFModelError(f"model: {gguf_path.name} is a GGUF of architecture {arch!r} "
-                             f"(general.architecture); kubellm reads GGUF files of {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in SUPPORTED_ARCHITECTURES and arch not in float_architectures():
+        raise GGUFModelError(f"model: {gguf_path.name} is a GGUF of architecture {arch!r} (general.architecture); "
+                             f"kubellm reads GGUF files of {', '.join(SUPPORTED_ARCHITECTURES)} as they are, and "
+                             f"serves {', '.join(float_architectures())} de-quantized to float32")
     if field(reader, "tokenizer.ggml.model") is None or field(reader, "tokenizer.ggml.tokens") is None:
         raise GGUFModelError(f"model: {gguf_path.name} holds no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens); "
                              "serve it from a directory with the model's config.json and tokenizer files beside it")
+    return arch in SUPPORTED_ARCHITECTURES
 
 
 def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | None = None,
-                    link: Callable[[Path, Path], None] | None = None) -> None:
+                    link: Callable[[Path, Path], None] | None = None, dequantize: bool = False) -> None:
     """config.json, the tokenizer, generation_config.json and the file itself (`link`, default a hard link or a
-    copy) in `out_dir`. `fix_tokenizer(tokenizer, config)` corrects what a known model's metadata gets wrong."""
+    copy) in `out_dir`; with `dequantize`, float32 safetensors (transformers' de-quantization) instead of the file.
+    `fix_tokenizer(tokenizer, config)` corrects what a known model's metadata gets wrong."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     log(f"reading {gguf_path.name}'s config and tokenizer")
@@ -106,8 +121,10 @@ def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | No
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     # transformers maps no head size for some architectures (qwen2, qwen3) and falls back to the config class's
     # default (Qwen3's 128), while llama.cpp writes it as the key length.
-    if (head_dim := field(reader, f"{field(reader, 'general.architecture')}.attention.key_length")) is not None:
+    arch = field(reader, "general.architecture")
+    if (head_dim := field(reader, f"{arch}.attention.key_length")) is not None:
         config.head_dim = int(head_dim)
+    _set_rotary_dims(config, field(reader, f"{arch}.rope.dimension_count"))
     scaling = rope_scaling(reader, config)
     # A GGUF without `output.weight` ties the LM head to the embeddings (SmolLM2 does).
     config.tie_word_embeddings = all(t.name != "output.weight" for t in reader.tensors)
@@ -125,7 +142,47 @@ def write_model_dir(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable | No
     _plain_tokenizer_class(out_dir)
     if scaling is not None:
         _write_rope_scaling(out_dir, scaling)
+    if dequantize:
+        _write_float_weights(out_dir, gguf_path.name)
     make_portable(out_dir)
+
+
+def _set_rotary_dims(config, rotary: int | None) -> None:
+    """transformers maps no rotary dimensions from GGUF (`rope.dimension_count`): StableLM's and Phi-4-mini's
+    partial rotary came out as the config class's default. transformers 5 keeps the factor in rope_parameters."""
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params = getattr(config, "rope_parameters", None)
+    current = (params or {}).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if not rotary or int(rotary) == round(current * head_size):
+        return
+    if isinstance(params, dict):
+        params["partial_rotary_factor"] = int(rotary) / head_size
+    else:
+        config.partial_rotary_factor = int(rotary) / head_size
+
+
+def _write_float_weights(out_dir: Path, gguf_name: str) -> None:
+    """model.safetensors from transformers' de-quantization of the GGUF beside it, under the config written
+    here (head size, rope, tied head, token ids), and the GGUF removed: `out_dir` is then a float checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
+
+    log(f"de-quantizing {gguf_name} to float32 (once)")
+    # transformers 5 can keep GGUF weights packed in modules that cannot be saved: ask for dense ones.
+    gguf_model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_name, dtype=torch.float32,
+                                                      quantization_config=GgufConfig(dequantize=True))
+    config = AutoConfig.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Copied into a plain model: one loaded from GGUF carries a quantization_config that save_pretrained refuses.
+    model.load_state_dict(gguf_model.state_dict())
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    del gguf_model
+    written = {name: (out_dir / name).read_text() for name in ("config.json", "generation_config.json")}
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name, text in written.items():   # the weights only: the configs stay as written above
+        (out_dir / name).write_text(text)
+    (out_dir / gguf_name).unlink()
 
 
 def rope_scaling(reader, config) -> dict | None:

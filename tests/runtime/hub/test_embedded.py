@@ -74,7 +74,7 @@ def test_failed_conversion_leaves_no_directory_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBELLM_CACHE", str(tmp_path))
     monkeypatch.setattr(embedded, "_find_gguf", lambda spec: tmp_path / "fake.gguf")
 
-    def crash_halfway(spec, gguf_path, out_dir):
+    def crash_halfway(spec, gguf_path, out_dir, dequantize=False):
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_text("")
         raise RuntimeError("simulated crash")

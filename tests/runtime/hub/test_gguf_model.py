@@ -13,7 +13,8 @@ from kubellm.runtime.engine.engine import LLMEngine
 from kubellm.runtime.hub import gguf_model
 from kubellm.runtime.hub.embedded import resolve_model
 from kubellm.runtime.hub.gguf_model import GGUFModelError
-from quant_checkpoints import write_gguf
+from quant_checkpoints import write_gguf, write_gguf_by_name_map
+from tiny_hf_families import make_family_checkpoint
 from tiny_models import make_checkpoint
 
 PROMPTS = ["Hello 123", "The quick brown fox jumps over the lazy dog, and then"]
@@ -100,6 +101,33 @@ def test_across_filesystems_the_file_is_symlinked_never_copied(tiny_llama, tmp_p
 def test_a_hugging_face_directory_beside_its_gguf_is_served_as_it_is(tiny_llama, tmp_path):
     directory, _ = write_gguf(tiny_llama, tmp_path, "Q8_0")
     assert resolve_model(directory) == directory
+
+
+FLOAT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "use_qkv_bias")
+
+
+@pytest.mark.parametrize("family,overrides", [("stablelm", {"partial_rotary_factor": 0.5}), ("phi3", {})])
+def test_a_gguf_only_transformers_reads_is_served_float(family, overrides, tmp_path):
+    """StableLM (q / k / v biases, layer norms, half of each head rotated: a rotary size transformers does not
+    map) and Phi-3 (fused qkv_proj and gate_up_proj) have no block-for-block reader: the file alone becomes a
+    float32 checkpoint once, by transformers' de-quantization, config and tokenizer read as for Llama."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = make_family_checkpoint(tmp_path / family, family, **overrides)
+    file, reference = write_gguf_by_name_map(source, tmp_path / "gguf", "Q8_0")
+    made = resolve_model(file)
+    assert not list(made.glob("*.gguf")) and (made / "model.safetensors").is_file()
+    config, original = (json.loads((d / "config.json").read_text()) for d in (made, source))
+    assert {k: config.get(k) for k in FLOAT_FIELDS} == {k: original.get(k) for k in FLOAT_FIELDS}
+    made_rope, original_rope = (AutoConfig.from_pretrained(d).rope_parameters for d in (made, source))
+    assert made_rope.get("partial_rotary_factor", 1.0) == original_rope.get("partial_rotary_factor", 1.0)
+    ids = torch.tensor([[5, 17, 42, 100, 7, 3]])
+    with torch.inference_mode():
+        got, want = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits for d in (made, reference))
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)   # the de-quantized values, exactly
+    assert _greedy(made) == _greedy(reference)
 
 
 def _minimal_gguf(path: Path, arch: str, tokenizer: bool) -> Path:
