@@ -11,12 +11,28 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 TIERS = ("model", "multiprocess", "e2e", "realpods", "gpu")
-_E2E = Path(__file__).resolve().parent / "e2e"
+_ROOT = Path(__file__).resolve().parent
+_E2E = _ROOT / "e2e"
+
+
+def _root_last() -> None:
+    """The checkout's folders are kubellm's sub-packages (pyproject's package-dir), not top-level packages; yet
+    `python -m pytest` puts the checkout first on sys.path, where kernels/ shadows Hugging Face's `kernels`,
+    which transformers imports. So the checkout goes last (e2e.* and tests.* still resolve there), and the
+    processes the tests start do not put their working directory first either (PYTHONSAFEPATH, Python 3.11+)."""
+    at_root = [entry for entry in sys.path if Path(entry or ".").resolve() == _ROOT]
+    sys.path[:] = [entry for entry in sys.path if entry not in at_root] + [str(_ROOT)]
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
+_root_last()
 
 
 def _has_cuda() -> bool:

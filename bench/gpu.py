@@ -121,7 +121,8 @@ def run_step(name: str, device: str, workdir: Path, budget: float, echo=sys.stde
     partial_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "kubellm.bench.gpu", "--child", name, "--device", device,
                "--workdir", str(workdir), "--result", str(result_file), "--budget", str(budget)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # PYTHONSAFEPATH: it starts in the checkout, whose kernels/ must not shadow an installed `kernels`
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)   # its own group: a timeout kills its children too

@@ -71,9 +71,11 @@ class Process:
 
 
 def _launch(args: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+    # PYTHONSAFEPATH: the working directory's folders (a checkout's kernels/) never shadow installed packages
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "kubellm.runtime.cli.main", *args], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})})
 
 
 def _wait(ready, what: str, procs: list[Process], timeout: float) -> None:

@@ -404,7 +404,6 @@ def test_revision_of_a_local_directory_is_refused(tiny_llama):
 def test_a_hub_id_is_downloaded_into_download_dir_at_revision(tiny_llama, tmp_path):
     """LMDeploy's pipeline("org/name", backend_config=...(download_dir=, revision=)) against a Hub mirror, in a
     process of its own (huggingface_hub reads HF_ENDPOINT when first imported)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from e2e.hf_mirror import HFMirror
 
     script = textwrap.dedent("""

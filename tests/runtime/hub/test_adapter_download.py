@@ -15,7 +15,6 @@ import pytest
 from lora_adapters import make_adapter
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
 
 from e2e.hf_mirror import HFMirror  # noqa: E402
 from kubellm.runtime.hub.cache import is_complete_adapter  # noqa: E402

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
 
 from e2e.hf_mirror import HFMirror  # noqa: E402
 from kubellm.runtime.hub.cache import is_complete# noqa: E402

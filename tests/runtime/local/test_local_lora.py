@@ -16,7 +16,6 @@ import yaml
 from lora_adapters import make_adapter
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
 
 from e2e.hf_mirror import HFMirror  # noqa: E402
 
