@@ -154,8 +154,74 @@ def _permute(w, heads: int):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str = "Q8_0") -> tuple[Path, Path]:
+# llama.cpp's fallback for a K-quant tensor whose rows are not a multiple of 256 (llama-quant.cpp)
+K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def _quantize_q4_k(x):
+    """Q4_K blocks of [n, k] float32, round-to-nearest: per 256 columns fp16 d and dmin, and per 32 a 6-bit scale
+    and min (w = q * d * sc - dmin * m), laid out as ggml's block_q4_K (gguf-py quantizes no K-quant)."""
+    import numpy as np
+
+    n = x.shape[0]
+    sub = x.reshape(n, -1, 8, 32)
+    low = np.minimum(sub.min(-1), 0)
+    scale, minimum = (sub.max(-1) - low) / 15, -low
+    d, dmin = (scale.max(-1) / 63).astype(np.float16), (minimum.max(-1) / 63).astype(np.float16)
+    sc = _rounded_ratio(scale, d.astype(np.float32)[..., None], 0, 63).astype(np.uint8)
+    m = _rounded_ratio(minimum, dmin.astype(np.float32)[..., None], 0, 63).astype(np.uint8)
+    step, base = d.astype(np.float32)[..., None] * sc, dmin.astype(np.float32)[..., None] * m
+    q = _rounded_ratio(sub + base[..., None], step[..., None], 0, 15).astype(np.uint8).reshape(n, -1, 4, 2, 32)
+    scales = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, -1, 128)
+    return np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), scales, qs], -1).reshape(n, -1)
+
+
+def _quantize_q6_k(x):
+    """Q6_K blocks: per 256 columns an fp16 d, per 16 an int8 scale, 6-bit values (w = (q - 32) * d * sc), laid
+    out as ggml's block_q6_K: low nibbles, 2-bit highs, scales, d."""
+    import numpy as np
+
+    n = x.shape[0]
+    sub = x.reshape(n, -1, 16, 16)
+    scale = np.abs(sub).max(-1) / 31
+    d = (scale.max(-1) / 127).astype(np.float16)
+    sc = _rounded_ratio(scale, d.astype(np.float32)[..., None], -128, 127).astype(np.int8)
+    step = d.astype(np.float32)[..., None] * sc
+    q = (_rounded_ratio(sub, step[..., None], -32, 31) + 32).astype(np.uint8).reshape(n, -1, 2, 128)
+    ql = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)
+    high = q >> 4
+    qh = high[..., :32] | (high[..., 32:64] << 2) | (high[..., 64:96] << 4) | (high[..., 96:] << 6)
+    nb = q.shape[1]
+    return np.concatenate([ql.reshape(n, nb, 128), qh.reshape(n, nb, 64), sc.view(np.uint8),
+                           d[..., None].view(np.uint8)], -1).reshape(n, -1)
+
+
+def _rounded_ratio(x, step, lo: int, hi: int):
+    import numpy as np
+
+    safe = np.where(step != 0, step, 1)
+    return np.where(step != 0, np.round(x / safe), 0).clip(lo, hi)
+
+
+def _gguf_quantize(array, qtype: str):
+    """(bytes, the type written): gguf-py's quantizer, or the K-quant writers above (llama.cpp's fallback type
+    where the rows are not a multiple of 256)."""
+    import gguf
+
+    if qtype in K_FALLBACK and array.shape[-1] % 256:
+        qtype = K_FALLBACK[qtype]
+    t = gguf.GGMLQuantizationType[qtype]
+    writers = {"Q4_K": _quantize_q4_k, "Q6_K": _quantize_q6_k}
+    return (writers[qtype](array) if qtype in writers else gguf.quants.quantize(array, t)), t
+
+
+def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str = "Q8_0",
+               mixture: dict[str, str] | None = None, name: str | None = None) -> tuple[Path, Path]:
     """(directory with config.json, tokenizer and model.gguf; its float32 reference from gguf's de-quantizer).
+    `mixture`: another type for some projections ({"v_proj": "Q6_K", ...}, as llama.cpp's Q4_K_M mixes Q4_K
+    and Q6_K); `name` names the directory (gguf-<name>, default the qtype).
     Llama-family checkpoints are written as llama.cpp's converter writes them: architecture "llama" with q / k
     rows permuted, or "qwen2" / "qwen3" (rows as they are; Qwen2's q / k / v biases and Qwen3's q / k norms
     in F32). The file also carries the tokenizer as llama.cpp's converter writes a byte-level BPE one
@@ -169,7 +235,8 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     arch = config["model_type"] if config["model_type"] in ("qwen2", "qwen3") else "llama"
     state = _state(src)
-    directory = _copy_dir(src, out / f"gguf-{qtype}")
+    label = name or qtype
+    directory = _copy_dir(src, out / f"gguf-{label}")
     writer = gguf.GGUFWriter(str(directory / "model.gguf"), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -194,8 +261,7 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
             writer.add_tensor(gguf_name, array)
             reference[hf] = w.float()
             return
-        t = gguf.GGMLQuantizationType[kind]
-        data = gguf.quants.quantize(array, t)
+        data, t = _gguf_quantize(array, kind)
         writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=t)
         reference[hf] = torch.from_numpy(gguf.quants.dequantize(data, t).astype(np.float32))
 
@@ -213,12 +279,13 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
                 add(f"blk.{i}.{GGUF_LINEARS[module]}.bias", name, w, "F32")
             elif module in GGUF_LINEARS:
                 gguf_name = f"blk.{i}.{GGUF_LINEARS[module]}.weight"
+                kind = (mixture or {}).get(module, qtype)
                 if arch == "llama" and module in ("q_proj", "k_proj"):   # permuted; the reference keeps HF order
                     h = heads if module == "q_proj" else kv_heads
-                    add(gguf_name, name, _permute(w, h), qtype)
+                    add(gguf_name, name, _permute(w, h), kind)
                     reference[name] = _permute_back(reference[name], h)
                 else:
-                    add(gguf_name, name, w, qtype)
+                    add(gguf_name, name, w, kind)
             else:
                 norm = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                         "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}[module]
@@ -227,7 +294,7 @@ def write_gguf(src: Path, out: Path, qtype: str = "Q4_0", embedding_qtype: str =
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return directory, _write(reference, out / f"gguf-{qtype}-reference", None, src)
+    return directory, _write(reference, out / f"gguf-{label}-reference", None, src)
 
 
 def _llama3_rope_freqs(config: dict):
@@ -440,3 +507,15 @@ def write_gguf_by_name_map(src: Path, out: Path, qtype: str = "Q8_0") -> tuple[P
     writer.write_tensors_to_file()
     writer.close()
     return directory / "model.gguf", _write(reference, out / f"gguf-{config.model_type}-{qtype}-reference", None, src)
+
+
+def write_q4_k_m(out: Path) -> tuple[Path, Path]:
+    """A tiny Llama 256 wide (a K-quant's rows are multiples of 256) as llama.cpp's Q4_K_M mixes its types: Q4_K,
+    with Q6_K for attn_v, ffn_down and the token embedding (untied: the output too)."""
+    from tiny_models import make_checkpoint
+
+    # initializer_range 0.1: the tiny models' gain per layer at 4x their width (0.2 * sqrt(64) = 0.1 * sqrt(256))
+    src = make_checkpoint(out / "llama-256", "llama", hidden_size=256, intermediate_size=512, head_dim=64,
+                          initializer_range=0.1)
+    return write_gguf(src, out, "Q4_K", embedding_qtype="Q6_K", mixture={"v_proj": "Q6_K", "down_proj": "Q6_K"},
+                      name="Q4_K_M")

@@ -142,9 +142,9 @@ class _Counted:
         return part
 
     def raw(self, *spans):
-        qtype, part = self.piece.raw(*spans)
-        self.report.bytes_read += part.numel() * part.element_size()
-        return qtype, part
+        stored = self.piece.raw(*spans)
+        self.report.bytes_read += stored.data.numel() * stored.data.element_size()
+        return stored
 
     def __getattr__(self, name):
         return getattr(self.piece, name)

@@ -6,7 +6,7 @@ import pytest
 
 from kubellm.runtime.config import EngineConfig, GenerationConfig
 from kubellm.runtime.engine.engine import LLMEngine
-from quant_checkpoints import write_awq, write_gguf, write_gptq
+from quant_checkpoints import write_awq, write_gguf, write_gptq, write_q4_k_m
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog, and then",
            "Once upon a time, there was a little girl who lived in a village near the forest."]
@@ -28,7 +28,7 @@ def _run(path, tp=1, pp=1, **kw):
         tokens = [s.token_ids for s in engine.generate(PROMPTS, gens)]
         attn = engine.runner.model.model.layers[0].self_attn
         q = attn.qkv_proj.quantized, attn.o_proj.quantized
-        return tokens, (q[0].qweight.shape[0], q[1].qweight.shape[1])
+        return tokens, (q[0].out_features, q[1].qweight.shape[1])
     finally:
         engine.destroy()
 
@@ -38,11 +38,13 @@ def checkpoints(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized-parallel")
     return {"int8": (tiny_llama, {"quantization": "int8"}), "awq": (write_awq(tiny_llama, out)[0], {}),
             "gguf": (write_gguf(tiny_llama, out, "Q4_1")[0], {}),
+            # o_proj's 256 columns in one Q4_K super-block: each rank keeps its 4 sub-blocks of it
+            "gguf-Q4_K_M": (write_q4_k_m(out)[0], {}),
             "gptq-act-order": (write_gptq(tiny_llama, out, group_size=16, desc_act=True)[0], {}),
             "gptq-8bit": (write_gptq(tiny_llama, out, bits=8, sym=True)[0], {})}
 
 
-@pytest.mark.parametrize("name", ["int8", "awq", "gguf", "gptq-8bit"])
+@pytest.mark.parametrize("name", ["int8", "awq", "gguf", "gguf-Q4_K_M", "gptq-8bit"])
 def test_tp2_reads_its_slices_and_gives_one_process_tokens(checkpoints, name, monkeypatch):
     monkeypatch.setenv("KUBELLM_KERNELS", "reference")
     path, options = checkpoints[name]

@@ -76,7 +76,23 @@ class PermutedRows:
         return out[:, :self.width]
 
 
-Rows = Int4Rows | Int8Rows | Fp8Rows | FloatRows | PermutedRows
+@dataclass
+class SplitRows:
+    """A fused projection whose shards cannot share one form (a Q4_K_M GGUF's q and k in Q4_K, v in Q6_K): runs
+    of shards of one form, each multiplied as stored, their outputs side by side. Exact, where one form for all
+    would re-quantize some shards, and those in int4 would take twice the bytes as int8."""
+    parts: list
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+Rows = Int4Rows | Int8Rows | Fp8Rows | FloatRows | PermutedRows | SplitRows
+
+
+def _stack_key(rows: Rows):
+    """Rows of equal keys stack into one tensor set: the same form and the same groups."""
+    return type(rows), None if isinstance(rows, FloatRows) else rows.scales.shape[1]
 
 
 def int8_per_channel(rows: Rows) -> Int8Rows:
@@ -85,8 +101,8 @@ def int8_per_channel(rows: Rows) -> Int8Rows:
 
 
 def combine(shards: list[tuple[int, Rows]]) -> Rows:
-    """Stack shards (offset, rows) in output order. Shards of different kinds or group counts (a GGUF
-    may store q as Q4_1 and v as Q8_0) become int8 per output channel together; with a float or FP8 shard
+    """Stack shards (offset, rows) in output order. Shards of different int4 / int8 forms or group counts (a GGUF
+    may store q as Q4_K and v as Q6_K) stay as they are, side by side (`SplitRows`); with a float or FP8 shard
     among them, float."""
     parts = [rows for _, rows in sorted(shards, key=lambda s: s[0])]
     kinds = {type(p) for p in parts}
@@ -109,8 +125,13 @@ def combine(shards: list[tuple[int, Rows]]) -> Rows:
         return Int4Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "mins")))
     if kinds == {Int8Rows} and len(groups) == 1:
         return Int8Rows(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
-    parts = [int8_per_channel(p) for p in parts]
-    return Int8Rows(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+    runs: list[list[Rows]] = []
+    for p in parts:
+        if runs and _stack_key(runs[-1][0]) == _stack_key(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return SplitRows([combine(list(enumerate(run))) for run in runs])
 
 
 def serve_as(rows: Rows, serve: str) -> Rows:
@@ -141,7 +162,8 @@ class QuantizedWeight(nn.Module):
     """A [out, in] weight in one of the forms below (buffers), with `linear(x, bias)` and `rows(ids)`.
 
     form "float" (weight), "int4" (qweight, scales, mins: quant.py), "int8" (qweight, scales: quant.py),
-    "fp8" (qweight float8_e4m3fn, scales float32: quant.py),
+    "fp8" (qweight float8_e4m3fn, scales float32: quant.py), "split" (parts: one QuantizedWeight per run of
+    shards of one form, SplitRows),
     "int4_cpu" (qweight int4pack, scales_and_zeros), "int8_cpu" (qweight, scales bf16 [out]).
     A float weight on CPU is multiplied in oneDNN's packed layout (kernels/linear_cpu.py): `weight` itself, or,
     when it is also gathered by row, `packed`, a copy made on its first matmul (only a table tied to the LM head
@@ -159,6 +181,11 @@ class QuantizedWeight(nn.Module):
             order, self.pad_input = rows.order.long(), bool((rows.order == rows.width).any())
             rows = rows.rows
         self.register_buffer("input_order", order, persistent=False)
+        if isinstance(rows, SplitRows):
+            self.form = "split"
+            self.parts = nn.ModuleList(QuantizedWeight(p, dtype, device) for p in rows.parts)
+            self.out_features = sum(p.out_features for p in self.parts)
+            return
         self.out_features = rows.qweight.shape[0] if not isinstance(rows, FloatRows) else rows.weight.shape[0]
         cpu = _on_cpu_fast_path(device)
         if isinstance(rows, Fp8Rows):
@@ -223,6 +250,9 @@ class QuantizedWeight(nn.Module):
             return dispatch.int8_linear(x, self.qweight, self.scales, bias)
         if form == "fp8":
             return dispatch.fp8_linear(x, self.qweight, self.scales, bias)
+        if form == "split":
+            y = torch.cat([p.linear(x, None) for p in self.parts], dim=-1)
+            return y if bias is None else y + bias
         if self.pack_on_use and self.packed is None:
             self.packed = linear_cpu.pack(self.weight)
         return linear_cpu.linear(x, self.weight if self.packed is None else self.packed, bias)
