@@ -66,8 +66,8 @@ def plan_quantization(requested: str | None, quantization_config: dict | None, c
             _refuse(f"quantization_config.quant_method: {stored!r} checkpoints are not supported; kubellm reads "
                     "AWQ 4-bit and GPTQ 4- or 8-bit checkpoints, compressed-tensors (int4 / int8 / FP8 weights), "
                     "transformers' FP8 (quant_method 'fp8', block-wise or per tensor), "
-                    "GGUF files (Q4_0, Q4_1, Q8_0; other types re-quantized to int8), or float checkpoints "
-                    "(quantization='int8' quantizes them on load)")
+                    "GGUF files (Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0 as stored; other types re-quantized to int8), "
+                    "or float checkpoints (quantization='int8' quantizes them on load)")
     else:
         stored = "float"
     if requested in STORED_FORMATS and requested != stored:
