@@ -21,10 +21,11 @@ from pathlib import Path
 from kubellm.runtime.gguf_file import SUPPORTED_ARCHITECTURES, field, open_reader
 from kubellm.runtime.hub.cache import cache_dir, install, is_complete, log, remove_stale_temp_dirs
 
-# transformers' GGUF tokenizer conversion picks the pre-tokenizer by architecture (Qwen's digit-splitting regex for
-# every qwen2 / qwen3 file) and ignores llama.cpp's `tokenizer.ggml.pre`, which names the one the model was trained
-# with. Where that name is one of these, the file's word wins: "gpt-2" is GPT-2's byte-level regex alone, "smollm"
-# splits every digit before it.
+# transformers' GGUF tokenizer conversion picked the pre-tokenizer by architecture (Qwen's digit-splitting regex for
+# every qwen2 / qwen3 file) and ignored llama.cpp's `tokenizer.ggml.pre`, which names the one the model was trained
+# with; since 5.25 it reads that name for many (llama-bpe, qwen2, tekken, gpt-4o, ...), still not for these. Where
+# the name is one of these, the file's word wins: "gpt-2" is GPT-2's byte-level regex alone, "smollm" splits every
+# digit before it.
 BYTE_LEVEL_PRE_TOKENIZERS = frozenset({"gpt-2"})
 DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
 # transformers reads these GGUF architectures too, but they are not decoders kubellm serves
