@@ -48,7 +48,7 @@ def test_triton_int4_matches_reference(m, n, k, group, dtype):
     assert torch.allclose(got.float(), want, atol=tol * want.abs().max(), rtol=0)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 4])   # 4: groups of 16, as a GGUF's Q6_K
 def test_triton_int8_matches_reference(groups):
     gen = torch.Generator().manual_seed(groups)
     w = torch.randn(77, 64, generator=gen)
