@@ -73,7 +73,7 @@ class StoredBlocks:
 
 class GGUFTensor:
     """One tensor, [rows, columns] as Hugging Face orients it. Indexing gives float32 (de-quantized rows);
-    `raw(out_span, in_span)` gives this rank's stored blocks as (type, uint8 [rows, bytes])."""
+    `raw(out_span, in_span)` gives this rank's stored blocks (`StoredBlocks`)."""
 
     def __init__(self, tensor, row_order: torch.Tensor | None):
         import gguf
@@ -231,18 +231,17 @@ def rows_from_blocks(stored: StoredBlocks):
         values = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), stored.type).astype(np.float32))
         return int8_per_channel(FloatRows(values[:, columns]))
     q, scales, mins = decode(raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[stored.type][1]))
-    q, scales = q.reshape(n, -1), scales.reshape(n, -1)
-    group = q.shape[1] // scales.shape[1]
+    q, scales, mins = q.reshape(n, -1), scales.reshape(n, -1), None if mins is None else mins.reshape(n, -1)
     if stored.columns is not None:   # a row-parallel rank's columns of the blocks it read: whole groups
+        group = q.shape[1] // scales.shape[1]
         span = stored_span(columns.start, columns.stop - columns.start, group,
                            IN_MISFIT.replace("group_size", "GGUF group"))
-        q, scales = q[:, columns], scales[:, span]
-        mins = None if mins is None else mins.reshape(n, -1)[:, span]
+        q, scales, mins = q[:, columns], scales[:, span], None if mins is None else mins[:, span]
     if mins is None:
         return Int8Rows(q.contiguous(), scales.contiguous())
     from kubellm.kernels import quant
 
-    return Int4Rows(quant.pack_int4(q), scales.contiguous(), mins.reshape(n, -1).contiguous())
+    return Int4Rows(quant.pack_int4(q), scales.contiguous(), mins.contiguous())
 
 
 class GGUFFormat:

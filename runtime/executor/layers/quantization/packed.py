@@ -80,7 +80,7 @@ class PermutedRows:
 class SplitRows:
     """A fused projection whose shards cannot share one form (a Q4_K_M GGUF's q and k in Q4_K, v in Q6_K): runs
     of shards of one form, each multiplied as stored, their outputs side by side. Exact, where one form for all
-    would re-quantize some shards, and those in int4 would take twice the bytes as int8."""
+    would re-quantize some shards (and int4 shards made int8 take twice their bytes)."""
     parts: list
 
     def dequantize(self) -> torch.Tensor:
