@@ -130,6 +130,41 @@ def test_hub_style_names_without_prefix_load(tmp_path, arch, strip):
     assert_matches_hf(path, ids, run(engine, ids))
 
 
+def _transformers_falcon_split(config, weight, bias, x, monkeypatch):
+    """transformers' own q / k / v of Falcon's fused projection, each [batch, seq, query heads, head_dim]:
+    `FalconAttention._split_heads` until transformers 5.24; since 5.25 the split is inline in `forward`, so it is
+    read where forward hands q / k / v to attention (ALiBi on: no rotary in between)."""
+    import copy
+
+    import torch
+    from transformers.models.falcon import modeling_falcon
+
+    config = copy.deepcopy(config)
+    config.alibi, config._attn_implementation = True, "eager"
+    hf = modeling_falcon.FalconAttention(config, layer_idx=0)
+    if hasattr(hf, "_split_heads"):
+        q, k, v = hf._split_heads(torch.nn.functional.linear(x, weight, bias))
+        return q, *(t.expand_as(q) for t in (k, v))
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def attention(module, query, key, value, *args, **kwargs):   # [batch, heads, seq, head_dim]
+        seen.update(q=query, k=key, v=value)
+        raise Seen
+
+    monkeypatch.setattr(modeling_falcon, "eager_attention_forward", attention)
+    with torch.no_grad():
+        hf.query_key_value.weight.copy_(weight)
+        hf.query_key_value.bias.copy_(bias)
+        with pytest.raises(Seen):
+            hf(x, attention_mask=None)
+    q = seen["q"].transpose(1, 2)
+    per_query = q.shape[2] // seen["k"].shape[1]
+    return q, *(seen[n].transpose(1, 2).repeat_interleave(per_query, dim=2) for n in ("k", "v"))
+
+
 @pytest.mark.parametrize("layout", ["new_gqa", "new_one_kv", "multi_query", "per_head"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_falcon_qkv_shards_match_transformers_split(monkeypatch, layout, tp):
@@ -150,9 +185,8 @@ def test_falcon_qkv_shards_match_transformers_split(monkeypatch, layout, tp):
     torch.manual_seed(0)
     weight, bias = torch.randn_like(hf.query_key_value.weight), torch.randn_like(hf.query_key_value.bias)
     x = torch.randn(1, 3, 64)
-    q_ref, k_ref, v_ref = hf._split_heads(torch.nn.functional.linear(x, weight, bias))
     heads, d = 4, 16
-    k_ref, v_ref = (t.expand(1, 3, heads, d) for t in (k_ref, v_ref))  # per query head
+    q_ref, k_ref, v_ref = _transformers_falcon_split(config, weight, bias, x, monkeypatch)
     monkeypatch.setattr(falcon, "tp_size", lambda: tp)
     for rank in range(tp):
         monkeypatch.setattr(falcon, "tp_rank", lambda: rank)

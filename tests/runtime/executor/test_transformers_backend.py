@@ -268,11 +268,14 @@ def test_model_impl_picks_the_path():
     with pytest.raises(ValueError, match=r"model_impl: 'kubellm' but there is no kubellm model file for "
                                          r"\['BloomForCausalLM'\].*use model_impl='auto'"):
         model_class(bloom, "kubellm")
-    falcon = _config("FalconConfig", architectures=["FalconForCausalLM"])
+    # a family with a kubellm model file, in a config transformers' code cannot serve here
+    dynamic = _config("LlamaConfig", architectures=["LlamaForCausalLM"],
+                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match=r"model_impl: 'transformers' but transformers' modeling code cannot run "
-                                         r"\['FalconForCausalLM'\] here: .*does not attend through.*use "
+                                         r"\['LlamaForCausalLM'\] here: dynamic NTK rope scaling.*use "
                                          r"model_impl='auto' \(kubellm has a model file for it\)"):
-        model_class(falcon, "transformers")
+        model_class(dynamic, "transformers")
+    assert model_class(dynamic) is LlamaForCausalLM
     t5 = _config("T5Config", architectures=["T5ForConditionalGeneration"])
     with pytest.raises(ValueError, match=r"unsupported architecture \['T5ForConditionalGeneration'\] in config.json: "
                                          r"kubellm has no model file .* transformers' modeling code cannot run it "
