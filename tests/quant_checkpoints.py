@@ -495,8 +495,7 @@ def write_gguf_by_name_map(src: Path, out: Path, qtype: str = "Q8_0") -> tuple[P
         base, suffix = name.rsplit(".", 1)
         gguf_name = f"{names.get_name(base)}.{suffix}"
         if w.dim() == 2:
-            t = gguf.GGMLQuantizationType[qtype]
-            data = gguf.quants.quantize(w.float().numpy(), t)
+            data, t = _gguf_quantize(w.float().numpy(), qtype)
             writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=t)
             reference[name] = torch.from_numpy(gguf.quants.dequantize(data, t).astype(np.float32))
         else:

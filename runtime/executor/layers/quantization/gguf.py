@@ -25,6 +25,7 @@ so rows are in Hugging Face order.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,7 @@ def _q6_k(b):
     return q, _fp16(b, 208)[..., None] * scales, None
 
 
+@functools.cache
 def _decoders():
     import gguf
 
